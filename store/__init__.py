@@ -1,0 +1,23 @@
+"""The teacher-signal store: a chunked Zarr v3 hierarchy (format in :mod:`store.format`).
+
+This package knows nothing of models or training; ``precompute`` writes stores
+and ``train`` reads them, both through the classes exported here.
+"""
+
+from . import format
+from .stream import Example, ExampleReader, ExampleStream, Sequence, check_complete, load_part
+from .teacher_store import (
+    FormatMismatch,
+    IncompleteSection,
+    ProvenanceMismatch,
+    StoreError,
+    TeacherStore,
+    TokenizerMismatchError,
+    array_checksum,
+)
+
+__all__ = [
+    "format", "Example", "ExampleReader", "ExampleStream", "Sequence", "check_complete", "load_part",
+    "FormatMismatch", "IncompleteSection", "ProvenanceMismatch", "StoreError", "TeacherStore",
+    "TokenizerMismatchError", "array_checksum",
+]

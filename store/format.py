@@ -1,0 +1,298 @@
+"""The teacher-signal store format, version 1.
+
+This module *is* the format: every group name, array name, axis, dtype and codec
+that a store may hold is declared here, and nothing else in the project spells
+them out. A reader who has never seen this project can open a store with plain
+``zarr`` and read :data:`DESCRIPTION` from the root attributes
+(``format_description``) to understand it.
+
+Layout (Zarr v3)::
+
+    <root>/                      attrs: format, format_description, provenance, layout, manifest
+      <split>/                   "train", "test"
+        part-00000/              attrs: example_start, example_stop (examples [start, stop))
+          <set>/                 a *sequence set*: "pairs", "generated" or "samples"
+            (base arrays)        attrs: complete, checksums, ...
+            <section>/           signals one model computed for these sequences
+              (section arrays)   attrs: complete, checksums, ...
+
+A *part* covers a contiguous range of example indices of one split. Inside a part
+every sequence set keeps a flat token axis (no padding) with CSR offsets:
+
+- token axis ``[T]``: ``input_ids``, ``loss_mask``; sequence ``s`` is
+  ``input_ids[token_offsets[s]:token_offsets[s+1]]``, its first ``prompt_length[s]``
+  tokens are the prompt.
+- response axis ``[R]`` (response tokens only): sequence ``s`` owns rows
+  ``response_offsets[s]:response_offsets[s+1]``; row ``j`` of that range describes
+  the teacher's next-token distribution *before* response token ``j``, i.e. the
+  distribution that predicts ``input_ids[token_offsets[s] + prompt_length[s] + j]``.
+- group axis ``[G]`` (sampled sets only): group ``g`` is sequences
+  ``group_offsets[g]:group_offsets[g+1]``, all answers to one prompt.
+
+A section (and a set's base arrays) counts only once its group attribute
+``complete`` is true; that flag is written last, after every chunk is durable,
+together with a sha256 per array of its decoded bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_NAME = "distill-cache/teacher-signal-store"
+FORMAT_VERSION = 1
+
+SPLITS = ("train", "test")
+
+# Sequence sets -------------------------------------------------------------
+SET_PAIRS = "pairs"  # the dataset's chosen and rejected responses
+SET_GENERATED = "generated"  # the student's own responses (ADPA), one per prompt
+SET_SAMPLES = "samples"  # groups of sampled responses per prompt (PAD, ranking)
+SEQUENCE_SETS = (SET_PAIRS, SET_GENERATED, SET_SAMPLES)
+
+# Sections: which model computed the signals --------------------------------
+BASE = "base"  # pseudo-section name for a set's own arrays (tokens, offsets)
+SECTION_TEACHER = "teacher"  # aligned teacher: top-K, target log-prob, sums
+SECTION_REFERENCE = "reference"  # reference teacher at the teacher's top-K ids (ADPA)
+SECTION_STUDENT_INIT = "student_init"  # the student's initial model (DPO reference)
+SECTION_TEACHER_MCQ = "teacher_mcq"  # teacher's pairwise judgements of a group (PAD)
+SECTIONS = (SECTION_TEACHER, SECTION_REFERENCE, SECTION_STUDENT_INIT, SECTION_TEACHER_MCQ)
+
+# Roles of a sequence --------------------------------------------------------
+ROLE_CHOSEN = 0
+ROLE_REJECTED = 1
+ROLE_GENERATED = 2
+ROLE_SAMPLE_BASE = 16  # sample i of a group has role 16 + i
+
+
+def role_name(role: int) -> str:
+    if role == ROLE_CHOSEN:
+        return "chosen"
+    if role == ROLE_REJECTED:
+        return "rejected"
+    if role == ROLE_GENERATED:
+        return "generated"
+    if role >= ROLE_SAMPLE_BASE:
+        return f"sample {role - ROLE_SAMPLE_BASE}"
+    raise ValueError(f"unknown role code {role}")
+
+
+# Axes -----------------------------------------------------------------------
+AXIS_TOKEN = "token"
+AXIS_RESPONSE = "response"
+AXIS_SEQUENCE = "sequence"
+AXIS_SEQUENCE_OFFSETS = "sequence+1"
+AXIS_GROUP = "group"
+AXIS_GROUP_OFFSETS = "group+1"
+AXIS_PAIR = "pair"
+
+# Rows per chunk along each axis: chunks of the order of megabytes.
+CHUNK_ROWS = {
+    AXIS_TOKEN: 1 << 18,
+    AXIS_RESPONSE: 1 << 14,
+    AXIS_SEQUENCE: 1 << 16,
+    AXIS_SEQUENCE_OFFSETS: 1 << 16,
+    AXIS_GROUP: 1 << 16,
+    AXIS_GROUP_OFFSETS: 1 << 16,
+    AXIS_PAIR: 1 << 16,
+}
+
+# Encodings -------------------------------------------------------------------
+ENC_PLAIN = "plain"  # lossless, shuffle + zstd
+ENC_TOKEN_IDS = "token_ids"  # lossless: uint16 when the vocabulary fits, else int32
+ENC_LOGP_SORTED = "logp_sorted"  # lossy: quantised to 1/128 nat, delta along K
+ENC_LOGP = "logp_quantised"  # lossy: quantised to 1/128 nat
+
+LOGP_SCALE = 128  # quantisation steps per nat
+LOGP_MAX_ABS_ERROR = 0.5 / LOGP_SCALE  # 0.00390625 nats, for log-probs >= LOGP_FLOOR
+LOGP_FLOOR = -500.0  # log-probs are clamped here before quantising (uint16 range / 128)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    axis: str
+    dtype: str  # numpy dtype of what a reader gets back; "token_id" resolves per store
+    width: str | None  # None for 1-D, "K" for [rows, K], "2" for [rows, 2]
+    encoding: str
+    description: str
+
+
+def _spec(name, axis, dtype, width, encoding, description):
+    return ArraySpec(name, axis, dtype, width, encoding, description)
+
+
+BASE_ARRAYS = (
+    _spec("example_index", AXIS_SEQUENCE, "int64", None, ENC_PLAIN,
+          "index of the example (row of the split) this sequence answers"),
+    _spec("role", AXIS_SEQUENCE, "int8", None, ENC_PLAIN,
+          "0 chosen, 1 rejected, 2 generated by the student, 16+i sample i of a group"),
+    _spec("prompt_length", AXIS_SEQUENCE, "int32", None, ENC_PLAIN,
+          "number of prompt tokens at the start of the sequence"),
+    _spec("response_length", AXIS_SEQUENCE, "int32", None, ENC_PLAIN,
+          "number of response tokens (the end-of-turn token included)"),
+    _spec("token_offsets", AXIS_SEQUENCE_OFFSETS, "int64", None, ENC_PLAIN,
+          "CSR offsets of each sequence into the token axis"),
+    _spec("response_offsets", AXIS_SEQUENCE_OFFSETS, "int64", None, ENC_PLAIN,
+          "CSR offsets of each sequence into the response axis"),
+    _spec("input_ids", AXIS_TOKEN, "token_id", None, ENC_TOKEN_IDS,
+          "token ids, prompt then response, sequences back to back"),
+    _spec("loss_mask", AXIS_TOKEN, "bool", None, ENC_PLAIN,
+          "true on response tokens (the ones that get a target)"),
+)
+GROUP_ARRAYS = (
+    _spec("group_offsets", AXIS_GROUP_OFFSETS, "int64", None, ENC_PLAIN,
+          "CSR offsets of each group into the sequence axis"),
+    _spec("group_example_index", AXIS_GROUP, "int64", None, ENC_PLAIN,
+          "example index of each group's prompt"),
+)
+
+SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
+    SECTION_TEACHER: (
+        _spec("topk_ids", AXIS_RESPONSE, "token_id", "K", ENC_TOKEN_IDS,
+              "teacher's K most likely next tokens, most likely first"),
+        _spec("topk_logp", AXIS_RESPONSE, "float32", "K", ENC_LOGP_SORTED,
+              "teacher log-probs of topk_ids, normalised over the full vocabulary"),
+        _spec("target_logp", AXIS_RESPONSE, "float32", None, ENC_PLAIN,
+              "teacher log-prob of the response token actually there"),
+        _spec("logp_sum", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
+              "sum of target_logp over the sequence's response"),
+    ),
+    SECTION_REFERENCE: (
+        _spec("topk_logp", AXIS_RESPONSE, "float32", "K", ENC_LOGP,
+              "reference model's log-probs at the teacher's topk_ids (same rows)"),
+        _spec("target_logp", AXIS_RESPONSE, "float32", None, ENC_PLAIN,
+              "reference model's log-prob of the response token"),
+        _spec("logp_sum", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
+              "sum of target_logp over the sequence's response"),
+    ),
+    SECTION_STUDENT_INIT: (
+        _spec("target_logp", AXIS_RESPONSE, "float32", None, ENC_PLAIN,
+              "the student's initial model's log-prob of the response token"),
+        _spec("logp_sum", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
+              "sum of target_logp over the sequence's response (DPO reference)"),
+    ),
+    SECTION_TEACHER_MCQ: (
+        _spec("pair_index", AXIS_PAIR, "int32", "2", ENC_PLAIN,
+              "(i, j) positions within the group of the two responses compared"),
+        _spec("pair_prob", AXIS_PAIR, "float32", "2", ENC_PLAIN,
+              "P(i chosen over j) asked with i as option A, and with i as option B"),
+        _spec("group_pair_offsets", AXIS_GROUP_OFFSETS, "int64", None, ENC_PLAIN,
+              "CSR offsets of each group into the pair axis"),
+        _spec("mcq_score", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
+              "s_mcq(i) = log((eps + sum_j P(i over j)) / (n - 1)), orders averaged"),
+    ),
+}
+
+
+def base_arrays(sequence_set: str) -> tuple[ArraySpec, ...]:
+    if sequence_set == SET_SAMPLES:
+        return BASE_ARRAYS + GROUP_ARRAYS
+    return BASE_ARRAYS
+
+
+def arrays_of(sequence_set: str, section: str) -> tuple[ArraySpec, ...]:
+    if sequence_set not in SEQUENCE_SETS:
+        raise ValueError(f"unknown sequence set {sequence_set!r}; known: {', '.join(SEQUENCE_SETS)}")
+    if section == BASE:
+        return base_arrays(sequence_set)
+    if section not in SECTION_ARRAYS:
+        raise ValueError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
+    return SECTION_ARRAYS[section]
+
+
+def token_id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("uint16") if vocab_size <= 1 << 16 else np.dtype("int32")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def part_index(name: str) -> int:
+    if not name.startswith("part-"):
+        raise ValueError(f"not a part name: {name!r}")
+    return int(name[5:])
+
+
+def group_path(split: str, part: int, sequence_set: str, section: str = BASE) -> str:
+    path = f"{split}/{part_name(part)}/{sequence_set}"
+    return path if section == BASE else f"{path}/{section}"
+
+
+# Codecs ----------------------------------------------------------------------
+
+def codecs_for(spec: ArraySpec, dtype: np.dtype) -> dict:
+    """Keyword arguments for ``zarr.create_array`` that encode ``spec``."""
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numcodecs codecs are outside the v3 core spec
+        from zarr.codecs.numcodecs import Delta, FixedScaleOffset, Shuffle
+
+        itemsize = dtype.itemsize
+        if spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP):
+            # value = -q / 128 with q = round(-logp * 128) stored as uint16
+            filters = [FixedScaleOffset(offset=0, scale=-LOGP_SCALE, dtype="<f4", astype="<u2")]
+            if spec.encoding == ENC_LOGP_SORTED:
+                # descending log-probs give small non-negative steps along K
+                filters.append(Delta(dtype="<u2"))
+            return dict(filters=filters, serializer=BytesCodec(),
+                        compressors=[Shuffle(elementsize=2), ZstdCodec(level=9)])
+        compressors = [ZstdCodec(level=9)] if itemsize == 1 else [Shuffle(elementsize=itemsize), ZstdCodec(level=9)]
+        return dict(filters=None, serializer=BytesCodec(), compressors=compressors)
+
+
+def prepare_values(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
+    """Clamp log-probs into the quantiser's range (no wrap-around of uint16)."""
+    if spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP):
+        values = np.asarray(values, dtype=np.float32)
+        return np.clip(np.nan_to_num(values, nan=LOGP_FLOOR, neginf=LOGP_FLOOR), LOGP_FLOOR, 0.0)
+    return values
+
+
+DESCRIPTION = {
+    "summary": (
+        "Teacher signals for distilling a language model, computed once. Groups: "
+        "<split>/part-NNNNN/<set>[/<section>]. A part covers examples "
+        "[attrs.example_start, attrs.example_stop) of its split. Sets: 'pairs' (dataset "
+        "chosen/rejected), 'generated' (student's own responses), 'samples' (groups of "
+        "sampled responses). Sections hold what one model computed for a set's "
+        "sequences: 'teacher', 'reference', 'student_init', 'teacher_mcq'. A group "
+        "counts only if attrs.complete is true. Concatenate parts in order to get a "
+        "whole split; offsets are local to a part."
+    ),
+    "offsets": (
+        "CSR: sequence s owns input_ids[token_offsets[s]:token_offsets[s+1]] whose first "
+        "prompt_length[s] are the prompt, and response rows "
+        "[response_offsets[s], response_offsets[s+1]); response row j holds the "
+        "distribution predicting response token j. Group g owns sequences "
+        "[group_offsets[g], group_offsets[g+1]) and pairs "
+        "[group_pair_offsets[g], group_pair_offsets[g+1])."
+    ),
+    "roles": {"0": "chosen", "1": "rejected", "2": "generated", "16+i": "sample i"},
+    "encodings": {
+        ENC_PLAIN: "lossless",
+        ENC_TOKEN_IDS: "lossless token ids (uint16 when the vocabulary fits)",
+        ENC_LOGP_SORTED: (
+            f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
+            f"(max abs error {LOGP_MAX_ABS_ERROR}), delta along K; zarr decodes to float32"
+        ),
+        ENC_LOGP: (
+            f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
+            f"(max abs error {LOGP_MAX_ABS_ERROR}); zarr decodes to float32"
+        ),
+    },
+    "arrays": {
+        "base": {s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}"
+                 for s in BASE_ARRAYS + GROUP_ARRAYS},
+        **{
+            section: {s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}"
+                      for s in specs}
+            for section, specs in SECTION_ARRAYS.items()
+        },
+    },
+    "tail": "teacher tail mass at a response row = 1 - sum(exp(topk_logp[row]))",
+}

@@ -1,0 +1,538 @@
+"""Opening, writing and reading a teacher-signal store (format in :mod:`store.format`).
+
+The same code serves a local path and any fsspec URL (``s3://``, ``gs://``,
+``memory://``, read-only ``http://``): zarr talks to the data, fsspec answers the
+questions zarr does not (does this chunk file exist, remove a half-written group).
+
+Writing is by parts. A part's section is written once: arrays first, then (local
+filesystems) every file is fsynced, then each array is read back and hashed, and
+only then is ``complete: true`` written with the hashes into the section's group
+attributes. A writer killed at any moment leaves either a complete section or one
+that is not marked complete, which the next run deletes and writes again. Writers
+of different parts never touch the same file, so processes can share a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import fsspec
+import numpy as np
+import zarr
+
+from . import format as fmt
+
+__all__ = [
+    "StoreError",
+    "FormatMismatch",
+    "TokenizerMismatchError",
+    "ProvenanceMismatch",
+    "IncompleteSection",
+    "TeacherStore",
+    "package_version",
+]
+
+
+class StoreError(Exception):
+    """Anything wrong with a store; the message names the store and what is wrong."""
+
+
+class FormatMismatch(StoreError):
+    pass
+
+
+class TokenizerMismatchError(StoreError):
+    pass
+
+
+class ProvenanceMismatch(StoreError):
+    pass
+
+
+class IncompleteSection(StoreError):
+    pass
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("distill-cache")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+@contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr.*")
+        warnings.filterwarnings("ignore", message=".*numcodecs.zarr3.*")
+        yield
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """sha256 of an array's decoded values: dtype, shape and little-endian C-order bytes."""
+    values = np.ascontiguousarray(values)
+    h = hashlib.sha256()
+    h.update(f"{values.dtype.str}|{values.shape}".encode())
+    h.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SectionRef:
+    split: str
+    part: int
+    sequence_set: str
+    section: str = fmt.BASE
+
+    @property
+    def path(self) -> str:
+        return fmt.group_path(self.split, self.part, self.sequence_set, self.section)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class TeacherStore:
+    """A teacher-signal store at ``location`` (a path or an fsspec URL)."""
+
+    def __init__(self, location: str, *, mode: str = "r", storage_options: Mapping | None = None):
+        self.location = str(location)
+        self.mode = mode
+        self.storage_options = dict(storage_options or {})
+        if _is_url(self.location):
+            self.fs, self._root = fsspec.core.url_to_fs(self.location, **self.storage_options)
+            self._zstore = zarr.storage.FsspecStore.from_url(
+                self.location, storage_options=self.storage_options or None, read_only=(mode == "r")
+            )
+            self.is_local = False
+        else:
+            path = self.location[len("file://"):] if self.location.startswith("file://") else self.location
+            self.fs = fsspec.filesystem("file")
+            self._root = os.path.abspath(path)
+            self._zstore = zarr.storage.LocalStore(self._root, read_only=(mode == "r"))
+            self.is_local = True
+        self._root = self._root.rstrip("/")
+        self._root_group: zarr.Group | None = None
+        self._attrs_cache: dict | None = None
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, location: str, *, tokenizer: Mapping, vocab_size: int, examples_per_part: int,
+               storage_options: Mapping | None = None, provenance: Mapping | None = None) -> "TeacherStore":
+        """Create a store, or open an existing one for writing after checking it matches.
+
+        ``tokenizer`` is ``{"name": ..., "hash": ...}``. An existing store with
+        another format version, tokenizer or part size is refused.
+        """
+        store = cls(location, mode="a", storage_options=storage_options)
+        if store.exists():
+            store.check(tokenizer_hash=tokenizer.get("hash"))
+            layout = store.attrs["layout"]
+            if layout["examples_per_part"] != examples_per_part:
+                raise ProvenanceMismatch(
+                    f"{store.location}: written with {layout['examples_per_part']} examples per part, "
+                    f"asked for {examples_per_part}; use the same --examples-per-part or another --out"
+                )
+            return store
+        with _quiet():
+            root = zarr.open_group(store._zstore, mode="a", zarr_format=3)
+            root.attrs.put({
+                "format": {"name": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION},
+                "format_description": fmt.DESCRIPTION,
+                "created_with": {"package": "distill-cache", "version": package_version(),
+                                 "zarr": zarr.__version__},
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "tokenizer": dict(tokenizer),
+                "vocab_size": int(vocab_size),
+                "token_id_dtype": fmt.token_id_dtype(vocab_size).name,
+                "layout": {"examples_per_part": int(examples_per_part), "splits": {}},
+                "provenance": dict(provenance or {}),
+                "passes": {},
+                "manifest": {},
+            })
+        store._root_group = None
+        store._attrs_cache = None
+        return store
+
+    @classmethod
+    def open(cls, location: str, *, tokenizer_hash: str | None = None, mode: str = "r",
+             storage_options: Mapping | None = None) -> "TeacherStore":
+        """Open an existing store, refusing an unknown format or a different tokenizer."""
+        store = cls(location, mode=mode, storage_options=storage_options)
+        if not store.exists():
+            raise StoreError(f"{location}: no teacher-signal store here (no zarr.json with a format attribute)")
+        store.check(tokenizer_hash=tokenizer_hash)
+        return store
+
+    def exists(self) -> bool:
+        try:
+            return "format" in self._load_attrs(refresh=True)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError):
+            return False
+
+    def check(self, *, tokenizer_hash: str | None = None) -> None:
+        attrs = self.attrs
+        found = attrs.get("format", {})
+        if found.get("name") != fmt.FORMAT_NAME or found.get("version") != fmt.FORMAT_VERSION:
+            raise FormatMismatch(
+                f"{self.location}: store format {found.get('name')!r} version {found.get('version')!r}; "
+                f"this reader understands {fmt.FORMAT_NAME!r} version {fmt.FORMAT_VERSION}"
+            )
+        if tokenizer_hash is not None:
+            stored = attrs.get("tokenizer", {}).get("hash")
+            if stored != tokenizer_hash:
+                raise TokenizerMismatchError(
+                    f"{self.location}: the store was written with tokenizer "
+                    f"{attrs.get('tokenizer', {}).get('name')!r} (hash {stored}); the caller's tokenizer has "
+                    f"hash {tokenizer_hash}. Token ids would not mean the same thing: use the store's "
+                    f"tokenizer or recompute the store"
+                )
+
+    # -- root attributes -----------------------------------------------------
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root_group is None:
+            with _quiet():
+                self._root_group = zarr.open_group(self._zstore, mode="r" if self.mode == "r" else "a",
+                                                   zarr_format=3)
+        return self._root_group
+
+    def _load_attrs(self, refresh: bool = False) -> dict:
+        if refresh or self._attrs_cache is None:
+            self._root_group = None
+            self._attrs_cache = dict(self.root.attrs.asdict())
+        return self._attrs_cache
+
+    @property
+    def attrs(self) -> dict:
+        return self._load_attrs()
+
+    def update_attrs(self, mutate: Callable[[dict], None], *, retries: int = 20) -> dict:
+        """Read-modify-write the root attributes; re-reads to survive a concurrent writer."""
+        self._require_writable()
+        for attempt in range(retries):
+            current = self._load_attrs(refresh=True)
+            mutate(current)
+            self.root.attrs.put(current)
+            check = self._load_attrs(refresh=True)
+            if json.dumps(check, sort_keys=True) == json.dumps(current, sort_keys=True):
+                return check
+            time.sleep(0.05 * (attempt + 1))
+        raise StoreError(f"{self.location}: could not update root attributes (concurrent writers)")
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return np.dtype(self.attrs["token_id_dtype"])
+
+    @property
+    def examples_per_part(self) -> int:
+        return int(self.attrs["layout"]["examples_per_part"])
+
+    def splits(self) -> list[str]:
+        return list(self.attrs["layout"]["splits"])
+
+    def num_examples(self, split: str) -> int:
+        try:
+            return int(self.attrs["layout"]["splits"][split]["num_examples"])
+        except KeyError:
+            raise StoreError(f"{self.location}: no split {split!r}; splits: {', '.join(self.splits()) or 'none'}")
+
+    def num_parts(self, split: str) -> int:
+        n = self.num_examples(split)
+        return (n + self.examples_per_part - 1) // self.examples_per_part
+
+    def part_range(self, split: str, part: int) -> tuple[int, int]:
+        start = part * self.examples_per_part
+        return start, min(start + self.examples_per_part, self.num_examples(split))
+
+    def part_of_example(self, split: str, example_index: int) -> int:
+        if not 0 <= example_index < self.num_examples(split):
+            raise IndexError(f"{self.location}: example {example_index} is outside split {split!r} "
+                             f"(0..{self.num_examples(split) - 1})")
+        return example_index // self.examples_per_part
+
+    def set_split(self, split: str, num_examples: int, *, dataset: Mapping | None = None) -> None:
+        """Declare a split's size (and its dataset fingerprint); refuses a change."""
+
+        def mutate(attrs):
+            splits = attrs["layout"]["splits"]
+            old = splits.get(split)
+            if old is not None and old["num_examples"] != num_examples:
+                raise ProvenanceMismatch(
+                    f"{self.location}: split {split!r} has {old['num_examples']} examples, "
+                    f"this run has {num_examples}"
+                )
+            if old is not None and dataset is not None and old.get("dataset") not in (None, dict(dataset)):
+                diff = _diff_keys(old.get("dataset") or {}, dict(dataset))
+                raise ProvenanceMismatch(f"{self.location}: split {split!r} was made from other rows: {diff}")
+            splits[split] = {"num_examples": int(num_examples),
+                             "dataset": dict(dataset) if dataset is not None else (old or {}).get("dataset")}
+
+        self.update_attrs(mutate)
+
+    def register_pass(self, name: str, provenance: Mapping) -> None:
+        """Record what a pass depends on; refuse if it was run before with other settings."""
+        provenance = json.loads(json.dumps(dict(provenance)))
+
+        def mutate(attrs):
+            old = attrs["passes"].get(name)
+            if old is not None and old != provenance:
+                raise ProvenanceMismatch(
+                    f"{self.location}: pass {name!r} is already in this store with other settings: "
+                    f"{_diff_keys(old, provenance)}. Write to another --out, or delete the store"
+                )
+            attrs["passes"][name] = provenance
+
+        self.update_attrs(mutate)
+
+    # -- sections ------------------------------------------------------------
+
+    def _require_writable(self):
+        if self.mode == "r":
+            raise StoreError(f"{self.location}: opened read-only")
+
+    def _group(self, ref: SectionRef) -> zarr.Group | None:
+        with _quiet():
+            try:
+                return zarr.open_group(self._zstore, path=ref.path, mode="r", zarr_format=3)
+            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, json.JSONDecodeError):
+                return None
+
+    def section_attrs(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE) -> dict | None:
+        group = self._group(SectionRef(split, part, sequence_set, section))
+        return None if group is None else dict(group.attrs.asdict())
+
+    def is_complete(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE) -> bool:
+        attrs = self.section_attrs(split, part, sequence_set, section)
+        return bool(attrs and attrs.get("complete"))
+
+    def complete_parts(self, split: str, sequence_set: str, section: str = fmt.BASE) -> list[int]:
+        return [p for p in range(self.num_parts(split)) if self.is_complete(split, p, sequence_set, section)]
+
+    def write_section(self, split: str, part: int, sequence_set: str, section: str,
+                      arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> dict:
+        """Write one section of one part, atomically as far as readers are concerned.
+
+        ``arrays`` must hold exactly the arrays :mod:`store.format` declares for
+        this set and section, with consistent lengths. Returns the checksums.
+        """
+        self._require_writable()
+        ref = SectionRef(split, part, sequence_set, section)
+        specs = fmt.arrays_of(sequence_set, section)
+        rows = _check_arrays(ref, specs, arrays)
+        if section != fmt.BASE:
+            base_attrs = self.section_attrs(split, part, sequence_set, fmt.BASE)
+            if not (base_attrs and base_attrs.get("complete")):
+                raise IncompleteSection(f"{self.location}: {ref} needs its set's base arrays written first")
+            for axis, n in rows.items():
+                expected = base_attrs.get("rows", {}).get(axis)
+                if expected is not None and expected != n:
+                    raise StoreError(f"{ref}: {n} rows along the {axis} axis, the set has {expected}")
+        start, stop = self.part_range(split, part)
+        with _quiet():
+            part_group = zarr.open_group(self._zstore, path=f"{split}/{fmt.part_name(part)}", mode="a",
+                                         zarr_format=3)
+            if "example_start" not in part_group.attrs:
+                part_group.attrs.update({"example_start": start, "example_stop": stop})
+            # a leftover from a killed writer is removed whole before writing again
+            if self._group(ref) is not None or self.fs.exists(f"{self._root}/{ref.path}"):
+                self.fs.rm(f"{self._root}/{ref.path}", recursive=True)
+            group = zarr.open_group(self._zstore, path=ref.path, mode="w", zarr_format=3)
+            group.attrs.put({"complete": False})
+            for spec in specs:
+                dtype = self.token_dtype if spec.dtype == "token_id" else np.dtype(spec.dtype)
+                values = fmt.prepare_values(spec, np.asarray(arrays[spec.name]))
+                if values.size and spec.dtype == "token_id" and (values.min() < 0 or values.max() >= self.attrs["vocab_size"]):
+                    raise StoreError(f"{ref}/{spec.name}: token ids outside the vocabulary "
+                                     f"[0, {self.attrs['vocab_size']})")
+                values = values.astype(dtype, copy=False)
+                chunks = (fmt.CHUNK_ROWS[spec.axis],) + values.shape[1:]
+                chunks = (max(1, min(chunks[0], values.shape[0])),) + chunks[1:]
+                arr = group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
+                                         fill_value=0, config={"write_empty_chunks": True},
+                                         **fmt.codecs_for(spec, dtype))
+                if values.size:
+                    arr[...] = values
+            if self.is_local:
+                _fsync_tree(f"{self._root}/{ref.path}")
+            checksums = {}
+            reread = zarr.open_group(self._zstore, path=ref.path, mode="r", zarr_format=3)
+            for spec in specs:
+                checksums[spec.name] = array_checksum(reread[spec.name][...])
+            group.attrs.put({
+                **dict(attrs or {}),
+                "complete": True,
+                "checksums": checksums,
+                "rows": rows,
+                "example_start": start,
+                "example_stop": stop,
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+            if self.is_local:
+                _fsync_file(f"{self._root}/{ref.path}/zarr.json")
+        return checksums
+
+    def read_section(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE,
+                     names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        ref = SectionRef(split, part, sequence_set, section)
+        group = self._group(ref)
+        if group is None or not group.attrs.get("complete"):
+            raise IncompleteSection(f"{self.location}: {ref} is missing or not complete")
+        wanted = list(names) if names is not None else [s.name for s in fmt.arrays_of(sequence_set, section)]
+        out = {}
+        with _quiet():
+            for name in wanted:
+                try:
+                    out[name] = group[name][...]
+                except KeyError:
+                    raise StoreError(f"{self.location}: {ref} has no array {name!r}")
+        return out
+
+    # -- manifest, verification, information ---------------------------------
+
+    def refresh_manifest(self) -> dict:
+        """Copy every complete section's checksums into the root attributes."""
+        manifest: dict = {}
+        for split in self.splits():
+            for part in range(self.num_parts(split)):
+                for sequence_set in fmt.SEQUENCE_SETS:
+                    for section in (fmt.BASE,) + fmt.SECTIONS:
+                        attrs = self.section_attrs(split, part, sequence_set, section)
+                        if attrs and attrs.get("complete"):
+                            key = SectionRef(split, part, sequence_set, section).path
+                            manifest[key] = attrs["checksums"]
+
+        def mutate(root_attrs):
+            root_attrs["manifest"] = manifest
+
+        self.update_attrs(mutate)
+        return manifest
+
+    def chunk_keys(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[str]:
+        grid = [max(1, -(-s // c)) if s else 0 for s, c in zip(shape, chunks)]
+        keys = [()]
+        for n in grid:
+            keys = [k + (i,) for k in keys for i in range(n)]
+        return [f"{path}/c/" + "/".join(str(i) for i in k) for k in keys if len(k) == len(shape)]
+
+    def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
+        """Recompute every checksum; returns problems (empty when the store is intact)."""
+        problems: list[str] = []
+        manifest = self.attrs.get("manifest", {})
+        seen = set()
+        for split in self.splits():
+            for part in range(self.num_parts(split)):
+                for sequence_set in fmt.SEQUENCE_SETS:
+                    for section in (fmt.BASE,) + fmt.SECTIONS:
+                        ref = SectionRef(split, part, sequence_set, section)
+                        attrs = self.section_attrs(split, part, sequence_set, section)
+                        if attrs is None:
+                            if ref.path in manifest:
+                                problems.append(f"{ref}: listed as complete in the manifest but missing")
+                            continue
+                        if not attrs.get("complete"):
+                            continue
+                        seen.add(ref.path)
+                        if progress:
+                            progress(ref.path)
+                        problems.extend(self._verify_section(ref, attrs, manifest.get(ref.path)))
+        return problems
+
+    def _verify_section(self, ref: SectionRef, attrs: dict, manifest_sums: dict | None) -> list[str]:
+        problems = []
+        group = self._group(ref)
+        recorded = attrs.get("checksums", {})
+        if manifest_sums is not None and manifest_sums != recorded:
+            problems.append(f"{ref}: checksums differ between the section and the root manifest")
+        with _quiet():
+            for name, expected in recorded.items():
+                try:
+                    arr = group[name]
+                except KeyError:
+                    problems.append(f"{ref}/{name}: array missing")
+                    continue
+                missing = [k for k in self.chunk_keys(f"{ref.path}/{name}", arr.shape, arr.chunks)
+                           if not self.fs.exists(f"{self._root}/{k}")]
+                if missing:
+                    problems.append(f"{ref}/{name}: missing chunk file(s) {', '.join(missing)}")
+                    continue
+                try:
+                    actual = array_checksum(arr[...])
+                except Exception as exc:  # a corrupted chunk usually fails to decode
+                    problems.append(f"{ref}/{name}: cannot be decoded ({type(exc).__name__}: {exc})")
+                    continue
+                if actual != expected:
+                    problems.append(f"{ref}/{name}: checksum differs (recorded {expected[:12]}, now {actual[:12]})")
+        return problems
+
+    def nbytes_on_disk(self, prefix: str = "") -> int:
+        base = f"{self._root}/{prefix}".rstrip("/")
+        if not self.fs.exists(base):
+            return 0
+        return int(sum(info.get("size", 0) or 0 for info in self.fs.find(base, detail=True).values()))
+
+
+def _diff_keys(old: Mapping, new: Mapping, prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            inner = _diff_keys(a, b, f"{prefix}{key}.")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{key}: stored {a!r}, asked {b!r}")
+    return "; ".join(diffs)
+
+
+def _check_arrays(ref: SectionRef, specs, arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    names = {s.name for s in specs}
+    missing = names - set(arrays)
+    extra = set(arrays) - names
+    if missing or extra:
+        raise StoreError(f"{ref}: arrays {sorted(missing)} missing, {sorted(extra)} not in the format")
+    lengths: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        values = np.asarray(arrays[spec.name])
+        ndim = 1 if spec.width is None else 2
+        if values.ndim != ndim:
+            raise StoreError(f"{ref}/{spec.name}: expected {ndim}-D, got shape {values.shape}")
+        axis = spec.axis
+        n = values.shape[0]
+        if axis.endswith("+1"):
+            axis, n = axis[:-2], n - 1
+        if axis in lengths and lengths[axis][0] != n:
+            raise StoreError(f"{ref}/{spec.name}: {n} rows along the {axis} axis, "
+                             f"but {lengths[axis][1]} has {lengths[axis][0]}")
+        lengths.setdefault(axis, (n, spec.name))
+    return {axis: n for axis, (n, _name) in lengths.items()}
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            _fsync_file(os.path.join(dirpath, name))
+        _fsync_file(dirpath)
