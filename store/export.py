@@ -1,0 +1,118 @@
+"""Export a store to one HDF5 file, for tools that read HDF5 and not Zarr.
+
+The HDF5 file mirrors the store: groups ``<split>/part-NNNNN/<set>[/<section>]``
+with the same attributes and one dataset per array, every array decoded (token
+ids as integers, log-probs as float32), gzip-compressed. Only complete sections
+are exported (a set's sections only when its base arrays are complete).
+Attributes that are not scalars (mappings, lists) are stored as JSON strings;
+the root attribute ``json_attributes`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import format as fmt
+from .teacher_store import TeacherStore
+
+__all__ = ["export_hdf5", "encode_attr", "decode_attr"]
+
+JSON_NOTE = "attributes that are mappings or lists are JSON strings; decode with json.loads"
+
+
+def encode_attr(value: Any):
+    """An HDF5-storable form of an attribute value: scalars as they are, the rest as JSON."""
+    if value is None:
+        return json.dumps(None)
+    if isinstance(value, (bool, int, float, str, np.generic)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def decode_attr(value: Any):
+    """Inverse of :func:`encode_attr` for values read back with h5py."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str) and (value[:1] in ("{", "[") or value == "null"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _put_attrs(obj, attrs: Mapping) -> None:
+    for key, value in attrs.items():
+        obj.attrs[str(key)] = encode_attr(value)
+
+
+def _dataset(group, name: str, values: np.ndarray) -> None:
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind == "f" and values.dtype != np.float32 and values.dtype.itemsize < 4:
+        values = values.astype(np.float32)
+    if values.size == 0:
+        group.create_dataset(name, data=values)
+        return
+    # chunks of about 1 MB along the first axis, whole rows
+    row_bytes = max(1, values.nbytes // max(1, values.shape[0]))
+    rows = int(max(1, min(values.shape[0], (1 << 20) // row_bytes)))
+    group.create_dataset(name, data=values, chunks=(rows,) + values.shape[1:],
+                         compression="gzip", compression_opts=4, shuffle=values.dtype.itemsize > 1)
+
+
+def export_hdf5(store: TeacherStore, out_path: str, *,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Write every complete section of ``store`` to the HDF5 file ``out_path``.
+
+    The file is written beside ``out_path`` under a temporary name and renamed
+    when done, so a killed export never leaves a file that looks whole. Returns
+    ``{"sections": n, "arrays": m, "bytes": size of the file}``.
+    """
+    import h5py
+
+    out_path = os.fspath(out_path)
+    tmp = f"{out_path}.partial-{os.getpid()}"
+    sections = arrays = 0
+    try:
+        with h5py.File(tmp, "w") as h5:
+            _put_attrs(h5, store.attrs)
+            h5.attrs["json_attributes"] = JSON_NOTE
+            h5.attrs["exported_from"] = store.location
+            for split in store.splits():
+                split_group = h5.require_group(split)
+                for part in range(store.num_parts(split)):
+                    part_written = None
+                    for sequence_set in fmt.SEQUENCE_SETS:
+                        if not store.is_complete(split, part, sequence_set, fmt.BASE):
+                            continue
+                        if part_written is None:
+                            part_written = split_group.require_group(fmt.part_name(part))
+                            start, stop = store.part_range(split, part)
+                            _put_attrs(part_written, {"example_start": start, "example_stop": stop})
+                        set_group = part_written.require_group(sequence_set)
+                        for section in (fmt.BASE,) + fmt.SECTIONS:
+                            attrs = store.section_attrs(split, part, sequence_set, section)
+                            if not (attrs and attrs.get("complete")):
+                                continue
+                            path = fmt.group_path(split, part, sequence_set, section)
+                            if progress:
+                                progress(path)
+                            target = set_group if section == fmt.BASE else set_group.require_group(section)
+                            _put_attrs(target, attrs)
+                            values = store.read_section(split, part, sequence_set, section)
+                            for name, array in values.items():
+                                _dataset(target, name, array)
+                                arrays += 1
+                            sections += 1
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {"sections": sections, "arrays": arrays, "bytes": os.path.getsize(out_path)}

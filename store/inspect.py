@@ -1,0 +1,307 @@
+"""What a store holds, in one dictionary (``store_info``) and as a text table (``format_info``).
+
+Everything comes from attributes (root and per section) plus one listing of
+the files for the bytes on disk, so it is cheap on a remote store too; no
+array data is read, except for a teacher section's shape when no pass states
+its top-K.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Mapping
+
+from . import format as fmt
+from .teacher_store import TeacherStore
+
+__all__ = ["store_info", "format_info", "find_models"]
+
+_HASH_KEYS = ("hash", "weights_hash", "sha256", "content_hash", "digest")
+_NAME_KEYS = ("name", "id", "path", "repo")
+_TOPK_KEYS = ("top_k", "topk", "k", "K")
+_NOT_MODELS = ("tokenizer", "dataset", "data", "template")
+
+
+def find_models(provenance: Any, where: str = "") -> Iterator[dict]:
+    """Every model record in a provenance tree: ``{"name", "hash", "key"}``.
+
+    A model is a mapping with a name-like and a hash-like key (``{"name", "hash"}``
+    is what passes write), or a string under a key containing "model" with a
+    sibling ``<key>_hash``. Name/hash records under a key naming a tokenizer or a
+    dataset are not models.
+    """
+    if isinstance(provenance, Mapping):
+        name_key = next((k for k in _NAME_KEYS if isinstance(provenance.get(k), str)), None)
+        hash_key = next((k for k in _HASH_KEYS if isinstance(provenance.get(k), str)), None)
+        last = where.rsplit(".", 1)[-1].lower()
+        if name_key and hash_key and not any(word in last for word in _NOT_MODELS):
+            yield {"name": provenance[name_key], "hash": provenance[hash_key], "key": where or "."}
+            return
+        for key, value in provenance.items():
+            key = str(key)
+            path = f"{where}.{key}" if where else key
+            if isinstance(value, str) and "model" in key.lower():
+                sibling = next((provenance[f"{key}{suffix}"] for suffix in ("_hash", "_sha256", "_weights_hash")
+                                if isinstance(provenance.get(f"{key}{suffix}"), str)), None)
+                if sibling is not None:
+                    yield {"name": value, "hash": sibling, "key": path}
+            elif isinstance(value, (Mapping, list, tuple)):
+                yield from find_models(value, path)
+    elif isinstance(provenance, (list, tuple)):
+        for i, value in enumerate(provenance):
+            yield from find_models(value, f"{where}[{i}]")
+
+
+def _find_top_k(provenance: Any) -> int | None:
+    if isinstance(provenance, Mapping):
+        for key in _TOPK_KEYS:
+            value = provenance.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        for value in provenance.values():
+            found = _find_top_k(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _top_k(store: TeacherStore, passes: Mapping, sections_seen: list[tuple[str, int, str]]) -> tuple[int | None, str]:
+    """K from the teacher pass's provenance (a pass named like "teacher" first), else from the data."""
+    names = sorted(passes, key=lambda n: (not str(n).split("/")[-1] == fmt.SECTION_TEACHER,
+                                          "teacher" not in str(n), str(n)))
+    for name in names:
+        k = _find_top_k(passes[name])
+        if k is not None:
+            return k, f"pass {name!r}"
+    for split, part, sequence_set in sections_seen:
+        try:
+            group = store._group(_ref(split, part, sequence_set, fmt.SECTION_TEACHER))
+            if group is not None:
+                return int(group["topk_ids"].shape[1]), "topk_ids width"
+        except Exception:  # a damaged section: try the next one
+            continue
+    return None, "no teacher section"
+
+
+def _ref(split, part, sequence_set, section):
+    from .teacher_store import SectionRef
+
+    return SectionRef(split, part, sequence_set, section)
+
+
+def store_info(store: TeacherStore) -> dict:
+    """A JSON-serialisable summary of ``store`` (see the module docstring)."""
+    attrs = store.attrs
+    passes = attrs.get("passes", {}) or {}
+    info: dict[str, Any] = {
+        "location": store.location,
+        "format": attrs.get("format", {}),
+        "created_with": attrs.get("created_with"),
+        "created_at": attrs.get("created_at"),
+        "tokenizer": attrs.get("tokenizer", {}),
+        "vocab_size": attrs.get("vocab_size"),
+        "token_id_dtype": attrs.get("token_id_dtype"),
+        "examples_per_part": store.examples_per_part,
+        "provenance": attrs.get("provenance", {}),
+        "passes": {},
+        "models": [],
+    }
+    models: dict[tuple[str, str], dict] = {}
+    for name, provenance in passes.items():
+        found = list(find_models(provenance))
+        info["passes"][name] = {"provenance": provenance, "models": found}
+        for model in found:
+            entry = models.setdefault((model["name"], model["hash"]),
+                                      {"name": model["name"], "hash": model["hash"], "passes": []})
+            if name not in entry["passes"]:
+                entry["passes"].append(name)
+    info["models"] = list(models.values())
+
+    splits: dict[str, Any] = {}
+    teacher_parts: list[tuple[str, int, str]] = []
+    total_response = 0
+    for split in store.splits():
+        layout = attrs["layout"]["splits"][split]
+        num_parts = store.num_parts(split)
+        sets: dict[str, Any] = {}
+        for sequence_set in fmt.SEQUENCE_SETS:
+            counts = {"examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0}
+            parts = {section: 0 for section in (fmt.BASE,) + fmt.SECTIONS}
+            for part in range(num_parts):
+                base = store.section_attrs(split, part, sequence_set, fmt.BASE)
+                if not (base and base.get("complete")):
+                    continue
+                parts[fmt.BASE] += 1
+                rows = base.get("rows", {})
+                start, stop = store.part_range(split, part)
+                counts["examples"] += int(base.get("example_stop", stop)) - int(base.get("example_start", start))
+                counts["sequences"] += int(rows.get(fmt.AXIS_SEQUENCE, 0))
+                counts["tokens"] += int(rows.get(fmt.AXIS_TOKEN, 0))
+                if fmt.AXIS_RESPONSE in rows:
+                    counts["response_tokens"] += int(rows[fmt.AXIS_RESPONSE])
+                else:  # written before base sections recorded their response rows
+                    offsets = store.read_section(split, part, sequence_set, fmt.BASE, ["response_offsets"])
+                    counts["response_tokens"] += int(offsets["response_offsets"][-1])
+                for section in fmt.SECTIONS:
+                    if store.is_complete(split, part, sequence_set, section):
+                        parts[section] += 1
+                        if section == fmt.SECTION_TEACHER:
+                            teacher_parts.append((split, part, sequence_set))
+            if parts[fmt.BASE] == 0:
+                continue
+            sets[sequence_set] = {
+                **counts,
+                "parts_complete": parts,
+                "parts_total": num_parts,
+            }
+            total_response += counts["response_tokens"]
+        nbytes = store.nbytes_on_disk(split)
+        split_response = sum(s["response_tokens"] for s in sets.values())
+        splits[split] = {
+            "num_examples": int(layout["num_examples"]),
+            "num_parts": num_parts,
+            "dataset": layout.get("dataset"),
+            "sets": sets,
+            "sequences": sum(s["sequences"] for s in sets.values()),
+            "response_tokens": split_response,
+            "tokens": sum(s["tokens"] for s in sets.values()),
+            "bytes_on_disk": nbytes,
+            "bytes_per_response_token": (nbytes / split_response) if split_response else None,
+        }
+    info["splits"] = splits
+    info["top_k"], info["top_k_from"] = _top_k(store, passes, teacher_parts)
+    nbytes = store.nbytes_on_disk()
+    info["bytes_on_disk"] = nbytes
+    info["response_tokens"] = total_response
+    info["bytes_per_response_token"] = (nbytes / total_response) if total_response else None
+    return info
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, Mapping):
+        out = []
+        for key, inner in value.items():
+            out.extend(_flat(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [(prefix, json.dumps(value))]
+    return [(prefix, str(value))]
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    # text columns left-aligned, numbers right-aligned
+    numeric = [all(str(r[i]).replace(",", "").replace(".", "").replace("/", "").replace("-", "").isdigit()
+                   or str(r[i]) in ("-", "") for r in rows) and i > 0 for i in range(len(header))]
+
+    def line(cells):
+        return indent + "  ".join(str(c).rjust(w) if num else str(c).ljust(w)
+                                  for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def format_info(info: Mapping) -> str:
+    """A readable multi-line summary of :func:`store_info`'s dictionary."""
+    out: list[str] = []
+    fmt_info = info.get("format", {})
+    created = info.get("created_with") or {}
+    out.append(f"store        {info['location']}")
+    out.append(f"format       {fmt_info.get('name')} version {fmt_info.get('version')}"
+               + (f" (written by {created.get('package')} {created.get('version')}, zarr {created.get('zarr')}"
+                  f"{', ' + info['created_at'] if info.get('created_at') else ''})" if created else ""))
+    tok = info.get("tokenizer") or {}
+    out.append(f"tokenizer    {tok.get('name')}  hash {tok.get('hash')}")
+    out.append(f"vocabulary   {info.get('vocab_size')} (token ids {info.get('token_id_dtype')})")
+    out.append(f"top-K        {info.get('top_k') if info.get('top_k') is not None else '-'}"
+               f"  (from {info.get('top_k_from')})")
+    out.append(f"part size    {info.get('examples_per_part')} examples")
+    nbytes = info.get("bytes_on_disk", 0)
+    bpt = info.get("bytes_per_response_token")
+    out.append(f"on disk      {nbytes:,} bytes ({_human_bytes(nbytes)}); "
+               f"{'%.1f' % bpt if bpt is not None else '-'} bytes per response token "
+               f"over {info.get('response_tokens', 0):,} response tokens")
+
+    out.append("")
+    out.append("models")
+    if info.get("models"):
+        out += _table(["name", "hash", "passes"],
+                      [[m["name"], m["hash"], ", ".join(m["passes"])] for m in info["models"]])
+    else:
+        out.append("  (none recorded)")
+
+    out.append("")
+    out.append("passes")
+    if not info.get("passes"):
+        out.append("  (none recorded)")
+    for name, entry in info.get("passes", {}).items():
+        out.append(f"  {name}")
+        for key, value in _flat(entry.get("provenance", {})):
+            out.append(f"    {key:<24} {value}")
+
+    if info.get("provenance"):
+        out.append("")
+        out.append("provenance")
+        for key, value in _flat(info["provenance"]):
+            out.append(f"  {key:<26} {value}")
+
+    out.append("")
+    out.append("datasets")
+    rows = []
+    for split, s in info.get("splits", {}).items():
+        ds = s.get("dataset") or {}
+        fingerprint = ds.get("fingerprint", "-") if isinstance(ds, Mapping) else "-"
+        rest = ", ".join(f"{k}={v}" for k, v in ds.items() if k not in ("name", "fingerprint")) \
+            if isinstance(ds, Mapping) else str(ds)
+        rows.append([split, str(ds.get("name", "-") if isinstance(ds, Mapping) else ds), str(fingerprint),
+                     rest or "-"])
+    out += _table(["split", "dataset", "fingerprint", "other"], rows) if rows else ["  (no splits)"]
+
+    out.append("")
+    out.append("contents (complete parts only; '(split)' counts examples declared for the split)")
+    rows = []
+    for split, s in info.get("splits", {}).items():
+        for sequence_set, c in s["sets"].items():
+            rows.append([split, sequence_set, f"{c['examples']:,}", f"{c['sequences']:,}",
+                         f"{c['response_tokens']:,}", f"{c['tokens']:,}"])
+        rows.append([split, "(split)", f"{s['num_examples']:,}", f"{s['sequences']:,}",
+                     f"{s['response_tokens']:,}", f"{s['tokens']:,}"])
+    out += _table(["split", "set", "examples", "sequences", "response tokens", "tokens"], rows) \
+        if rows else ["  (nothing written)"]
+
+    out.append("")
+    out.append("parts complete / total")
+    # a section is shown for a set once any part of that set (in any split) has it
+    used = {(sequence_set, sec) for s in info.get("splits", {}).values() for sequence_set, c in s["sets"].items()
+            for sec, n in c["parts_complete"].items() if n > 0}
+    sections = [fmt.BASE] + [sec for sec in fmt.SECTIONS if any(sec == u[1] for u in used)]
+    rows = []
+    for split, s in info.get("splits", {}).items():
+        if not s["sets"]:
+            rows.append([split, "-"] + [f"0/{s['num_parts']}"] + ["-"] * (len(sections) - 1))
+        for sequence_set, c in s["sets"].items():
+            rows.append([split, sequence_set] + [
+                f"{c['parts_complete'].get(sec, 0)}/{c['parts_total']}"
+                if sec == fmt.BASE or (sequence_set, sec) in used else "-"
+                for sec in sections])
+    out += _table(["split", "set"] + sections, rows)
+
+    out.append("")
+    out.append("bytes on disk by split")
+    rows = [[split, f"{s['bytes_on_disk']:,}",
+             "-" if s["bytes_per_response_token"] is None else f"{s['bytes_per_response_token']:.1f}"]
+            for split, s in info.get("splits", {}).items()]
+    out += _table(["split", "bytes", "bytes/response token"], rows)
+    return "\n".join(out)

@@ -1,0 +1,36 @@
+"""Session fixtures shared by the precompute and train tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(teacher_dir, student_dir): random Llamas sharing the SmolLM2 tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    teacher = tiny.make_tiny_model(root / "teacher", seed=1, layers=3, hidden=48)
+    student = tiny.make_tiny_model(root / "student", seed=2, layers=2, hidden=32)
+    return teacher, student
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 12-row TRL-format file; its last 2 rows become the test split."""
+    return tiny.write_pairs(tmp_path_factory.mktemp("tiny-data") / "pairs.jsonl", 12)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_models, tiny_dataset):
+    """A store made by `precompute teacher` with the default passes (pairs, dpo_ref, adpa)."""
+    from precompute.pipeline import TeacherConfig, run_teacher
+
+    teacher, student = tiny_models
+    out = tmp_path_factory.mktemp("tiny-store") / "adpa.zarr"
+    config = TeacherConfig(out=str(out), teacher=str(teacher), student=str(student), dataset=str(tiny_dataset),
+                           top_k=8, max_length=96, max_new_tokens=12, examples_per_part=4, device="cpu",
+                           dtype="float32", progress=False)
+    run_teacher(config)
+    return out

@@ -1,0 +1,643 @@
+"""Loss functions for preference distillation: pure, torch-only, one per loss.
+
+Every function here is a pure function of its tensor arguments: no module
+state, no reduction over tokens or prompts unless the docstring says so.
+Token-level functions take the student's logits rows *already gathered at
+response positions* (shape ``[R, V]``: ``R`` response tokens of the whole
+batch flattened, ``V`` vocabulary) and return one value per token ``[R]``;
+the caller masks, sums per sequence (:func:`sequence_sums`,
+:func:`sequence_means`) and averages.
+
+Precision: inputs are upcast to at least float32 before any softmax,
+logsumexp or exponent (bf16/fp16 inputs are computed and returned in
+float32; float64 inputs stay float64, which is what the tests use).
+
+Formulas and their sources (see ``shared/design/METHODS.md``):
+
+- KD with a tail bucket: forward KL over K+1 bins (the ADPA repository's
+  ``get_kl_loss``; TRL's ``_add_tail_bucket``).
+- DCKD and ADPA: "Advantage-Guided Distillation for Preference Alignment in
+  Small Language Models" (ADPA paper; DCKD is its "dual-constrained" KD
+  baseline/stage).
+- DPO: Rafailov et al. 2023, "Direct Preference Optimization".
+- SimPO: Meng et al. 2024, "SimPO: Simple Preference Optimization with a
+  Reference-Free Reward".
+- PAD: Gu et al., "Preference-Aligned Distillation" (code: EganGu/PAD),
+  Plackett-Luce distributions over orderings of n responses per prompt.
+
+All code below is written for this project; only the equations are taken
+from the sources named.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "log1mexp",
+    "token_logprobs",
+    "kd_tail_kl",
+    "adpa_advantage",
+    "adpa_token_loss",
+    "dpo_loss",
+    "simpo_loss",
+    "sequence_sums",
+    "sequence_means",
+    "permutations_tensor",
+    "plackett_luce_log_probs",
+    "pad_ppd_loss",
+    "pad_vpd_loss",
+    "pad_loss",
+    "pad_teacher_rewards",
+    "mcq_score",
+    "chunked_token_terms",
+    "MAX_EXACT_PL_GROUP",
+]
+
+_LN2 = math.log(2.0)
+
+#: Largest group size for which the n! orderings are enumerated exactly
+#: (6! = 720 orderings; 7! = 5040 would already cost 5040 x 7 per prompt).
+MAX_EXACT_PL_GROUP = 6
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) -> float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Upcast a floating tensor to at least float32."""
+    return t.to(_compute_dtype(t))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """Numerically safe ``log(1 - exp(x))`` for ``x <= 0``.
+
+    Equation (Maechler 2012, "Accurately computing log(1 - exp(-|a|))"):
+    ``log(-expm1(x))`` for ``x > -ln 2`` and ``log1p(-exp(x))`` otherwise.
+
+    Shapes: any; elementwise. ``x = 0`` gives ``-inf`` (callers clamp first);
+    ``x = -inf`` gives ``0``. Each branch is fed an input clamped into its own
+    domain so that the branch not selected by ``torch.where`` never produces
+    an inf/NaN that would poison the gradient.
+    """
+    near_zero = x > -_LN2
+    x_hi = x.clamp(min=-_LN2)  # domain of branch 1: (-ln2, 0]
+    x_lo = x.clamp(max=-_LN2)  # domain of branch 2: [-inf, -ln2]
+    return torch.where(near_zero, torch.log(-torch.expm1(x_hi)), torch.log1p(-torch.exp(x_lo)))
+
+
+def _tail_logmass(topk_logp: torch.Tensor) -> torch.Tensor:
+    """Log of the mass outside the K bins: ``log(1 - sum_k exp(topk_logp))``.
+
+    ``topk_logp``: [R, K] log-probabilities normalised over the full
+    vocabulary. Returns [R]. The logsumexp is clamped to ``<= -tiny`` (the
+    smallest positive normal of the dtype) so that a top-K that holds all the
+    mass (or, through rounding, slightly more) gives a very negative but
+    finite tail log-mass (about -87 in float32) instead of ``-inf``/NaN.
+    """
+    tiny = torch.finfo(topk_logp.dtype).tiny
+    lse = torch.logsumexp(topk_logp, dim=-1).clamp(max=-tiny)
+    return log1mexp(lse)
+
+
+def _kd_from_logsoftmax(
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+) -> torch.Tensor:
+    """KD tail-bucket KL from a precomputed student log-softmax [R, V]; see kd_tail_kl."""
+    s_k = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
+    t_k = _up(topk_logp).to(s_k.dtype).detach()  # [R, K], teacher is constant
+    s_tail = _tail_logmass(s_k)  # [R]
+    t_tail = _tail_logmass(t_k)  # [R]
+    t_all = torch.cat([t_k, t_tail.unsqueeze(-1)], dim=-1)  # [R, K+1]
+    s_all = torch.cat([s_k, s_tail.unsqueeze(-1)], dim=-1)  # [R, K+1]
+    p = t_all.exp()
+    # p * log p -> 0 when p == 0 (e.g. a -inf pad in topk_logp): replace the
+    # teacher log-prob by 0 there so that the product is 0 * finite.
+    t_safe = torch.where(p > 0, t_all, torch.zeros_like(t_all))
+    return (p * (t_safe - s_all)).sum(-1)
+
+
+def _adpa_from_logsoftmax(
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor
+) -> torch.Tensor:
+    """ADPA token loss from a precomputed student log-softmax [R, V]; see adpa_token_loss."""
+    q_k = student_logsoftmax.gather(-1, topk_ids).exp()  # [R, K]
+    a = _up(advantage).to(q_k.dtype).detach()
+    return -(q_k * a).sum(-1)
+
+
+# --------------------------------------------------------------------------
+# token-level losses
+# --------------------------------------------------------------------------
+
+
+def token_logprobs(student_logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Student log-probability of each target token.
+
+    Equation: ``logp[r] = log_softmax(student_logits[r])[target_ids[r]]``
+    (the full-vocabulary log-softmax, gathered at the target).
+
+    Shapes: ``student_logits`` [R, V] (any float dtype, upcast to >= fp32),
+    ``target_ids`` [R] int64 in ``[0, V)``. Returns [R]. No masking: rows are
+    response tokens already; ``-mean`` of this over a response is SFT's NLL.
+    """
+    ls = torch.log_softmax(_up(student_logits), dim=-1)
+    return ls.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def kd_tail_kl(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+) -> torch.Tensor:
+    """Forward KL(teacher || student) over the teacher's top-K plus a tail bin.
+
+    Source: ADPA repository ``get_kl_loss`` (forward KL on the teacher's
+    top-K) with the tail bucket of TRL's ``_add_tail_bucket``; the KL used by
+    DCKD ("Advantage-Guided Distillation for Preference Alignment in Small
+    Language Models").
+
+    Equation, per token r, with K+1 bins::
+
+        p = [exp(topk_logp[r, 1..K]), 1 - sum_k exp(topk_logp[r, k])]       (teacher)
+        q = [softmax(student_logits[r])[topk_ids[r, 1..K]], 1 - sum_k ...]  (student)
+        KL[r] = sum_j p_j (log p_j - log q_j)
+
+    Computed in log space: the tail log-mass is
+    ``log1mexp(logsumexp(log-probs over K))`` with the logsumexp clamped to
+    ``<= -tiny``, so a top-K holding (nearly) all the mass gives a finite tail;
+    bins with teacher probability 0 contribute 0 (``p log p -> 0``).
+    Because p and q are proper distributions over the same K+1 bins the
+    result is >= 0 up to rounding (a truncated sum without the tail is not a
+    KL and can go negative).
+
+    Shapes: ``student_logits`` [R, V]; ``topk_ids`` [R, K] int64;
+    ``topk_logp`` [R, K] teacher log-probs normalised over the *full*
+    vocabulary (not renormalised over the K). Returns [R]; gradient flows to
+    ``student_logits`` only (teacher detached).
+    """
+    ls = torch.log_softmax(_up(student_logits), dim=-1)
+    return _kd_from_logsoftmax(ls, topk_ids.long(), topk_logp)
+
+
+def adpa_advantage(
+    topk_logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 1.0, clip: bool = True
+) -> torch.Tensor:
+    """ADPA's token advantage at the teacher's top-K ids.
+
+    Source: ADPA paper ("Advantage-Guided Distillation for Preference
+    Alignment in Small Language Models"): ``A[t, k] = beta * (log pi_T(k|s_t)
+    - log pi_R(k|s_t))`` for the teacher's top-K ids k.
+
+    ``clip=True`` (default, the released code's behaviour, which produced the
+    paper's numbers): clamp A into ``[1e-8, 1 - 1e-8]``, which zeroes (to
+    1e-8) every negative advantage and caps positive ones at ~1 (in float32
+    ``1 - 1e-8`` rounds to 1.0). ``clip=False``: the paper's unclipped
+    equation.
+
+    Shapes: ``topk_logp``, ``ref_logp`` [R, K] (ref evaluated at the same
+    ids). Returns [R, K], detached (the advantage is a constant).
+    """
+    a = beta * (_up(topk_logp) - _up(ref_logp).to(_compute_dtype(topk_logp)))
+    if clip:
+        a = a.clamp(min=1e-8, max=1.0 - 1e-8)
+    return a.detach()
+
+
+def adpa_token_loss(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor
+) -> torch.Tensor:
+    """ADPA's per-token loss: minus the advantage-weighted student probability.
+
+    Source: ADPA paper, ``L_ADPA = - mean_t sum_k pi_theta(topk_ids[t,k] | s_t) * A[t,k]``;
+    this function returns the per-token term ``-sum_k q[t,k] A[t,k]`` (the
+    caller takes the mean over response tokens).
+
+    Shapes: ``student_logits`` [R, V]; ``topk_ids`` [R, K] int64;
+    ``advantage`` [R, K] (see :func:`adpa_advantage`; detached here).
+    ``q`` is the full-vocabulary softmax gathered at ``topk_ids``. Returns [R].
+    """
+    ls = torch.log_softmax(_up(student_logits), dim=-1)
+    return _adpa_from_logsoftmax(ls, topk_ids.long(), advantage)
+
+
+# --------------------------------------------------------------------------
+# sequence-level losses
+# --------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO loss per pair (Rafailov et al. 2023, "Direct Preference Optimization").
+
+    Equation::
+
+        L = -log sigmoid(beta * ((pc - rc) - (pr - rr)))
+
+    with ``pc, pr`` the policy's summed response log-probs of the chosen and
+    rejected responses and ``rc, rr`` the frozen reference's (cached).
+    ``F.logsigmoid`` keeps it stable for large margins of either sign.
+
+    Shapes: all four [B]. Returns [B]; reference terms detached.
+    """
+    pc, pr = _up(policy_chosen_logps), _up(policy_rejected_logps)
+    rc = _up(ref_chosen_logps).to(pc.dtype).detach()
+    rr = _up(ref_rejected_logps).to(pc.dtype).detach()
+    margin = (pc - rc) - (pr - rr)
+    return -F.logsigmoid(beta * margin)
+
+
+def simpo_loss(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> torch.Tensor:
+    """SimPO loss per pair (Meng et al. 2024, "SimPO: Simple Preference
+    Optimization with a Reference-Free Reward").
+
+    Equation (the paper's form)::
+
+        L = -log sigmoid(beta * avg_logp(y_w) - beta * avg_logp(y_l) - gamma)
+
+    ``avg_logp`` is the length-normalised (mean per-token) log-prob of the
+    response under the policy (see :func:`sequence_means`); no reference.
+
+    ``gamma`` is the target margin in *reward units* (as in the paper and in
+    TRL's CPOTrainer ``simpo_gamma``, default 0.5). SimPO's own code instead
+    takes ``gamma_beta_ratio = gamma / beta`` (its default 0.5 with beta=2
+    would be gamma=1.0 here). beta=2.0 is the SimPO paper's most common value.
+
+    Shapes: both [B]. Returns [B].
+    """
+    c = _up(chosen_avg_logps)
+    r = _up(rejected_avg_logps).to(c.dtype)
+    return -F.logsigmoid(beta * c - beta * r - gamma)
+
+
+def sequence_sums(
+    token_values: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_sequences: int,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sum per-token values into per-sequence sums.
+
+    Equation: ``out[s] = sum_{r : seq_index[r] = s} mask[r] * token_values[r]``.
+
+    Shapes: ``token_values`` [R] float; ``seq_index`` [R] int64 in
+    ``[0, num_sequences)``; optional ``mask`` [R] (bool or 0/1 float; masked
+    tokens contribute nothing, not even NaN). Returns [S] = [num_sequences];
+    a sequence with no (unmasked) tokens sums to 0. Differentiable
+    (``index_add``).
+    """
+    v = _up(token_values)
+    if mask is not None:
+        v = torch.where(mask.bool(), v, torch.zeros_like(v))
+    out = torch.zeros(num_sequences, dtype=v.dtype, device=v.device)
+    return out.index_add(0, seq_index.long(), v)
+
+
+def sequence_means(
+    token_values: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_sequences: int,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Length-normalised per-sequence means of per-token values.
+
+    Equation: ``out[s] = sequence_sums(...)[s] / max(1, #{r : seq_index[r] = s, mask[r]})``.
+
+    Shapes as :func:`sequence_sums`; returns [S]. Sequences with no
+    (unmasked) tokens give 0. Used for SimPO's and PAD's length-normalised
+    log-probs and for per-sequence mean NLL / KD.
+    """
+    sums = sequence_sums(token_values, seq_index, num_sequences, mask)
+    ones = torch.ones_like(sums[:1]).expand(seq_index.shape[0])
+    counts = sequence_sums(ones, seq_index, num_sequences, mask)
+    return sums / counts.clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------
+# PAD: Plackett-Luce over orderings
+# --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _permutations_cpu(n: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long).reshape(-1, n)
+
+
+def permutations_tensor(n: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """All n! orderings of ``range(n)`` in lexicographic order.
+
+    Returns a LongTensor [n!, n] (row ``p`` is the ordering ``tau``: position
+    k holds the index of the response ranked k-th). Cached per n; treat the
+    result as read-only. ``n`` must be in ``1..MAX_EXACT_PL_GROUP``.
+    """
+    if n < 1:
+        raise ValueError(f"group size must be >= 1, got {n}")
+    if n > MAX_EXACT_PL_GROUP:
+        raise ValueError(
+            f"exact enumeration of {n}! orderings is not supported (n > {MAX_EXACT_PL_GROUP}); "
+            "use pad_loss(..., max_group=...) which decomposes large groups into "
+            "overlapping sub-groups"
+        )
+    perms = _permutations_cpu(n)
+    return perms if device is None else perms.to(device)
+
+
+def _pl_log_prob_of(ordered_rewards: torch.Tensor) -> torch.Tensor:
+    """log PL probability of rewards already arranged in ranked order along the last dim.
+
+    ``log P = sum_k [ g_k - logsumexp_{j >= k} g_j ]``; the suffix logsumexp
+    is a reversed ``logcumsumexp``. Shape [..., n] -> [...].
+    """
+    suffix_lse = torch.logcumsumexp(ordered_rewards.flip(-1), dim=-1).flip(-1)
+    return (ordered_rewards - suffix_lse).sum(-1)
+
+
+def plackett_luce_log_probs(rewards: torch.Tensor) -> torch.Tensor:
+    """Log-probability of every ordering under a Plackett-Luce model.
+
+    Source: PAD (Gu et al., "Preference-Aligned Distillation"; code
+    EganGu/PAD). Equation, for an ordering ``tau`` of the n responses::
+
+        log P(tau) = sum_{k=1..n} [ r_{tau_k} - logsumexp_{j not in tau_<k} r_j ]
+
+    Vectorised: rewards are gathered by :func:`permutations_tensor` into
+    [G, n!, n] and the inner logsumexp over the not-yet-ranked responses is
+    a reverse cumulative logsumexp along the ranking.
+
+    Shapes: ``rewards`` [G, n] (G prompts, n responses each, rewards already
+    scaled, e.g. ``beta * avg_logp``). Returns [G, n!], columns in the
+    lexicographic order of :func:`permutations_tensor`; ``exp`` of each row
+    sums to 1. Exact for n <= 6; raises ValueError for n > 6.
+    """
+    r = _up(rewards)
+    perms = permutations_tensor(r.shape[-1], device=r.device)  # [P, n]
+    ordered = r[:, perms]  # [G, P, n]
+    return _pl_log_prob_of(ordered)
+
+
+def pad_ppd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -> torch.Tensor:
+    """PAD's probabilistic preference distillation (PPD) loss, per prompt.
+
+    Source: PAD (Gu et al., "Preference-Aligned Distillation"). Textbook
+    Jensen-Shannon divergence between the student's and the teacher's
+    Plackett-Luce distributions over all n! orderings, one value per prompt::
+
+        JSD = 0.5 KL(P_S || M) + 0.5 KL(P_T || M),   M = (P_S + P_T) / 2
+
+    computed in log space (``log M = logaddexp(log P_S, log P_T) - ln 2``).
+    Symmetric, 0 iff P_S = P_T, bounded by ln 2.
+
+    Deliberate difference from the released code (EganGu/PAD), which
+    computes ``0.5 [KL(M || P_S) + KL(M || P_T)]`` and mixes prompts when the
+    per-device batch exceeds one: here it is the textbook JSD, per prompt.
+
+    Shapes: ``student_rewards``, ``teacher_rewards`` [G, n], n <= 6 (use
+    :func:`pad_loss` for larger n). Teacher side detached. Returns [G].
+    """
+    ls = plackett_luce_log_probs(student_rewards)  # [G, P]
+    lt = plackett_luce_log_probs(teacher_rewards.detach()).to(ls.dtype)  # [G, P]
+    lm = torch.logaddexp(ls, lt) - _LN2
+    kl_s = (ls.exp() * (ls - lm)).sum(-1)
+    kl_t = (lt.exp() * (lt - lm)).sum(-1)
+    return 0.5 * kl_s + 0.5 * kl_t
+
+
+def pad_vpd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -> torch.Tensor:
+    """PAD's value-based preference distillation (VPD) loss, per prompt.
+
+    Source: PAD (Gu et al., "Preference-Aligned Distillation"). Minus the
+    student's Plackett-Luce log-probability of the teacher's ranking::
+
+        L = -log P_S(tau*),   tau* = argsort(teacher_rewards, descending)
+
+    Ties in the teacher's rewards are broken by response index (stable
+    sort). Only the one ordering is evaluated (no enumeration), so this is
+    exact for any n.
+
+    Shapes: both [G, n]. Teacher detached. Returns [G].
+    """
+    s = _up(student_rewards)
+    order = torch.argsort(teacher_rewards.detach(), dim=-1, descending=True, stable=True)
+    return -_pl_log_prob_of(s.gather(-1, order))
+
+
+def _window_starts(n: int, m: int) -> list[int]:
+    """Starts of windows of size m over positions 0..n-1 (n > m), stride m - 1,
+    the last window shifted to end at n - 1 so every window has size m."""
+    starts = list(range(0, n - m, m - 1))
+    starts.append(n - m)
+    return starts
+
+
+def pad_loss(
+    student_rewards: torch.Tensor,
+    teacher_rewards: torch.Tensor,
+    kind: str = "ppd",
+    max_group: int = MAX_EXACT_PL_GROUP,
+) -> torch.Tensor:
+    """PAD loss (PPD or VPD) for any group size, with preference decomposition.
+
+    For ``n <= max_group`` this is exactly :func:`pad_ppd_loss` /
+    :func:`pad_vpd_loss`. For ``n > max_group`` (n! orderings would be too
+    many; PAD's "preference decomposing") the group is split as follows:
+
+    1. sort each prompt's responses by teacher reward, descending (stable);
+    2. take windows of ``m = max_group`` consecutive positions in that order,
+       with stride ``m - 1`` so consecutive windows share one response; the
+       last window is shifted to end at the last position so every window has
+       exactly m responses (it may then overlap its neighbour by more than
+       one). Window count ``W = ceil((n - 1) / (m - 1))``;
+    3. apply the exact loss to each window's sub-group and average over the W
+       windows: ``L = (1/W) sum_w loss(r_S[window_w], r_T[window_w])``.
+
+    Why this is sound: Plackett-Luce satisfies Luce's choice axiom, so the
+    distribution it induces on the relative order of any subset of responses
+    is the PL model on that subset with the same rewards: each window's PL
+    distribution is exactly the marginal of the full one, and matching
+    marginals is a necessary condition for matching the full distributions.
+    Windows along the teacher's order cover every adjacent pair of the
+    teacher's ranking and share responses, so the chain of comparisons is
+    connected (the whole ranking is constrained, not disjoint blocks).
+    The decomposed loss is a surrogate, not equal to the full-group loss.
+
+    Shapes: both [G, n]; ``kind`` in {"ppd", "vpd"}; ``2 <= max_group <= 6``.
+    Teacher side detached. Returns [G].
+    """
+    if kind == "ppd":
+        exact = pad_ppd_loss
+    elif kind == "vpd":
+        exact = pad_vpd_loss
+    else:
+        raise ValueError(f"kind must be 'ppd' or 'vpd', got {kind!r}")
+    if not 2 <= max_group <= MAX_EXACT_PL_GROUP:
+        raise ValueError(f"max_group must be in [2, {MAX_EXACT_PL_GROUP}], got {max_group}")
+    G, n = student_rewards.shape
+    if n <= max_group:
+        return exact(student_rewards, teacher_rewards)
+    t = teacher_rewards.detach()
+    order = torch.argsort(t, dim=-1, descending=True, stable=True)  # [G, n]
+    starts = torch.tensor(_window_starts(n, max_group), device=order.device)
+    positions = starts[:, None] + torch.arange(max_group, device=order.device)  # [W, m]
+    W = positions.shape[0]
+    idx = order[:, positions]  # [G, W, m] response indices
+    s_sub = student_rewards.gather(-1, idx.reshape(G, -1)).reshape(G * W, max_group)
+    t_sub = t.gather(-1, idx.reshape(G, -1)).reshape(G * W, max_group)
+    return exact(s_sub, t_sub).reshape(G, W).mean(-1)
+
+
+def pad_teacher_rewards(
+    mean_logp: torch.Tensor, mcq_score: torch.Tensor, alpha: float, beta: float = 10.0
+) -> torch.Tensor:
+    """PAD's teacher reward per response.
+
+    Source: PAD (Gu et al.): ``r_T(i) = beta * (alpha * avglogp_T(y_i) +
+    (1 - alpha) * s_mcq(i))``; released config alpha = 0, beta = 10.
+
+    Shapes: ``mean_logp`` [G, n] (teacher mean token log-prob of each
+    response), ``mcq_score`` [G, n] (:func:`mcq_score`). Returns [G, n]. A
+    term whose weight is exactly 0 is skipped, so e.g. alpha = 0 does not
+    turn a -inf/NaN ``mean_logp`` into NaN.
+    """
+    ml, mc = _up(mean_logp), _up(mcq_score)
+    if alpha == 0:
+        inner = mc
+    elif alpha == 1:
+        inner = ml
+    else:
+        inner = alpha * ml + (1.0 - alpha) * mc.to(ml.dtype)
+    return beta * inner
+
+
+def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """PAD's calibration (multiple-choice) score of each response.
+
+    Source: PAD (Gu et al.), as recorded in METHODS.md::
+
+        s_mcq(i) = log( (eps + sum_{j != i} P(i chosen | {i, j})) / (n - 1) )
+
+    (eps inside the numerator, before dividing by n - 1).
+
+    Shapes: ``pair_probs`` [G, n, n] with ``pair_probs[g, i, j] = P(i chosen
+    over j)``; the diagonal is ignored (may hold anything, even NaN). If both
+    option orders were asked, average them before calling. Returns [G, n].
+    """
+    p = _up(pair_probs)
+    n = p.shape[-1]
+    if n < 2:
+        raise ValueError(f"mcq_score needs n >= 2 responses, got {n}")
+    eye = torch.eye(n, dtype=torch.bool, device=p.device)
+    wins = torch.where(eye, torch.zeros_like(p), p).sum(-1)  # [G, n]
+    return torch.log((eps + wins) / (n - 1))
+
+
+# --------------------------------------------------------------------------
+# chunked token terms (memory)
+# --------------------------------------------------------------------------
+
+
+def _chunk_terms(hidden, weight, bias, target_ids, topk_ids, topk_logp, advantage):
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    ls = torch.log_softmax(_up(logits), dim=-1)  # [c, V], freed after this call
+    out = [ls.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)]
+    if topk_logp is not None:
+        out.append(_kd_from_logsoftmax(ls, topk_ids, topk_logp))
+    if advantage is not None:
+        out.append(_adpa_from_logsoftmax(ls, topk_ids, advantage))
+    return tuple(out)
+
+
+def chunked_token_terms(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    topk_ids: Optional[torch.Tensor] = None,
+    topk_logp: Optional[torch.Tensor] = None,
+    advantage: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+    lm_head_bias: Optional[torch.Tensor] = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-prob, KD and ADPA terms without materialising [R, V] logits.
+
+    The student's full-vocabulary log-softmax is the largest tensor of
+    training. This computes, per chunk of ``chunk_size`` rows,
+    ``logits = hidden_chunk @ W.T (+ bias)``, its log-softmax (upcast to
+    >= fp32; the matmul itself runs in the inputs' dtype), and from it:
+
+    - ``"logp"`` (always): :func:`token_logprobs` at ``target_ids``;
+    - ``"kd"`` (when ``topk_ids`` and ``topk_logp`` are given): :func:`kd_tail_kl`;
+    - ``"adpa"`` (when ``topk_ids`` and ``advantage`` are given): :func:`adpa_token_loss`.
+
+    Each chunk runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
+    so its [chunk, V] logits are recomputed in backward instead of stored;
+    values and gradients equal the unchunked functions applied to
+    ``hidden @ W.T (+ bias)``.
+
+    Shapes: ``hidden`` [R, H]; ``lm_head_weight`` [V, H]; ``lm_head_bias``
+    [V] or None; ``target_ids`` [R]; ``topk_ids`` [R, K]; ``topk_logp``,
+    ``advantage`` [R, K]. Returns a dict of [R] tensors.
+    """
+    if topk_logp is not None and topk_ids is None:
+        raise ValueError("topk_logp given without topk_ids")
+    if advantage is not None and topk_ids is None:
+        raise ValueError("advantage given without topk_ids")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if advantage is not None:
+        advantage = advantage.detach()
+    if topk_logp is not None:
+        topk_logp = topk_logp.detach()
+    target_ids = target_ids.long()
+    topk_ids = topk_ids.long() if topk_ids is not None else None
+
+    keys = ["logp"]
+    if topk_logp is not None:
+        keys.append("kd")
+    if advantage is not None:
+        keys.append("adpa")
+
+    R = hidden.shape[0]
+    pieces: list[tuple[torch.Tensor, ...]] = []
+    for lo in range(0, max(R, 1), chunk_size):
+        hi = min(lo + chunk_size, R)
+
+        def sl(t):
+            return None if t is None else t[lo:hi]
+
+        args = (
+            hidden[lo:hi],
+            lm_head_weight,
+            lm_head_bias,
+            target_ids[lo:hi],
+            sl(topk_ids),
+            sl(topk_logp),
+            sl(advantage),
+        )
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_terms(*args))
+    return {k: torch.cat([p[i] for p in pieces]) for i, k in enumerate(keys)}
