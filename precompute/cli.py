@@ -34,8 +34,9 @@ def main():
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N rows of each split.")
 @click.option("--top-k", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per sequence; prompts are cut from the left.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Length limit of generated answers (ADPA).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Length limit of generated answers (ADPA); raise it for real teachers.")
 @click.option("--batch-tokens", type=click.IntRange(min=64), default=4096, show_default=True, help="Padded tokens per forward batch.")
+@click.option("--generation-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per generate() call.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
 @click.option("--passes", default=",".join(pipeline.DEFAULT_PASSES), show_default=True,
@@ -46,7 +47,8 @@ def main():
 @click.option("--storage-option", "storage_options", multiple=True, help="fsspec option KEY=VALUE (repeatable).")
 @click.option("--no-progress", is_flag=True)
 def teacher(out, teacher, student, reference, dataset, splits, limit, top_k, max_length, max_new_tokens,
-            batch_tokens, device, dtype, passes, columns, strict, examples_per_part, storage_options, no_progress):
+            batch_tokens, generation_batch, device, dtype, passes, columns, strict, examples_per_part, storage_options,
+            no_progress):
     """Run the teacher passes (default: what dckd+adpa needs) into --out."""
     from store import StoreError
 
@@ -57,7 +59,7 @@ def teacher(out, teacher, student, reference, dataset, splits, limit, top_k, max
     config = pipeline.TeacherConfig(
         out=out, teacher=teacher, student=student, reference=reference, dataset=dataset,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, top_k=top_k,
-        max_length=max_length, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, device=device,
+        max_length=max_length, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, generation_batch=generation_batch, device=device,
         dtype=dtype, passes=tuple(p.strip() for p in passes.split(",") if p.strip()),
         columns=_parse_options(columns, "--column") or None, strict=strict, examples_per_part=examples_per_part,
         storage_options=_parse_options(storage_options, "--storage-option") or None, progress=not no_progress,

@@ -61,9 +61,9 @@ class TeacherConfig:
     limit: int | None = None
     top_k: int = 50
     max_length: int = 512
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     batch_tokens: int = 4096
-    generation_batch: int = 16
+    generation_batch: int = 64
     device: str = "auto"
     dtype: str = "auto"
     passes: tuple[str, ...] = DEFAULT_PASSES
