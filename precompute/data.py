@@ -33,10 +33,11 @@ the two splits is asked for, so asking for ``("train",)`` alone and
 unavailable).  ``limit`` keeps the first ``limit`` source rows of each split,
 after carving and before skipping.
 
-``Row.index`` is the 0-based position of the row in its split of the source,
-before skipping; for a carved ``"test"`` split that is the position in the
-source's single split (so a carved test split of a 100-row file starts at
-index 90), so indices never collide between carved splits.
+``Row.index`` is the 0-based position of the row in the loaded split, before
+skipping: the example index a store uses, so a split's parts cover
+``[0, total_rows)``. ``Row.source_row`` is its position in the source's split
+(for a carved ``"test"`` split of a 100-row file, index 0 is source row 90),
+which is what error messages name.
 
 Row formats (detected per row)
 ------------------------------
@@ -110,10 +111,11 @@ _DEMO_STEM = "demo_prefs"
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class Row:
-    index: int
+    index: int  # position in the loaded split (0-based): the example index in a store
     prompt: list[dict]
     chosen: str | None
     rejected: str | None
+    source_row: int | None = field(default=None, compare=False)  # position in the source, as errors name it
 
     def to_json(self) -> dict:
         return {"index": self.index, "prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
@@ -679,7 +681,8 @@ def load_splits(source: str | None, splits: Sequence[str] = ("train", "test"), *
                                     source=label, row=index, field=e.field, reason=e.reason) from None
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
-            rows.append(Row(index=index, prompt=prompt, chosen=chosen, rejected=rejected))
+            rows.append(Row(index=index - start, prompt=prompt, chosen=chosen, rejected=rejected,
+                            source_row=index))
         if columns and known is None and stop > start:
             absent = {f: c for f, c in columns.items() if c not in seen_cols}
             if absent:

@@ -249,7 +249,7 @@ def test_saved_dataset_and_datasetdict(tmp_path):
     one = tmp_path / "saved_ds"
     datasets.Dataset.from_list([trl(i) for i in range(10)]).save_to_disk(str(one))
     out = load_splits(str(one))          # single 'train' split -> test carved
-    assert [r.index for r in out["test"].rows] == [9]
+    assert [(r.index, r.source_row) for r in out["test"].rows] == [(0, 9)]
     assert out["train"].rows == _expected_rows(9)
     assert dataset_identity(str(one))["kind"] == "saved"
     assert dataset_identity(str(one))["revision"]
@@ -317,13 +317,14 @@ def test_dataset_identity_file(tmp_path):
 def test_test_split_carved_from_the_end(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [trl(i) for i in range(30)])
     out = load_splits(path, test_fraction=0.1)
-    assert [r.index for r in out["test"].rows] == [27, 28, 29]       # ceil(0.1 * 30) = 3, no float surprise
+    # ceil(0.1 * 30) = 3, no float surprise; example indices restart at 0, source rows are kept
+    assert [(r.index, r.source_row) for r in out["test"].rows] == [(0, 27), (1, 28), (2, 29)]
     assert [r.index for r in out["train"].rows] == list(range(27))
     # the same carving whichever splits are asked for: no overlap across separate calls
     assert load_splits(path, ["train"])["train"].rows == out["train"].rows
     assert load_splits(path, ["test"])["test"].rows == out["test"].rows
     out = load_splits(path, test_fraction=0.25)
-    assert [r.index for r in out["test"].rows] == list(range(22, 30))   # ceil(7.5) = 8
+    assert [r.source_row for r in out["test"].rows] == list(range(22, 30))   # ceil(7.5) = 8
     # test_fraction=0: the whole file is train, and there is no test split
     assert len(load_splits(path, ["train"], test_fraction=0)["train"].rows) == 30
     with pytest.raises(DataError, match="no split 'test'"):
@@ -337,7 +338,7 @@ def test_limit_applies_per_split_after_carving(tmp_path):
     out = load_splits(path, limit=3, test_fraction=0.5)
     assert [r.index for r in out["train"].rows] == [0, 2]
     assert out["train"].total_rows == 3 and out["train"].skipped == {"empty_chosen": 1}
-    assert [r.index for r in out["test"].rows] == [10, 11, 12]
+    assert [(r.index, r.source_row) for r in out["test"].rows] == [(0, 10), (1, 11), (2, 12)]
 
 
 def test_fingerprint_stable_and_sensitive(tmp_path):
