@@ -64,6 +64,10 @@ class IncompleteSection(StoreError):
     pass
 
 
+# what identifies the rows behind a split (other dataset keys are counts of a run)
+IDENTITY_KEYS = ("name", "revision", "kind", "fingerprint")
+
+
 def package_version() -> str:
     try:
         from importlib.metadata import version
@@ -271,21 +275,30 @@ class TeacherStore:
         return example_index // self.examples_per_part
 
     def set_split(self, split: str, num_examples: int, *, dataset: Mapping | None = None) -> None:
-        """Declare a split's size (and its dataset fingerprint); refuses a change."""
+        """Declare a split's size and where its rows came from; refuses other rows.
+
+        ``dataset`` keys in :data:`IDENTITY_KEYS` (name, revision, fingerprint)
+        must match what the store holds; other keys (counts of a run) are merged.
+        Keys other writers put on the split entry are kept.
+        """
 
         def mutate(attrs):
             splits = attrs["layout"]["splits"]
-            old = splits.get(split)
-            if old is not None and old["num_examples"] != num_examples:
+            old = dict(splits.get(split) or {})
+            if old and old["num_examples"] != num_examples:
                 raise ProvenanceMismatch(
                     f"{self.location}: split {split!r} has {old['num_examples']} examples, "
                     f"this run has {num_examples}"
                 )
-            if old is not None and dataset is not None and old.get("dataset") not in (None, dict(dataset)):
-                diff = _diff_keys(old.get("dataset") or {}, dict(dataset))
-                raise ProvenanceMismatch(f"{self.location}: split {split!r} was made from other rows: {diff}")
-            splits[split] = {"num_examples": int(num_examples),
-                             "dataset": dict(dataset) if dataset is not None else (old or {}).get("dataset")}
+            stored = dict(old.get("dataset") or {})
+            if dataset is not None:
+                mine = {k: v for k, v in dict(dataset).items() if k in IDENTITY_KEYS}
+                theirs = {k: v for k, v in stored.items() if k in IDENTITY_KEYS}
+                if theirs and mine != theirs:
+                    raise ProvenanceMismatch(f"{self.location}: split {split!r} was made from other rows: "
+                                             f"{_diff_keys(theirs, mine)}")
+                stored.update(dict(dataset))
+            splits[split] = {**old, "num_examples": int(num_examples), "dataset": stored or None}
 
         self.update_attrs(mutate)
 
@@ -340,8 +353,6 @@ class TeacherStore:
         specs = fmt.arrays_of(sequence_set, section)
         rows = _check_arrays(ref, specs, arrays)
         if section == fmt.BASE:
-            rows[fmt.AXIS_RESPONSE] = int(np.asarray(arrays["response_offsets"])[-1])
-        if section == fmt.BASE:
             # the response axis has no base array of its own: record its length so that
             # sections with response rows are checked against it
             rows[fmt.AXIS_RESPONSE] = _check_offsets(ref, arrays)
@@ -353,6 +364,18 @@ class TeacherStore:
                 expected = base_attrs.get("rows", {}).get(axis)
                 if expected is not None and expected != n:
                     raise StoreError(f"{ref}: {n} rows along the {axis} axis, the set has {expected}")
+        # every value checked and converted before anything touches the store
+        prepared = []
+        for spec in specs:
+            dtype = self.token_dtype if spec.dtype == "token_id" else np.dtype(spec.dtype)
+            values = fmt.prepare_values(spec, np.asarray(arrays[spec.name]))
+            if values.size and spec.dtype == "token_id" and (values.min() < 0 or values.max() >= self.attrs["vocab_size"]):
+                raise StoreError(f"{ref}/{spec.name}: token ids outside the vocabulary "
+                                 f"[0, {self.attrs['vocab_size']})")
+            values = values.astype(dtype, copy=False)
+            chunks = (fmt.CHUNK_ROWS[spec.axis],) + values.shape[1:]
+            chunks = (max(1, min(chunks[0], values.shape[0])),) + chunks[1:]
+            prepared.append((spec, dtype, values, chunks))
         start, stop = self.part_range(split, part)
         with _quiet():
             part_group = zarr.open_group(self._zstore, path=f"{split}/{fmt.part_name(part)}", mode="a",
@@ -364,26 +387,11 @@ class TeacherStore:
                 self.fs.rm(f"{self._root}/{ref.path}", recursive=True)
             group = zarr.open_group(self._zstore, path=ref.path, mode="w", zarr_format=3)
             group.attrs.put({"complete": False})
-            for spec in specs:
-                dtype = self.token_dtype if spec.dtype == "token_id" else np.dtype(spec.dtype)
-                values = fmt.prepare_values(spec, np.asarray(arrays[spec.name]))
-                if values.size and spec.dtype == "token_id" and (values.min() < 0 or values.max() >= self.attrs["vocab_size"]):
-                    raise StoreError(f"{ref}/{spec.name}: token ids outside the vocabulary "
-                                     f"[0, {self.attrs['vocab_size']})")
-                values = values.astype(dtype, copy=False)
-                chunks = (fmt.CHUNK_ROWS[spec.axis],) + values.shape[1:]
-                chunks = (max(1, min(chunks[0], values.shape[0])),) + chunks[1:]
-                arr = group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
-                                         fill_value=0, config={"write_empty_chunks": True},
-                                         **fmt.codecs_for(spec, dtype))
-                if values.size:
-                    arr[...] = values
+            self._write_arrays(ref, prepared)
             if self.is_local:
                 _fsync_tree(f"{self._root}/{ref.path}")
-            checksums = {}
-            reread = zarr.open_group(self._zstore, path=ref.path, mode="r", zarr_format=3)
-            for spec in specs:
-                checksums[spec.name] = array_checksum(reread[spec.name][...])
+            reread = self._read_arrays([(ref, [spec.name for spec in specs])], require_complete=False)[0]
+            checksums = {name: array_checksum(values) for name, values in reread.items()}
             group.attrs.put({
                 **dict(attrs or {}),
                 "complete": True,
@@ -399,19 +407,8 @@ class TeacherStore:
 
     def read_section(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE,
                      names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        ref = SectionRef(split, part, sequence_set, section)
-        group = self._group(ref)
-        if group is None or not group.attrs.get("complete"):
-            raise IncompleteSection(f"{self.location}: {ref} is missing or not complete")
-        wanted = list(names) if names is not None else [s.name for s in fmt.arrays_of(sequence_set, section)]
-        out = {}
-        with _quiet():
-            for name in wanted:
-                try:
-                    out[name] = group[name][...]
-                except KeyError:
-                    raise StoreError(f"{self.location}: {ref} has no array {name!r}")
-        return out
+        """The arrays (all, or ``names``) of one complete section, decoded."""
+        return self.read_sections([(split, part, sequence_set, section, names)])[0]
 
     def read_sections(self, requests: Iterable[tuple]) -> list[dict[str, np.ndarray]]:
         """Several :meth:`read_section` calls at once: ``(split, part, set, section[, names])`` each.
@@ -421,20 +418,23 @@ class TeacherStore:
         overhead on small arrays (and overlaps requests on a remote store). Same
         results and errors as calling :meth:`read_section` for each.
         """
+        jobs = []
+        for request in requests:
+            request = tuple(request)
+            split, part, sequence_set = request[:3]
+            section = request[3] if len(request) > 3 else fmt.BASE
+            names = request[4] if len(request) > 4 else None
+            jobs.append((SectionRef(split, part, sequence_set, section),
+                         list(names) if names is not None
+                         else [s.name for s in fmt.arrays_of(sequence_set, section)]))
+        return self._read_arrays(jobs, require_complete=True)
+
+    def _read_arrays(self, jobs: list[tuple[SectionRef, list[str]]], *,
+                     require_complete: bool) -> list[dict[str, np.ndarray]]:
         import asyncio
 
         import zarr.api.asynchronous as zasync
         from zarr.core.sync import sync
-
-        requests = [tuple(r) for r in requests]
-        refs, wanted = [], []
-        for request in requests:
-            split, part, sequence_set = request[:3]
-            section = request[3] if len(request) > 3 else fmt.BASE
-            names = request[4] if len(request) > 4 else None
-            refs.append(SectionRef(split, part, sequence_set, section))
-            wanted.append(list(names) if names is not None
-                          else [s.name for s in fmt.arrays_of(sequence_set, section)])
 
         async def one_section(ref: SectionRef, names: list[str]) -> dict[str, np.ndarray]:
             try:
@@ -442,7 +442,7 @@ class TeacherStore:
             except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError,
                     json.JSONDecodeError):
                 group = None
-            if group is None or not group.attrs.get("complete"):
+            if group is None or (require_complete and not group.attrs.get("complete")):
                 raise IncompleteSection(f"{self.location}: {ref} is missing or not complete")
 
             async def one_array(name: str) -> np.ndarray:
@@ -456,10 +456,32 @@ class TeacherStore:
             return dict(zip(names, values))
 
         async def all_sections():
-            return await asyncio.gather(*(one_section(ref, names) for ref, names in zip(refs, wanted)))
+            return await asyncio.gather(*(one_section(ref, names) for ref, names in jobs))
 
         with _quiet():
             return list(sync(all_sections()))
+
+    def _write_arrays(self, ref: SectionRef, prepared: list) -> None:
+        """Create and fill a section's arrays concurrently (one trip through zarr's event loop)."""
+        import asyncio
+
+        import zarr.api.asynchronous as zasync
+        from zarr.core.sync import sync
+
+        async def write_all():
+            group = await zasync.open_group(store=self._zstore, path=ref.path, mode="r+", zarr_format=3)
+
+            async def one(spec, dtype, values, chunks):
+                arr = await group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
+                                               fill_value=0, config={"write_empty_chunks": True},
+                                               **fmt.codecs_for(spec, dtype))
+                if values.size:
+                    await arr.setitem(Ellipsis, values)
+
+            await asyncio.gather(*(one(*item) for item in prepared))
+
+        with _quiet():
+            sync(write_all())
 
     # -- manifest, verification, information ---------------------------------
 

@@ -90,16 +90,17 @@ def token_budget_batches(examples: Iterable[Example], batch_tokens: int) -> Iter
 
 def collate(examples: list[Example], pad_id: int = 0) -> Batch:
     sequences = [(i, s) for i, ex in enumerate(examples) for s in ex.sequences]
-    lengths = np.fromiter((s.input_ids.shape[0] for _, s in sequences), dtype=np.int64, count=len(sequences))
-    B, L = len(sequences), int(lengths.max())
+    seqs = [s for _, s in sequences]
+    B = len(seqs)
+    lengths = np.fromiter((s.input_ids.shape[0] for s in seqs), dtype=np.int64, count=B)
+    prompt_len = np.fromiter((s.prompt_length for s in seqs), dtype=np.int64, count=B)
+    L = int(lengths.max())
+    # right padding in one vectorised assignment: row-major order of the mask is the
+    # order of the concatenated sequences
+    valid = np.arange(L)[None, :] < lengths[:, None]
     input_ids = np.full((B, L), pad_id, dtype=np.int64)
-    attention = np.zeros((B, L), dtype=np.int64)
-    prompt_len = np.empty(B, dtype=np.int64)
-    for b, (_, seq) in enumerate(sequences):
-        n = lengths[b]
-        input_ids[b, :n] = seq.input_ids
-        attention[b, :n] = 1
-        prompt_len[b] = seq.prompt_length
+    input_ids[valid] = np.concatenate([s.input_ids for s in seqs])
+    attention = valid.astype(np.int64)
     resp_len = lengths - prompt_len
     resp_seq = np.repeat(np.arange(B), resp_len)
     starts = np.cumsum(resp_len) - resp_len
@@ -108,36 +109,33 @@ def collate(examples: list[Example], pad_id: int = 0) -> Batch:
     resp_target = input_ids[resp_seq, resp_pos + 1]
 
     response, has_resp = {}, {}
-    names = {name for _, s in sequences for name in s.response}
+    names = {name for s in seqs for name in s.response}
     for name in sorted(names):
-        sample = next(s.response[name] for _, s in sequences if name in s.response)
-        parts, flags = [], []
-        for b, (_, s) in enumerate(sequences):
-            if name in s.response:
-                parts.append(s.response[name])
-                flags.append(np.ones(resp_len[b], dtype=bool))
-            else:
-                parts.append(np.zeros((resp_len[b],) + sample.shape[1:], dtype=sample.dtype))
-                flags.append(np.zeros(resp_len[b], dtype=bool))
-        values = np.concatenate(parts)
-        dtype = torch.long if values.dtype.kind in "iu" else torch.float32
-        response[name] = torch.from_numpy(values.astype(np.int64 if dtype == torch.long else np.float32))
-        has_resp[name] = torch.from_numpy(np.concatenate(flags))
+        flags = np.fromiter((name in s.response for s in seqs), dtype=bool, count=B)
+        sample = next(s.response[name] for s in seqs if name in s.response)
+        out_dtype = np.int64 if sample.dtype.kind in "iu" else np.float32
+        if flags.all():
+            parts = [s.response[name] for s in seqs]
+        else:
+            parts = [s.response[name] if flag else np.zeros((resp_len[b],) + sample.shape[1:], dtype=sample.dtype)
+                     for b, (s, flag) in enumerate(zip(seqs, flags))]
+        # concatenate straight into the tensor's dtype: one pass over the data
+        values = np.concatenate(parts, dtype=out_dtype, casting="unsafe")
+        response[name] = torch.from_numpy(values)
+        has_resp[name] = torch.from_numpy(np.repeat(flags, resp_len))
 
     scalars, has_seq = {}, {}
-    for name in sorted({name for _, s in sequences for name in s.scalars}):
-        scalars[name] = torch.tensor([s.scalars.get(name, 0.0) for _, s in sequences], dtype=torch.float32)
-        has_seq[name] = torch.tensor([name in s.scalars for _, s in sequences])
+    for name in sorted({name for s in seqs for name in s.scalars}):
+        scalars[name] = torch.tensor([s.scalars.get(name, 0.0) for s in seqs], dtype=torch.float32)
+        has_seq[name] = torch.tensor([name in s.scalars for s in seqs])
 
-    group_pos = []
-    for _, s in sequences:
-        group_pos.append(s.role - fmt.ROLE_SAMPLE_BASE if s.role >= fmt.ROLE_SAMPLE_BASE else -1)
+    group_pos = [s.role - fmt.ROLE_SAMPLE_BASE if s.role >= fmt.ROLE_SAMPLE_BASE else -1 for s in seqs]
 
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention),
-        seq_role=torch.tensor([s.role for _, s in sequences], dtype=torch.long),
-        seq_set=torch.tensor([SET_CODES[s.sequence_set] for _, s in sequences], dtype=torch.long),
+        seq_role=torch.tensor([s.role for s in seqs], dtype=torch.long),
+        seq_set=torch.tensor([SET_CODES[s.sequence_set] for s in seqs], dtype=torch.long),
         seq_example=torch.tensor([i for i, _ in sequences], dtype=torch.long),
         seq_group_pos=torch.tensor(group_pos, dtype=torch.long),
         resp_seq=torch.from_numpy(resp_seq),

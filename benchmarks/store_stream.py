@@ -1,0 +1,228 @@
+"""Streaming throughput and memory of a K=50 store, read on one core.
+
+Writes a synthetic but realistic store (``pairs`` with a ``teacher`` section:
+vocabulary 49152 so uint16 ids, Zipf-like top-50 ids, sorted top-50 log-probs of
+peaked distributions with a tail, prompts of 32-256 and responses of 16-256
+tokens, 64 examples per part) at two sizes, then reads each in a fresh process
+pinned to one CPU (``sched_setaffinity`` + ``torch.set_num_threads(1)``) with
+``ExampleStream`` (shuffled) -> ``token_budget_batches`` -> ``collate``.
+
+Reported per size: response tokens per second through to batch tensors, and
+memory as the growth of peak RSS (``ru_maxrss``) over the RSS just before
+streaming began, in a process that read only that store. Also the tracemalloc
+peak of a second, traced pass (numpy buffers are traced, torch's are not).
+Throughput is given against wall time and against the reader's CPU time (the
+two agree on an idle machine; on a shared one the CPU figure is the work done).
+
+    python benchmarks/store_stream.py [--sizes 200000,800000] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VOCAB = 49152
+K = 50
+EXAMPLES_PER_PART = 64
+BATCH_TOKENS = 16384
+TARGET = 500_000
+
+
+def synthetic_topk(rng: np.random.Generator, rows: int, k: int = K, vocab: int = VOCAB):
+    """Top-k ids and sorted log-probs that look like a language model's.
+
+    Each row gets a random sharpness; the k largest logits are sorted and the
+    remaining vocabulary contributes a tail mass, so log-probs are normalised
+    over the full vocabulary as the teacher's are.
+    """
+    sharp = rng.uniform(0.5, 4.0, size=(rows, 1)).astype(np.float32)
+    z = -np.sort(-rng.standard_normal((rows, k)).astype(np.float32), axis=1) * sharp
+    tail = np.log(np.float32(vocab - k)) + z[:, -1:] - 3.0  # tail logits well below the k-th
+    norm = np.logaddexp(np.log(np.exp(z - z[:, :1]).sum(axis=1, keepdims=True)) + z[:, :1], tail)
+    logp = (z - norm).astype(np.float32)
+    # frequent tokens are likelier candidates: ids drawn from a power law over the vocabulary
+    ids = np.minimum((vocab * rng.random((rows, k)) ** 3).astype(np.int64), vocab - 1)
+    return ids, logp
+
+
+def write_store(path: str, response_tokens: int, seed: int = 0) -> dict:
+    from store import TeacherStore
+    from store import format as fmt
+
+    rng = np.random.default_rng(seed)
+    # draw example shapes until the response-token budget is met
+    shapes = []
+    total = 0
+    while total < response_tokens:
+        prompt = int(rng.integers(32, 257))
+        chosen, rejected = int(rng.integers(16, 257)), int(rng.integers(16, 257))
+        shapes.append((prompt, chosen, rejected))
+        total += chosen + rejected
+    n = len(shapes)
+    store = TeacherStore.create(path, tokenizer={"name": "bench", "hash": "bench"}, vocab_size=VOCAB,
+                                examples_per_part=EXAMPLES_PER_PART)
+    store.set_split("train", n, dataset={"name": "synthetic", "fingerprint": f"{seed}-{n}"})
+    store.register_pass("pairs/teacher", {"model": {"name": "synthetic", "hash": "-"}, "top_k": K})
+    for part in range(store.num_parts("train")):
+        start, stop = store.part_range("train", part)
+        ex, role, plen, rlen, ids = [], [], [], [], []
+        for i in range(start, stop):
+            prompt_len, *responses = shapes[i]
+            prompt = rng.integers(0, VOCAB, size=prompt_len)
+            for r, length in zip((fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED), responses):
+                ex.append(i)
+                role.append(r)
+                plen.append(prompt_len)
+                rlen.append(length)
+                ids.append(np.concatenate([prompt, rng.integers(0, VOCAB, size=length)]))
+        plen_a, rlen_a = np.asarray(plen, np.int32), np.asarray(rlen, np.int32)
+        tok_off = np.concatenate([[0], np.cumsum(plen_a + rlen_a)]).astype(np.int64)
+        resp_off = np.concatenate([[0], np.cumsum(rlen_a)]).astype(np.int64)
+        input_ids = np.concatenate(ids)
+        mask = np.zeros(input_ids.shape[0], bool)
+        for s in range(len(plen)):
+            mask[tok_off[s] + plen_a[s]:tok_off[s + 1]] = True
+        store.write_section("train", part, fmt.SET_PAIRS, fmt.BASE, {
+            "example_index": np.asarray(ex, np.int64), "role": np.asarray(role, np.int8),
+            "prompt_length": plen_a, "response_length": rlen_a, "token_offsets": tok_off,
+            "response_offsets": resp_off, "input_ids": input_ids, "loss_mask": mask})
+        rows = int(resp_off[-1])
+        topk_ids, topk_logp = synthetic_topk(rng, rows)
+        target = topk_logp[np.arange(rows), rng.integers(0, 5, size=rows)]
+        sums = np.add.reduceat(target, resp_off[:-1]).astype(np.float32)
+        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, {
+            "topk_ids": topk_ids, "topk_logp": topk_logp, "target_logp": target, "logp_sum": sums})
+    return {"examples": n, "response_tokens": total, "parts": store.num_parts("train"),
+            "bytes": store.nbytes_on_disk()}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_store(path: str, traced: bool) -> dict:
+    """Stream the store to batch tensors once; runs in its own process."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    import torch
+
+    torch.set_num_threads(1)
+    from store import ExampleStream, TeacherStore
+    from train.batches import collate, token_budget_batches
+
+    store = TeacherStore.open(path)
+    stream = ExampleStream(store, "train", {"pairs": ["teacher"]}, shuffle=True, seed=0, buffer_examples=256)
+    if traced:
+        import tracemalloc
+
+        tracemalloc.start()
+    rss0 = _rss_bytes()
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    tokens = batches = 0
+    for examples in token_budget_batches(stream.iterate(epoch=0), BATCH_TOKENS):
+        batch = collate(examples)
+        tokens += batch.num_response_tokens
+        batches += 1
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    out = {"tokens": tokens, "batches": batches, "seconds": seconds, "cpu": cpu}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["rss_growth"] = max(0, peak_rss - rss0)
+    if traced:
+        out["traced_peak"] = tracemalloc.get_traced_memory()[1]
+    return out
+
+
+def _read_in_child(path: str, traced: bool) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_read", path] + (["--_traced"] if traced else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"reader failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="200000,800000", help="response tokens per store, comma-separated")
+    parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed reads per size (best is reported)")
+    parser.add_argument("--_read", help=argparse.SUPPRESS)
+    parser.add_argument("--_traced", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._read:
+        print(json.dumps(read_store(args._read, args._traced)))
+        return 0
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workdir = args.workdir or tempfile.mkdtemp(prefix="store-stream-")
+    results = []
+    try:
+        for size in sizes:
+            path = os.path.join(workdir, f"k{K}-{size}.zarr")
+            shutil.rmtree(path, ignore_errors=True)
+            t0 = time.perf_counter()
+            written = write_store(path, size)
+            write_s = time.perf_counter() - t0
+            runs = [_read_in_child(path, traced=False) for _ in range(max(1, args.repeat))]
+            best = min(runs, key=lambda r: r["seconds"])
+            best["cpu"] = min(r["cpu"] for r in runs)
+            traced = _read_in_child(path, traced=True)
+            results.append({"size": size, **written, "write_s": write_s, **best,
+                            "rss_growth": max(r["rss_growth"] for r in runs),
+                            "traced_peak": traced["traced_peak"]})
+            print(f"  {size:,} response tokens: written in {write_s:.1f} s, read in "
+                  f"{', '.join('%.2f s' % r['seconds'] for r in runs)}", file=sys.stderr)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    mib = 1 << 20
+    rows = [
+        ("response tokens in store", [f"{r['response_tokens']:,}" for r in results]),
+        ("examples / parts", [f"{r['examples']:,} / {r['parts']}" for r in results]),
+        ("bytes on disk", [f"{r['bytes'] / mib:.1f} MiB" for r in results]),
+        ("bytes / response token", [f"{r['bytes'] / r['response_tokens']:.1f}" for r in results]),
+        ("batches (16k-token budget)", [f"{r['batches']:,}" for r in results]),
+        ("read time (best of %d)" % max(1, args.repeat), [f"{r['seconds']:.2f} s" for r in results]),
+        ("response tokens / s (1 core, wall)", [f"{r['tokens'] / r['seconds']:,.0f}" for r in results]),
+        ("response tokens / s (1 core, CPU time)", [f"{r['tokens'] / r['cpu']:,.0f}" for r in results]),
+        ("peak RSS growth", [f"{r['rss_growth'] / mib:.1f} MiB" for r in results]),
+        ("tracemalloc peak (numpy)", [f"{r['traced_peak'] / mib:.1f} MiB" for r in results]),
+    ]
+    width = max(len(label) for label, _ in rows)
+    col = max(14, *(len(v) for _, vals in rows for v in vals))
+    print(f"store streaming, K={K}, vocab {VOCAB} (uint16 ids), ExampleStream -> token_budget_batches -> "
+          f"collate, one core")
+    print(f"{'':<{width}}  " + "  ".join(f"{'size %d' % (i + 1):>{col}}" for i in range(len(results))))
+    for label, vals in rows:
+        print(f"{label:<{width}}  " + "  ".join(f"{v:>{col}}" for v in vals))
+    slowest = min(r["tokens"] / r["seconds"] for r in results)
+    slowest_cpu = min(r["tokens"] / r["cpu"] for r in results)
+    growth = results[-1]["rss_growth"] / max(1, results[0]["rss_growth"])
+    print(f"target >= {TARGET:,} response tokens/s: wall {'met' if slowest >= TARGET else 'MISSED'} "
+          f"(slowest {slowest:,.0f}), CPU time {'met' if slowest_cpu >= TARGET else 'MISSED'} "
+          f"(slowest {slowest_cpu:,.0f}); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"memory: store {results[-1]['size'] / results[0]['size']:.0f}x larger -> peak RSS growth "
+          f"{growth:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
