@@ -1,0 +1,299 @@
+"""What one training step of each method costs, from the store and with the teacher run live.
+
+For each method this prints its step time and peak memory divided by those of a
+plain SFT step of the same student on the same batch, side by side for two ways
+of getting the teacher's signals:
+
+- ``store``: read from the teacher-signal store (what ``train student`` does);
+- ``live``: what a user without a store does: every step runs the teacher
+  forward for its top-K (and the reference model at those ids for ADPA, the
+  initial model's sums for DPO) before the student's step. ADPA's generation of
+  the student's own answers is a one-off before training in either case and is
+  not timed.
+
+The plain SFT step: ``model(input_ids).logits`` and cross-entropy on every
+response token of every sequence of the batch, backward, AdamW step. A method
+step: :func:`train.methods.method_loss`, backward, AdamW step. All steps run in
+one process on the same batch, interleaved (round-robin, rotated each round) and
+repeated; figures are medians.
+
+Peak memory of a step. CUDA: ``torch.cuda.max_memory_allocated`` during the step
+minus what was allocated before it. CPU: the resident-set high-water mark (Linux
+``VmHWM``, reset before each step by writing 5 to ``/proc/self/clear_refs``)
+minus the resident set before the step, measured once per configuration by a
+second, fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
+tensors leave the resident set at once (the times come from the first process,
+with the ordinary allocator: that setting slows allocation down). ``total`` adds the memory
+that stays resident between steps, counted from parameter sizes: the student's
+weights and AdamW state (12 bytes per parameter in float32) plus, for ``live``,
+the teacher and the frozen reference/initial model it must hold.
+
+Usage: ``python benchmarks/train_step.py [--cache STORE] [--methods sft,dckd+adpa]
+[--examples 1] [--repeats 3]``. Without ``--cache`` a store is built once from the
+bundled demo data (8 rows, the embedded models) under the model cache and reused
+(about 2 minutes on 2 CPU cores the first time). The measurement itself is
+(repeats + 1) x 13 + 4 steps of a 120M-parameter student: about 3 minutes on an
+idle 2-core CPU, several times that on a loaded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import os
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from precompute import models, passes  # noqa: E402
+from store import ExampleStream, TeacherStore  # noqa: E402
+from train import methods  # noqa: E402
+from train.batches import collate  # noqa: E402
+
+METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa"]
+ALL_NEEDS = {"pairs": ["teacher", "student_init"], "generated": ["teacher", "reference"]}
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+# --------------------------------------------------------------------------- the store and the batch
+
+
+def bench_store(cache: str | None) -> str:
+    if cache:
+        return cache
+    from precompute.pipeline import TeacherConfig, run_teacher
+
+    out = models.cache_dir() / "bench" / "demo-limit8-v1.zarr"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building (or completing) the benchmark store {out} from the bundled demo data ...", flush=True)
+    run_teacher(TeacherConfig(out=str(out), limit=8, splits=("train",), top_k=50, max_length=256,
+                              max_new_tokens=32, examples_per_part=8, device="auto", dtype="float32",
+                              progress=False))
+    return str(out)
+
+
+def first_batch(store_path: str, n_examples: int, device: str):
+    stream = ExampleStream(TeacherStore.open(store_path), "train", ALL_NEEDS, shuffle=False)
+    examples = []
+    for example in stream:
+        examples.append(example)
+        if len(examples) == n_examples:
+            break
+    return collate(examples, pad_id=0).to(device)
+
+
+def live_signals(batch, needs, teacher, frozen, top_k: int):
+    """The batch with every signal ``needs`` asks for recomputed by running the models now."""
+    sequences = [s for ex in batch.examples for s in ex.sequences]  # collate's order
+    response = {k: v.clone() for k, v in batch.response.items()}
+    scalars = {k: v.clone() for k, v in batch.scalars.items()}
+    resp_seq = batch.resp_seq
+    for sequence_set, sections in needs.items():
+        index = [i for i, s in enumerate(sequences) if s.sequence_set == sequence_set]
+        ids = [sequences[i].input_ids for i in index]
+        prompt = [sequences[i].prompt_length for i in index]
+        rows = [resp_seq == i for i in index]
+        if "teacher" in sections:
+            scored = passes.score_sequences(teacher, ids, prompt, top_k=top_k)
+            for r, s in zip(rows, scored):
+                response["teacher/topk_ids"][r] = torch.from_numpy(s.topk_ids).to(resp_seq.device)
+                response["teacher/topk_logp"][r] = torch.from_numpy(s.topk_logp).to(resp_seq.device)
+        if "reference" in sections:
+            at = [response["teacher/topk_ids"][r].cpu().numpy() for r in rows]
+            for r, s in zip(rows, passes.score_sequences(frozen, ids, prompt, at_ids=at)):
+                response["reference/topk_logp"][r] = torch.from_numpy(s.at_ids_logp).to(resp_seq.device)
+        if "student_init" in sections:
+            for i, s in zip(index, passes.score_sequences(frozen, ids, prompt)):
+                scalars["student_init/logp_sum"][i] = s.logp_sum
+    return dataclasses.replace(batch, response=response, scalars=scalars)
+
+
+# --------------------------------------------------------------------------- steps and measurement
+
+
+def plain_sft_loss(model, batch):
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows = logits[batch.resp_seq, batch.resp_pos].float()
+    return torch.nn.functional.cross_entropy(rows, batch.resp_target)
+
+
+def make_step(model, optimizer, loss_fn):
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(step, device: str) -> tuple[float, int]:
+    """(seconds, peak bytes above the memory in use before the step)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_kb("VmHWM")
+    return seconds, max(0, peak - before)
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_steps(args, device):
+    """The store, the batch, the models, and one step function per measured configuration."""
+    store_path = args.cache
+    batch = first_batch(store_path, args.examples, device)
+    top_k = int(batch.response["teacher/topk_ids"].shape[1])
+    student, _, student_info = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype="float32",
+                                                 default=models.EMBEDDED_STUDENT)
+    student.train()
+    live_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    teacher, _, teacher_info = models.load_model(models.EMBEDDED_TEACHER, device=device, dtype=live_dtype)
+    frozen, _, _ = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype=live_dtype,
+                                     default=models.EMBEDDED_STUDENT)  # reference / initial model
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-7)
+    settings = methods.Settings()
+
+    steps = {"plain sft": make_step(student, optimizer, lambda: plain_sft_loss(student, batch))}
+    resident = {"plain sft": 3 * param_bytes(student)}  # weights + AdamW's two moments
+    for method in args.methods:
+        terms = methods.resolve_terms(method)
+        needs = {s: [x for x in sec if x in ALL_NEEDS[s]] for s, sec in methods.needs_of(terms).items()}
+        steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
+            student, batch, t, settings)[0])
+        resident[f"{method}/store"] = resident["plain sft"]
+        if any(needs.values()):
+            def live_loss(t=terms, n=needs):
+                with torch.no_grad():
+                    fresh = live_signals(batch, n, teacher, frozen, top_k)
+                return methods.method_loss(student, fresh, t, settings)[0]
+            steps[f"{method}/live"] = make_step(student, optimizer, live_loss)
+            uses_frozen = bool({"reference", "student_init"} & {x for sec in needs.values() for x in sec})
+            resident[f"{method}/live"] = (resident["plain sft"] + param_bytes(teacher)
+                                          + (param_bytes(frozen) if uses_frozen else 0))
+    about = (f"device {device}; student {student_info.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M"
+             f" params), teacher {teacher_info.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
+             f"{live_dtype} when live); store {store_path}\n"
+             f"batch: {args.examples} example(s) = {batch.num_sequences} sequences, "
+             f"{int(batch.attention_mask.sum())} tokens, {batch.num_response_tokens} response tokens, top-K {top_k}")
+    return steps, resident, about
+
+
+def run_rounds(steps, repeats, device):
+    """Warm up, then measure every step ``repeats`` times, round-robin, rotated each round."""
+    names = list(steps)
+    # warm-up, untimed: AdamW's state, first-call allocations; the last step is the most complete one
+    for name in dict.fromkeys([names[0], names[-1]]):
+        steps[name]()
+    timings = {name: [] for name in names}
+    peaks = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds, peak = measure(steps[name], device)
+            timings[name].append(seconds)
+            peaks[name].append(peak)
+    return ({n: statistics.median(v) for n, v in timings.items()}, {n: statistics.median(v) for n, v in peaks.items()})
+
+
+def memory_in_child(argv) -> dict[str, float]:
+    """CPU: peaks measured by a fresh process whose malloc returns freed tensors to the system."""
+    env = {**os.environ, MMAP_ENV: "65536"}
+    done = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], env=env, check=True,
+                          stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", help="store to read (default: build a small one from the demo data)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--examples", type=int, default=1,
+                        help="examples in the batch (each: chosen, rejected, generated)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    device = models.resolve_device(args.device)
+    cuda = device.startswith("cuda")
+
+    if args.memory_only:  # the child of memory_in_child: one measurement per step, JSON on the last line
+        steps, _, _ = build_steps(args, device)
+        _, peaks = run_rounds(steps, 1, device)
+        print(json.dumps(peaks))
+        return
+
+    t0 = time.perf_counter()
+    args.cache = bench_store(args.cache)
+    steps, resident, about = build_steps(args, device)
+    print(about)
+    memory_how = ("torch.cuda.max_memory_allocated, same process" if cuda else
+                  f"RSS high-water (VmHWM reset before each step) in a second process started with "
+                  f"{MMAP_ENV}=65536; times from this process")
+    print(f"peak memory: {memory_how}; {args.repeats} interleaved repeats, medians", flush=True)
+    timings, peaks = run_rounds(steps, args.repeats, device)
+    if not cuda:
+        del steps
+        gc.collect()
+        peaks = memory_in_child([*argv, "--cache", args.cache])
+
+    base_time, base_peak = timings["plain sft"], peaks["plain sft"]
+    base_total = base_peak + resident["plain sft"]
+    print(f"\nplain SFT step: {base_time * 1e3:.0f} ms, step peak {base_peak / 2**20:.0f} MiB, "
+          f"total (with resident weights + AdamW) {base_total / 2**20:.0f} MiB")
+    print("ratios to the plain SFT step (time, step peak memory, total peak memory):")
+    header = (f"{'method':<12} {'store: time':>11} {'step mem':>9} {'total':>7}   {'live teacher: time':>18} "
+              f"{'step mem':>9} {'total':>7}")
+    print(header)
+    print("-" * len(header))
+
+    def cells(name):
+        if name not in timings:
+            return ["(no teacher)", "", ""]
+        return [f"{timings[name] / base_time:.2f}", f"{peaks[name] / max(base_peak, 1):.2f}",
+                f"{(peaks[name] + resident[name]) / base_total:.2f}"]
+
+    for method in args.methods:
+        store, live = cells(f"{method}/store"), cells(f"{method}/live")
+        print(f"{method:<12} {store[0]:>11} {store[1]:>9} {store[2]:>7}   {live[0]:>18} {live[1]:>9} {live[2]:>7}")
+    print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
+        f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings))
+    print(f"measured in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Tests for `train student` / `train evaluate`: a tiny real store, a tiny real student.
+
+Each test reads as an example of use: build (or reuse) a small store, train a few
+steps, check a number that a formula predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from precompute import models
+from store import ExampleStream, TeacherStore
+from train import losses, methods
+from train.batches import collate
+from train.cli import main
+from train.trainer import TrainConfig, TrainError, train
+
+METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa"]
+
+
+def fixed_batch(store_path, needs, n_examples=3):
+    stream = ExampleStream(TeacherStore.open(str(store_path)), "train", needs, shuffle=False)
+    examples = []
+    for example in stream:
+        examples.append(example)
+        if len(examples) == n_examples:
+            break
+    return collate(examples, pad_id=0)
+
+
+def load_student(path):
+    model, _, _ = models.load_model(str(path), device="cpu", dtype="float32")
+    return model
+
+
+@torch.no_grad()
+def loss_on(model, batch, terms):
+    total, _ = methods.method_loss(model.eval(), batch, terms, methods.Settings())
+    return float(total)
+
+
+def quick_config(tiny_store, out, **overrides):
+    options = dict(cache=str(tiny_store), out=str(out), lr=1e-3, batch_tokens=400, epochs=2, max_steps=8,
+                   device="cpu", dtype="float32", log_every=1, progress=False)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_its_loss_on_a_fixed_batch(method, tiny_store, tiny_models, tmp_path):
+    terms = methods.resolve_terms(method)
+    batch = fixed_batch(tiny_store, methods.needs_of(terms))
+    before = loss_on(load_student(tiny_models[1]), batch, terms)
+
+    out = train(quick_config(tiny_store, tmp_path / method.replace("+", "_"), method=method))
+
+    after = loss_on(load_student(out), batch, terms)
+    assert math.isfinite(before) and math.isfinite(after)
+    assert after < before - 1e-3, f"{method}: {before:.4f} -> {after:.4f}"
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_store, tmp_path):
+    # grad_accum 2 and two epochs: the interruption falls inside the run's accumulation and epoch logic
+    common = dict(method="dckd+adpa", max_steps=6, batch_tokens=300, grad_accum=2, epochs=2)
+    straight = train(quick_config(tiny_store, tmp_path / "straight", **common))
+
+    interrupted = quick_config(tiny_store, tmp_path / "resumed", **common)
+    train(interrupted, stop_after=3)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()  # stopped: checkpoint only
+    resumed = train(quick_config(tiny_store, tmp_path / "resumed", resume=True, **common))
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(TrainError, match="other settings"):
+        train(quick_config(tiny_store, tmp_path / "resumed", resume=True, **{**common, "lr": 2e-3}))
+
+
+def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_dataset, tmp_path, monkeypatch):
+    from precompute.pipeline import TeacherConfig, run_teacher
+
+    teacher, student = tiny_models
+    store = tmp_path / "pairs_only.zarr"
+    run_teacher(TeacherConfig(out=str(store), teacher=str(teacher), student=str(student), dataset=str(tiny_dataset),
+                              top_k=8, max_length=96, passes=("pairs",), examples_per_part=4, device="cpu",
+                              dtype="float32", progress=False))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the student was loaded before the store was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    with pytest.raises(TrainError) as refused:
+        train(TrainConfig(cache=str(store), method="adpa", out=str(tmp_path / "run"), progress=False))
+    message = str(refused.value)
+    assert "generated/base" in message and "generated/reference" in message
+    assert f"precompute teacher --out {store} --passes adpa" in message
+
+    result = CliRunner().invoke(main, ["student", "--cache", str(store), "--method", "dckd+dpo",
+                                       "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 2
+    assert "pairs/student_init" in result.output and "--passes dpo_ref" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_run_directory_loads_and_holds_metrics_curves_config(tiny_store, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "dckd"
+    args = ["student", "--cache", str(tiny_store), "--method", "dckd", "--out", str(out), "--max-steps", "3",
+            "--lr", "1e-3", "--batch-tokens", "400", "--device", "cpu", "--log-every", "1", "--no-progress",
+            "--weight", "kd_rejected=0.2", "--save-every", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    for name in ("metrics.jsonl", "loss_curves.png", "config.yaml", "generation_config.json",
+                 "tokenizer.json", "checkpoint/state.pt"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert set(records[0]["terms"]) == {"sft", "kd_chosen", "kd_rejected"}
+    assert all(k in records[0] for k in ("epoch", "lr", "loss", "tokens_per_s"))
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["resolved"]["terms"] == {"sft": 1.0, "kd_chosen": 0.1, "kd_rejected": 0.2}
+    assert config["resolved"]["student"]["path"] == str(tiny_models[1])
+
+    # the staged ADPA+: a finished run is a --student for the next stage; config.yaml is a --config
+    again = CliRunner().invoke(main, ["student", "--config", str(out / "config.yaml"), "--student", str(out),
+                                      "--method", "adpa", "--out", str(tmp_path / "adpa"), "--max-steps", "1"])
+    assert again.exit_code == 0, again.output
+    staged = yaml.safe_load((tmp_path / "adpa" / "config.yaml").read_text())
+    assert staged["resolved"]["student"]["path"] == str(out.resolve())
+    assert staged["lr"] == 1e-3 and staged["batch_tokens"] == 400  # from the file
+    assert staged["max_steps"] == 1  # the flag wins
+
+
+def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_models):
+    terms = methods.resolve_terms("dckd+adpa+dpo+simpo")
+    # shared sft counts once, with the released weights
+    assert {t.name: t.weight for t in terms} == {"sft": 1.0, "kd_chosen": 0.1, "kd_rejected": 0.1, "adpa": 1.6,
+                                                 "dpo": 1.0, "simpo": 1.0}
+    settings = methods.Settings()
+    batch = fixed_batch(tiny_store, methods.needs_of(terms))
+    model = load_student(tiny_models[1]).double()
+    total, parts = methods.method_loss(model, batch, terms, settings, chunk_size=7)
+
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        rows = logits[batch.resp_seq, batch.resp_pos]  # [R, V], the whole vocabulary
+        logp = losses.token_logprobs(rows, batch.resp_target)
+        kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"])
+        advantage = losses.adpa_advantage(batch.response["teacher/topk_logp"], batch.response["reference/topk_logp"])
+        adpa = losses.adpa_token_loss(rows, batch.response["teacher/topk_ids"], advantage)
+    role = batch.seq_role[batch.resp_seq]
+    pairs = batch.sequences_where("pairs")[batch.resp_seq]
+    chosen, rejected, generated = pairs & (role == 0), pairs & (role == 1), role == 2
+    expected = {"sft": -logp[chosen].mean(), "kd_chosen": kd[chosen].mean(), "kd_rejected": kd[rejected].mean(),
+                "adpa": adpa[generated].mean()}
+    c_seq = batch.sequences_where("pairs", 0).nonzero().squeeze(1)
+    r_seq = batch.sequences_where("pairs", 1).nonzero().squeeze(1)
+    sums = torch.stack([logp[batch.resp_seq == s].sum() for s in range(batch.num_sequences)])
+    means = torch.stack([logp[batch.resp_seq == s].mean() for s in range(batch.num_sequences)])
+    ref = batch.scalars["student_init/logp_sum"].double()
+    expected["dpo"] = losses.dpo_loss(sums[c_seq], sums[r_seq], ref[c_seq], ref[r_seq], 0.1).mean()
+    expected["simpo"] = losses.simpo_loss(means[c_seq], means[r_seq], 2.0, 0.5).mean()
+    # the store's initial sums are this very student's: DPO starts at log 2
+    assert float(expected["dpo"]) == pytest.approx(math.log(2), abs=1e-3)
+
+    for name, value in expected.items():
+        assert float(parts[name].detach()) == pytest.approx(float(value), rel=1e-9, abs=1e-9), name
+    hand_total = (1 * expected["sft"] + 0.1 * expected["kd_chosen"] + 0.1 * expected["kd_rejected"]
+                  + 1.6 * expected["adpa"] + expected["dpo"] + expected["simpo"])
+    assert float(total.detach()) == pytest.approx(float(hand_total), rel=1e-9)
+
+    # gradients flow through the chunked path exactly as through full logits
+    total.backward()
+    chunked_grad = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows = logits[batch.resp_seq, batch.resp_pos]
+    logp = losses.token_logprobs(rows, batch.resp_target)
+    kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"])
+    adpa = losses.adpa_token_loss(rows, batch.response["teacher/topk_ids"], advantage)
+    sums = torch.stack([logp[batch.resp_seq == s].sum() for s in range(batch.num_sequences)])
+    means = torch.stack([logp[batch.resp_seq == s].mean() for s in range(batch.num_sequences)])
+    full = (-logp[chosen].mean() + 0.1 * kd[chosen].mean() + 0.1 * kd[rejected].mean() + 1.6 * adpa[generated].mean()
+            + losses.dpo_loss(sums[c_seq], sums[r_seq], ref[c_seq], ref[r_seq], 0.1).mean()
+            + losses.simpo_loss(means[c_seq], means[r_seq], 2.0, 0.5).mean())
+    full.backward()
+    torch.testing.assert_close(chunked_grad, model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_evaluate_json_on_held_out_pairs(tiny_store, tiny_models):
+    student = str(tiny_models[1])
+    result = CliRunner().invoke(main, ["evaluate", "--model", student, "--cache", str(tiny_store), "--json",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "test" and report["pairs"] == 2  # the last 2 of the 12 rows
+    for key in ("kl_chosen", "kl_rejected", "mean_logp_chosen", "mean_logp_rejected"):
+        assert math.isfinite(report[key]), key
+    assert report["kl_chosen"] >= 0 and report["kl_rejected"] >= 0
+    assert 0 <= report["accuracy_avg_logp"] <= 1
+    # the untrained student IS its initial model: every log-ratio margin is a tie
+    assert report["accuracy_logratio"] == 0.5
+    assert report["initial"].startswith("store pairs/student_init")
+
+    computed = CliRunner().invoke(main, ["evaluate", "--model", student, "--cache", str(tiny_store),
+                                         "--initial", student, "--device", "cpu"])
+    assert computed.exit_code == 0, computed.output
+    assert "preference accuracy, log-ratio to initial" in computed.output
+    assert "computed with" in computed.output
