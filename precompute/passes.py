@@ -170,6 +170,17 @@ def check_head_path(model, sequence: np.ndarray, prompt_length: int, atol: float
                            f"by {err:.2e}; this architecture needs the full forward path")
 
 
+def left_padded(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left (as generate() wants), with their attention mask."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+        mask[b, L - len(p):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate_greedy(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_ids: Sequence[int],
                     pad_id: int, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
@@ -181,13 +192,8 @@ def generate_greedy(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for b0 in range(0, len(order), batch_size):
         batch = order[b0:b0 + batch_size]
-        L = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for b, i in enumerate(batch):  # left padding for generation
-            p = np.asarray(prompts[i], dtype=np.int64)
-            ids[b, L - len(p):] = torch.from_numpy(p)
-            mask[b, L - len(p):] = 1
+        ids, mask = left_padded([prompts[i] for i in batch], pad_id)
+        L = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad_id,
                              num_beams=1, top_p=None, top_k=None, temperature=None)

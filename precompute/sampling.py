@@ -57,6 +57,7 @@ from store import TeacherStore
 from store import format as fmt
 
 from . import chat, data, models, pipeline
+from .passes import left_padded
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = "samples/base"
@@ -168,13 +169,8 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for b0 in range(0, len(order), batch_size):
         batch = order[b0:b0 + batch_size]
-        L = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for b, i in enumerate(batch):  # left padding for generation
-            p = np.asarray(prompts[i], dtype=np.int64)
-            ids[b, L - len(p):] = torch.from_numpy(p)
-            mask[b, L - len(p):] = 1
+        ids, mask = left_padded([prompts[i] for i in batch], pad_id)
+        L = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                              temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0,
                              repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
