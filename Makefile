@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	precompute teacher --out $(STORE)
 	train evaluate --model smollm2-120m-student-drop12-15 --cache $(STORE) --split test
-	train student --cache $(STORE) --method dckd+adpa --out $(RUN)
+	train student --cache $(STORE) --method dckd+adpa --out $(RUN) --lr 5e-5 --batch-tokens 2048 --max-steps 24
 	train evaluate --model $(RUN) --cache $(STORE) --split test
 
 test: $(STAMP)
