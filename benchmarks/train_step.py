@@ -11,6 +11,13 @@ of getting the teacher's signals:
   the student's own answers is a one-off before training in either case and is
   not timed.
 
+PAD (and any method reading the ``samples`` set) is measured on a batch of whole
+sampled groups from a second store (``--pad-cache``), against a plain SFT step on
+the same sampled responses (``plain sft (groups)``). Its ``live`` step recomputes
+what PAD reads: the teacher's log-prob sum of every response and its calibration
+score, i.e. n (n - 1) multiple-choice prompts per group of n (each pair in both
+orders, :mod:`precompute.calibration`). The sampling itself is not timed.
+
 The plain SFT step: ``model(input_ids).logits`` and cross-entropy on every
 response token of every sequence of the batch, backward, AdamW step. A method
 step: :func:`train.methods.method_loss`, backward, AdamW step. All steps run in
@@ -28,12 +35,13 @@ that stays resident between steps, counted from parameter sizes: the student's
 weights and AdamW state (12 bytes per parameter in float32) plus, for ``live``,
 the teacher and the frozen reference/initial model it must hold.
 
-Usage: ``python benchmarks/train_step.py [--cache STORE] [--methods sft,dckd+adpa]
+Usage: ``python benchmarks/train_step.py [--cache STORE] [--pad-cache STORE] [--methods sft,dckd+adpa,pad]
 [--examples 1] [--repeats 3]``. Without ``--cache`` a store is built once from the
 bundled demo data (8 rows, the embedded models) under the model cache and reused
-(about 2 minutes on 2 CPU cores the first time). The measurement itself is
-(repeats + 1) x 13 + 4 steps of a 120M-parameter student: about 3 minutes on an
-idle 2-core CPU, several times that on a loaded one.
+(about 2 minutes on 2 CPU cores the first time); likewise the groups store without
+``--pad-cache`` (``precompute sample`` then ``--passes pad``, several minutes). The
+measurement itself is (repeats + 1) x 16 + 4 steps of a 120M-parameter student:
+about 4 minutes on an idle 2-core CPU, several times that on a loaded one.
 """
 
 from __future__ import annotations
@@ -55,13 +63,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from precompute import models, passes  # noqa: E402
+from precompute import calibration, chat, data, models, passes  # noqa: E402
 from store import ExampleStream, TeacherStore  # noqa: E402
 from train import methods  # noqa: E402
 from train.batches import collate  # noqa: E402
 
-METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa"]
+METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa", "pad"]
 ALL_NEEDS = {"pairs": ["teacher", "student_init"], "generated": ["teacher", "reference"]}
+GROUP_NEEDS = {"samples": ["teacher", "teacher_mcq"]}
+GROUP_BASE = "plain sft (groups)"
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
@@ -82,8 +92,28 @@ def bench_store(cache: str | None) -> str:
     return str(out)
 
 
-def first_batch(store_path: str, n_examples: int, device: str):
-    stream = ExampleStream(TeacherStore.open(store_path), "train", ALL_NEEDS, shuffle=False)
+def bench_pad_store(cache: str | None) -> str:
+    if cache:
+        return cache
+    from precompute.pipeline import TeacherConfig, run_teacher
+    from precompute.sampling import SampleConfig, run_sample
+
+    out = models.cache_dir() / "bench" / "demo-pad-limit8-v1.zarr"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building (or completing) the benchmark groups store {out} from the bundled demo data ...", flush=True)
+    common = dict(out=str(out), limit=8, splits=("train",), max_length=256, max_new_tokens=32, examples_per_part=8,
+                  device="auto", dtype="float32", progress=False)
+    run_sample(SampleConfig(**common))
+    run_teacher(TeacherConfig(passes=("pad",), **common))
+    return str(out)
+
+
+def uses_groups(method: str) -> bool:
+    return "samples" in methods.needs_of(methods.resolve_terms(method))
+
+
+def first_batch(store_path: str, n_examples: int, device: str, needs=ALL_NEEDS):
+    stream = ExampleStream(TeacherStore.open(store_path), "train", needs, shuffle=False)
     examples = []
     for example in stream:
         examples.append(example)
@@ -116,6 +146,43 @@ def live_signals(batch, needs, teacher, frozen, top_k: int):
             for i, s in zip(index, passes.score_sequences(frozen, ids, prompt)):
                 scalars["student_init/logp_sum"][i] = s.logp_sum
     return dataclasses.replace(batch, response=response, scalars=scalars)
+
+
+class LiveGroupTeacher:
+    """Recomputes what PAD reads from the store: the teacher's sums and calibration scores of each group."""
+
+    def __init__(self, store_path: str, teacher, tokenizer):
+        store = TeacherStore.open(store_path)
+        dataset = store.attrs.get("provenance", {}).get("dataset", {})
+        source = None if dataset.get("kind") in (None, "bundled") else dataset["name"]
+        rows = data.load_splits(source, ("train",), require_pairs=False)["train"].rows
+        self.questions = {r.index: calibration.last_user_message(r.prompt) for r in rows}
+        self.teacher, self.tokenizer = teacher, tokenizer
+        self.template = calibration.load_template(None)
+        self.letter_ids = calibration.letter_token_ids(tokenizer)
+
+    def signals(self, batch):
+        sequences = [s for ex in batch.examples for s in ex.sequences]  # collate's order
+        position = {id(s): i for i, s in enumerate(sequences)}
+        scalars = {k: v.clone() for k, v in batch.scalars.items()}
+        sampled = [s for s in sequences if s.sequence_set == "samples"]
+        scored = passes.score_sequences(self.teacher, [s.input_ids for s in sampled],
+                                        [s.prompt_length for s in sampled])
+        for s, score in zip(sampled, scored):
+            scalars["teacher/logp_sum"][position[id(s)]] = score.logp_sum
+        for example in batch.examples:
+            group = sorted(example.of("samples"), key=lambda s: s.role)
+            n = len(group)
+            options = [calibration.option_text(self.tokenizer, s.input_ids[s.prompt_length:]) for s in group]
+            question = self.questions[example.example_index]
+            asks = [chat.encode_prompt(self.tokenizer, [{"role": "user", "content": self.template.render(
+                        question, options[a], options[b])}])
+                    for i, j in calibration.unordered_pairs(n) for a, b in ((i, j), (j, i))]
+            p_first = calibration.prob_first_option(calibration.option_logprobs(self.teacher, asks, self.letter_ids))
+            index, prob = calibration.pair_rows(n, p_first[0::2], p_first[1::2])
+            for s, score in zip(group, calibration.mcq_score(calibration.pair_matrix(index, prob, n))):
+                scalars["teacher_mcq/mcq_score"][position[id(s)]] = float(score)
+        return dataclasses.replace(batch, scalars=scalars)
 
 
 # --------------------------------------------------------------------------- steps and measurement
@@ -177,11 +244,13 @@ def build_steps(args, device):
     store_path = args.cache
     batch = first_batch(store_path, args.examples, device)
     top_k = int(batch.response["teacher/topk_ids"].shape[1])
+    group_methods = [m for m in args.methods if uses_groups(m)]
     student, _, student_info = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype="float32",
                                                  default=models.EMBEDDED_STUDENT)
     student.train()
     live_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    teacher, _, teacher_info = models.load_model(models.EMBEDDED_TEACHER, device=device, dtype=live_dtype)
+    teacher, teacher_tokenizer, teacher_info = models.load_model(models.EMBEDDED_TEACHER, device=device,
+                                                                 dtype=live_dtype)
     frozen, _, _ = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype=live_dtype,
                                      default=models.EMBEDDED_STUDENT)  # reference / initial model
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-7)
@@ -189,7 +258,24 @@ def build_steps(args, device):
 
     steps = {"plain sft": make_step(student, optimizer, lambda: plain_sft_loss(student, batch))}
     resident = {"plain sft": 3 * param_bytes(student)}  # weights + AdamW's two moments
-    for method in args.methods:
+    if group_methods:
+        group_batch = first_batch(args.pad_cache, args.examples, device, GROUP_NEEDS)
+        live_groups = LiveGroupTeacher(args.pad_cache, teacher, teacher_tokenizer)
+        steps[GROUP_BASE] = make_step(student, optimizer, lambda: plain_sft_loss(student, group_batch))
+        resident[GROUP_BASE] = resident["plain sft"]
+    for method in group_methods:
+        terms = methods.resolve_terms(method)
+        steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
+            student, group_batch, t, settings)[0])
+
+        def live_group_loss(t=terms):
+            with torch.no_grad():
+                fresh = live_groups.signals(group_batch)
+            return methods.method_loss(student, fresh, t, settings)[0]
+        steps[f"{method}/live"] = make_step(student, optimizer, live_group_loss)
+        resident[f"{method}/store"] = resident["plain sft"]
+        resident[f"{method}/live"] = resident["plain sft"] + param_bytes(teacher)
+    for method in [m for m in args.methods if m not in group_methods]:
         terms = methods.resolve_terms(method)
         needs = {s: [x for x in sec if x in ALL_NEEDS[s]] for s, sec in methods.needs_of(terms).items()}
         steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
@@ -209,6 +295,11 @@ def build_steps(args, device):
              f"{live_dtype} when live); store {store_path}\n"
              f"batch: {args.examples} example(s) = {batch.num_sequences} sequences, "
              f"{int(batch.attention_mask.sum())} tokens, {batch.num_response_tokens} response tokens, top-K {top_k}")
+    if group_methods:
+        sizes = [len(ex.of("samples")) for ex in group_batch.examples]
+        about += (f"\ngroups batch ({', '.join(group_methods)}; against {GROUP_BASE}): {args.examples} group(s) of "
+                  f"{'/'.join(map(str, sizes))} sampled responses from {args.pad_cache} = "
+                  f"{int(group_batch.attention_mask.sum())} tokens, {group_batch.num_response_tokens} response tokens")
     return steps, resident, about
 
 
@@ -239,6 +330,8 @@ def memory_in_child(argv) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", help="store to read (default: build a small one from the demo data)")
+    parser.add_argument("--pad-cache", help="store with sampled groups and --passes pad, for pad "
+                        "(default: build a small one from the demo data)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--examples", type=int, default=1,
                         help="examples in the batch (each: chosen, rejected, generated)")
@@ -259,6 +352,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     args.cache = bench_store(args.cache)
+    if any(uses_groups(m) for m in args.methods):
+        args.pad_cache = bench_pad_store(args.pad_cache)
     steps, resident, about = build_steps(args, device)
     print(about)
     memory_how = ("torch.cuda.max_memory_allocated, same process" if cuda else
@@ -269,13 +364,17 @@ def main() -> None:
     if not cuda:
         del steps
         gc.collect()
-        peaks = memory_in_child([*argv, "--cache", args.cache])
+        peaks = memory_in_child([*argv, "--cache", args.cache] + (["--pad-cache", args.pad_cache]
+                                                                   if args.pad_cache else []))
 
     base_time, base_peak = timings["plain sft"], peaks["plain sft"]
     base_total = base_peak + resident["plain sft"]
     print(f"\nplain SFT step: {base_time * 1e3:.0f} ms, step peak {base_peak / 2**20:.0f} MiB, "
           f"total (with resident weights + AdamW) {base_total / 2**20:.0f} MiB")
-    print("ratios to the plain SFT step (time, step peak memory, total peak memory):")
+    if GROUP_BASE in timings:
+        print(f"{GROUP_BASE} step (the baseline of the methods on groups): {timings[GROUP_BASE] * 1e3:.0f} ms, "
+              f"step peak {peaks[GROUP_BASE] / 2**20:.0f} MiB")
+    print("ratios to the plain SFT step on the same responses (time, step peak memory, total peak memory):")
     header = (f"{'method':<12} {'store: time':>11} {'step mem':>9} {'total':>7}   {'live teacher: time':>18} "
               f"{'step mem':>9} {'total':>7}")
     print(header)
@@ -284,8 +383,10 @@ def main() -> None:
     def cells(name):
         if name not in timings:
             return ["(no teacher)", "", ""]
-        return [f"{timings[name] / base_time:.2f}", f"{peaks[name] / max(base_peak, 1):.2f}",
-                f"{(peaks[name] + resident[name]) / base_total:.2f}"]
+        base = GROUP_BASE if uses_groups(name.split("/")[0]) else "plain sft"
+        total = peaks[base] + resident[base]
+        return [f"{timings[name] / timings[base]:.2f}", f"{peaks[name] / max(peaks[base], 1):.2f}",
+                f"{(peaks[name] + resident[name]) / total:.2f}"]
 
     for method in args.methods:
         store, live = cells(f"{method}/store"), cells(f"{method}/live")

@@ -373,6 +373,9 @@ class TeacherRun:
         if PASS_DPO_REF in c.passes:
             out.append(Step("pairs/student_init", fmt.SET_PAIRS, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT,
                             self._run_sums))
+            if self._has_samples():  # DPO reference sums for the groups too (pad_dpo)
+                out.append(Step("samples/student_init", fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT,
+                                self._run_sums))
         if PASS_ADPA in c.passes:
             out.append(Step("generated/base", fmt.SET_GENERATED, fmt.BASE, ROLE_STUDENT, self._run_generate))
         if PASS_PAIRS in c.passes:
@@ -388,6 +391,10 @@ class TeacherRun:
             out.append(Step("generated/reference", fmt.SET_GENERATED, fmt.SECTION_REFERENCE, ROLE_REFERENCE,
                             self._run_reference))
         return out
+
+    def _has_samples(self) -> bool:
+        return all(self.store.is_complete(split, part, fmt.SET_SAMPLES)
+                   for split in self.rows for part in range(self.store.num_parts(split))) and bool(self.rows)
 
     def step_provenance(self, step: Step) -> dict:
         info = self.model_info[step.model_role]

@@ -88,6 +88,16 @@ def main():
 @click.option("--adpa-beta", type=float, default=1.0, show_default=True, help="Advantage scale.")
 @click.option("--adpa-unclipped", is_flag=True,
               help="Use the paper's unclipped advantage (default: clipped into [1e-8, 1-1e-8] like the released code).")
+@click.option("--pad-loss", type=click.Choice(methods.PAD_LOSSES), default="ppd", show_default=True,
+              help="PAD: ppd (Jensen-Shannon divergence of the orderings' distributions) or vpd (-log P of the "
+              "teacher's order).")
+@click.option("--pad-beta", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="PAD: reward scale, student and teacher (released 10).")
+@click.option("--pad-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="PAD: teacher reward = alpha * mean log-prob + (1 - alpha) * calibration score; released 0, "
+              "whose calibration the embedded teacher cannot judge (see train/methods.py).")
+@click.option("--pad-max-group", type=click.IntRange(2, 6), default=6, show_default=True,
+              help="PAD: larger groups are split into overlapping windows of this size (6! = 720 orderings).")
 @click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
@@ -127,21 +137,27 @@ def student(ctx, config_file, weights, no_progress, **options):
 
 @main.command()
 @click.option("--model", default=None, help="Model to evaluate: a run's dir, embedded name, ... [embedded student].")
-@click.option("--cache", required=True, help="Teacher-signal store with pairs/teacher for --split.")
+@click.option("--cache", required=True,
+              help="Teacher-signal store with pairs/teacher and/or samples/teacher + teacher_mcq for --split.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--initial", default=None,
               help="Initial model for the log-ratio accuracy [store pairs/student_init, else the store's student].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--pad-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Groups: the teacher reward's mix that rankings are compared with (as in training).")
+@click.option("--pad-beta", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Groups: reward scale of the held-out PPD divergence (rankings do not depend on it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate(model, cache, split, initial, device, dtype, batch_tokens, as_json):
-    """Token KL to the teacher, preference accuracy and log-probs on held-out pairs."""
+def evaluate(model, cache, split, initial, device, dtype, batch_tokens, pad_alpha, pad_beta, as_json):
+    """On held-out pairs: token KL to the teacher, preference accuracy, log-probs; on groups: ranking agreement."""
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_table
 
     try:
-        result = run_evaluate(model, cache, split, initial, device=device, dtype=dtype, batch_tokens=batch_tokens)
+        result = run_evaluate(model, cache, split, initial, device=device, dtype=dtype, batch_tokens=batch_tokens,
+                              pad_alpha=pad_alpha, pad_beta=pad_beta)
     except (TrainError, OSError) as exc:
         _fail("evaluate", str(exc))
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))

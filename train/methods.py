@@ -16,6 +16,8 @@ halve the other terms' relative weight. Where two methods give a shared term
 different default weights (``kd`` uses ``kd_chosen`` at 1, ``dckd`` at 0.1),
 the method written first wins; ``--weight NAME=VALUE`` overrides any of them,
 and a weight of 0 drops the term (and what it alone needs from the store).
+Methods that read different sequence sets (``pad+sft``: the groups and the
+pairs) train on the examples that have every set the combination reads.
 
 Defaults are the released values (``shared/design/METHODS.md``): DCKD
 ``w_sft = 1, w_kd_chosen = w_kd_rejected = 0.1``; ADPA ``w_sft = 1,
@@ -27,6 +29,36 @@ measured for a distilled student; ``--dpo-beta 0.01`` reproduces it.
 Token means: every token-level term is the mean over all of its tokens in the
 micro-batch (not a mean of per-sequence means), as TRL's SFT and the ADPA
 code do; sequence-level terms (DPO, SimPO) are the mean over pairs.
+
+Group-level terms (PAD and the baselines built from the same groups) read the
+``samples`` set: a batch holds whole examples, so every response of a group is in
+the batch that holds the group (:func:`sample_groups` gathers them into [G, n]).
+Rewards, PAD (METHODS.md, "Preference-Aligned Distillation"):
+
+- student ``r_S(i) = beta * avglogp_theta(y_i)``, live and differentiable;
+- teacher ``r_T(i) = beta * (alpha * avglogp_T(y_i) + (1 - alpha) * s_mcq(i))`` with
+  ``avglogp_T = samples/teacher/logp_sum / response length`` and ``s_mcq`` =
+  ``samples/teacher_mcq/mcq_score``. alpha and beta are chosen at training time,
+  so one store serves every alpha.
+
+Defaults: beta 10 (released). alpha 0.5, not the released 0 (pure calibration):
+measured on the embedded demo store (SmolLM2-135M-Instruct judging the 120M
+student's samples, 15 groups of 4), the teacher's order-averaged pairwise
+judgements are 0.5 +- 0.015 (it answers by position, P(option A) ~ 0.92 either
+way), so ``s_mcq`` varies by 0.02 nats within a group against 0.86 for
+``avglogp_T``. With alpha = 0 the teacher's distribution over the 24 orderings is
+nearly uniform (entropy 3.12 of ln 24 = 3.18): noise to distil. alpha = 0.5 keeps
+the calibration term (it counts with a teacher whose judgements carry signal) and
+on the demo store ranks every group as alpha = 1 does, with a softer
+distribution (entropy 1.19 against 0.66). ``--pad-alpha 0`` reproduces the release.
+
+``pad``: PPD (Jensen-Shannon divergence between the student's and the teacher's
+Plackett-Luce distributions over orderings) or VPD (``-log P_S(teacher's order)``),
+``--pad-loss``; groups larger than ``pad_max_group`` (6: 720 orderings) are
+decomposed as :func:`train.losses.pad_loss` documents. Baselines on the same
+groups, the teacher's best response (highest r_T) as chosen and its worst as
+rejected: ``pad_dpo`` (DPO, reference sums from ``samples/student_init``) and
+``pad_simpo`` (SimPO, no reference), with the DPO / SimPO settings.
 
 The student forward (:func:`student_outputs`) runs the decoder once over the
 sequences some term needs, then the output layer only on the response rows
@@ -47,13 +79,15 @@ from store import format as fmt
 from . import losses
 from .batches import Batch
 
-PAIRS, GENERATED = fmt.SET_PAIRS, fmt.SET_GENERATED
+PAIRS, GENERATED, SAMPLES = fmt.SET_PAIRS, fmt.SET_GENERATED, fmt.SET_SAMPLES
 TEACHER, REFERENCE, STUDENT_INIT = fmt.SECTION_TEACHER, fmt.SECTION_REFERENCE, fmt.SECTION_STUDENT_INIT
+TEACHER_MCQ = fmt.SECTION_TEACHER_MCQ
 CHOSEN, REJECTED, GENERATED_ROLE = fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED, fmt.ROLE_GENERATED
 
 #: per-token quantities the student forward can produce
 LOGP, KD, ADPA = "logp", "kd", "adpa"
 QUANTITIES = (LOGP, KD, ADPA)
+PAD_LOSSES = ("ppd", "vpd")
 
 
 @dataclass(frozen=True)
@@ -65,15 +99,32 @@ class Settings:
     simpo_gamma: float = 0.5
     adpa_beta: float = 1.0  # A = beta * (log pi_T - log pi_R)
     adpa_clip: bool = True  # released code: A clipped into [1e-8, 1 - 1e-8]
+    pad_loss: str = "ppd"  # "ppd" (JSD over orderings) or "vpd" (-log P_S(teacher's order))
+    pad_beta: float = 10.0  # reward scale of student and teacher (released)
+    pad_alpha: float = 0.5  # teacher reward mix: alpha * avglogp_T + (1 - alpha) * s_mcq (module docstring)
+    pad_max_group: int = losses.MAX_EXACT_PL_GROUP  # larger groups are decomposed (losses.pad_loss)
+
+    def __post_init__(self):
+        if self.pad_loss not in PAD_LOSSES:
+            raise ValueError(f"--pad-loss must be one of {', '.join(PAD_LOSSES)}, got {self.pad_loss!r}")
+        if not 0 <= self.pad_alpha <= 1:
+            raise ValueError(f"--pad-alpha must be in [0, 1], got {self.pad_alpha}")
+        if self.pad_beta <= 0:
+            raise ValueError(f"--pad-beta must be > 0, got {self.pad_beta}")
+        if not 2 <= self.pad_max_group <= losses.MAX_EXACT_PL_GROUP:
+            raise ValueError(f"--pad-max-group must be in [2, {losses.MAX_EXACT_PL_GROUP}], got {self.pad_max_group}")
 
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """A per-token quantity (``logp``, ``kd`` or ``adpa``) on the response rows of one role of one set."""
+    """A per-token quantity (``logp``, ``kd`` or ``adpa``) on the response rows of one role of one set.
+
+    ``role`` None: every sequence of the set (a group's samples have roles 16 + i).
+    """
 
     quantity: str
     sequence_set: str
-    role: int
+    role: int | None
 
 
 @dataclass
@@ -106,8 +157,8 @@ class Term:
 # --------------------------------------------------------------------------- helpers
 
 
-def response_rows(batch: Batch, sequence_set: str, role: int) -> torch.Tensor:
-    """[R] bool: response rows of the sequences of ``sequence_set`` with ``role``."""
+def response_rows(batch: Batch, sequence_set: str, role: int | None) -> torch.Tensor:
+    """[R] bool: response rows of the sequences of ``sequence_set`` with ``role`` (None: any role)."""
     return batch.sequences_where(sequence_set, role)[batch.resp_seq]
 
 
@@ -130,6 +181,77 @@ def pair_sequences(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def pair_logp_sums(batch: Batch, out: StudentOutputs) -> torch.Tensor:
     """[B] the student's summed response log-prob of each sequence (0 where not computed)."""
     return losses.sequence_sums(out.logp, batch.resp_seq, batch.num_sequences, out.computed[LOGP])
+
+
+def sample_groups(batch: Batch) -> list[torch.Tensor]:
+    """The batch's groups of sampled responses as sequence indices, one [G, n] tensor per group size n.
+
+    Row g lists the sequences of one example's group in group position order
+    (sample i, role 16 + i, in column i); groups come in example order. A store's
+    groups all have ``keep`` responses, so there is one tensor; mixed sizes give one
+    per size, in increasing n.
+    """
+    seq = batch.sequences_where(SAMPLES).nonzero().squeeze(1)
+    if seq.numel() == 0:
+        return []
+    width = int(batch.seq_group_pos[seq].max()) + 1
+    seq = seq[torch.argsort(batch.seq_example[seq] * width + batch.seq_group_pos[seq])]
+    _, sizes = torch.unique_consecutive(batch.seq_example[seq], return_counts=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    groups = []
+    for n in sorted(set(sizes.tolist())):
+        index = seq[starts[sizes == n][:, None] + torch.arange(n, device=seq.device)]
+        if not torch.equal(batch.seq_group_pos[index], torch.arange(n, device=seq.device).expand_as(index)):
+            raise ValueError("batch has a group whose sample positions are not 0..n-1")
+        groups.append(index)
+    return groups
+
+
+def sequence_lengths(batch: Batch) -> torch.Tensor:
+    """[B] response tokens of each sequence (the store's response_length)."""
+    return torch.bincount(batch.resp_seq, minlength=batch.num_sequences)
+
+
+def teacher_rewards(batch: Batch, index: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[G, n] PAD's teacher reward of the sequences ``index`` [G, n] (module docstring), float64.
+
+    ``beta * (alpha * teacher/logp_sum / length + (1 - alpha) * teacher_mcq/mcq_score)``;
+    a part whose weight is 0 is not read.
+    """
+    mean_logp = mcq = torch.zeros(index.shape, dtype=torch.float64, device=index.device)
+    if settings.pad_alpha != 0:
+        logp_sum = _scalar(batch, f"{TEACHER}/logp_sum", index).double()
+        mean_logp = logp_sum / sequence_lengths(batch)[index].clamp(min=1).double()
+    if settings.pad_alpha != 1:
+        mcq = _scalar(batch, f"{TEACHER_MCQ}/mcq_score", index).double()
+    return losses.pad_teacher_rewards(mean_logp, mcq, settings.pad_alpha, settings.pad_beta)
+
+
+def student_rewards(batch: Batch, out: StudentOutputs, index: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[G, n] PAD's student reward ``beta * avglogp_theta`` of the sequences ``index`` [G, n], differentiable."""
+    means = losses.sequence_means(out.logp, batch.resp_seq, batch.num_sequences, out.computed[LOGP])
+    return settings.pad_beta * means[index]
+
+
+def best_and_worst(batch: Batch, index: torch.Tensor, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G] sequences with the highest and the lowest teacher reward of each group (ties: lowest position)."""
+    rewards = teacher_rewards(batch, index, settings)
+    best = index.gather(1, rewards.argmax(1, keepdim=True)).squeeze(1)
+    worst = index.gather(1, (-rewards).argmax(1, keepdim=True)).squeeze(1)
+    return best, worst
+
+
+def _scalar(batch: Batch, name: str, index: torch.Tensor) -> torch.Tensor:
+    if name not in batch.scalars or not bool(batch.has[name][index].all()):
+        raise ValueError(f"batch lacks store signal {name} on sequences a term needs")
+    return batch.scalars[name][index]
+
+
+def _group_mean(values: list[torch.Tensor], out: StudentOutputs) -> torch.Tensor:
+    """Mean over every group of the batch of per-group values ([G] each); 0 without a group."""
+    if not values:
+        return out.logp.new_zeros(())
+    return torch.cat(values).mean()
 
 
 # --------------------------------------------------------------------------- the terms
@@ -192,6 +314,50 @@ def simpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.T
     return losses.simpo_loss(means[chosen], means[rejected], settings.simpo_beta, settings.simpo_gamma).mean()
 
 
+def pad_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """PAD, mean over groups of PPD (JSD of the Plackett-Luce distributions over orderings) or VPD.
+
+    ``r_S = beta * avglogp_theta``, ``r_T`` from the store (:func:`teacher_rewards`);
+    :func:`train.losses.pad_loss` with ``settings.pad_loss`` and ``pad_max_group``
+    (exact over all n! orderings up to 6, decomposed above). Gu et al.,
+    "Preference-Aligned Distillation" (code EganGu/PAD); METHODS.md, PAD.
+    """
+    values = [losses.pad_loss(student_rewards(batch, out, index, settings), teacher_rewards(batch, index, settings),
+                              kind=settings.pad_loss, max_group=settings.pad_max_group)
+              for index in sample_groups(batch)]
+    return _group_mean(values, out)
+
+
+def pad_dpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """DPO on each group's teacher-best (chosen) and teacher-worst (rejected) response, mean over groups.
+
+    PAD's DPO baseline built from the same groups: :func:`dpo_term`'s loss with the
+    initial model's sums from ``samples/student_init/logp_sum`` and ``dpo_beta``.
+    """
+    sums = pair_logp_sums(batch, out)
+    values = []
+    for index in sample_groups(batch):
+        best, worst = best_and_worst(batch, index, settings)
+        ref_best = _scalar(batch, f"{STUDENT_INIT}/logp_sum", best)
+        ref_worst = _scalar(batch, f"{STUDENT_INIT}/logp_sum", worst)
+        values.append(losses.dpo_loss(sums[best], sums[worst], ref_best, ref_worst, settings.dpo_beta))
+    return _group_mean(values, out)
+
+
+def pad_simpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """SimPO on each group's teacher-best and teacher-worst response, mean over groups (no reference).
+
+    PAD's SimPO baseline built from the same groups: :func:`simpo_term`'s loss with
+    ``simpo_beta`` and ``simpo_gamma``.
+    """
+    means = losses.sequence_means(out.logp, batch.resp_seq, batch.num_sequences, out.computed[LOGP])
+    values = []
+    for index in sample_groups(batch):
+        best, worst = best_and_worst(batch, index, settings)
+        values.append(losses.simpo_loss(means[best], means[worst], settings.simpo_beta, settings.simpo_gamma))
+    return _group_mean(values, out)
+
+
 SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term)
 KD_CHOSEN = Term("kd_chosen", 0.1, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, CHOSEN),), kd_chosen_term)
 KD_REJECTED = Term("kd_rejected", 0.1, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, REJECTED),),
@@ -202,6 +368,11 @@ DPO = Term("dpo", 1.0, {PAIRS: (STUDENT_INIT,)},
            (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, REJECTED)), dpo_term)
 SIMPO = Term("simpo", 1.0, {PAIRS: ()},
              (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, REJECTED)), simpo_term)
+_ALL_SAMPLES = (TokenRequest(LOGP, SAMPLES, None),)
+# teacher_mcq is needed for alpha < 1 and teacher for alpha > 0; `--passes pad` writes both
+PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term)
+PAD_DPO = Term("pad_dpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ, STUDENT_INIT)}, _ALL_SAMPLES, pad_dpo_term)
+PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term)
 
 METHODS: dict[str, tuple[Term, ...]] = {
     "sft": (SFT,),
@@ -210,13 +381,19 @@ METHODS: dict[str, tuple[Term, ...]] = {
     "dpo": (DPO,),
     "simpo": (SIMPO,),
     "adpa": (SFT, ADPA_TERM),
+    "pad": (PAD,),
+    "pad_dpo": (PAD_DPO,),
+    "pad_simpo": (PAD_SIMPO,),
 }
 
 #: which ``precompute teacher --passes`` value writes each store signal
 PASS_OF = {
     f"{PAIRS}/{fmt.BASE}": "pairs", f"{PAIRS}/{TEACHER}": "pairs", f"{PAIRS}/{STUDENT_INIT}": "dpo_ref",
     f"{GENERATED}/{fmt.BASE}": "adpa", f"{GENERATED}/{TEACHER}": "adpa", f"{GENERATED}/{REFERENCE}": "adpa",
+    f"{SAMPLES}/{TEACHER}": "pad", f"{SAMPLES}/{TEACHER_MCQ}": "pad", f"{SAMPLES}/{STUDENT_INIT}": "dpo_ref",
 }
+#: store signals written by ``precompute sample`` rather than by a teacher pass
+SAMPLED = {f"{SAMPLES}/{fmt.BASE}"}
 
 
 # --------------------------------------------------------------------------- combining

@@ -75,8 +75,8 @@ CURVES_FILE = "loss_curves.png"
 
 #: settings that change what a run computes; a resumed run must match them
 TRAJECTORY_KEYS = ("cache", "split", "method", "weights", "dpo_beta", "simpo_beta", "simpo_gamma", "adpa_beta",
-                   "adpa_unclipped", "epochs", "max_steps", "lr", "batch_tokens", "grad_accum", "seed",
-                   "warmup_ratio", "max_grad_norm", "weight_decay")
+                   "adpa_unclipped", "pad_loss", "pad_beta", "pad_alpha", "pad_max_group", "epochs", "max_steps",
+                   "lr", "batch_tokens", "grad_accum", "seed", "warmup_ratio", "max_grad_norm", "weight_decay")
 
 
 class TrainError(ValueError):
@@ -104,6 +104,10 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     adpa_beta: float = 1.0
     adpa_unclipped: bool = False
+    pad_loss: str = "ppd"
+    pad_beta: float = 10.0
+    pad_alpha: float = 0.5  # see train.methods: the released 0 is noise with the embedded teacher
+    pad_max_group: int = 6
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -115,7 +119,9 @@ class TrainConfig:
 
     def settings(self) -> methods.Settings:
         return methods.Settings(dpo_beta=self.dpo_beta, simpo_beta=self.simpo_beta, simpo_gamma=self.simpo_gamma,
-                                adpa_beta=self.adpa_beta, adpa_clip=not self.adpa_unclipped)
+                                adpa_beta=self.adpa_beta, adpa_clip=not self.adpa_unclipped,
+                                pad_loss=self.pad_loss, pad_beta=self.pad_beta, pad_alpha=self.pad_alpha,
+                                pad_max_group=self.pad_max_group)
 
 
 def default_out(method: str) -> str:
@@ -159,13 +165,18 @@ def recorded_model(store: TeacherStore, *steps: str) -> dict | None:
 
 
 def recorded_student(store: TeacherStore) -> dict | None:
-    return recorded_model(store, "pairs/student_init", "generated/base")
+    """The student's initial model: the DPO reference, ADPA's answers or, for PAD, the model that sampled."""
+    return recorded_model(store, "pairs/student_init", "generated/base", "samples/base")
+
+
+def recorded_teacher(store: TeacherStore) -> dict | None:
+    return recorded_model(store, "pairs/teacher", "generated/teacher", "samples/teacher")
 
 
 def precompute_command(store: TeacherStore, passes: list[str]) -> str:
     """The ``precompute teacher`` command that adds ``passes`` to ``store`` with its recorded settings."""
     parts = ["precompute teacher", f"--out {store.location}", f"--passes {','.join(passes)}"]
-    teacher = recorded_model(store, "pairs/teacher", "generated/teacher")
+    teacher = recorded_teacher(store)
     student = recorded_student(store)
     if teacher:
         parts.append(f"--teacher {teacher['name']}")
@@ -178,28 +189,54 @@ def precompute_command(store: TeacherStore, passes: list[str]) -> str:
     max_length = recorded.get("encode", {}).get("max_length")
     if max_length and max_length != 512:
         parts.append(f"--max-length {max_length}")
-    top_k = recorded.get("pairs/teacher", {}).get("top_k") or recorded.get("generated/teacher", {}).get("top_k")
+    top_k = (recorded.get("pairs/teacher", {}).get("top_k") or recorded.get("generated/teacher", {}).get("top_k")
+             or recorded.get("samples/teacher", {}).get("top_k"))
     if top_k and top_k != 50:
         parts.append(f"--top-k {top_k}")
     return " ".join(parts)
+
+
+def sample_command(store: TeacherStore) -> str:
+    """The ``precompute sample`` command that adds PAD's sampled groups to ``store``."""
+    parts = ["precompute sample", f"--out {store.location}"]
+    student = recorded_student(store)
+    if student:
+        parts.append(f"--model {student['name']}")
+    dataset = store.attrs.get("provenance", {}).get("dataset", {})
+    if dataset.get("kind") not in (None, "bundled"):
+        parts.append(f"--dataset {dataset['name']}")
+    return " ".join(parts)
+
+
+def missing_signals(store: TeacherStore, split: str, needs: dict[str, list[str]]) -> list[str]:
+    """``set/section`` names (``set/base`` for a set's own arrays) that ``needs`` asks for and ``split`` lacks."""
+    signals = []
+    for path in check_complete(store, split, needs):  # "<split>/part-NNNNN/<set>[/<section>]"
+        pieces = path.split("/")
+        signal = f"{pieces[2]}/{pieces[3] if len(pieces) > 3 else fmt.BASE}"
+        if signal not in signals:
+            signals.append(signal)
+    return signals
+
+
+def commands_for(store: TeacherStore, signals: list[str]) -> str:
+    """The command(s) that write ``signals``: ``precompute sample`` first where groups are missing."""
+    passes = list(dict.fromkeys(methods.PASS_OF.get(s, "pairs") for s in signals if s not in methods.SAMPLED))
+    if not any(s in methods.SAMPLED for s in signals):
+        return precompute_command(store, passes)
+    if "pad" not in passes:  # fresh groups have no teacher signals yet
+        passes.insert(0, "pad")
+    return f"{sample_command(store)}, then {precompute_command(store, passes)}"
 
 
 def require_signals(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
     """Raise TrainError naming each missing ``set/section`` and the command that writes it."""
     if store.num_parts(split) == 0:
         raise TrainError(f"{store.location} has no split {split!r} (it has: {', '.join(store.splits()) or 'none'})")
-    missing = check_complete(store, split, needs)
-    if not missing:
-        return
-    signals = []
-    for path in missing:  # "<split>/part-NNNNN/<set>[/<section>]"
-        pieces = path.split("/")
-        signal = f"{pieces[2]}/{pieces[3] if len(pieces) > 3 else fmt.BASE}"
-        if signal not in signals:
-            signals.append(signal)
-    passes = list(dict.fromkeys(methods.PASS_OF.get(s, "pairs") for s in signals))
-    raise TrainError(f"{what} needs {', '.join(signals)} (split {split}), which {store.location} lacks or has "
-                     f"incomplete; compute it first with: {precompute_command(store, passes)}")
+    signals = missing_signals(store, split, needs)
+    if signals:
+        raise TrainError(f"{what} needs {', '.join(signals)} (split {split}), which {store.location} lacks or has "
+                         f"incomplete; compute it first with: {commands_for(store, signals)}")
 
 
 def check_tokenizer(store: TeacherStore, tokenizer, name: str) -> None:
@@ -229,11 +266,12 @@ def resolve_student(config: TrainConfig, store: TeacherStore) -> tuple[models.Mo
     except models.ModelNotFoundError as exc:
         hint = "" if config.student else " (the student the store records; pass --student)"
         raise TrainError(f"{exc}{hint}") from exc
-    init = recorded_model(store, "pairs/student_init")
-    if init and init.get("sha256") != info.weights_hash and any(t.name == "dpo" for t in methods.resolve_terms(
-            config.method, config.weights)):
-        notes.append(f"note: DPO's reference sums in the store come from {init['name']}, not from the student "
-                     f"being trained ({spec})")
+    needs = methods.needs_of(methods.resolve_terms(config.method, config.weights))
+    for sequence_set, sections in needs.items():
+        init = recorded_model(store, f"{sequence_set}/{methods.STUDENT_INIT}")
+        if methods.STUDENT_INIT in sections and init and init.get("sha256") != info.weights_hash:
+            notes.append(f"note: DPO's reference sums in the store ({sequence_set}) come from {init['name']}, "
+                         f"not from the student being trained ({spec})")
     return info, notes
 
 
@@ -263,6 +301,7 @@ def prepare(config: TrainConfig) -> Plan:
         raise TrainError(f"--lr must be > 0, got {c.lr}")
     try:
         terms = methods.resolve_terms(c.method, c.weights)
+        c.settings()  # refuses a bad --pad-loss, --pad-alpha, ...
         device = models.resolve_device(c.device)
         dtype = models.resolve_dtype(c.dtype, device)
     except ValueError as exc:
@@ -364,7 +403,10 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig)
 
 def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that change the trajectory (see TRAJECTORY_KEYS)."""
-    differ = [k for k in TRAJECTORY_KEYS if _comparable(saved.get(k)) != _comparable(getattr(config, k))]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)  # keys older runs did not have
+                if f.default is not dataclasses.MISSING}
+    saved = {k: saved.get(k, defaults.get(k)) for k in TRAJECTORY_KEYS}
+    differ = [k for k in TRAJECTORY_KEYS if _comparable(saved[k]) != _comparable(getattr(config, k))]
     if differ:
         raise TrainError("--resume: the checkpoint was made with other settings: " + ", ".join(
             f"{k} {saved.get(k)!r} (now {getattr(config, k)!r})" for k in differ))
@@ -385,7 +427,7 @@ def resolved_config(plan: Plan, dtype: torch.dtype, device: str) -> dict:
         **options,
         "resolved": {
             "store": {"location": plan.store.location, "tokenizer": plan.store.attrs.get("tokenizer", {}),
-                      "teacher": recorded_model(plan.store, "pairs/teacher", "generated/teacher")},
+                      "teacher": recorded_teacher(plan.store)},
             "student": {"name": plan.student.name, "path": plan.student.path, "sha256": plan.student.weights_hash},
             "terms": {t.name: t.weight for t in plan.terms},
             "needs": plan.needs,
