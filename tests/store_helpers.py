@@ -229,17 +229,22 @@ def expected_sections(store: TeacherStore, seed: int = 0, k: int = TOP_K, sets: 
                     yield split, part, sequence_set, section, arrays
 
 
-def all_checksums(store: TeacherStore) -> dict[str, dict[str, str]]:
-    """path -> {array: checksum} of every complete section (as recorded by the writer)."""
+def section_attrs(store: TeacherStore) -> dict[str, dict]:
+    """path -> group attributes of every section present (complete or not)."""
     out = {}
     for split in store.splits():
         for part in range(store.num_parts(split)):
             for sequence_set in fmt.SEQUENCE_SETS:
                 for section in (fmt.BASE,) + fmt.SECTIONS:
                     attrs = store.section_attrs(split, part, sequence_set, section)
-                    if attrs and attrs.get("complete"):
-                        out[fmt.group_path(split, part, sequence_set, section)] = attrs["checksums"]
+                    if attrs is not None:
+                        out[fmt.group_path(split, part, sequence_set, section)] = attrs
     return out
+
+
+def all_checksums(store: TeacherStore) -> dict[str, dict[str, str]]:
+    """path -> {array: checksum} of every complete section (as recorded by the writer)."""
+    return {path: attrs["checksums"] for path, attrs in section_attrs(store).items() if attrs.get("complete")}
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from precompute.pipeline import TeacherConfig, run_teacher
 from store import ProvenanceMismatch, TeacherStore
 from store import format as fmt
-from tests import tiny
+from tests import store_helpers, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,17 +137,9 @@ def test_bad_rows_are_counted_and_strict_names_row_and_field(tmp_path, tiny_mode
 
 
 def _manifest_without_times(path) -> dict:
-    store = TeacherStore.open(str(path))
-    out = {}
-    for split in store.splits():
-        for part in range(store.num_parts(split)):
-            for sequence_set in fmt.SEQUENCE_SETS:
-                for section in (fmt.BASE,) + fmt.SECTIONS:
-                    attrs = store.section_attrs(split, part, sequence_set, section)
-                    if attrs is not None:
-                        out[fmt.group_path(split, part, sequence_set, section)] = (attrs.get("complete"),
-                                                                                 attrs.get("checksums"))
-    return out
+    """path -> (complete, checksums) of every section present: what a run wrote, timestamps aside."""
+    return {p: (a.get("complete"), a.get("checksums"))
+            for p, a in store_helpers.section_attrs(TeacherStore.open(str(path))).items()}
 
 
 def test_killed_run_resumes_to_the_same_store(tmp_path, tiny_models, tiny_dataset, tiny_store):
