@@ -550,7 +550,7 @@ class TeacherRun:
         steps = self.steps()
         for step in steps:
             self.store.register_pass(step.name, self.step_provenance(step))
-        loaded_role, model, tokenizer = None, None, None
+        model = tokenizer = self._loaded_path = None
         for step in steps:
             todo = [(split, part) for split in self.rows for part in range(self.store.num_parts(split))
                     if not self.store.is_complete(split, part, step.sequence_set, step.section)]
@@ -559,13 +559,12 @@ class TeacherRun:
             self.summary.steps.append(record)
             if not todo:
                 continue
-            if loaded_role != step.model_role or (
-                    model is not None and self.model_info[step.model_role].path != self._loaded_path):
+            info = self.model_info[step.model_role]
+            if info.path != self._loaded_path:  # the reference is often the student: same weights, no reload
                 model = tokenizer = None  # unload before the next model loads
                 _free_memory()
-                info = self.model_info[step.model_role]
                 model, tokenizer, _ = models.load_model(info.path, device=self.device, dtype=self.dtype_name)
-                self._loaded_path, loaded_role = info.path, step.model_role
+                self._loaded_path = info.path
                 if step.section != fmt.BASE:
                     self._self_check(model, todo[0])
             self._current = step
