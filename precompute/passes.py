@@ -181,27 +181,45 @@ def left_padded(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def cut_after_eos(row: np.ndarray, eos: set[int], max_new_tokens: int) -> np.ndarray:
+    """A generated row up to and including its first end-of-turn id (padding after it dropped)."""
+    cut = next((j for j, t in enumerate(row) if int(t) in eos), None)
+    return row[: cut + 1] if cut is not None else row[:max_new_tokens]
+
+
+def generate_in_batches(model, prompts: Sequence[np.ndarray], *, n: int, max_new_tokens: int,
+                        eos_ids: Sequence[int], pad_id: int, batch_size: int, **decoding):
+    """Yield (prompt indices, their n continuations each) per ``generate()`` call.
+
+    Prompts go longest first, ``batch_size`` of them (times ``n`` rows) per call,
+    left-padded; ``decoding`` holds generate()'s sampling settings.
+    """
+    device = next(model.parameters()).device
+    eos = set(int(e) for e in eos_ids)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for b0 in range(0, len(order), batch_size):
+        batch = order[b0:b0 + batch_size]
+        ids, mask = left_padded([prompts[i] for i in batch], pad_id)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=1,
+                             num_return_sequences=n, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                             pad_token_id=pad_id, **decoding)
+        new = gen[:, ids.shape[1]:].cpu().numpy()
+        # generate() repeats each prompt n times in a row
+        yield batch, [[cut_after_eos(new[b * n + k], eos, max_new_tokens) for k in range(n)]
+                      for b in range(len(batch))]
+
+
 @torch.inference_mode()
 def generate_greedy(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_ids: Sequence[int],
                     pad_id: int, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
                     ) -> list[np.ndarray]:
     """One greedy continuation per prompt, cut after the first end-of-turn id (kept)."""
-    device = next(model.parameters()).device
-    eos = set(int(e) for e in eos_ids)
     out: list[np.ndarray | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0:b0 + batch_size]
-        ids, mask = left_padded([prompts[i] for i in batch], pad_id)
-        L = ids.shape[1]
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad_id,
-                             num_beams=1, top_p=None, top_k=None, temperature=None)
-        new = gen[:, L:].cpu().numpy()
-        for b, i in enumerate(batch):
-            row = new[b]
-            cut = next((j for j, t in enumerate(row) if int(t) in eos), None)
-            out[i] = row[: cut + 1] if cut is not None else row[: max_new_tokens]
+    for batch, answers in generate_in_batches(model, prompts, n=1, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                              pad_id=pad_id, batch_size=batch_size, do_sample=False,
+                                              top_p=None, top_k=None, temperature=None):
+        for i, (answer,) in zip(batch, answers):
+            out[i] = answer
         if on_batch:
-            on_batch(int(sum(len(out[i]) for i in batch)))
+            on_batch(int(sum(len(a) for (a,) in answers)))
     return out  # type: ignore[return-value]

@@ -57,7 +57,7 @@ from store import TeacherStore
 from store import format as fmt
 
 from . import chat, data, models, pipeline
-from .passes import left_padded
+from .passes import generate_in_batches
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = "samples/base"
@@ -149,11 +149,6 @@ def prompts_fingerprint(rows: Sequence[data.Row]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _cut_after_eos(row: np.ndarray, eos: set[int], max_new_tokens: int) -> np.ndarray:
-    cut = next((j for j, t in enumerate(row) if int(t) in eos), None)
-    return row[: cut + 1] if cut is not None else row[:max_new_tokens]
-
-
 @torch.inference_mode()
 def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperature: float, top_p: float,
                      max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, batch_size: int = 16,
@@ -163,22 +158,13 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
     Uses the global torch generator: seed it before calling. Prompts are drawn
     longest first, ``batch_size`` prompts (times n rows) per ``generate()`` call.
     """
-    device = next(model.parameters()).device
-    eos = set(int(e) for e in eos_ids)
     out: list[list[np.ndarray] | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0:b0 + batch_size]
-        ids, mask = left_padded([prompts[i] for i in batch], pad_id)
-        L = ids.shape[1]
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                             temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0,
-                             repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-                             num_return_sequences=n, max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(eos), pad_token_id=pad_id)
-        new = gen[:, L:].cpu().numpy()
-        for b, i in enumerate(batch):  # generate() repeats each prompt n times in a row
-            out[i] = [_cut_after_eos(new[b * n + k], eos, max_new_tokens) for k in range(n)]
+    for batch, drawn in generate_in_batches(model, prompts, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                            pad_id=pad_id, batch_size=batch_size, do_sample=True,
+                                            temperature=temperature, top_p=top_p, top_k=0, min_p=None,
+                                            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0):
+        for i, responses in zip(batch, drawn):
+            out[i] = responses
         if on_batch:
             on_batch(len(batch))
     return out  # type: ignore[return-value]
