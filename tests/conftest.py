@@ -34,3 +34,14 @@ def tiny_store(tmp_path_factory, tiny_models, tiny_dataset):
                            dtype="float32", progress=False)
     run_teacher(config)
     return out
+
+
+@pytest.fixture
+def forbid_model_loading(monkeypatch):
+    """Call it to make any later model load fail: for checks that must refuse before the expensive part."""
+    from precompute import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the student was loaded before the store was checked")
+
+    return lambda: monkeypatch.setattr(models, "load_model", refuse)

@@ -85,7 +85,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_store, tmp_path):
         train(quick_config(tiny_store, tmp_path / "resumed", resume=True, **{**common, "lr": 2e-3}))
 
 
-def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_dataset, tmp_path, monkeypatch):
+def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_dataset, tmp_path, forbid_model_loading):
     from precompute.pipeline import TeacherConfig, run_teacher
 
     teacher, student = tiny_models
@@ -94,10 +94,7 @@ def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_da
                               top_k=8, max_length=96, passes=("pairs",), examples_per_part=4, device="cpu",
                               dtype="float32", progress=False))
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the student was loaded before the store was checked")
-
-    monkeypatch.setattr(models, "load_model", no_loading)
+    forbid_model_loading()
     with pytest.raises(TrainError) as refused:
         train(TrainConfig(cache=str(store), method="adpa", out=str(tmp_path / "run"), progress=False))
     message = str(refused.value)

@@ -273,13 +273,10 @@ def test_simpo_and_dpo_on_the_teachers_best_and_worst_response(pad_store, tiny_m
 # --------------------------------------------------------------------------- refusals
 
 
-def test_missing_group_signals_are_refused_naming_the_samples_commands(pad_store, tmp_path, monkeypatch):
+def test_missing_group_signals_are_refused_naming_the_samples_commands(pad_store, tmp_path, forbid_model_loading):
     store_path, samples_only = pad_store
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the student was loaded before the store was checked")
-
-    monkeypatch.setattr(models, "load_model", no_loading)
+    forbid_model_loading()
     # groups sampled, the teacher's pass not run
     with pytest.raises(TrainError) as refused:
         train(TrainConfig(cache=str(samples_only), method="pad", out=str(tmp_path / "a"), progress=False))
