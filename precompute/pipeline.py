@@ -202,14 +202,9 @@ def finish_summary(store: TeacherStore, splits, summary: Summary) -> Summary:
     """Manifest, size on disk, and the run's summary appended to the root attributes."""
     store.refresh_manifest()
     summary.bytes_on_disk = store.nbytes_on_disk()
-    tokens = 0
-    for split in splits:
-        for part in range(store.num_parts(split)):
-            for sequence_set in fmt.SEQUENCE_SETS:
-                attrs = store.section_attrs(split, part, sequence_set)
-                if attrs and attrs.get("complete"):
-                    tokens += int(attrs["rows"]["response"])
-    summary.response_tokens = tokens
+    summary.response_tokens = sum(int(attrs["rows"]["response"])
+                                  for _ref, attrs in store.walk_sections(splits, sections=(fmt.BASE,))
+                                  if attrs and attrs.get("complete"))
     record = json.loads(json.dumps(summary.__dict__))
     store.update_attrs(lambda a: a.setdefault("runs", []).append(
         {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}))

@@ -485,17 +485,20 @@ class TeacherStore:
 
     # -- manifest, verification, information ---------------------------------
 
-    def refresh_manifest(self) -> dict:
-        """Copy every complete section's checksums into the root attributes."""
-        manifest: dict = {}
-        for split in self.splits():
+    def walk_sections(self, splits: Iterable[str] | None = None,
+                      sections: Iterable[str] = (fmt.BASE,) + fmt.SECTIONS):
+        """Yield (SectionRef, group attributes or None when absent) for every place a section can be."""
+        for split in (self.splits() if splits is None else splits):
             for part in range(self.num_parts(split)):
                 for sequence_set in fmt.SEQUENCE_SETS:
-                    for section in (fmt.BASE,) + fmt.SECTIONS:
-                        attrs = self.section_attrs(split, part, sequence_set, section)
-                        if attrs and attrs.get("complete"):
-                            key = SectionRef(split, part, sequence_set, section).path
-                            manifest[key] = attrs["checksums"]
+                    for section in sections:
+                        yield (SectionRef(split, part, sequence_set, section),
+                               self.section_attrs(split, part, sequence_set, section))
+
+    def refresh_manifest(self) -> dict:
+        """Copy every complete section's checksums into the root attributes."""
+        manifest = {ref.path: attrs["checksums"] for ref, attrs in self.walk_sections()
+                    if attrs and attrs.get("complete")}
 
         def mutate(root_attrs):
             root_attrs["manifest"] = manifest
@@ -514,23 +517,16 @@ class TeacherStore:
         """Recompute every checksum; returns problems (empty when the store is intact)."""
         problems: list[str] = []
         manifest = self.attrs.get("manifest", {})
-        seen = set()
-        for split in self.splits():
-            for part in range(self.num_parts(split)):
-                for sequence_set in fmt.SEQUENCE_SETS:
-                    for section in (fmt.BASE,) + fmt.SECTIONS:
-                        ref = SectionRef(split, part, sequence_set, section)
-                        attrs = self.section_attrs(split, part, sequence_set, section)
-                        if attrs is None:
-                            if ref.path in manifest:
-                                problems.append(f"{ref}: listed as complete in the manifest but missing")
-                            continue
-                        if not attrs.get("complete"):
-                            continue
-                        seen.add(ref.path)
-                        if progress:
-                            progress(ref.path)
-                        problems.extend(self._verify_section(ref, attrs, manifest.get(ref.path)))
+        for ref, attrs in self.walk_sections():
+            if attrs is None:
+                if ref.path in manifest:
+                    problems.append(f"{ref}: listed as complete in the manifest but missing")
+                continue
+            if not attrs.get("complete"):
+                continue
+            if progress:
+                progress(ref.path)
+            problems.extend(self._verify_section(ref, attrs, manifest.get(ref.path)))
         return problems
 
     def _verify_section(self, ref: SectionRef, attrs: dict, manifest_sums: dict | None) -> list[str]:

@@ -231,15 +231,7 @@ def expected_sections(store: TeacherStore, seed: int = 0, k: int = TOP_K, sets: 
 
 def section_attrs(store: TeacherStore) -> dict[str, dict]:
     """path -> group attributes of every section present (complete or not)."""
-    out = {}
-    for split in store.splits():
-        for part in range(store.num_parts(split)):
-            for sequence_set in fmt.SEQUENCE_SETS:
-                for section in (fmt.BASE,) + fmt.SECTIONS:
-                    attrs = store.section_attrs(split, part, sequence_set, section)
-                    if attrs is not None:
-                        out[fmt.group_path(split, part, sequence_set, section)] = attrs
-    return out
+    return {ref.path: attrs for ref, attrs in store.walk_sections() if attrs is not None}
 
 
 def all_checksums(store: TeacherStore) -> dict[str, dict[str, str]]:
