@@ -340,16 +340,14 @@ class TeacherRun:
         per = c.examples_per_part
         nparts = (loaded.total_rows + per - 1) // per
         self._pending_base: dict[tuple[str, int], dict] = getattr(self, "_pending_base", {})
-        for part in range(nparts):
-            seqs = []
-            for r in loaded.rows:
-                if not part * per <= r.index < (part + 1) * per:
-                    continue
-                for role, text in ((fmt.ROLE_CHOSEN, r.chosen), (fmt.ROLE_REJECTED, r.rejected)):
-                    enc = chat.encode_example(self.tokenizer, r.prompt, text, c.max_length)
-                    truncated["prompt"] += enc.prompt_truncated
-                    truncated["response"] += enc.response_truncated
-                    seqs.append((r.index, role, enc.input_ids, enc.prompt_length))
+        seqs_of_part: list[list] = [[] for _ in range(nparts)]
+        for r in loaded.rows:  # rows come in index order, so each part's sequences do too
+            for role, text in ((fmt.ROLE_CHOSEN, r.chosen), (fmt.ROLE_REJECTED, r.rejected)):
+                enc = chat.encode_example(self.tokenizer, r.prompt, text, c.max_length)
+                truncated["prompt"] += enc.prompt_truncated
+                truncated["response"] += enc.response_truncated
+                seqs_of_part[r.index // per].append((r.index, role, enc.input_ids, enc.prompt_length))
+        for part, seqs in enumerate(seqs_of_part):
             self._pending_base[(split, part)] = base_arrays(seqs)
         return truncated
 
