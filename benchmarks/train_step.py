@@ -63,7 +63,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from precompute import calibration, chat, data, models, passes  # noqa: E402
+from lm import chat, models  # noqa: E402
+from precompute import calibration  # noqa: E402
+from precompute import dataset as data  # noqa: E402
+from precompute import scoring as passes  # noqa: E402
 from store import ExampleStream, TeacherStore  # noqa: E402
 from train import methods  # noqa: E402
 from train.batches import collate  # noqa: E402
@@ -81,7 +84,7 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 def bench_store(cache: str | None) -> str:
     if cache:
         return cache
-    from precompute.pipeline import TeacherConfig, run_teacher
+    from precompute.teacher import TeacherConfig, run_teacher
 
     out = models.cache_dir() / "bench" / "demo-limit8-v1.zarr"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +98,8 @@ def bench_store(cache: str | None) -> str:
 def bench_pad_store(cache: str | None) -> str:
     if cache:
         return cache
-    from precompute.pipeline import TeacherConfig, run_teacher
-    from precompute.sampling import SampleConfig, run_sample
+    from precompute.teacher import TeacherConfig, run_teacher
+    from precompute.sample import SampleConfig, run_sample
 
     out = models.cache_dir() / "bench" / "demo-pad-limit8-v1.zarr"
     out.parent.mkdir(parents=True, exist_ok=True)

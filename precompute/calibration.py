@@ -23,7 +23,7 @@ Prompt
     substituted again; other braces are left alone). Trailing newlines of the
     file are dropped. The result is the content of one user message, rendered
     through the teacher's chat template with the generation prompt
-    (:func:`precompute.chat.encode_prompt`). The template must ask for the
+    (:func:`lm.chat.encode_prompt`). The template must ask for the
     letters ``A`` and ``B``.
 Reading the answer
     The teacher's next-token distribution at the last prompt position, over
@@ -60,7 +60,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import passes
+from . import scoring as passes
 
 MCQ_EPS = 1e-8
 LETTERS = ("A", "B")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import pipeline
+from . import teacher as pipeline
 
 
 def _parse_options(values: tuple[str, ...], what: str) -> dict:
@@ -54,9 +54,9 @@ def teacher(out, teacher, student, reference, dataset, splits, limit, top_k, max
     """Run the teacher passes (default: what dckd+adpa needs) into --out."""
     from store import StoreError
 
-    from .chat import TokenizerMismatch
-    from .data import DataError
-    from .models import ModelNotFoundError
+    from lm.chat import TokenizerMismatch
+    from .dataset import DataError
+    from lm.models import ModelNotFoundError
 
     config = pipeline.TeacherConfig(
         out=out, teacher=teacher, student=student, reference=reference, dataset=dataset,
@@ -104,9 +104,9 @@ def sample(out, model, dataset, splits, limit, n, temperature, top_p, keep, max_
     """Sample groups of responses per prompt into --out (PAD; then `teacher --passes pad`)."""
     from store import StoreError
 
-    from .data import DataError
-    from .models import ModelNotFoundError
-    from .sampling import SampleConfig, run_sample
+    from .dataset import DataError
+    from lm.models import ModelNotFoundError
+    from .sample import SampleConfig, run_sample
 
     config = SampleConfig(
         out=out, model=model, dataset=dataset, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),

@@ -25,7 +25,7 @@ def tiny_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_models, tiny_dataset):
     """A store made by `precompute teacher` with the default passes (pairs, dpo_ref, adpa)."""
-    from precompute.pipeline import TeacherConfig, run_teacher
+    from precompute.teacher import TeacherConfig, run_teacher
 
     teacher, student = tiny_models
     out = tmp_path_factory.mktemp("tiny-store") / "adpa.zarr"
@@ -39,7 +39,7 @@ def tiny_store(tmp_path_factory, tiny_models, tiny_dataset):
 @pytest.fixture
 def forbid_model_loading(monkeypatch):
     """Call it to make any later model load fail: for checks that must refuse before the expensive part."""
-    from precompute import models
+    from lm import models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the student was loaded before the store was checked")

@@ -1,4 +1,4 @@
-"""Tests for precompute.chat with a real tokenizer, built offline from the SmolLM2 GGUF file."""
+"""Tests for lm.chat with a real tokenizer, built offline from the SmolLM2 GGUF file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from precompute.chat import (
+from lm.chat import (
     MIN_PROMPT_TOKENS,
     Encoded,
     TokenizerMismatch,

@@ -1,4 +1,4 @@
-"""Tests for precompute.models.
+"""Tests for lm.models.
 
 The GGUF -> transformers conversion takes ~20-30 s on CPU, so it happens once
 per session (``built_cache``); the GGUF-loaded model it used is captured then,
@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from precompute import models as M
+from lm import models as M
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SAMPLE = "The capital of France is Paris. 12 + 7 = 19."

@@ -19,10 +19,11 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from precompute import calibration, chat, models
+from lm import chat, models
+from precompute import calibration
 from precompute.cli import main as precompute_main
-from precompute.pipeline import TeacherConfig, run_teacher
-from precompute.sampling import (
+from precompute.teacher import TeacherConfig, run_teacher
+from precompute.sample import (
     DROP_DUPLICATES,
     SampleConfig,
     choose_group,

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from precompute.pipeline import TeacherConfig, run_teacher
+from precompute.teacher import TeacherConfig, run_teacher
 from store import ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from tests import store_helpers, tiny
@@ -179,7 +179,7 @@ def test_different_settings_are_refused_naming_what_differs(tmp_path, tiny_model
 
 
 def test_tokenizer_mismatch_is_refused_before_any_model_runs(tmp_path, tiny_models, tiny_dataset):
-    from precompute.chat import TokenizerMismatch, tokenizer_hash
+    from lm.chat import TokenizerMismatch, tokenizer_hash
 
     teacher, _ = tiny_models
     other = tmp_path / "other-student"

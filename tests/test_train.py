@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from precompute import models
+from lm import models
 from store import ExampleStream, TeacherStore
 from train import losses, methods
 from train.batches import collate
@@ -86,7 +86,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_store, tmp_path):
 
 
 def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_dataset, tmp_path, forbid_model_loading):
-    from precompute.pipeline import TeacherConfig, run_teacher
+    from precompute.teacher import TeacherConfig, run_teacher
 
     teacher, student = tiny_models
     store = tmp_path / "pairs_only.zarr"

@@ -19,9 +19,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from precompute import models
-from precompute.pipeline import TeacherConfig, run_teacher
-from precompute.sampling import SampleConfig, run_sample
+from lm import models
+from precompute.teacher import TeacherConfig, run_teacher
+from precompute.sample import SampleConfig, run_sample
 from store import ExampleStream, TeacherStore
 from store import format as fmt
 from train import losses, methods

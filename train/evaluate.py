@@ -1,6 +1,6 @@
 """``train evaluate``: how close a student is to the teacher, and how it ranks preference pairs and groups.
 
-For any model that :func:`precompute.models.resolve_model` accepts (a trained
+For any model that :func:`lm.models.resolve_model` accepts (a trained
 run's directory, the embedded student, ...), on a split (default ``test``) of the
 store's ``pairs`` when it has ``pairs/teacher``:
 
@@ -46,7 +46,7 @@ from contextlib import nullcontext
 
 import torch
 
-from precompute import models
+from lm import models
 from store import ExampleStream, TokenizerMismatchError, check_complete
 
 from . import losses, methods

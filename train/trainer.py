@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import yaml
 
-from precompute import chat, models
+from lm import chat, models
 from store import ExampleStream, StoreError, TeacherStore, TokenizerMismatchError, check_complete
 from store import format as fmt
 

@@ -1,4 +1,4 @@
-"""Tests for precompute.data: every source kind and row format, bad rows, splits, fingerprints.
+"""Tests for precompute.dataset: every source kind and row format, bad rows, splits, fingerprints.
 
 All inputs are tiny files written into tmp_path.
 """
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from precompute import data as D
-from precompute.data import DataError, LoadedSplit, Row, dataset_identity, load_splits
+from precompute import dataset as D
+from precompute.dataset import DataError, LoadedSplit, Row, dataset_identity, load_splits
 
 SYS = {"role": "system", "content": "Be kind."}
 

@@ -8,7 +8,7 @@ a :class:`DataError` that names the source, the row and the field).
 Sources
 -------
 * ``None`` or ``"demo"``: the bundled demo dataset, the files
-  ``precompute/data/demo_prefs.<split>.jsonl`` (or ``.jsonl.gz``) shipped in
+  ``precompute/demo_data/demo_prefs.<split>.jsonl`` (or ``.jsonl.gz``) shipped in
   the package.
 * A local file: ``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz`` (read with
   plain Python, so that rows of different shapes can coexist), ``.parquet``
@@ -174,7 +174,7 @@ class _Source:
 
 def _bundled_dir():
     """The package folder holding the bundled demo files (a Traversable)."""
-    return resources.files("precompute").joinpath("data")
+    return resources.files("precompute").joinpath("demo_data")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -308,7 +308,7 @@ def _resolve(source: str | None) -> _Source:
         files = _bundled_files()
         if not files:
             raise DataError(f"bundled demo dataset not found: expected "
-                            f"precompute/data/{_DEMO_STEM}.<split>.jsonl in the package", source="demo")
+                            f"precompute/demo_data/{_DEMO_STEM}.<split>.jsonl in the package", source="demo")
         splits = {s: _read_jsonl(p, p.name.endswith(".gz")) for s, p in files.items()}
         labels = {s: f"demo ({p.name})" for s, p in files.items()}
         return _Source(label="demo", kind="bundled", splits=splits, labels=labels)

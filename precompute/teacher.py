@@ -48,7 +48,11 @@ from tqdm.auto import tqdm
 from store import TeacherStore
 from store import format as fmt
 
-from . import calibration, chat, data, models, passes
+from lm import chat, models
+
+from . import calibration
+from . import dataset as data
+from . import scoring as passes
 
 PASS_PAIRS = "pairs"
 PASS_DPO_REF = "dpo_ref"
@@ -287,7 +291,7 @@ class TeacherRun:
                 "rows_used": len(loaded.rows), "skipped": dict(loaded.skipped), "truncated": truncated,
             })
         if PASS_PAD in c.passes:
-            from .sampling import record_sample_counts
+            from .sample import record_sample_counts
 
             record_sample_counts(self.store, list(self.rows))  # set_split above resets the split's record
 
@@ -315,7 +319,7 @@ class TeacherRun:
 
     def _check_samples_match(self, prompt_rows: dict[str, data.LoadedSplit]) -> None:
         """The rows given now must be the prompts the groups were sampled for (the MCQ question is theirs)."""
-        from .sampling import prompts_fingerprint
+        from .sample import prompts_fingerprint
 
         store = self._samples_store
         for split, loaded in prompt_rows.items():

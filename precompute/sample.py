@@ -56,8 +56,11 @@ from tqdm.auto import tqdm
 from store import TeacherStore
 from store import format as fmt
 
-from . import chat, data, models, pipeline
-from .passes import generate_in_batches
+from lm import chat, models
+
+from . import dataset as data
+from . import teacher as pipeline
+from .scoring import generate_in_batches
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = "samples/base"

@@ -3,6 +3,10 @@
 Both ``precompute`` (teacher side) and ``train`` (student side) import this
 module, so the two always see the same ids for the same example.
 
+Padding: :func:`pad_id` is the one rule both sides use to fill batches: the
+tokenizer's pad token, else the end-of-turn token. Padded positions are always
+masked out, so the choice never changes a number; one rule keeps batches equal.
+
 Chat template
 -------------
 When the tokenizer has a ``chat_template`` it is used:
@@ -61,6 +65,7 @@ __all__ = [
     "tokenizer_hash",
     "check_same_tokenization",
     "render_fallback",
+    "pad_id",
 ]
 
 MIN_PROMPT_TOKENS = 8
@@ -200,6 +205,12 @@ def end_of_turn_id(tokenizer) -> int:
     except TypeError:
         pass
     return result
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else the end-of-turn token (module docstring)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else end_of_turn_id(tokenizer)
 
 
 # --------------------------------------------------------------------------- #
