@@ -5,6 +5,7 @@ and ``train`` reads them, both through the classes exported here.
 """
 
 from . import format
+from .provenance import DatasetRecord, ModelRecord, PassRecord, TokenizerRecord
 from .stream import Example, ExampleReader, ExampleStream, Sequence, check_complete, load_part
 from .teacher_store import (
     FormatMismatch,
@@ -19,5 +20,5 @@ from .teacher_store import (
 __all__ = [
     "format", "Example", "ExampleReader", "ExampleStream", "Sequence", "check_complete", "load_part",
     "FormatMismatch", "IncompleteSection", "ProvenanceMismatch", "StoreError", "TeacherStore",
-    "TokenizerMismatchError", "array_checksum",
+    "TokenizerMismatchError", "array_checksum", "DatasetRecord", "ModelRecord", "PassRecord", "TokenizerRecord",
 ]

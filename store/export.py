@@ -85,31 +85,20 @@ def export_hdf5(store: TeacherStore, out_path: str, *,
             h5.attrs["json_attributes"] = JSON_NOTE
             h5.attrs["exported_from"] = store.location
             for split in store.splits():
-                split_group = h5.require_group(split)
-                for part in range(store.num_parts(split)):
-                    part_written = None
-                    for sequence_set in fmt.SEQUENCE_SETS:
-                        if not store.is_complete(split, part, sequence_set, fmt.BASE):
-                            continue
-                        if part_written is None:
-                            part_written = split_group.require_group(fmt.part_name(part))
-                            start, stop = store.part_range(split, part)
-                            _put_attrs(part_written, {"example_start": start, "example_stop": stop})
-                        set_group = part_written.require_group(sequence_set)
-                        for section in (fmt.BASE,) + fmt.SECTIONS:
-                            attrs = store.section_attrs(split, part, sequence_set, section)
-                            if not (attrs and attrs.get("complete")):
-                                continue
-                            path = fmt.group_path(split, part, sequence_set, section)
-                            if progress:
-                                progress(path)
-                            target = set_group if section == fmt.BASE else set_group.require_group(section)
-                            _put_attrs(target, attrs)
-                            values = store.read_section(split, part, sequence_set, section)
-                            for name, array in values.items():
-                                _dataset(target, name, array)
-                                arrays += 1
-                            sections += 1
+                h5.require_group(split)
+            for ref, attrs in store.complete_sections():
+                part_name = f"{ref.split}/{fmt.part_name(ref.part)}"
+                if part_name not in h5:
+                    start, stop = store.part_range(ref.split, ref.part)
+                    _put_attrs(h5.require_group(part_name), {"example_start": start, "example_stop": stop})
+                if progress:
+                    progress(ref.path)
+                target = h5.require_group(ref.path)
+                _put_attrs(target, attrs)
+                for name, array in store.read_section(ref.split, ref.part, ref.sequence_set, ref.section).items():
+                    _dataset(target, name, array)
+                    arrays += 1
+                sections += 1
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,98 +1,41 @@
 """What a store holds, in one dictionary (``store_info``) and as a text table (``format_info``).
 
-Everything comes from attributes (root and per section) plus one listing of
-the files for the bytes on disk, so it is cheap on a remote store too; no
-array data is read, except for a teacher section's shape when no pass states
-its top-K.
+Everything comes from attributes (root and per section, read through the
+typed records of :mod:`store.provenance`) plus one listing of the files for the
+bytes on disk, so it is cheap on a remote store too; no array data is read,
+except for a teacher section's shape when no pass states its top-K.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from . import format as fmt
-from .teacher_store import TeacherStore
+from .teacher_store import SectionRef, TeacherStore
 
-__all__ = ["store_info", "format_info", "find_models"]
-
-_HASH_KEYS = ("hash", "weights_hash", "sha256", "content_hash", "digest")
-_NAME_KEYS = ("name", "id", "path", "repo")
-_TOPK_KEYS = ("top_k", "topk", "k", "K")
-_NOT_MODELS = ("tokenizer", "dataset", "data", "template")
+__all__ = ["store_info", "format_info"]
 
 
-def find_models(provenance: Any, where: str = "") -> Iterator[dict]:
-    """Every model record in a provenance tree: ``{"name", "hash", "key"}``.
-
-    A model is a mapping with a name-like and a hash-like key (``{"name", "hash"}``
-    is what passes write), or a string under a key containing "model" with a
-    sibling ``<key>_hash``. Name/hash records under a key naming a tokenizer or a
-    dataset are not models.
-    """
-    if isinstance(provenance, Mapping):
-        name_key = next((k for k in _NAME_KEYS if isinstance(provenance.get(k), str)), None)
-        hash_key = next((k for k in _HASH_KEYS if isinstance(provenance.get(k), str)), None)
-        last = where.rsplit(".", 1)[-1].lower()
-        if name_key and hash_key and not any(word in last for word in _NOT_MODELS):
-            yield {"name": provenance[name_key], "hash": provenance[hash_key], "key": where or "."}
-            return
-        for key, value in provenance.items():
-            key = str(key)
-            path = f"{where}.{key}" if where else key
-            if isinstance(value, str) and "model" in key.lower():
-                sibling = next((provenance[f"{key}{suffix}"] for suffix in ("_hash", "_sha256", "_weights_hash")
-                                if isinstance(provenance.get(f"{key}{suffix}"), str)), None)
-                if sibling is not None:
-                    yield {"name": value, "hash": sibling, "key": path}
-            elif isinstance(value, (Mapping, list, tuple)):
-                yield from find_models(value, path)
-    elif isinstance(provenance, (list, tuple)):
-        for i, value in enumerate(provenance):
-            yield from find_models(value, f"{where}[{i}]")
-
-
-def _find_top_k(provenance: Any) -> int | None:
-    if isinstance(provenance, Mapping):
-        for key in _TOPK_KEYS:
-            value = provenance.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        for value in provenance.values():
-            found = _find_top_k(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _top_k(store: TeacherStore, passes: Mapping, sections_seen: list[tuple[str, int, str]]) -> tuple[int | None, str]:
-    """K from the teacher pass's provenance (a pass named like "teacher" first), else from the data."""
-    names = sorted(passes, key=lambda n: (not str(n).split("/")[-1] == fmt.SECTION_TEACHER,
-                                          "teacher" not in str(n), str(n)))
+def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | None, str]:
+    """K from the teacher passes' records (a pass of a teacher section first), else from the data."""
+    records = store.passes()
+    names = sorted(records, key=lambda n: (n.split("/")[-1] != fmt.SECTION_TEACHER, n))
     for name in names:
-        k = _find_top_k(passes[name])
-        if k is not None:
-            return k, f"pass {name!r}"
-    for split, part, sequence_set in sections_seen:
+        if records[name].top_k is not None:
+            return records[name].top_k, f"pass {name!r}"
+    for ref in teacher_parts:
+        group = store._group(ref)
         try:
-            group = store._group(_ref(split, part, sequence_set, fmt.SECTION_TEACHER))
-            if group is not None:
-                return int(group["topk_ids"].shape[1]), "topk_ids width"
+            return int(group["topk_ids"].shape[1]), "topk_ids width"
         except Exception:  # a damaged section: try the next one
             continue
     return None, "no teacher section"
 
 
-def _ref(split, part, sequence_set, section):
-    from .teacher_store import SectionRef
-
-    return SectionRef(split, part, sequence_set, section)
-
-
 def store_info(store: TeacherStore) -> dict:
     """A JSON-serialisable summary of ``store`` (see the module docstring)."""
     attrs = store.attrs
-    passes = attrs.get("passes", {}) or {}
     info: dict[str, Any] = {
         "location": store.location,
         "format": attrs.get("format", {}),
@@ -107,60 +50,52 @@ def store_info(store: TeacherStore) -> dict:
         "models": [],
     }
     models: dict[tuple[str, str], dict] = {}
-    for name, provenance in passes.items():
-        found = list(find_models(provenance))
-        info["passes"][name] = {"provenance": provenance, "models": found}
+    for name, record in store.passes().items():
+        found = [] if record.model is None else [{"name": record.model.name, "hash": record.model.sha256,
+                                                  "key": f"{name}.model"}]
+        info["passes"][name] = {"provenance": record.to_dict(), "models": found}
         for model in found:
             entry = models.setdefault((model["name"], model["hash"]),
                                       {"name": model["name"], "hash": model["hash"], "passes": []})
-            if name not in entry["passes"]:
-                entry["passes"].append(name)
+            entry["passes"].append(name)
     info["models"] = list(models.values())
 
     splits: dict[str, Any] = {}
-    teacher_parts: list[tuple[str, int, str]] = []
+    teacher_parts: list[SectionRef] = []
+    counted: dict[tuple[str, str], dict] = {}  # (split, set) -> counts over complete parts
+    for ref, section_attrs in store.complete_sections():  # a set's base comes before its sections
+        if ref.section != fmt.BASE:
+            counted[(ref.split, ref.sequence_set)]["parts_complete"][ref.section] += 1
+            if ref.section == fmt.SECTION_TEACHER:
+                teacher_parts.append(ref)
+            continue
+        entry = counted.setdefault((ref.split, ref.sequence_set), {
+            "examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0,
+            "parts_complete": {section: 0 for section in (fmt.BASE,) + fmt.SECTIONS}})
+        rows = section_attrs.get("rows", {})
+        start, stop = store.part_range(ref.split, ref.part)
+        entry["parts_complete"][fmt.BASE] += 1
+        entry["examples"] += (int(section_attrs.get("example_stop", stop))
+                              - int(section_attrs.get("example_start", start)))
+        entry["sequences"] += int(rows.get(fmt.AXIS_SEQUENCE, 0))
+        entry["tokens"] += int(rows.get(fmt.AXIS_TOKEN, 0))
+        if fmt.AXIS_RESPONSE in rows:
+            entry["response_tokens"] += int(rows[fmt.AXIS_RESPONSE])
+        else:  # written before base sections recorded their response rows
+            offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE, ["response_offsets"])
+            entry["response_tokens"] += int(offsets["response_offsets"][-1])
     total_response = 0
     for split in store.splits():
-        layout = attrs["layout"]["splits"][split]
         num_parts = store.num_parts(split)
-        sets: dict[str, Any] = {}
-        for sequence_set in fmt.SEQUENCE_SETS:
-            counts = {"examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0}
-            parts = {section: 0 for section in (fmt.BASE,) + fmt.SECTIONS}
-            for part in range(num_parts):
-                base = store.section_attrs(split, part, sequence_set, fmt.BASE)
-                if not (base and base.get("complete")):
-                    continue
-                parts[fmt.BASE] += 1
-                rows = base.get("rows", {})
-                start, stop = store.part_range(split, part)
-                counts["examples"] += int(base.get("example_stop", stop)) - int(base.get("example_start", start))
-                counts["sequences"] += int(rows.get(fmt.AXIS_SEQUENCE, 0))
-                counts["tokens"] += int(rows.get(fmt.AXIS_TOKEN, 0))
-                if fmt.AXIS_RESPONSE in rows:
-                    counts["response_tokens"] += int(rows[fmt.AXIS_RESPONSE])
-                else:  # written before base sections recorded their response rows
-                    offsets = store.read_section(split, part, sequence_set, fmt.BASE, ["response_offsets"])
-                    counts["response_tokens"] += int(offsets["response_offsets"][-1])
-                for section in fmt.SECTIONS:
-                    if store.is_complete(split, part, sequence_set, section):
-                        parts[section] += 1
-                        if section == fmt.SECTION_TEACHER:
-                            teacher_parts.append((split, part, sequence_set))
-            if parts[fmt.BASE] == 0:
-                continue
-            sets[sequence_set] = {
-                **counts,
-                "parts_complete": parts,
-                "parts_total": num_parts,
-            }
-            total_response += counts["response_tokens"]
+        sets = {sequence_set: {**counted[(split, sequence_set)], "parts_total": num_parts}
+                for sequence_set in fmt.SEQUENCE_SETS if (split, sequence_set) in counted}
+        total_response += sum(s["response_tokens"] for s in sets.values())
         nbytes = store.nbytes_on_disk(split)
         split_response = sum(s["response_tokens"] for s in sets.values())
         splits[split] = {
-            "num_examples": int(layout["num_examples"]),
+            "num_examples": store.num_examples(split),
             "num_parts": num_parts,
-            "dataset": layout.get("dataset"),
+            "dataset": attrs["layout"]["splits"][split].get("dataset"),
             "sets": sets,
             "sequences": sum(s["sequences"] for s in sets.values()),
             "response_tokens": split_response,
@@ -169,7 +104,7 @@ def store_info(store: TeacherStore) -> dict:
             "bytes_per_response_token": (nbytes / split_response) if split_response else None,
         }
     info["splits"] = splits
-    info["top_k"], info["top_k_from"] = _top_k(store, passes, teacher_parts)
+    info["top_k"], info["top_k_from"] = _top_k(store, teacher_parts)
     nbytes = store.nbytes_on_disk()
     info["bytes_on_disk"] = nbytes
     info["response_tokens"] = total_response

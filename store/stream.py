@@ -329,11 +329,10 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
 def check_complete(store: TeacherStore, split: str, needs: Needs) -> list[str]:
     """Names of the (part, set, section) a read of ``needs`` would miss; empty when all there."""
     missing = []
-    for part in range(store.num_parts(split)):
-        for sequence_set, sections in needs.items():
-            for section in (fmt.BASE, *sections):
-                if not store.is_complete(split, part, sequence_set, section):
-                    missing.append(fmt.group_path(split, part, sequence_set, section))
+    for sequence_set, sections in needs.items():
+        for ref, attrs in store.walk_sections([split], (fmt.BASE, *sections), sets=[sequence_set]):
+            if not (attrs and attrs.get("complete")):
+                missing.append(ref.path)
     return missing
 
 

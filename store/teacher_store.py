@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 
 from . import format as fmt
+from .provenance import DatasetRecord, PassRecord, TokenizerRecord, read_passes
 
 # Our log-prob codecs come from numcodecs; zarr warns on every open that other
 # zarr implementations may lack them. The format description says so once.
@@ -242,6 +243,25 @@ class TeacherStore:
                 return check
             time.sleep(0.05 * (attempt + 1))
         raise StoreError(f"{self.location}: could not update root attributes (concurrent writers)")
+
+    # -- provenance, typed (see store.provenance) ----------------------------
+
+    def passes(self) -> dict[str, PassRecord]:
+        return read_passes(self.attrs)
+
+    def pass_record(self, name: str) -> PassRecord | None:
+        return self.passes().get(name)
+
+    @property
+    def tokenizer(self) -> TokenizerRecord:
+        return TokenizerRecord.from_dict(self.attrs.get("tokenizer"))
+
+    def dataset(self, split: str | None = None) -> DatasetRecord | None:
+        """The dataset behind ``split`` (its rows' fingerprint and counts), or the store's dataset for None."""
+        if split is None:
+            return DatasetRecord.from_dict((self.attrs.get("provenance") or {}).get("dataset"))
+        entry = self.attrs.get("layout", {}).get("splits", {}).get(split) or {}
+        return DatasetRecord.from_dict(entry.get("dataset"))
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -486,19 +506,36 @@ class TeacherStore:
     # -- manifest, verification, information ---------------------------------
 
     def walk_sections(self, splits: Iterable[str] | None = None,
-                      sections: Iterable[str] = (fmt.BASE,) + fmt.SECTIONS):
-        """Yield (SectionRef, group attributes or None when absent) for every place a section can be."""
+                      sections: Iterable[str] = (fmt.BASE,) + fmt.SECTIONS,
+                      sets: Iterable[str] = fmt.SEQUENCE_SETS):
+        """Yield (SectionRef, group attributes or None when absent) for every place a section can be.
+
+        Order: split, part, set, then ``sections`` in the order given (a set's base first by default).
+        """
+        sections, sets = tuple(sections), tuple(sets)
         for split in (self.splits() if splits is None else splits):
             for part in range(self.num_parts(split)):
-                for sequence_set in fmt.SEQUENCE_SETS:
+                for sequence_set in sets:
                     for section in sections:
                         yield (SectionRef(split, part, sequence_set, section),
                                self.section_attrs(split, part, sequence_set, section))
 
+    def complete_sections(self, splits: Iterable[str] | None = None):
+        """Yield (SectionRef, attributes) of every complete section, a set's sections only beside its complete base."""
+        complete_bases = set()
+        for ref, attrs in self.walk_sections(splits):  # a set's base comes before its sections
+            if not (attrs and attrs.get("complete")):
+                continue
+            key = (ref.split, ref.part, ref.sequence_set)
+            if ref.section == fmt.BASE:
+                complete_bases.add(key)
+            elif key not in complete_bases:
+                continue
+            yield ref, attrs
+
     def refresh_manifest(self) -> dict:
         """Copy every complete section's checksums into the root attributes."""
-        manifest = {ref.path: attrs["checksums"] for ref, attrs in self.walk_sections()
-                    if attrs and attrs.get("complete")}
+        manifest = {ref.path: attrs["checksums"] for ref, attrs in self.complete_sections()}
 
         def mutate(root_attrs):
             root_attrs["manifest"] = manifest

@@ -27,9 +27,9 @@ from store import format as fmt
 VOCAB_SIZE = 1000
 TOP_K = 8
 TOKENIZER = {"name": "synthetic-tokenizer", "hash": "0123456789abcdef" * 4}
-TEACHER_MODEL = {"name": "synthetic-teacher", "hash": "feedc0de" * 8}
-REFERENCE_MODEL = {"name": "synthetic-reference", "hash": "abad1dea" * 8}
-STUDENT_MODEL = {"name": "synthetic-student", "hash": "5eed5eed" * 8}
+TEACHER_MODEL = {"name": "synthetic-teacher", "sha256": "feedc0de" * 8}
+REFERENCE_MODEL = {"name": "synthetic-reference", "sha256": "abad1dea" * 8}
+STUDENT_MODEL = {"name": "synthetic-student", "sha256": "5eed5eed" * 8}
 DATASET = {"name": "synthetic-prefs", "revision": "v0", "fingerprint": "f1n6e2p2"}
 
 # which sections each set carries, in write order

@@ -440,7 +440,7 @@ def test_info_json_counts_and_hdf5_export(tmp_path):
     assert info["tokenizer"] == H.TOKENIZER
     assert info["top_k"] == H.TOP_K
     assert {(m["name"], m["hash"]) for m in info["models"]} == {
-        (m["name"], m["hash"]) for m in (H.TEACHER_MODEL, H.REFERENCE_MODEL, H.STUDENT_MODEL)}
+        (m["name"], m["sha256"]) for m in (H.TEACHER_MODEL, H.REFERENCE_MODEL, H.STUDENT_MODEL)}
     assert set(info["passes"]) == set(H.pass_provenance())
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(location) for f in files)
     assert info["bytes_on_disk"] == on_disk
@@ -464,7 +464,7 @@ def test_info_json_counts_and_hdf5_export(tmp_path):
     assert generated[fmt.SECTION_REFERENCE] == store.num_parts("test") - 1
     assert generated[fmt.SECTION_TEACHER] == store.num_parts("test")
     text = CliRunner().invoke(store_cli, ["info", location])
-    assert text.exit_code == 0 and H.TEACHER_MODEL["hash"] in text.output and "0/1" in text.output
+    assert text.exit_code == 0 and H.TEACHER_MODEL["sha256"] in text.output and "0/1" in text.output
 
     out = tmp_path / "export.h5"
     result = CliRunner().invoke(store_cli, ["export", location, "--format", "hdf5", "--out", str(out)])
