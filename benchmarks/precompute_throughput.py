@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm import chat, models  # noqa: E402
 from precompute import dataset as data  # noqa: E402
 from precompute import scoring as passes  # noqa: E402
-from precompute.teacher import base_arrays, scored_arrays, split_sequences  # noqa: E402
+from store.sequences import base_arrays, split_sequences  # noqa: E402
 from store import TeacherStore  # noqa: E402
 from store import format as fmt  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
             seqs, _ = split_sequences(base)
             lengths = [len(s) for s in seqs]
             for batch in passes.token_budget_order(lengths, args.batch_tokens):
-                ids, mask = passes._pad([seqs[i] for i in batch], pad, device)
+                ids, mask = passes.right_padded([seqs[i] for i in batch], pad, device)
                 model(input_ids=ids, attention_mask=mask).logits
         sync()
         return time.perf_counter() - t0
@@ -90,7 +90,7 @@ def main() -> None:
             if pending is not None:
                 pending.result()
             pending = writer.submit(store.write_section, "train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER,
-                                    scored_arrays(scored, topk=True))
+                                    passes.scored_arrays(scored, topk=True))
         pending.result()
         sync()
         return time.perf_counter() - t0

@@ -38,6 +38,7 @@ class Cli:
     metavar: str | None = None
     parse: Callable[[Any], Any] | None = None  # click's value -> the field's value
     shown_default: Any = None  # what --help shows, when not the field's default
+    required: bool = False
 
 
 def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
@@ -119,7 +120,7 @@ def click_options(config_cls, *, exclude: tuple[str, ...] = (), only: tuple[str,
             spec = f.metadata.get("cli")
             if spec is None or f.name in exclude or (only is not None and f.name not in only):
                 continue
-            kwargs: dict[str, Any] = {"help": spec.help}
+            kwargs: dict[str, Any] = {"help": spec.help, "required": spec.required}
             default = defaults.get(f.name)
             if _inverted(f, spec):
                 kwargs.update(is_flag=True, default=False)
@@ -131,8 +132,9 @@ def click_options(config_cls, *, exclude: tuple[str, ...] = (), only: tuple[str,
                 shown = spec.shown_default
                 if shown is None and isinstance(default, tuple):
                     shown = ",".join(map(str, default))
-                kwargs["default"] = shown if shown is not None else default
-                kwargs["show_default"] = kwargs["default"] is not None
+                if not spec.required:
+                    kwargs["default"] = shown if shown is not None else default
+                    kwargs["show_default"] = kwargs["default"] is not None
             if spec.type is not None:
                 kwargs["type"] = spec.type
             if spec.metavar:

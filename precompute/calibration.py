@@ -60,7 +60,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import scoring as passes
+from lm import chat
+from lm.head import split_model
+from store import format as fmt
+from store.sequences import split_sequences
+
+from .runs import StepResult
+from .scoring import right_padded, token_budget_order
 
 MCQ_EPS = 1e-8
 LETTERS = ("A", "B")
@@ -156,18 +162,18 @@ def option_logprobs(model, prompts: Sequence[np.ndarray], letter_ids: Sequence[n
     tokens each). ``on_batch(prompts_done)`` reports progress.
     """
     device = next(model.parameters()).device
-    base, head = passes._decoder_and_head(model)
+    base, head = split_model(model)
     index = [torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device) for ids in letter_ids]
     lengths = [len(p) for p in prompts]
     if any(n < 1 for n in lengths):
         raise ValueError("empty multiple-choice prompt")
     out = np.zeros((len(prompts), len(letter_ids)), dtype=np.float64)
-    for batch in passes.token_budget_order(lengths, batch_tokens):
-        ids, mask = passes._pad([prompts[i] for i in batch], pad_id, device)
+    for batch in token_budget_order(lengths, batch_tokens):
+        ids, mask = right_padded([prompts[i] for i in batch], pad_id, device)
         hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
         last = torch.as_tensor([lengths[i] - 1 for i in batch], device=device)
         rows = torch.arange(len(batch), device=device)
-        logp = torch.log_softmax(passes._head_logits(model, head, hidden[rows, last]), dim=-1)
+        logp = torch.log_softmax(head.logits(hidden[rows, last]), dim=-1)
         letters = torch.stack([torch.logsumexp(logp[:, ix], dim=-1) for ix in index], dim=-1)
         out[batch] = letters.double().cpu().numpy()
         if on_batch:
@@ -263,3 +269,117 @@ def describe_stats(stats: dict) -> list[str]:
         f"pairs, orders averaged (0 = no preference); both orders pick the same response in "
         f"{100.0 * stats['orders_agree'] / pairs:.0f}% of pairs",
     ]
+
+
+# --------------------------------------------------------------------------- the step of `precompute teacher`
+
+@dataclass
+class McqSetup:
+    """What the calibration step needs besides the store: the template and how long a question may be."""
+
+    template: McqTemplate
+    tokenizer: object
+    question_budget: int  # longest question in tokens: the prompt budget the samples were drawn with
+    _letter_ids: list[np.ndarray] | None = None
+
+    @classmethod
+    def build(cls, tokenizer, template: McqTemplate, samples_record, config) -> "McqSetup":
+        """``samples_record``: the ``samples/base`` pass record (its max_length and max_new_tokens)."""
+        drawn = samples_record.settings
+        max_length = drawn.get("max_length", config.max_length)
+        budget = max(chat.MIN_PROMPT_TOKENS, max_length - drawn.get("max_new_tokens", config.max_new_tokens))
+        return cls(template=template, tokenizer=tokenizer, question_budget=budget)
+
+    @property
+    def letter_ids(self) -> list[np.ndarray]:
+        if self._letter_ids is None:  # decodes the whole vocabulary once, when the step first runs
+            self._letter_ids = letter_token_ids(self.tokenizer)
+        return self._letter_ids
+
+    def provenance(self) -> dict:
+        return {
+            "template": {"source": self.template.source, "sha256": self.template.sha256},
+            "question": "last user message of the dataset row, cut from the left to "
+                        f"{self.question_budget} tokens",
+            "options": "response ids decoded without special tokens, stripped",
+            "letters": list(LETTERS),
+            "letter_tokens": "every token that decodes alone, stripped, to the letter (case-sensitive)",
+            "normalisation": "P(A chosen) = p_A / (p_A + p_B) per ask",
+            "orders": "each pair asked with either response as A; P(i over j) is their mean",
+            "eps": MCQ_EPS,
+        }
+
+
+def mcq_step(ctx, step, split: str, part: int, model, progress):
+    """PAD's calibration for one part: every pair of every group asked in both orders (module docstring)."""
+    setup, tokenizer = ctx.mcq, ctx.tokenizer
+    base = ctx.store.read_section(split, part, fmt.SET_SAMPLES)
+    seqs, prompt_lengths = split_sequences(base)
+    group_offsets = base["group_offsets"]
+    rows = {r.index: r for r in ctx.rows_of_part(split, part, prompts=True)}
+    asks, sizes, cut = [], [], 0
+    for g, example in enumerate(base["group_example_index"]):
+        first, stop = int(group_offsets[g]), int(group_offsets[g + 1])
+        question, was_cut = cut_question(tokenizer, last_user_message(rows[int(example)].prompt),
+                                         setup.question_budget)
+        cut += was_cut
+        options = [option_text(tokenizer, seqs[s][prompt_lengths[s]:]) for s in range(first, stop)]
+        for i, j in unordered_pairs(stop - first):
+            for a, b in ((i, j), (j, i)):
+                text = setup.template.render(question, options[a], options[b])
+                asks.append(chat.encode_prompt(tokenizer, [{"role": "user", "content": text}]))
+        sizes.append(stop - first)
+    part_tokens = int(base["token_offsets"][-1])
+    done = [0, 0]  # asks done, progress reported (in the sample set's tokens, the bar's unit)
+
+    def on_batch(n_asks):
+        done[0] += n_asks
+        now = part_tokens * done[0] // max(1, len(asks))
+        progress(now - done[1])
+        done[1] = now
+
+    letter_logp = option_logprobs(model, asks, setup.letter_ids, batch_tokens=ctx.config.batch_tokens,
+                                  pad_id=ctx.pad_id, on_batch=on_batch)
+    p_first = prob_first_option(letter_logp)
+    pair_index, pair_prob, pair_offsets, scores = [], [], [0], []
+    stats, at = {}, 0
+    for n in sizes:
+        u = len(unordered_pairs(n))
+        a_first, a_second = p_first[at:at + 2 * u:2], p_first[at + 1:at + 2 * u:2]
+        index, prob = pair_rows(n, a_first, a_second)
+        pair_index.append(index)
+        pair_prob.append(prob)
+        pair_offsets.append(pair_offsets[-1] + len(index))
+        scores.append(mcq_score(pair_matrix(index, prob, n)))
+        stats = add_stats(stats, ask_stats(letter_logp[at:at + 2 * u], a_first, a_second))
+        at += 2 * u
+    arrays = {
+        "pair_index": np.concatenate(pair_index) if pair_index else np.zeros((0, 2), np.int32),
+        "pair_prob": (np.concatenate(pair_prob) if pair_prob else np.zeros((0, 2))).astype(np.float32),
+        "group_pair_offsets": np.asarray(pair_offsets, dtype=np.int64),
+        "mcq_score": (np.concatenate(scores) if scores else np.zeros(0)).astype(np.float32),
+    }
+    return StepResult(arrays, int(sum(map(len, asks))), {"calibration": stats, "questions_cut": int(cut)},
+                      groups=len(sizes))
+
+
+def summary_lines(store, splits, summary, groups_done: dict[str, int]) -> list[str]:
+    """Position bias and judgement over the store's complete MCQ parts; cost per group of this run."""
+    stats = {}
+    for split in splits:
+        for part in store.complete_parts(split, fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ):
+            attrs = store.section_attrs(split, part, fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ)
+            stats = add_stats(stats, attrs.get("calibration", {}))
+    lines = describe_stats(stats)
+    costs = []
+    for record in summary.steps:
+        if not record["step"].startswith(fmt.SET_SAMPLES + "/"):
+            continue
+        groups = groups_done.get(record["step"], 0)
+        if groups:
+            costs.append(f"{record['step']} {record['seconds'] / groups:.3f} s and "
+                         f"{record['tokens'] / groups:.0f} tokens")
+        else:
+            costs.append(f"{record['step']} " + ("no groups" if record["parts_done"] else "already complete"))
+    lines.append("  pad cost per group: " + "; ".join(costs))
+    return lines

@@ -42,24 +42,24 @@ hardware settings; the per-split totals go to
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import click
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from store import TeacherStore
-from store import format as fmt
-
 from lm import chat, models
+from lm.options import comma_list, key_json_values, key_values, setting
+from store import ModelRecord, PassRecord, TeacherStore
+from store import format as fmt
+from store.sequences import base_arrays
 
-from . import dataset as data
-from . import teacher as pipeline
+from . import runs
+from .dataset import LoadedSplit, dataset_identity, load_splits
 from .scoring import generate_in_batches
 
 DROP_DUPLICATES = "duplicate_responses"
@@ -145,13 +145,6 @@ def part_seed(seed: int, split: str, part: int) -> int:
     return (seed + offset + part) % (1 << 63)
 
 
-def prompts_fingerprint(rows: Sequence[data.Row]) -> str:
-    """sha256 of the (index, prompt messages) the samples of a part answer."""
-    payload = [[r.index, r.prompt] for r in rows]
-    text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 @torch.inference_mode()
 def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperature: float, top_p: float,
                      max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, batch_size: int = 16,
@@ -177,26 +170,36 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
 
 @dataclass
 class SampleConfig:
-    out: str
-    model: str | None = None  # None: the embedded student
-    dataset: str | None = None
-    splits: tuple[str, ...] = ("train", "test")
-    limit: int | None = None
-    n: int = 5
-    temperature: float = 1.0
-    top_p: float = 0.95
-    keep: int = 4
-    max_new_tokens: int = 64
-    max_length: int = 512
-    seed: int = 0
-    generation_batch: int = 16
-    device: str = "auto"
-    dtype: str = "auto"
-    columns: dict | None = None
-    strict: bool = False
-    examples_per_part: int = 64
-    storage_options: dict | None = None
-    progress: bool = True
+    """Settings of ``precompute sample``; each field is also its command-line option."""
+
+    out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
+    model: str | None = setting(None, "Model that samples (the student's initial model) [embedded demo student].")
+    dataset: str | None = setting(None, "Prompts: preference or prompt-only rows, same sources as `teacher` "
+                                        "[bundled demo set].")
+    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
+    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
+    n: int = setting(5, "Responses drawn per prompt.", type=click.IntRange(min=2))
+    temperature: float = setting(1.0, "Sampling temperature.", type=click.FloatRange(min=0, min_open=True))
+    top_p: float = setting(0.95, "Nucleus sampling mass.", type=click.FloatRange(min=0, max=1, min_open=True))
+    keep: int = setting(4, "Most diverse responses kept per prompt (greedy max-min token edit distance).",
+                        type=click.IntRange(min=2))
+    max_new_tokens: int = setting(64, "Length limit of each response.", type=click.IntRange(min=1))
+    max_length: int = setting(512, "Prompts are cut from the left to max-length minus max-new-tokens.",
+                              type=click.IntRange(min=16))
+    seed: int = setting(0, "Part p of train draws with seed + p.", type=int)
+    generation_batch: int = setting(16, "Prompts per generate() call (each drawn n times).",
+                                    type=click.IntRange(min=1))
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
+    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
+    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
+                            flag="--column", multiple=True, parse=key_values("--column"))
+    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
+    examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
+                                     type=click.IntRange(min=1))
+    storage_options: dict = setting(factory=dict, help="fsspec option KEY=VALUE (repeatable).",
+                                    flag="--storage-option", multiple=True,
+                                    parse=key_json_values("--storage-option"))
+    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
     def check(self) -> None:
         if self.n < 2:
@@ -212,36 +215,25 @@ class SampleConfig:
 
 
 @dataclass
+class SampleContext:
+    """Everything the sampling of a part reads, decided before the model loads."""
+
+    config: SampleConfig
+    store: TeacherStore
+    tokenizer: object
+    model: models.ModelInfo
+    rows: dict[str, LoadedSplit]
+    device: str
+    dtype: str
+    eot_id: int
+    pad_id: int
+
+
+@dataclass
 class _Part:
     split: str
     part: int
     rows: list = field(default_factory=list)
-
-
-def sample_counts(store: TeacherStore, split: str) -> dict:
-    """Totals over a split's complete ``samples`` parts: prompts, groups, drops by reason, truncation."""
-    total = {"prompts": 0, "groups": 0, "dropped": {}, "truncated_prompts": 0, "parts": 0}
-    for part in store.complete_parts(split, fmt.SET_SAMPLES):
-        attrs = store.section_attrs(split, part, fmt.SET_SAMPLES) or {}
-        total["parts"] += 1
-        total["prompts"] += int(attrs.get("prompts", 0))
-        total["groups"] += int(attrs.get("groups", 0))
-        total["truncated_prompts"] += int(attrs.get("truncated_prompts", 0))
-        for reason, count in (attrs.get("dropped") or {}).items():
-            total["dropped"][reason] = total["dropped"].get(reason, 0) + int(count)
-    return total
-
-
-def record_sample_counts(store: TeacherStore, splits: Sequence[str]) -> dict[str, dict]:
-    """Write each split's totals to ``layout.splits.<split>.samples``; returns them."""
-    counts = {split: sample_counts(store, split) for split in splits}
-
-    def mutate(attrs):
-        for split, total in counts.items():
-            attrs["layout"]["splits"].setdefault(split, {})["samples"] = total
-
-    store.update_attrs(mutate)
-    return counts
 
 
 def describe_counts(split: str, total: dict, keep: int | None = None) -> str:
@@ -251,125 +243,104 @@ def describe_counts(split: str, total: dict, keep: int | None = None) -> str:
             f"dropped: {dropped}; prompts cut to fit: {total['truncated_prompts']}")
 
 
-class SampleRun:
-    def __init__(self, config: SampleConfig):
-        config.check()
-        self.config = config
-        self.summary = pipeline.Summary(store=config.out)
-        self.device = models.resolve_device(config.device)
-        self.dtype = models.resolve_dtype(config.dtype, self.device)
-        self.dtype_name = str(self.dtype).replace("torch.", "")
-
-    def provenance(self) -> dict:
-        c = self.config
-        return {
-            "model": {"name": self.info.name, "sha256": self.info.weights_hash},
-            "dataset": data.dataset_identity(c.dataset),
-            "n": c.n, "temperature": c.temperature, "top_p": c.top_p, "top_k": "off", "keep": c.keep,
-            "seed": c.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
-            "max_new_tokens": c.max_new_tokens, "max_length": c.max_length, "dtype": self.dtype_name,
-            "selection": "greedy max-min token edit distance from response 0, ties to the lowest index",
-            "duplicates": "prompt dropped if two of the n drawn responses have identical token ids",
-        }
-
-    def prepare(self) -> None:
-        c = self.config
-        self.rows = data.load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
-                                     require_pairs=False)
-        self.info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
-        self.tokenizer = models.load_tokenizer(self.info.path)
-        tokenizer_hash = chat.tokenizer_hash(self.tokenizer)
-        self.eot_id = chat.end_of_turn_id(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_id
-        self.store = TeacherStore.create(
-            c.out, tokenizer={"name": self.info.name, "hash": tokenizer_hash},
-            vocab_size=pipeline.vocab_size_of(self.info, self.tokenizer), examples_per_part=c.examples_per_part,
-            storage_options=c.storage_options, provenance={"dataset": data.dataset_identity(c.dataset)},
-        )
-        self.store.register_pass("encode", pipeline.encode_provenance(self.tokenizer, tokenizer_hash, c.max_length))
-        self.store.register_pass(PASS_SAMPLES, self.provenance())
-        self.todo: list[_Part] = []
-        parts_total = 0
-        for split, loaded in self.rows.items():
-            # no dataset record here: the split's dataset record describes the pairs (see pipeline)
-            self.store.set_split(split, loaded.total_rows)
-            self.summary.examples[split] = len(loaded.rows)
-            self.summary.skipped[split] = dict(loaded.skipped)
-            by_index = {r.index: r for r in loaded.rows}
-            outside = sum(1 for r in loaded.rows if not 0 <= r.index < loaded.total_rows)
-            if outside:  # no part covers them (a test split carved from a single file)
-                self.summary.notes.append(f"  {split}: {outside} rows have indices outside [0, {loaded.total_rows}) "
-                                          f"and are not sampled")
-            for part in range(self.store.num_parts(split)):
-                parts_total += 1
-                if self.store.is_complete(split, part, fmt.SET_SAMPLES):
-                    continue
-                start, stop = self.store.part_range(split, part)
-                self.todo.append(_Part(split, part, [by_index[i] for i in range(start, stop) if i in by_index]))
-        self.record = {"step": PASS_SAMPLES, "parts_done": 0, "parts_skipped": parts_total - len(self.todo),
-                       "tokens": 0, "seconds": 0.0}
-        self.summary.steps.append(self.record)
-
-    def run(self) -> None:
-        if not self.todo:
-            return
-        c = self.config
-        model, _, _ = models.load_model(self.info.path, device=self.device, dtype=self.dtype_name)
-        t0 = time.perf_counter()
-        budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
-        total = sum(len(p.rows) for p in self.todo)
-        with tqdm(total=total, desc=PASS_SAMPLES, unit="prompt", disable=not c.progress, dynamic_ncols=True) as bar:
-            for todo in self.todo:
-                arrays, attrs, drawn_tokens = self._run_part(model, todo, budget, bar)
-                self.store.write_section(todo.split, todo.part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
-                self.record["parts_done"] += 1
-                self.record["tokens"] += drawn_tokens
-        self.record["seconds"] = time.perf_counter() - t0
-        model = None
-        pipeline._free_memory()
-
-    def _run_part(self, model, todo: _Part, budget: int, bar) -> tuple[dict, dict, int]:
-        c = self.config
-        prompts, truncated = [], 0
-        for r in todo.rows:
-            full = chat.encode_prompt(self.tokenizer, r.prompt)
-            truncated += int(len(full) > budget)
-            prompts.append(full[-budget:])
-        seed = part_seed(c.seed, todo.split, todo.part)
-        torch.manual_seed(seed)
-        drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
-                                 max_new_tokens=c.max_new_tokens, eos_ids=[self.eot_id], pad_id=self.pad_id,
-                                 batch_size=c.generation_batch, on_batch=bar.update)
-        seqs, groups, dropped = [], [], {}
-        for r, prompt, responses in zip(todo.rows, prompts, drawn):
-            kept, reason = choose_group(responses, c.keep)
-            if kept is None:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            for position, k in enumerate(kept):
-                seqs.append((r.index, fmt.ROLE_SAMPLE_BASE + position,
-                             np.concatenate([prompt, responses[k]]).astype(np.int64), len(prompt)))
-            groups.append((r.index, len(kept)))
-        attrs = {
-            "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
-            "prompts_sha256": prompts_fingerprint(todo.rows), "seed": seed,
-            "generation_batch": c.generation_batch, "device": self.device, "dtype": self.dtype_name,
-        }
-        drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
-        return pipeline.base_arrays(seqs, groups=groups), attrs, drawn_tokens
-
-    def finish(self) -> pipeline.Summary:
-        counts = record_sample_counts(self.store, list(self.rows))
-        for split, total in counts.items():
-            self.summary.truncated[split] = {"prompt": total["truncated_prompts"]}
-            self.summary.notes.append(describe_counts(split, total, self.config.keep))
-        return pipeline.finish_summary(self.store, self.rows, self.summary)
+def sample_record(ctx: SampleContext) -> PassRecord:
+    """What the sampled groups depend on: the model and every sampling setting."""
+    c = ctx.config
+    return PassRecord(ModelRecord(ctx.model.name, ctx.model.weights_hash), {
+        "dataset": dataset_identity(c.dataset),
+        "n": c.n, "temperature": c.temperature, "top_p": c.top_p, "top_k": "off", "keep": c.keep,
+        "seed": c.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
+        "max_new_tokens": c.max_new_tokens, "max_length": c.max_length, "dtype": ctx.dtype,
+        "selection": "greedy max-min token edit distance from response 0, ties to the lowest index",
+        "duplicates": "prompt dropped if two of the n drawn responses have identical token ids",
+    })
 
 
-def run_sample(config: SampleConfig) -> pipeline.Summary:
+def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext, list[_Part]]:
+    """Rows, the model resolved, the store opened; returns the context and the parts still to sample."""
+    c = config
+    c.check()
+    device = models.resolve_device(c.device)
+    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
+    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False)
+    info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
+    tokenizer = models.load_tokenizer(info.path)
+    store = runs.open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
+                            examples_per_part=c.examples_per_part, storage_options=c.storage_options)
+    ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
+                        dtype=dtype, eot_id=chat.end_of_turn_id(tokenizer), pad_id=chat.pad_id(tokenizer))
+    store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict())
+    todo: list[_Part] = []
+    for split, loaded in rows.items():
+        # no dataset record here: the split's dataset record describes the pairs (see teacher)
+        store.set_split(split, loaded.total_rows)
+        summary.examples[split] = len(loaded.rows)
+        summary.skipped[split] = dict(loaded.skipped)
+        outside = sum(1 for r in loaded.rows if not 0 <= r.index < loaded.total_rows)
+        if outside:  # no part covers them (a test split carved from a single file)
+            summary.notes.append(f"  {split}: {outside} rows have indices outside [0, {loaded.total_rows}) "
+                                 f"and are not sampled")
+        for part in range(store.num_parts(split)):
+            if not store.is_complete(split, part, fmt.SET_SAMPLES):
+                start, stop = store.part_range(split, part)
+                todo.append(_Part(split, part, [r for r in loaded.rows if start <= r.index < stop]))
+    return ctx, todo
+
+
+def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
+    """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
+    c = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    prompts, truncated = [], 0
+    for r in todo.rows:
+        full = chat.encode_prompt(ctx.tokenizer, r.prompt)
+        truncated += int(len(full) > budget)
+        prompts.append(full[-budget:])
+    seed = part_seed(c.seed, todo.split, todo.part)
+    torch.manual_seed(seed)
+    drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
+                             max_new_tokens=c.max_new_tokens, eos_ids=[ctx.eot_id], pad_id=ctx.pad_id,
+                             batch_size=c.generation_batch, on_batch=progress)
+    seqs, groups, dropped = [], [], {}
+    for r, prompt, responses in zip(todo.rows, prompts, drawn):
+        kept, reason = choose_group(responses, c.keep)
+        if kept is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        for position, k in enumerate(kept):
+            seqs.append((r.index, fmt.ROLE_SAMPLE_BASE + position,
+                         np.concatenate([prompt, responses[k]]).astype(np.int64), len(prompt)))
+        groups.append((r.index, len(kept)))
+    attrs = {
+        "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
+        "prompts_sha256": runs.prompts_fingerprint(todo.rows), "seed": seed,
+        "generation_batch": c.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
+    }
+    drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
+    return base_arrays(seqs, groups=groups), attrs, drawn_tokens
+
+
+def run_sample(config: SampleConfig) -> runs.Summary:
     t0 = time.perf_counter()
-    run = SampleRun(config)
-    run.prepare()
-    run.run()
-    run.summary.seconds = time.perf_counter() - t0
-    return run.finish()
+    summary = runs.Summary(store=config.out)
+    ctx, todo = prepare(config, summary)
+    record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+    if todo:
+        model, _, _ = models.load_model(ctx.model.path, device=ctx.device, dtype=ctx.dtype)
+        t1 = time.perf_counter()
+        with tqdm(total=sum(len(p.rows) for p in todo), desc=PASS_SAMPLES, unit="prompt",
+                  disable=not config.progress, dynamic_ncols=True) as bar:
+            for part in todo:
+                arrays, attrs, drawn_tokens = sample_part(ctx, part, model, bar.update)
+                ctx.store.write_section(part.split, part.part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
+                record["parts_done"] += 1
+                record["tokens"] += drawn_tokens
+        record["seconds"] = time.perf_counter() - t1
+        model = None
+        runs.free_memory()
+    summary.seconds = time.perf_counter() - t0
+    counts = runs.record_sample_counts(ctx.store, list(ctx.rows))
+    for split, total in counts.items():
+        summary.truncated[split] = {"prompt": total["truncated_prompts"]}
+        summary.notes.append(describe_counts(split, total, config.keep))
+    return runs.finish_summary(ctx.store, ctx.rows, summary)

@@ -10,10 +10,12 @@ sequence and per response token, any of:
 - the log-prob of the token actually there, and its sum over the response.
 
 Only the response rows go through the output layer: the decoder runs over every
-token, then ``lm_head`` is applied to the hidden states of the positions that
-predict response tokens, in row chunks, so a [tokens, vocabulary] tensor never
-exists for the prompt. :func:`check_head_path` proves on real inputs that this
-equals the model's own logits before a pass relies on it.
+token, then the output layer (:mod:`lm.head`, soft-capping included) is applied
+to the hidden states of the positions that predict response tokens, in row
+chunks, so a [tokens, vocabulary] tensor never exists for the prompt.
+:func:`lm.head.check_split` proves on real inputs that this equals the model's
+own logits before a pass relies on it. :func:`scored_arrays` turns the results
+into a section's arrays.
 
 :func:`generate_greedy` produces one greedy response per prompt (ADPA's released
 recipe), batched with left padding.
@@ -27,6 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lm.head import split_model
+
 HEAD_CHUNK_ROWS = 1024
 
 
@@ -37,25 +41,6 @@ class Scored:
     topk_ids: np.ndarray | None = None  # [r, K] int64
     topk_logp: np.ndarray | None = None  # [r, K] float32
     at_ids_logp: np.ndarray | None = None  # [r, K'] float32
-
-
-def _decoder_and_head(model):
-    base = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings()
-    if base is None or head is None:
-        raise ValueError(f"{type(model).__name__}: cannot split into decoder and output layer")
-    return base, head
-
-
-def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    scale = getattr(model.config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    return logits
 
 
 def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -74,7 +59,8 @@ def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[i
     return batches
 
 
-def _pad(seqs: list[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(seqs: Sequence[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences padded on the right to the longest, with their attention mask, on ``device``."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -102,7 +88,7 @@ def score_sequences(
     response row of sequence ``s``. ``on_batch(tokens)`` reports progress.
     """
     device = next(model.parameters()).device
-    base, head = _decoder_and_head(model)
+    base, head = split_model(model)
     lengths = [len(s) for s in sequences]
     for s, p in zip(sequences, prompt_lengths):
         if p < 1 or p >= len(s):
@@ -110,7 +96,7 @@ def score_sequences(
                              f"and >= 1 response token")
     results: list[Scored | None] = [None] * len(sequences)
     for batch in token_budget_order(lengths, batch_tokens):
-        ids, mask = _pad([sequences[i] for i in batch], pad_id, device)
+        ids, mask = right_padded([sequences[i] for i in batch], pad_id, device)
         hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
         rows_b, rows_p, spans = [], [], []
         start = 0
@@ -129,7 +115,7 @@ def score_sequences(
         target_lp, tk_ids, tk_lp, given_lp = [], [], [], []
         for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
             c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
-            logp = torch.log_softmax(_head_logits(model, head, picked[c0:c1]), dim=-1)
+            logp = torch.log_softmax(head.logits(picked[c0:c1]), dim=-1)
             target_lp.append(logp.gather(-1, targets[c0:c1, None])[:, 0])
             if top_k:
                 v, k = logp.topk(top_k, dim=-1)
@@ -156,18 +142,24 @@ def score_sequences(
     return results  # type: ignore[return-value]
 
 
-@torch.inference_mode()
-def check_head_path(model, sequence: np.ndarray, prompt_length: int, atol: float = 1e-3) -> None:
-    """Refuse a model whose output layer the fast path does not reproduce."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(np.asarray(sequence, dtype=np.int64))[None].to(device)
-    full = torch.log_softmax(model(input_ids=ids).logits[0, prompt_length - 1:-1].float(), -1)
-    fast = score_sequences(model, [sequence], [prompt_length], top_k=min(5, full.shape[-1]))[0]
-    expected = full.gather(-1, ids[0, prompt_length:, None])[:, 0].cpu().numpy()
-    err = float(np.max(np.abs(expected - fast.target_logp)))
-    if err > atol * max(1.0, float(np.max(np.abs(expected)))):
-        raise RuntimeError(f"{type(model).__name__}: hidden-state scoring differs from the model's logits "
-                           f"by {err:.2e}; this architecture needs the full forward path")
+def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = False) -> dict[str, np.ndarray]:
+    """A section's arrays from :func:`score_sequences`' results: target log-probs and sums, plus top-K
+    (``topk``, teacher sections) or the log-probs at given ids (``at_ids``, the reference section)."""
+    def cat(values, width=None):
+        if values:
+            return np.concatenate(values)
+        return np.zeros((0,) if width is None else (0, width), dtype=np.float32)
+
+    arrays = {
+        "target_logp": cat([s.target_logp for s in scored]).astype(np.float32),
+        "logp_sum": np.array([s.logp_sum for s in scored], dtype=np.float32),
+    }
+    if topk:
+        arrays["topk_ids"] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
+        arrays["topk_logp"] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
+    if at_ids:
+        arrays["topk_logp"] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
+    return arrays
 
 
 def left_padded(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
