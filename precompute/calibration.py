@@ -1,6 +1,6 @@
 """PAD's calibration score: the teacher judges pairs of sampled responses as a multiple-choice question.
 
-Source: PAD (Gu et al., seed 001; code EganGu/PAD), as recorded in METHODS.md::
+Source: PAD (Gu et al., "Preference-Aligned Distillation"; code EganGu/PAD), as written in docs/methods.md::
 
     s_mcq(i) = log( (eps + sum_{j != i} P(i chosen | {i, j})) / (n - 1) )
 

@@ -1,6 +1,6 @@
 """``precompute sample``: groups of the student's sampled responses per prompt (PAD, step 1).
 
-Source: PAD (Gu et al., seed 001; code EganGu/PAD), released settings: n = 5
+Source: PAD (Gu et al., "Preference-Aligned Distillation"; code EganGu/PAD; docs/methods.md), released settings: n = 5
 responses drawn per prompt at temperature 1.0 and top-p 0.95, the 4 most
 diverse kept, prompts with duplicate responses dropped. What this module fixes:
 
