@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,10 @@ _HASH_SIDECAR = "weights-hashes.json"
 
 class ModelNotFoundError(FileNotFoundError):
     """A model spec that resolves to nothing usable."""
+
+
+class ModelLoadError(ValueError):
+    """A model whose files are there but cannot be read (corrupt weights, config or tokenizer files)."""
 
 
 @dataclass
@@ -258,7 +263,48 @@ def _hub_offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def check_files(path: str | Path) -> None:
+    """Read ``config.json`` and every safetensors header of a model directory (cheap: no tensor is loaded).
+
+    A corrupt or truncated file is named here, before anything expensive runs,
+    instead of failing inside a pass after earlier passes finished.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config}: not a readable JSON file ({exc})") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise ModelLoadError(f"{weights}: not a readable safetensors file ({exc})") from None
+
+
+@contextmanager
+def _reading(path: Path, what: str):
+    """Turn a failure to read a model's files into one ModelLoadError naming them."""
+    try:
+        yield
+    except (ModelLoadError, ModelNotFoundError):
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: the {what} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+
+
 def resolve_model(spec: str | None, default: str = EMBEDDED_TEACHER) -> ModelInfo:
+    """``spec`` resolved to a local model (module docstring) whose config and weight headers read."""
+    info = _resolve(spec, default)
+    if info.kind != "gguf":
+        check_files(info.path)
+    return info
+
+
+def _resolve(spec: str | None, default: str) -> ModelInfo:
     spec = str(spec) if spec else default
     embedded = {EMBEDDED_TEACHER: ensure_embedded_teacher, EMBEDDED_STUDENT: ensure_embedded_student}
     if spec in embedded:
@@ -332,7 +378,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 def _tokenizer_from(path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _reading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -350,7 +397,8 @@ def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
     info = resolve_model(spec, default)
     path = _model_dir(info)
     device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    with _reading(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
     return model.to(device).eval(), _tokenizer_from(path), info
 
 

@@ -6,6 +6,7 @@ Every option is a field of :class:`precompute.teacher.TeacherConfig` or
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -17,18 +18,36 @@ from .teacher import TeacherConfig
 
 
 def _report(command: str, run):
-    """Run ``run()`` and print its summary; a user's mistake ends in one line on stderr and exit 2."""
+    """Run ``run()`` and print its summary; a user's mistake ends in one line on stderr and exit 2.
+
+    ``DISTILL_DEBUG=1`` shows the traceback of anything unexpected instead.
+    """
     from lm.chat import TokenizerMismatch
-    from lm.models import ModelNotFoundError
+    from lm.models import ModelLoadError, ModelNotFoundError
     from store import StoreError
 
     from .dataset import DataError
 
+    expected = (DataError, TokenizerMismatch, StoreError, ModelNotFoundError, ModelLoadError, ValueError,
+                NotImplementedError, OSError)
     try:
         summary = run()
-    except (DataError, TokenizerMismatch, StoreError, ModelNotFoundError, ValueError, NotImplementedError) as exc:
+    except click.ClickException:
+        raise
+    except KeyboardInterrupt:
+        click.echo(f"precompute {command}: interrupted; the same command resumes where it stopped", err=True)
+        sys.exit(130)
+    except expected as exc:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
         click.echo(f"precompute {command}: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, and how to see more
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        click.echo(f"precompute {command}: internal error {type(exc).__name__}: {exc} "
+                   f"(DISTILL_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(3)
     click.echo("\n".join(summary.lines()))
 
 

@@ -142,15 +142,20 @@ def record_sample_counts(store: TeacherStore, splits: Sequence[str]) -> dict[str
 
 
 def finish_summary(store: TeacherStore, splits, summary: Summary) -> Summary:
-    """Manifest, size on disk, and the run's summary appended to the root attributes."""
+    """Manifest, size on disk, and the run's summary appended to the root attributes.
+
+    A run that wrote no part leaves the store as it found it (a finished store may
+    sit on a read-only location): the manifest is then unchanged and no run is appended.
+    """
     store.refresh_manifest()
     summary.bytes_on_disk = store.nbytes_on_disk()
     summary.response_tokens = sum(int(attrs["rows"]["response"])
                                   for _ref, attrs in store.walk_sections(splits, sections=(fmt.BASE,))
                                   if attrs and attrs.get("complete"))
-    record = json.loads(json.dumps(summary.__dict__))
-    store.update_attrs(lambda a: a.setdefault("runs", []).append(
-        {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}))
+    if any(step["parts_done"] for step in summary.steps):
+        record = json.loads(json.dumps(summary.__dict__))
+        store.update_attrs(lambda a: a.setdefault("runs", []).append(
+            {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}))
     return summary
 
 

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from lm import chat, models
 from lm.options import comma_list, key_json_values, key_values, setting
-from store import ModelRecord, PassRecord, TeacherStore
+from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store.sequences import base_arrays
 
@@ -269,7 +269,10 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
                             examples_per_part=c.examples_per_part, storage_options=c.storage_options)
     ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
                         dtype=dtype, eot_id=chat.end_of_turn_id(tokenizer), pad_id=chat.pad_id(tokenizer))
-    store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict())
+    diff = store.pass_conflict(PASS_SAMPLES, sample_record(ctx).to_dict())
+    if diff and any(store.complete_parts(split, fmt.SET_SAMPLES) for split in rows if split in store.splits()):
+        raise ProvenanceMismatch(f"{store.location}: pass {PASS_SAMPLES!r} is already in this store with other "
+                                 f"settings: {diff}. Write to another --out, or delete the store")
     todo: list[_Part] = []
     for split, loaded in rows.items():
         # no dataset record here: the split's dataset record describes the pairs (see teacher)
@@ -327,6 +330,7 @@ def run_sample(config: SampleConfig) -> runs.Summary:
     record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
     if todo:
         model, _, _ = models.load_model(ctx.model.path, device=ctx.device, dtype=ctx.dtype)
+        ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)  # what runs
         t1 = time.perf_counter()
         with tqdm(total=sum(len(p.rows) for p in todo), desc=PASS_SAMPLES, unit="prompt",
                   disable=not config.progress, dynamic_ncols=True) as bar:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from lm import chat, models
 from lm.head import check_split
 from lm.options import comma_list, key_json_values, key_values, setting
-from store import ModelRecord, PassRecord, TeacherStore
+from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store.sequences import base_arrays, split_sequences
 
@@ -216,8 +216,10 @@ def plan_steps(ctx: TeacherContext) -> list[Step]:
 
 
 def _has_samples(ctx: TeacherContext) -> bool:
-    return bool(ctx.rows) and all(ctx.store.is_complete(split, part, fmt.SET_SAMPLES)
-                                  for split in ctx.rows for part in range(ctx.store.num_parts(split)))
+    declared = ctx.store.splits()
+    return bool(ctx.rows) and all(split in declared for split in ctx.rows) and all(
+        ctx.store.is_complete(split, part, fmt.SET_SAMPLES)
+        for split in ctx.rows for part in range(ctx.store.num_parts(split)))
 
 
 def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
@@ -275,6 +277,11 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
             chat.check_same_tokenization(tokenizer, models.load_tokenizer(info.path), samples or chat.DEFAULT_SAMPLES,
                                          names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
 
+    vocab = runs.vocab_size_of(infos[ROLE_TEACHER], tokenizer)
+    if c.top_k > vocab and any(p in c.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
+        raise ValueError(f"--top-k {c.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
+                         f"use --top-k {vocab} or less")
+
     store = runs.open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
                             max_length=c.max_length, examples_per_part=c.examples_per_part,
                             storage_options=c.storage_options)
@@ -290,7 +297,23 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
             store.set_split(split, loaded.total_rows)
     if PASS_PAD in c.passes:
         runs.record_sample_counts(store, list(rows))  # set_split above resets the split's record
+    _refuse_conflicting_passes(ctx)
     return ctx
+
+
+def _refuse_conflicting_passes(ctx: TeacherContext) -> None:
+    """Before any model loads: a step the store holds with other settings is refused where parts of it exist.
+
+    A step recorded but never written (its model failed to load, say) is not a
+    conflict: :func:`run_steps` records the settings that actually run.
+    """
+    for step in plan_steps(ctx):
+        diff = ctx.store.pass_conflict(step.name, step_record(ctx, step).to_dict())
+        written = diff and any(ctx.store.complete_parts(split, step.sequence_set, step.section)
+                               for split in ctx.rows if split in ctx.store.splits())
+        if written:
+            raise ProvenanceMismatch(f"{ctx.store.location}: pass {step.name!r} is already in this store with "
+                                     f"other settings: {diff}. Write to another --out, or delete the store")
 
 
 def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
@@ -378,9 +401,11 @@ class _BackgroundWriter:
 
 
 def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
-    """Run each step over the parts whose section is not complete; returns groups covered per step."""
-    for step in steps:
-        ctx.store.register_pass(step.name, step_record(ctx, step).to_dict())
+    """Run each step over the parts whose section is not complete; returns groups covered per step.
+
+    A step's settings are recorded once its model has loaded and passed its check,
+    just before its first part is computed: the store records only what ran.
+    """
     writer = _BackgroundWriter(ctx.store)
     groups_done: dict[str, int] = {}
     model = loaded_path = None
@@ -398,6 +423,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
             loaded_path = info.path
             if step.section != fmt.BASE:
                 _check_model(ctx, model, todo[0])
+        ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
         total = sum(_part_tokens(ctx, s, p, step.sequence_set) for s, p in todo) or None
         t0 = time.perf_counter()
         with tqdm(total=total, desc=step.name, unit="tok", unit_scale=True, disable=not ctx.config.progress,

@@ -148,18 +148,9 @@ class TeacherStore:
         another format version, tokenizer or part size is refused.
         """
         store = cls(location, mode="a", storage_options=storage_options)
-        if store.exists():
-            store.check(tokenizer_hash=tokenizer.get("hash"))
-            layout = store.attrs["layout"]
-            if layout["examples_per_part"] != examples_per_part:
-                raise ProvenanceMismatch(
-                    f"{store.location}: written with {layout['examples_per_part']} examples per part, "
-                    f"asked for {examples_per_part}; use the same --examples-per-part or another --out"
-                )
-            return store
-        with _quiet():
-            root = zarr.open_group(store._zstore, mode="a", zarr_format=3)
-            root.attrs.put({
+        if not store.exists():
+            store._refuse_foreign_location()
+            attributes = {
                 "format": {"name": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION},
                 "format_description": fmt.DESCRIPTION,
                 "created_with": {"package": "distill-cache", "version": package_version(),
@@ -172,10 +163,45 @@ class TeacherStore:
                 "provenance": dict(provenance or {}),
                 "passes": {},
                 "manifest": {},
-            })
-        store._root_group = None
-        store._attrs_cache = None
+            }
+            try:
+                with _quiet():  # one write: the root's metadata and attributes together
+                    zarr.create_group(store._zstore, attributes=attributes, zarr_format=3)
+            except zarr.errors.ContainsGroupError:
+                # another writer created it meanwhile (checked below), or a killed creation left a bare group
+                if not store.exists():
+                    with _quiet():
+                        zarr.open_group(store._zstore, mode="a", zarr_format=3).attrs.put(attributes)
+            except OSError as exc:
+                raise StoreError(f"{store.location}: cannot create a store here "
+                                 f"({exc.strerror or exc})") from exc
+            store._root_group = None
+            store._attrs_cache = None
+        store.check(tokenizer_hash=tokenizer.get("hash"))
+        layout = store.attrs["layout"]
+        if layout["examples_per_part"] != examples_per_part:
+            raise ProvenanceMismatch(
+                f"{store.location}: written with {layout['examples_per_part']} examples per part, "
+                f"asked for {examples_per_part}; use the same --examples-per-part or another --out"
+            )
         return store
+
+    def _refuse_foreign_location(self) -> None:
+        """Refuse to create a store where a file, or a folder holding other things, already is."""
+        try:
+            if self.fs.isfile(self._root):
+                raise StoreError(f"{self.location}: is a file, not a store; choose a folder path for --out")
+            entries = [e for e in self.fs.ls(self._root, detail=False)
+                       if e.rstrip("/").rsplit("/", 1)[-1] != "zarr.json"] if self.fs.isdir(self._root) else []
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except PermissionError as exc:
+            raise StoreError(f"{self.location}: cannot read this location ({exc})") from exc
+        if entries:
+            shown = ", ".join(e.rstrip("/").rsplit("/", 1)[-1] for e in sorted(entries)[:3])
+            raise StoreError(f"{self.location}: a folder that holds other things ({shown}"
+                             f"{', ...' if len(entries) > 3 else ''}) and is not a teacher-signal store; "
+                             f"choose a new or empty folder for --out")
 
     @classmethod
     def open(cls, location: str, *, tokenizer_hash: str | None = None, mode: str = "r",
@@ -215,16 +241,20 @@ class TeacherStore:
 
     @property
     def root(self) -> zarr.Group:
+        """The root group, opened for writing in a writable store (it must exist: see :meth:`create`)."""
         if self._root_group is None:
             with _quiet():
-                self._root_group = zarr.open_group(self._zstore, mode="r" if self.mode == "r" else "a",
+                self._root_group = zarr.open_group(self._zstore, mode="r" if self.mode == "r" else "r+",
                                                    zarr_format=3)
         return self._root_group
 
     def _load_attrs(self, refresh: bool = False) -> dict:
+        """The root attributes, read without writing anything (opening never creates a group)."""
         if refresh or self._attrs_cache is None:
             self._root_group = None
-            self._attrs_cache = dict(self.root.attrs.asdict())
+            with _quiet():
+                group = zarr.open_group(self._zstore, mode="r", zarr_format=3)
+            self._attrs_cache = dict(group.attrs.asdict())
         return self._attrs_cache
 
     @property
@@ -236,7 +266,10 @@ class TeacherStore:
         self._require_writable()
         for attempt in range(retries):
             current = self._load_attrs(refresh=True)
+            before = json.dumps(current, sort_keys=True)
             mutate(current)
+            if json.dumps(current, sort_keys=True) == before:
+                return current  # nothing changes: write nothing (a finished store may be read-only)
             self.root.attrs.put(current)
             check = self._load_attrs(refresh=True)
             if json.dumps(check, sort_keys=True) == json.dumps(current, sort_keys=True):
@@ -322,17 +355,35 @@ class TeacherStore:
 
         self.update_attrs(mutate)
 
-    def register_pass(self, name: str, provenance: Mapping) -> None:
-        """Record what a pass depends on; refuse if it was run before with other settings."""
+    def pass_conflict(self, name: str, provenance: Mapping) -> str | None:
+        """What differs between ``provenance`` and the record of pass ``name`` in the store (None: nothing).
+
+        Models are compared by the sha256 of their weights, not by name or path:
+        the same weights in another folder are the same model.
+        """
+        old = self.attrs["passes"].get(name)
+        if old is None:
+            return None
+        new = json.loads(json.dumps(dict(provenance)))
+        return _diff_keys(_without_model_names(old), _without_model_names(new)) or None
+
+    def register_pass(self, name: str, provenance: Mapping, *, may_replace: bool = False) -> None:
+        """Record what a pass depends on; refuse it if the store holds the pass with other settings.
+
+        ``may_replace``: the caller knows that nothing the old record describes was
+        written (no part of the pass is complete), so other settings replace it.
+        """
         provenance = json.loads(json.dumps(dict(provenance)))
 
         def mutate(attrs):
             old = attrs["passes"].get(name)
-            if old is not None and old != provenance:
-                raise ProvenanceMismatch(
-                    f"{self.location}: pass {name!r} is already in this store with other settings: "
-                    f"{_diff_keys(old, provenance)}. Write to another --out, or delete the store"
-                )
+            if old is not None and not may_replace:
+                diff = _diff_keys(_without_model_names(old), _without_model_names(provenance))
+                if diff:
+                    raise ProvenanceMismatch(
+                        f"{self.location}: pass {name!r} is already in this store with other settings: "
+                        f"{diff}. Write to another --out, or delete the store")
+                return  # the same pass: keep the record (and the model name) as first written
             attrs["passes"][name] = provenance
 
         self.update_attrs(mutate)
@@ -598,6 +649,14 @@ class TeacherStore:
         if not self.fs.exists(base):
             return 0
         return int(sum(info.get("size", 0) or 0 for info in self.fs.find(base, detail=True).values()))
+
+
+def _without_model_names(provenance: Mapping) -> dict:
+    """A pass record with its model's name left out (a model is its weights' sha256)."""
+    out = dict(provenance)
+    if isinstance(out.get("model"), Mapping):
+        out["model"] = {k: v for k, v in out["model"].items() if k != "name"}
+    return out
 
 
 def _diff_keys(old: Mapping, new: Mapping, prefix: str = "") -> str:

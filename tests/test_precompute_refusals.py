@@ -1,0 +1,158 @@
+"""precompute teacher refuses bad settings and bad models before anything runs, and records only what ran.
+
+Each test is a mistake a user made: a K larger than the vocabulary, a corrupt
+model file, an --out that is a file or another folder; the run must end in one
+line naming what and where, and a rerun with the mistake fixed must go on from
+what was already computed, never be refused because of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from precompute.cli import main as precompute_main
+from precompute.teacher import TeacherConfig, run_teacher
+from store import TeacherStore
+from store import format as fmt
+
+
+def _config(out, tiny_models, tiny_dataset, **overrides):
+    teacher, student = tiny_models
+    options = dict(out=str(out), teacher=str(teacher), student=str(student), dataset=str(tiny_dataset), top_k=8,
+                   max_length=96, max_new_tokens=12, examples_per_part=4, device="cpu", dtype="float32",
+                   progress=False)
+    options.update(overrides)
+    return TeacherConfig(**options)
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(precompute_main, ["teacher", *map(str, args), "--no-progress", "--device", "cpu"])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def _files(path) -> dict:
+    """Every file under ``path`` with its size and modification time: what a command wrote, if anything."""
+    return {os.path.relpath(os.path.join(d, f), path): (os.path.getsize(os.path.join(d, f)),
+                                                         os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(path) for f in files}
+
+
+def test_top_k_above_the_vocabulary_is_refused_before_any_model_runs(tmp_path, tiny_models, tiny_dataset,
+                                                                     forbid_model_loading):
+    forbid_model_loading()
+    teacher, student = tiny_models
+    result = _invoke("--out", tmp_path / "s.zarr", "--teacher", teacher, "--student", student,
+                     "--dataset", tiny_dataset, "--top-k", 10 ** 6)
+    assert result.exit_code == 2
+    assert "--top-k 1000000" in result.output and "49152" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("damage", ["weights", "config"])
+def test_a_corrupt_model_file_is_named_and_nothing_is_recorded(tmp_path, tiny_models, tiny_dataset, damage):
+    teacher, student = tiny_models
+    broken = tmp_path / "broken-student"
+    shutil.copytree(student, broken)
+    target = broken / ("model.safetensors" if damage == "weights" else "config.json")
+    target.write_bytes(target.read_bytes()[:40])  # truncated, as an interrupted copy leaves it
+    out = tmp_path / "s.zarr"
+    result = _invoke("--out", out, "--teacher", teacher, "--student", broken, "--dataset", tiny_dataset,
+                     "--top-k", 8, "--max-length", 96, "--max-new-tokens", 12)
+    assert result.exit_code == 2
+    assert str(target) in result.output
+
+
+def test_a_student_that_fails_to_load_leaves_no_record_and_the_fixed_rerun_goes_on(tmp_path, tiny_models,
+                                                                                   tiny_dataset, tiny_store):
+    """Its files read, but the weights do not fit the config: only loading finds it, after earlier passes ran."""
+    _, student = tiny_models
+    wrong = tmp_path / "wrong-student"
+    shutil.copytree(student, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["hidden_size"] = 2 * config["hidden_size"]
+    config["intermediate_size"] = 2 * config["intermediate_size"]
+    (wrong / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "s.zarr"
+    run_teacher(_config(out, tiny_models, tiny_dataset, passes=("pairs",)))
+    with pytest.raises(Exception) as err:
+        run_teacher(_config(out, tiny_models, tiny_dataset, student=str(wrong), passes=("pairs", "dpo_ref")))
+    assert str(wrong) in str(err.value)
+    store = TeacherStore.open(str(out))
+    assert "pairs/student_init" not in store.attrs["passes"]  # what did not run is not recorded
+    assert store.complete_parts("train", fmt.SET_PAIRS, fmt.SECTION_TEACHER)  # what ran is kept
+
+    summary = run_teacher(_config(out, tiny_models, tiny_dataset, passes=("pairs", "dpo_ref")))
+    steps = {s["step"]: s for s in summary.steps}
+    assert steps["pairs/teacher"]["parts_done"] == 0 and steps["pairs/student_init"]["parts_done"] > 0
+
+
+def test_the_same_weights_in_another_folder_are_the_same_model(tmp_path, tiny_models, tiny_dataset, tiny_store):
+    teacher, _ = tiny_models
+    copy_path = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy_path)
+    moved = tmp_path / "moved-teacher"
+    shutil.copytree(teacher, moved)
+    summary = run_teacher(_config(copy_path, tiny_models, tiny_dataset, teacher=str(moved)))
+    assert all(step["parts_done"] == 0 for step in summary.steps)
+
+
+def test_out_naming_a_file_or_a_foreign_folder_is_refused_and_left_untouched(tmp_path, tiny_models, tiny_dataset):
+    teacher, student = tiny_models
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    result = _invoke("--out", a_file, "--teacher", teacher, "--student", student, "--dataset", tiny_dataset)
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert a_file.read_text() == "mine\n"
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "README.md").write_text("not a store\n")
+    before = _files(folder)
+    result = _invoke("--out", folder, "--teacher", teacher, "--student", student, "--dataset", tiny_dataset)
+    assert result.exit_code == 2 and "README.md" in result.output and "not a teacher-signal store" in result.output
+    assert _files(folder) == before
+
+
+def test_a_finished_store_is_not_written_by_a_rerun(tmp_path, tiny_models, tiny_dataset, tiny_store):
+    copy_path = tmp_path / "done.zarr"
+    shutil.copytree(tiny_store, copy_path)
+    before = _files(copy_path)
+    summary = run_teacher(_config(copy_path, tiny_models, tiny_dataset))
+    assert all(step["parts_done"] == 0 for step in summary.steps)
+    assert _files(copy_path) == before
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """A read-only bind mount of a folder (needs root, as in this project's CI); skipped where not allowed."""
+    mounts = []
+
+    def make(source):
+        view = tmp_path / f"ro-{len(mounts)}"
+        view.mkdir()
+        for cmd in (["mount", "--bind", str(source), str(view)],
+                    ["mount", "-o", "remount,ro,bind", str(view)]):
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                subprocess.run(["umount", str(view)], capture_output=True)
+                pytest.skip("cannot make a read-only bind mount here (needs root)")
+        mounts.append(view)
+        return view
+
+    yield make
+    for view in mounts:
+        subprocess.run(["umount", str(view)], capture_output=True)
+
+
+def test_a_finished_store_on_a_read_only_location_reruns_cleanly(tmp_path, tiny_models, tiny_dataset, tiny_store,
+                                                                read_only_view):
+    view = read_only_view(tiny_store)
+    summary = run_teacher(_config(view, tiny_models, tiny_dataset))
+    assert all(step["parts_done"] == 0 for step in summary.steps)
+    assert summary.response_tokens > 0
