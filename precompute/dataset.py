@@ -39,6 +39,28 @@ skipping: the example index a store uses, so a split's parts cover
 (for a carved ``"test"`` split of a 100-row file, index 0 is source row 90),
 which is what error messages name.
 
+Duplicates
+----------
+Two rows are the same when their prompt messages, chosen and rejected are
+equal after parsing (so a string prompt and the same prompt as one user
+message are the same).  Within a split, a row equal to an earlier one is
+skipped as ``"duplicate_row"``.  In a carved ``"test"`` split, a row equal to
+a usable row of the carved ``"train"`` part (all of it, whatever ``limit``) is
+skipped as ``"duplicate_of_train"``, so the test split holds no training row;
+the train part is read for this whether or not ``"train"`` is requested, so
+``("test",)`` alone drops the same rows.  A test row that repeats both counts
+as ``"duplicate_of_train"``.  Named splits of a source are not compared.
+
+Errors of the source as a whole
+-------------------------------
+Raised whether or not ``strict``: a missing or unreadable file; a gzip file
+that is truncated, corrupt or not gzip (the message says how many lines were
+read); a split with nothing to read, that is with no rows at all, or whose
+rows have no column of any field (the message gives the rows read, the skip
+counts, the columns seen and a ``--column`` suggestion guessed from them).  A
+split whose rows do have the columns but all fail (pairs asked of a file of
+prompts) is returned empty, with its skip counts.
+
 Row formats (detected per row)
 ------------------------------
 1. TRL: ``prompt`` (a string, or a list of messages ending with a user turn)
@@ -63,23 +85,26 @@ Messages may also use ShareGPT keys (``from``/``value``, roles ``human``,
 Skip reasons: ``missing_prompt``, ``missing_responses``, ``missing_chosen``,
 ``missing_rejected``, ``empty_<field>``, ``non_string_<field>``,
 ``malformed_<field>``, ``malformed_transcript``, ``identical_responses``,
-``invalid_json`` (a JSON-lines line that does not parse, or is not an object).
+``invalid_json`` (a JSON-lines line that does not parse, or is not an object),
+``invalid_utf8`` (a JSON-lines line that is not UTF-8; the other lines are
+read), ``duplicate_row``, ``duplicate_of_train`` (see Duplicates).  With
+``strict=True`` each of them is an error naming the row (and, for a line of a
+JSON-lines file, the line number).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "Row",
@@ -154,11 +179,12 @@ class DataError(ValueError):
 # source resolution
 # --------------------------------------------------------------------------- #
 class _Broken:
-    """Placeholder for a record that could not even be decoded."""
+    """Placeholder for a record that could not even be decoded: why (a skip reason) and where."""
 
-    __slots__ = ("what",)
+    __slots__ = ("reason", "what")
 
-    def __init__(self, what: str):
+    def __init__(self, reason: str, what: str):
+        self.reason = reason
         self.what = what
 
 
@@ -239,40 +265,62 @@ def _bundled_files() -> dict[str, Any]:
     return found
 
 
-@contextlib.contextmanager
-def _open_text(path, gz: bool):
-    """Open a Path or an importlib.resources Traversable as UTF-8 text."""
+def _lines(path, gz: bool, label: str) -> Iterator[bytes]:
+    """The lines of a Path or an importlib.resources Traversable, as bytes, gunzipped when ``gz``.
+
+    Bytes, not text: each line is decoded on its own, so that one line that is not
+    UTF-8 is one bad row rather than the end of the file.  A gzip stream that cannot
+    be read to its end is a source-level error naming the file and how far it got.
+    """
+    lines_read = 0
     with path.open("rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if gz else raw
-        with io.TextIOWrapper(stream, encoding="utf-8") as f:
-            yield f
+        try:
+            for line in stream:
+                yield line
+                lines_read += 1
+        except EOFError:
+            raise DataError(f"{label}: the gzip stream ends early, after {lines_read} line(s): "
+                            f"the file is truncated or corrupt", source=label) from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(f"{label}: bad gzip data after {lines_read} line(s) ({e}): the file is corrupt, "
+                            f"or not gzip-compressed although its name ends in .gz", source=label) from None
 
 
-def _read_jsonl(path, gz: bool) -> list:
+def _jsonl_records(lines: Iterable[bytes]) -> list:
     records: list = []
-    with _open_text(path, gz) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                records.append(_Broken(f"line {lineno} is not valid JSON ({e.msg})"))
-                continue
-            records.append(rec if isinstance(rec, dict) else _Broken(f"line {lineno} is not a JSON object"))
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            records.append(_Broken("invalid_utf8", f"line {lineno} is not valid UTF-8 (byte "
+                                                   f"0x{raw[e.start]:02x} at offset {e.start} of the line: {e.reason})"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append(_Broken("invalid_json", f"line {lineno} is not valid JSON ({e.msg})"))
+            continue
+        records.append(rec if isinstance(rec, dict) else _Broken("invalid_json", f"line {lineno} is not a JSON object"))
     return records
 
 
+def _read_jsonl(path, gz: bool, label: str) -> list:
+    return _jsonl_records(_lines(path, gz, label))
+
+
 def _read_json(path: Path, gz: bool, label: str) -> dict[str, list]:
-    with _open_text(path, gz) as f:
-        text = f.read()
+    lines = list(_lines(path, gz, label))
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        # Often JSON lines saved under a .json name.
-        return {"train": _read_jsonl(path, gz)}
+        obj = json.loads(b"".join(lines).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Often JSON lines saved under a .json name; read line by line, a bad line is a bad row.
+        return {"train": _jsonl_records(lines)}
     if isinstance(obj, list):
-        return {"train": [r if isinstance(r, dict) else _Broken("record is not a JSON object") for r in obj]}
+        return {"train": [r if isinstance(r, dict) else _Broken("invalid_json", "record is not a JSON object")
+                          for r in obj]}
     if isinstance(obj, dict):
         values = list(obj.values())
         if values and all(isinstance(v, list) and all(isinstance(x, dict) for x in v) for v in values):
@@ -309,8 +357,8 @@ def _resolve(source: str | None) -> _Source:
         if not files:
             raise DataError(f"bundled demo dataset not found: expected "
                             f"precompute/demo_data/{_DEMO_STEM}.<split>.jsonl in the package", source="demo")
-        splits = {s: _read_jsonl(p, p.name.endswith(".gz")) for s, p in files.items()}
         labels = {s: f"demo ({p.name})" for s, p in files.items()}
+        splits = {s: _read_jsonl(p, p.name.endswith(".gz"), labels[s]) for s, p in files.items()}
         return _Source(label="demo", kind="bundled", splits=splits, labels=labels)
 
     assert source is not None
@@ -329,7 +377,7 @@ def _resolve(source: str | None) -> _Source:
                            columns={k: set(v.column_names) for k, v in splits.items()})
         suf = _suffix(path)
         if suf in (".jsonl", ".jsonl.gz"):
-            return _Source(label=source, kind="file", splits={"train": _read_jsonl(path, suf.endswith(".gz"))})
+            return _Source(label=source, kind="file", splits={"train": _read_jsonl(path, suf.endswith(".gz"), source)})
         if suf in (".json", ".json.gz"):
             return _Source(label=source, kind="file", splits=_read_json(path, suf.endswith(".gz"), source))
         if suf in (".parquet", ".csv"):
@@ -391,17 +439,28 @@ def dataset_identity(source: str | None) -> dict:
 # --------------------------------------------------------------------------- #
 # split planning
 # --------------------------------------------------------------------------- #
-def _plan(source: _Source, requested: Sequence[str], test_fraction: float,
-          limit: int | None) -> dict[str, tuple[str, int, int]]:
-    """split -> (source split, start, stop) in source row positions."""
+@dataclass(frozen=True)
+class _Span:
+    """The source rows ``[start, stop)`` of ``source_split`` that make one requested split."""
+
+    source_split: str
+    start: int
+    stop: int
+    carved: bool = False                # one of the "train"/"test" splits carved from a single-split source
+    train_part_stop: int | None = None  # a carved "test": the carved "train" is source rows [0, train_part_stop)
+
+
+def _plan(source: _Source, requested: Sequence[str], test_fraction: float, limit: int | None) -> dict[str, _Span]:
+    """split -> the source rows it is made of."""
     sizes = {k: len(v) for k, v in source.splits.items()}
     carve = set(sizes) == {"train"} and test_fraction > 0
     plan = {}
     for split in requested:
-        if carve and split in ("train", "test"):
+        carved = carve and split in ("train", "test")
+        if carved:
             n = sizes["train"]
-            n_test = math.ceil(round(test_fraction * n, 9))
-            start, stop = (n - n_test, n) if split == "test" else (0, n - n_test)
+            n_train = n - math.ceil(round(test_fraction * n, 9))
+            start, stop = (n_train, n) if split == "test" else (0, n_train)
             src = "train"
         elif split in sizes:
             src, start, stop = split, 0, sizes[split]
@@ -411,7 +470,8 @@ def _plan(source: _Source, requested: Sequence[str], test_fraction: float,
                             source=source.label)
         if limit is not None:
             stop = min(stop, start + limit)
-        plan[split] = (src, start, stop)
+        plan[split] = _Span(src, start, stop, carved=carved,
+                            train_part_stop=n_train if carved and split == "test" else None)
     return plan
 
 
@@ -565,9 +625,19 @@ def _final_turn(rest: list[dict], fld: str, reason: str) -> str:
     return text
 
 
+def _is_plain_text(value) -> bool:
+    """A string that is neither an HH-style transcript nor JSON messages: a bare response."""
+    return isinstance(value, str) and not _TURN_RE.search(value)
+
+
 def _parse_implicit(chosen, rejected, require_pairs: bool) -> tuple[list[dict], str | None, str | None]:
     if chosen is None and rejected is None:
         raise _Skip("missing_prompt", "prompt", "no prompt and no responses")
+    present = [v for v in (chosen, rejected) if v is not None]
+    if all(_is_plain_text(v) for v in present):
+        raise _Skip("missing_prompt", "prompt", "no 'prompt' field, and chosen/rejected are plain text, not "
+                                                "'Human:'/'Assistant:' transcripts or message lists; if the prompt "
+                                                "is in another column, map it with --column prompt=NAME")
     if chosen is None or rejected is None:
         present, missing = ("chosen", "rejected") if rejected is None else ("rejected", "chosen")
         if require_pairs:
@@ -595,7 +665,7 @@ def _parse_implicit(chosen, rejected, require_pairs: bool) -> tuple[list[dict], 
 
 def _parse_record(rec, cols: Mapping[str, str], require_pairs: bool, decode_json: bool) -> tuple[list[dict], str | None, str | None]:
     if isinstance(rec, _Broken):
-        raise _Skip("invalid_json", "record", rec.what)
+        raise _Skip(rec.reason, "record", rec.what)
     p, c, r = (rec.get(cols[f]) for f in FIELDS)
     if decode_json:
         p, c, r = _maybe_json_messages(p), _maybe_json_messages(c), _maybe_json_messages(r)
@@ -626,17 +696,192 @@ def _fingerprint(rows: list[Row]) -> str:
 
 
 # --------------------------------------------------------------------------- #
+# duplicates
+# --------------------------------------------------------------------------- #
+def _row_key(prompt: list[dict], chosen: str | None, rejected: str | None) -> tuple:
+    """What makes two rows the same row: the same prompt messages, chosen and rejected, after parsing."""
+    return tuple((m["role"], m["content"]) for m in prompt), chosen, rejected
+
+
+def _check_not_repeated(key: tuple, kept: Mapping[tuple, int], train: Mapping[tuple, int]) -> None:
+    """Skip a row that repeats a kept row of its split, or (carved "test") a row of the carved "train"."""
+    if key in train:
+        raise _Skip("duplicate_of_train", "record",
+                    f"the same prompt, chosen and rejected as row {train[key]}, which is in the carved 'train' split")
+    if key in kept:
+        raise _Skip("duplicate_row", "record", f"the same prompt, chosen and rejected as row {kept[key]}")
+
+
+# --------------------------------------------------------------------------- #
+# a split with no usable row
+# --------------------------------------------------------------------------- #
+# Column names that usually hold a field, for the --column suggestion; a column whose
+# name contains the field's name (e.g. "chosen_response") is tried before these.
+_COLUMN_GUESSES = {
+    "prompt": ("question", "instruction", "query", "input", "context", "user", "human"),
+    "chosen": ("good", "preferred", "better", "accepted", "winner", "positive", "pos"),
+    "rejected": ("bad", "dispreferred", "worse", "loser", "negative", "neg"),
+}
+
+
+def _guess_column(fld: str, free: Sequence[str]) -> str | None:
+    contains = [c for c in free if fld in c.lower()]
+    if contains:
+        return contains[0]
+    by_name = {c.lower(): c for c in free}
+    return next((by_name[g] for g in _COLUMN_GUESSES[fld] if g in by_name), None)
+
+
+def _column_suggestion(seen: set, cols: Mapping[str, str], needed: Sequence[str]) -> str:
+    """``--column`` flags for the needed fields whose column is not in the rows, guessed from the columns
+    that are (``NAME`` where nothing fits); empty when every needed column is there or no row had any."""
+    absent = [f for f in needed if cols[f] not in seen]
+    if not absent or not seen:
+        return ""
+    taken = {cols[f] for f in FIELDS}
+    flags = []
+    for fld in absent:
+        guess = _guess_column(fld, [c for c in sorted(seen) if c not in taken])
+        if guess is not None:
+            taken.add(guess)
+        flags.append(f"--column {fld}={guess or 'NAME'}")
+    return " ".join(flags)
+
+
+def _unusable(span: _Span, seen: set, cols: Mapping[str, str]) -> bool:
+    """True for a split that gives no row because there is nothing to read: no rows at all, or no row
+    with a column of any field (so the columns must be named differently).
+
+    A split whose rows have the columns but all fail (e.g. pairs asked of a file of
+    prompts) is returned empty with its skip counts, unless the caller asks for rows
+    (``require_rows``, as the commands do).
+    """
+    return span.stop == span.start or not any(cols[f] in seen for f in FIELDS)
+
+
+def _no_usable_row(label: str, split: str, span: _Span, source: _Source, skipped: Mapping[str, int],
+                   seen: set, cols: Mapping[str, str], needed: Sequence[str]) -> DataError:
+    """The error for a requested split that ends up with no row: why, and what to try."""
+    size = len(source.splits[span.source_split])
+    if size == 0:
+        whole = "the file" if source.kind in ("file", "bundled") else "the dataset"
+        return DataError(f"{label}: {whole if len(source.splits) == 1 else 'this split'} has no rows", source=label)
+    read = span.stop - span.start
+    if read == 0:
+        carving = ": a single-split source gives its last rows to 'test' and the rest to 'train'" if span.carved else ""
+        return DataError(f"{label}: split '{split}' has none of the source's {size} row(s){carving}", source=label)
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    message = (f"{label}: split '{split}' has no usable row: {read} row(s) read, all skipped ({reasons}); "
+               f"columns seen in the rows: {', '.join(sorted(seen)) or 'none'}")
+    flags = _column_suggestion(seen, cols, needed)
+    if flags:
+        message += f"; if the fields are in other columns, map them, e.g. {flags}"
+    return DataError(message, source=label)
+
+
+# --------------------------------------------------------------------------- #
 # entry point
 # --------------------------------------------------------------------------- #
+@dataclass
+class _Reader:
+    """Reads the requested splits of one source, each the same way (one ``load_splits`` call)."""
+
+    source: _Source
+    cols: dict[str, str]          # field -> column name
+    named: Mapping[str, str]      # the columns the caller named: each must exist
+    strict: bool
+    require_pairs: bool
+    require_rows: bool  # a split whose every row is skipped is an error too
+    # (source split, stop) -> {row key: first source row holding it} over the source rows [0, stop);
+    # kept so that a carved "test" reuses the keys of the "train" read in the same call.
+    first_rows: dict[tuple[str, int], dict[tuple, int]] = field(default_factory=dict)
+
+    def label(self, src_split: str) -> str:
+        src = self.source
+        return src.labels.get(src_split) or (src.label if len(src.splits) == 1 else f"{src.label} [split '{src_split}']")
+
+    def parse(self, rec) -> tuple[list[dict], str | None, str | None]:
+        return _parse_record(rec, self.cols, self.require_pairs, self.source.decode_json_cells)
+
+    def read(self, split: str, span: _Span) -> LoadedSplit:
+        label = self.label(span.source_split)
+        known = self.source.columns.get(span.source_split)
+        if self.named and known is not None:
+            self._check_named_columns(label, known, "column(s) not found: ", f"; columns are: {', '.join(sorted(known))}")
+        train = self._carved_train_rows(span)
+        rows: list[Row] = []
+        skipped: dict[str, int] = {}
+        seen_cols: set = set()
+        kept: dict[tuple, int] = {}  # row key -> source row of the row kept with it
+        for index, rec in enumerate(_records(self.source.splits[span.source_split], span.start, span.stop), span.start):
+            if isinstance(rec, dict):
+                seen_cols.update(k for k, v in rec.items() if v is not None)
+            try:
+                prompt, chosen, rejected = self.parse(rec)
+                key = _row_key(prompt, chosen, rejected)
+                _check_not_repeated(key, kept, train)
+            except _Skip as e:
+                if self.strict:
+                    raise self._row_error(label, index, e) from None
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                continue
+            kept[key] = index
+            rows.append(Row(index=index - span.start, prompt=prompt, chosen=chosen, rejected=rejected,
+                            source_row=index))
+        if span.start == 0 and not train:  # then ``kept`` is every first row of [0, stop)
+            self.first_rows[(span.source_split, span.stop)] = kept
+        if self.named and known is None and span.stop > span.start:
+            self._check_named_columns(label, seen_cols, "column(s) not found in any row: ", "")
+        if not rows and (self.require_rows or _unusable(span, seen_cols, self.cols)):
+            needed = FIELDS if self.require_pairs else ("prompt",)
+            raise _no_usable_row(label, split, span, self.source, skipped, seen_cols, self.cols, needed)
+        return LoadedSplit(name=split, rows=rows, skipped=dict(sorted(skipped.items())),
+                           total_rows=span.stop - span.start, fingerprint=_fingerprint(rows))
+
+    def _carved_train_rows(self, span: _Span) -> Mapping[tuple, int]:
+        """For a carved "test": row key -> first source row of the carved "train" with it; else empty.
+
+        Read whether or not "train" is requested (and whatever ``limit``), so that a
+        "test" loaded alone drops the same rows as one loaded with "train".
+        """
+        if span.train_part_stop is None:
+            return {}
+        cache_key = (span.source_split, span.train_part_stop)
+        if cache_key not in self.first_rows:
+            first: dict[tuple, int] = {}
+            for index, rec in enumerate(_records(self.source.splits[span.source_split], 0, span.train_part_stop)):
+                try:
+                    first.setdefault(_row_key(*self.parse(rec)), index)
+                except _Skip:
+                    continue
+            self.first_rows[cache_key] = first
+        return self.first_rows[cache_key]
+
+    def _check_named_columns(self, label: str, present: set, what: str, tail: str) -> None:
+        absent = {f: c for f, c in self.named.items() if c not in present}
+        if absent:
+            raise DataError(f"{label}: {what}" + ", ".join(f"'{c}' (for field '{f}')" for f, c in absent.items())
+                            + tail, source=label)
+
+    def _row_error(self, label: str, index: int, e: _Skip) -> DataError:
+        col = self.cols.get(e.field, e.field)
+        named = f"'{e.field}'" + (f" (column '{col}')" if col != e.field else "")
+        return DataError(f"{label}: row {index}: field {named}: {e.what} [{e.reason}]",
+                         source=label, row=index, field=e.field, reason=e.reason)
+
+
 def load_splits(source: str | None, splits: Sequence[str] = ("train", "test"), *, limit: int | None = None,
                 columns: Mapping[str, str] | None = None, strict: bool = False, require_pairs: bool = True,
-                test_fraction: float = 0.1) -> dict[str, LoadedSplit]:
+                test_fraction: float = 0.1, require_rows: bool = False) -> dict[str, LoadedSplit]:
     """Load the named splits of a preference data source (see the module docstring).
 
     ``columns`` maps our field names (``prompt``, ``chosen``, ``rejected``) to the
     source's column names.  Bad rows are skipped and counted in
     ``LoadedSplit.skipped`` by reason; with ``strict=True`` the first bad row
-    raises :class:`DataError` instead.
+    raises :class:`DataError` instead.  A requested split with nothing to read
+    (no rows, or none with a column of any field) raises :class:`DataError`,
+    strict or not; with ``require_rows`` (the commands) so does a split whose
+    every row was skipped.
     """
     if isinstance(splits, str):
         splits = (splits,)
@@ -653,41 +898,5 @@ def load_splits(source: str | None, splits: Sequence[str] = ("train", "test"), *
 
     src = _resolve(source)
     plan = _plan(src, list(dict.fromkeys(splits)), test_fraction, limit)
-
-    out: dict[str, LoadedSplit] = {}
-    for split, (src_split, start, stop) in plan.items():
-        label = src.labels.get(src_split) or (src.label if len(src.splits) == 1 else f"{src.label} [split '{src_split}']")
-        data = src.splits[src_split]
-        known = src.columns.get(src_split)
-        if columns and known is not None:
-            absent = {f: c for f, c in columns.items() if c not in known}
-            if absent:
-                raise DataError(f"{label}: column(s) not found: "
-                                + ", ".join(f"'{c}' (for field '{f}')" for f, c in absent.items())
-                                + f"; columns are: {', '.join(sorted(known))}", source=label)
-        rows: list[Row] = []
-        skipped: dict[str, int] = {}
-        seen_cols: set = set()
-        for index, rec in enumerate(_records(data, start, stop), start):
-            if isinstance(rec, dict):
-                seen_cols.update(k for k, v in rec.items() if v is not None)
-            try:
-                prompt, chosen, rejected = _parse_record(rec, cols, require_pairs, src.decode_json_cells)
-            except _Skip as e:
-                if strict:
-                    col = cols.get(e.field, e.field)
-                    named = f"'{e.field}'" + (f" (column '{col}')" if col != e.field else "")
-                    raise DataError(f"{label}: row {index}: field {named}: {e.what} [{e.reason}]",
-                                    source=label, row=index, field=e.field, reason=e.reason) from None
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                continue
-            rows.append(Row(index=index - start, prompt=prompt, chosen=chosen, rejected=rejected,
-                            source_row=index))
-        if columns and known is None and stop > start:
-            absent = {f: c for f, c in columns.items() if c not in seen_cols}
-            if absent:
-                raise DataError(f"{label}: column(s) not found in any row: "
-                                + ", ".join(f"'{c}' (for field '{f}')" for f, c in absent.items()), source=label)
-        out[split] = LoadedSplit(name=split, rows=rows, skipped=dict(sorted(skipped.items())),
-                                 total_rows=stop - start, fingerprint=_fingerprint(rows))
-    return out
+    reader = _Reader(src, cols, dict(columns or {}), strict, require_pairs, require_rows)
+    return {split: reader.read(split, span) for split, span in plan.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 
 import pytest
 
@@ -128,7 +129,7 @@ BAD = [
     {"prompt": "  \n", "chosen": "c", "rejected": "r"},                          # empty_prompt
     {"prompt": "q", "chosen": 42, "rejected": "r"},                              # non_string_chosen
     {"prompt": [U("q")], "chosen": [A("c")], "rejected": [{"role": "assistant", "content": [{"type": "text"}]}]},  # non_string_rejected
-    {"chosen": "no transcript markers", "rejected": "at all"},                   # malformed_transcript
+    {"chosen": "no transcript markers", "rejected": "at all"},                   # missing_prompt
     {"chosen": hh(("Human", "a"), ("Assistant", "x")),
      "rejected": hh(("Human", "DIFFERENT"), ("Assistant", "y"))},                # malformed_transcript (prefixes differ)
     {"prompt": "q", "chosen": "same", "rejected": "same"},                       # identical_responses
@@ -150,13 +151,14 @@ def test_bad_rows_skipped_and_counted(tmp_path):
     assert split.total_rows == 14
     assert split.skipped == {
         "empty_chosen": 2, "empty_prompt": 1, "non_string_chosen": 1, "non_string_rejected": 1,
-        "malformed_transcript": 2, "identical_responses": 1, "malformed_prompt": 2, "missing_responses": 1,
+        "missing_prompt": 1, "malformed_transcript": 1, "identical_responses": 1, "malformed_prompt": 2,
+        "missing_responses": 1,
         "invalid_json": 1,
     }
     assert split.num_skipped == 12
 
 
-@pytest.mark.parametrize("row,field", [(1, "chosen"), (3, "prompt"), (4, "chosen"), (6, "chosen"), (8, "rejected")])
+@pytest.mark.parametrize("row,field", [(1, "chosen"), (3, "prompt"), (4, "chosen"), (6, "prompt"), (8, "rejected")])
 def test_strict_raises_at_first_bad_row(tmp_path, row, field):
     # put the bad row after a good one; everything else is good
     recs = [trl(0)] * 1 + [trl(i) for i in range(1, row)] + [BAD[row]] + [BAD[1]]
@@ -354,3 +356,172 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     changed[3] = {**changed[3], "rejected": [A("bad answer 3!")]}
     d = load_splits(write_jsonl(tmp_path / "d.jsonl", changed), ["train"], test_fraction=0)["train"].fingerprint
     assert d != a
+
+
+# --------------------------------------------------------------------------- #
+# undecodable input: bad bytes, broken gzip
+# --------------------------------------------------------------------------- #
+def test_invalid_utf8_line_is_a_bad_row_and_strict_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = [json.dumps(trl(i)).encode() for i in range(3)]
+    # row 0, a blank line, a Latin-1 line (row 1 but line 3), then two good rows
+    path.write_bytes(b"\n".join([good[0], b"", '{"prompt": "café", "chosen": "a", "rejected": "b"}'.encode("latin-1"),
+                                 good[1], good[2]]) + b"\n")
+    split = only(load_splits(str(path), ["train"], test_fraction=0))
+    assert [(r.index, r.chosen) for r in split.rows] == [(0, "good answer 0"), (2, "good answer 1"),
+                                                         (3, "good answer 2")]
+    assert split.skipped == {"invalid_utf8": 1} and split.total_rows == 4
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"], test_fraction=0, strict=True)
+    assert str(ei.value) == (f"{path}: row 1: field 'record': line 3 is not valid UTF-8 "
+                             f"(byte 0xe9 at offset 15 of the line: invalid continuation byte) [invalid_utf8]")
+    assert (ei.value.row, ei.value.reason) == (1, "invalid_utf8")
+
+
+def test_invalid_utf8_in_json_lines_named_json(tmp_path):
+    path = tmp_path / "lines.json"
+    path.write_bytes(json.dumps(trl(0)).encode() + b"\n" + b'{"prompt": "\xff"}\n' + json.dumps(trl(1)).encode() + b"\n")
+    split = only(load_splits(str(path), ["train"], test_fraction=0))
+    assert split.rows == _expected_rows(2)[:1] + [Row(2, [U("question 1?")], "good answer 1", "bad answer 1")]
+    assert split.skipped == {"invalid_utf8": 1}
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json.gz"])
+def test_truncated_gzip_names_file_and_lines_read(tmp_path, name):
+    whole = gzip.compress("".join(json.dumps(trl(i)) + "\n" for i in range(400)).encode())
+    path = tmp_path / name
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"])
+    msg = str(ei.value)
+    match = re.fullmatch(rf"{re.escape(str(path))}: the gzip stream ends early, after (\d+) line\(s\): "
+                         r"the file is truncated or corrupt", msg)
+    assert match, msg
+    # the lines before the cut were read: some, not all
+    assert 0 < int(match.group(1)) < 400
+    assert ei.value.source == str(path)
+
+
+def test_file_named_gz_that_is_not_gzip(tmp_path):
+    path = tmp_path / "plain.jsonl.gz"
+    write_jsonl(path, [trl(0)])
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"])
+    assert str(ei.value) == (f"{path}: bad gzip data after 0 line(s) (Not a gzipped file (b'{{\"')): the file is "
+                             f"corrupt, or not gzip-compressed although its name ends in .gz")
+
+
+# --------------------------------------------------------------------------- #
+# a split with nothing to read
+# --------------------------------------------------------------------------- #
+EMPTY_FILES = {"empty.jsonl": b"", "blank.jsonl": b"\n\n", "empty.json": b"[]", "empty.jsonl.gz": gzip.compress(b"")}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_FILES))
+@pytest.mark.parametrize("require_pairs", [True, False])
+def test_empty_file_is_an_error(tmp_path, name, require_pairs):
+    path = tmp_path / name
+    path.write_bytes(EMPTY_FILES[name])
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as ei:
+            load_splits(str(path), [split], require_pairs=require_pairs)
+        assert str(ei.value) == f"{path}: the file has no rows"
+
+
+def test_columns_matching_nothing_name_rows_reasons_columns_and_a_mapping(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,good,bad\nq1,g1,b1\nq2,g2,b2\nq3,g3,b3\n")
+    expected = (f"{path}: split 'train' has no usable row: 3 row(s) read, all skipped (missing_prompt: 3); "
+                f"columns seen in the rows: bad, good, question; if the fields are in other columns, map them, "
+                f"e.g. --column prompt=question --column chosen=good --column rejected=bad")
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"], test_fraction=0)
+    assert str(ei.value) == expected and ei.value.row is None
+    # prompt-only loading needs the prompt only
+    with pytest.raises(DataError, match=r"all skipped \(missing_prompt: 3\).*e\.g\. --column prompt=question$"):
+        load_splits(str(path), ["train"], test_fraction=0, require_pairs=False)
+    # the suggested mapping works
+    split = only(load_splits(str(path), ["train"], test_fraction=0,
+                             columns={"prompt": "question", "chosen": "good", "rejected": "bad"}))
+    assert [(r.prompt, r.chosen, r.rejected) for r in split.rows] == [([U(f"q{i}")], f"g{i}", f"b{i}") for i in (1, 2, 3)]
+
+
+def test_unguessable_columns_get_a_generic_mapping(tmp_path):
+    # column names hinting at a field are guessed; the others are left as NAME
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": "x", "b": "y", "chosen_text": "c"}\n{"a": "z"}\n{oops\n')
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"], test_fraction=0)
+    # reasons most frequent first
+    assert str(ei.value).endswith("(missing_prompt: 2, invalid_json: 1); columns seen in the rows: a, b, "
+                                  "chosen_text; if the fields are in other columns, map them, e.g. "
+                                  "--column prompt=NAME --column chosen=chosen_text --column rejected=NAME")
+
+
+def test_rows_that_are_not_records_are_an_error(tmp_path):
+    path = tmp_path / "junk.jsonl"
+    path.write_text("{oops\n[1, 2]\nnot json\n")
+    with pytest.raises(DataError) as ei:
+        load_splits(str(path), ["train"], test_fraction=0)
+    assert str(ei.value) == (f"{path}: split 'train' has no usable row: 3 row(s) read, all skipped "
+                             f"(invalid_json: 3); columns seen in the rows: none")
+
+
+def test_carving_that_leaves_train_empty_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [trl(0)])
+    with pytest.raises(DataError) as ei:
+        load_splits(path)
+    assert str(ei.value) == (f"{path}: split 'train' has none of the source's 1 row(s): a single-split source "
+                             f"gives its last rows to 'test' and the rest to 'train'")
+    assert only(load_splits(path, ["test"])).rows == _expected_rows(1)
+
+
+# --------------------------------------------------------------------------- #
+# duplicates
+# --------------------------------------------------------------------------- #
+def test_duplicate_rows_skipped_within_a_split(tmp_path):
+    recs = [
+        trl(0),
+        trl(1),
+        trl(0),                                                                  # duplicate_row of row 0
+        {"prompt": "question 1?", "chosen": "good answer 1", "rejected": "bad answer 1"},  # same as row 1 once parsed
+        {**trl(2), "rejected": [A("bad answer 0")]},                             # not a duplicate: differs
+        {**trl(0), "rejected": [A("other")]},                                    # not a duplicate: differs in rejected
+    ]
+    path = write_jsonl(tmp_path / "dups.jsonl", recs)
+    split = only(load_splits(path, ["train"], test_fraction=0))
+    assert [r.index for r in split.rows] == [0, 1, 4, 5]
+    assert split.skipped == {"duplicate_row": 2} and split.total_rows == 6
+    with pytest.raises(DataError) as ei:
+        load_splits(path, ["train"], test_fraction=0, strict=True)
+    assert str(ei.value) == f"{path}: row 2: field 'record': the same prompt, chosen and rejected as row 0 [duplicate_row]"
+    # the fingerprint covers kept rows: a duplicate appended at the end changes nothing
+    clean = write_jsonl(tmp_path / "clean.jsonl", [trl(i) for i in range(3)])
+    dup_at_end = write_jsonl(tmp_path / "end.jsonl", [trl(i) for i in range(3)] + [trl(1)])
+    a, b = (only(load_splits(p, ["train"], test_fraction=0)) for p in (clean, dup_at_end))
+    assert a.fingerprint == b.fingerprint and (a.total_rows, b.total_rows) == (3, 4)
+
+
+def test_carved_test_split_drops_rows_of_the_train_part(tmp_path):
+    recs = [trl(i) for i in range(27)] + [trl(5), trl(28), trl(28)]   # test = source rows 27, 28, 29
+    path = write_jsonl(tmp_path / "leak.jsonl", recs)
+    out = load_splits(path)
+    test = out["test"]
+    assert [(r.index, r.source_row) for r in test.rows] == [(1, 28)]
+    assert test.skipped == {"duplicate_of_train": 1, "duplicate_row": 1} and test.total_rows == 3
+    assert out["train"].rows == _expected_rows(27) and out["train"].skipped == {}
+    # the same test split whichever splits are requested, in whichever order
+    for splits in (["test"], ["test", "train"]):
+        alone = load_splits(path, splits)["test"]
+        assert (alone.rows, alone.skipped, alone.fingerprint) == (test.rows, test.skipped, test.fingerprint)
+    # the whole train part counts, whatever the limit
+    limited = load_splits(path, ["test"], limit=1)["test"]
+    assert limited.rows == [] and limited.skipped == {"duplicate_of_train": 1}
+    with pytest.raises(DataError) as ei:
+        load_splits(path, ["test"], strict=True)
+    assert str(ei.value) == (f"{path}: row 27: field 'record': the same prompt, chosen and rejected as row 5, "
+                             f"which is in the carved 'train' split [duplicate_of_train]")
+    # named splits are not compared with each other
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps({"train": [trl(0), trl(1)], "test": [trl(0)]}))
+    assert load_splits(str(named))["test"].rows == _expected_rows(1)
