@@ -148,6 +148,7 @@ def finish_summary(store: TeacherStore, splits, summary: Summary) -> Summary:
     sit on a read-only location): the manifest is then unchanged and no run is appended.
     """
     store.refresh_manifest()
+    store.clean_leftovers()
     summary.bytes_on_disk = store.nbytes_on_disk()
     summary.response_tokens = sum(int(attrs["rows"]["response"])
                                   for _ref, attrs in store.walk_sections(splits, sections=(fmt.BASE,))

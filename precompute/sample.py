@@ -262,7 +262,8 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
     c.check()
     device = models.resolve_device(c.device)
     dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False)
+    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
+                       require_rows=True)
     info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
     tokenizer = models.load_tokenizer(info.path)
     store = runs.open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
@@ -335,6 +336,9 @@ def run_sample(config: SampleConfig) -> runs.Summary:
         with tqdm(total=sum(len(p.rows) for p in todo), desc=PASS_SAMPLES, unit="prompt",
                   disable=not config.progress, dynamic_ncols=True) as bar:
             for part in todo:
+                if ctx.store.is_complete(part.split, part.part, fmt.SET_SAMPLES):
+                    record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
+                    continue
                 arrays, attrs, drawn_tokens = sample_part(ctx, part, model, bar.update)
                 ctx.store.write_section(part.split, part.part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
                 record["parts_done"] += 1

@@ -259,9 +259,9 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
         mcq_template = calibration.load_template(c.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
         prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
-                                  require_pairs=False)
+                                  require_pairs=False, require_rows=True)
         _check_samples_match(c, samples_store, prompt_rows)
-    rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict)
+    rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_rows=True)
             if needs_pairs else prompt_rows)
 
     infos = {ROLE_TEACHER: models.resolve_model(c.teacher, models.EMBEDDED_TEACHER)}
@@ -429,6 +429,9 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
         with tqdm(total=total, desc=step.name, unit="tok", unit_scale=True, disable=not ctx.config.progress,
                   dynamic_ncols=True) as bar:
             for split, part in todo:
+                if ctx.store.is_complete(split, part, step.sequence_set, step.section):
+                    record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
+                    continue
                 result = step.run(ctx, step, split, part, model, bar.update)
                 writer.write(split, part, step, result)
                 record["parts_done"] += 1

@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import fsspec
@@ -64,6 +68,9 @@ class ProvenanceMismatch(StoreError):
 class IncompleteSection(StoreError):
     pass
 
+
+#: a local writer builds sections in ``<store><STAGING_SUFFIX>/`` and renames them into place
+STAGING_SUFFIX = ".partial"
 
 # what identifies the rows behind a split (other dataset keys are counts of a run)
 IDENTITY_KEYS = ("name", "revision", "kind", "fingerprint")
@@ -178,6 +185,7 @@ class TeacherStore:
             store._root_group = None
             store._attrs_cache = None
         store.check(tokenizer_hash=tokenizer.get("hash"))
+        store.clean_leftovers()
         layout = store.attrs["layout"]
         if layout["examples_per_part"] != examples_per_part:
             raise ProvenanceMismatch(
@@ -413,11 +421,17 @@ class TeacherStore:
         return [p for p in range(self.num_parts(split)) if self.is_complete(split, p, sequence_set, section)]
 
     def write_section(self, split: str, part: int, sequence_set: str, section: str,
-                      arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> dict:
+                      arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> dict | None:
         """Write one section of one part, atomically as far as readers are concerned.
 
         ``arrays`` must hold exactly the arrays :mod:`store.format` declares for
-        this set and section, with consistent lengths. Returns the checksums.
+        this set and section, with consistent lengths. Returns the checksums, or
+        None when the section was already complete (another writer finished it:
+        writers of one store compute the same numbers, so the first one stays).
+
+        On a local file system the section is built beside the store and renamed
+        into place complete, so independent processes can write one store at
+        once; on a remote store it is written in place and marked complete last.
         """
         self._require_writable()
         ref = SectionRef(split, part, sequence_set, section)
@@ -447,34 +461,88 @@ class TeacherStore:
             chunks = (fmt.CHUNK_ROWS[spec.axis],) + values.shape[1:]
             chunks = (max(1, min(chunks[0], values.shape[0])),) + chunks[1:]
             prepared.append((spec, dtype, values, chunks))
+        if self.is_complete(split, part, sequence_set, section):
+            return None  # another writer finished it meanwhile: the same numbers are there already
         start, stop = self.part_range(split, part)
+        names = [spec.name for spec in specs]
+        final_attrs = {**dict(attrs or {}), "rows": rows, "example_start": start, "example_stop": stop}
         with _quiet():
             part_group = zarr.open_group(self._zstore, path=f"{split}/{fmt.part_name(part)}", mode="a",
                                          zarr_format=3)
             if "example_start" not in part_group.attrs:
                 part_group.attrs.update({"example_start": start, "example_stop": stop})
-            # a leftover from a killed writer is removed whole before writing again
-            if self._group(ref) is not None or self.fs.exists(f"{self._root}/{ref.path}"):
-                self.fs.rm(f"{self._root}/{ref.path}", recursive=True)
-            group = zarr.open_group(self._zstore, path=ref.path, mode="w", zarr_format=3)
-            group.attrs.put({"complete": False})
-            self._write_arrays(ref, prepared)
-            if self.is_local:
-                _fsync_tree(f"{self._root}/{ref.path}")
-            reread = self._read_arrays([(ref, [spec.name for spec in specs])], require_complete=False)[0]
-            checksums = {name: array_checksum(values) for name, values in reread.items()}
-            group.attrs.put({
-                **dict(attrs or {}),
-                "complete": True,
-                "checksums": checksums,
-                "rows": rows,
-                "example_start": start,
-                "example_stop": stop,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
-            if self.is_local:
-                _fsync_file(f"{self._root}/{ref.path}/zarr.json")
-        return checksums
+        if not self.is_local:
+            return self._write_in_place(ref, prepared, names, final_attrs)
+        staging = self._staging_dir() / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            checksums = _write_group(zarr.storage.LocalStore(str(staging)), "", prepared, names, final_attrs)
+            _fsync_tree(str(staging))
+            return checksums if self._move_into_place(ref, staging) else None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_in_place(self, ref: SectionRef, prepared: list, names: list[str], final_attrs: dict) -> dict:
+        """Remote stores (no rename): write where the section belongs, marking it complete last."""
+        if self._group(ref) is not None or self.fs.exists(f"{self._root}/{ref.path}"):
+            self.fs.rm(f"{self._root}/{ref.path}", recursive=True)  # a killed writer's leftover, whole
+        return _write_group(self._zstore, ref.path, prepared, names, final_attrs)
+
+    def _staging_dir(self) -> Path:
+        """Where a local writer builds a section before renaming it into place: beside the store, not in it.
+
+        Outside the hierarchy, so that plain zarr never lists a half-written group;
+        on the same file system, so that the rename is atomic.
+        """
+        path = Path(f"{self._root}{STAGING_SUFFIX}")
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _move_into_place(self, ref: SectionRef, staging: Path) -> bool:
+        """Rename a complete staged section to its place; False when another writer's complete one is there."""
+        target = Path(self._root) / ref.path
+        if target.exists() and not self.is_complete(ref.split, ref.part, ref.sequence_set, ref.section):
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of an in-place writer
+        try:
+            os.rename(staging, target)
+        except OSError:  # the target appeared meanwhile (ENOTEMPTY, EEXIST)
+            if self.is_complete(ref.split, ref.part, ref.sequence_set, ref.section):
+                return False
+            raise
+        _fsync_file(str(target.parent))
+        return True
+
+    def clean_leftovers(self, older_than_s: float = 600.0) -> int:
+        """Remove what killed local writers left: their staging folders and zarr's ``*.partial`` files.
+
+        A staging folder of a process of this host that is no longer running goes at
+        once; anything else only when older than ``older_than_s`` (another host's
+        writer may still be at work). Returns the number of entries removed.
+        """
+        if not self.is_local:
+            return 0
+        removed, now, host = 0, time.time(), socket.gethostname()
+        staging = Path(f"{self._root}{STAGING_SUFFIX}")
+        for entry in (staging.iterdir() if staging.is_dir() else ()):
+            owner_host, _, rest = entry.name.rpartition("-")[0].rpartition("-")
+            pid = int(rest) if rest.isdigit() else None
+            dead = owner_host == host and pid is not None and not _pid_alive(pid)
+            if dead or now - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        for directory, _dirs, files in os.walk(self._root):
+            for name in files:
+                path = os.path.join(directory, name)
+                if name.endswith(".partial") and now - os.stat(path).st_mtime > older_than_s:
+                    try:
+                        os.unlink(path)
+                        removed += 1
+                    except OSError:  # a read-only store: leave it to a writer
+                        pass
+        try:
+            staging.rmdir()  # only when empty: nothing beside the store once every writer is done
+        except OSError:
+            pass
+        return removed
 
     def read_section(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE,
                      names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -498,61 +566,7 @@ class TeacherStore:
             jobs.append((SectionRef(split, part, sequence_set, section),
                          list(names) if names is not None
                          else [s.name for s in fmt.arrays_of(sequence_set, section)]))
-        return self._read_arrays(jobs, require_complete=True)
-
-    def _read_arrays(self, jobs: list[tuple[SectionRef, list[str]]], *,
-                     require_complete: bool) -> list[dict[str, np.ndarray]]:
-        import asyncio
-
-        import zarr.api.asynchronous as zasync
-        from zarr.core.sync import sync
-
-        async def one_section(ref: SectionRef, names: list[str]) -> dict[str, np.ndarray]:
-            try:
-                group = await zasync.open_group(store=self._zstore, path=ref.path, mode="r", zarr_format=3)
-            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError,
-                    json.JSONDecodeError):
-                group = None
-            if group is None or (require_complete and not group.attrs.get("complete")):
-                raise IncompleteSection(f"{self.location}: {ref} is missing or not complete")
-
-            async def one_array(name: str) -> np.ndarray:
-                try:
-                    arr = await group.getitem(name)
-                except KeyError:
-                    raise StoreError(f"{self.location}: {ref} has no array {name!r}")
-                return np.asarray(await arr.getitem(Ellipsis))
-
-            values = await asyncio.gather(*(one_array(name) for name in names))
-            return dict(zip(names, values))
-
-        async def all_sections():
-            return await asyncio.gather(*(one_section(ref, names) for ref, names in jobs))
-
-        with _quiet():
-            return list(sync(all_sections()))
-
-    def _write_arrays(self, ref: SectionRef, prepared: list) -> None:
-        """Create and fill a section's arrays concurrently (one trip through zarr's event loop)."""
-        import asyncio
-
-        import zarr.api.asynchronous as zasync
-        from zarr.core.sync import sync
-
-        async def write_all():
-            group = await zasync.open_group(store=self._zstore, path=ref.path, mode="r+", zarr_format=3)
-
-            async def one(spec, dtype, values, chunks):
-                arr = await group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
-                                               fill_value=0, config={"write_empty_chunks": True},
-                                               **fmt.codecs_for(spec, dtype))
-                if values.size:
-                    await arr.setitem(Ellipsis, values)
-
-            await asyncio.gather(*(one(*item) for item in prepared))
-
-        with _quiet():
-            sync(write_all())
+        return _read_groups(self._zstore, [(ref.path, names) for ref, names in jobs], location=self.location)
 
     # -- manifest, verification, information ---------------------------------
 
@@ -649,6 +663,91 @@ class TeacherStore:
         if not self.fs.exists(base):
             return 0
         return int(sum(info.get("size", 0) or 0 for info in self.fs.find(base, detail=True).values()))
+
+
+def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict) -> dict:
+    """Create a group at ``path`` of ``zstore``, write its arrays, read them back, hash them, then mark it
+    complete (the attributes are the last write). Returns the checksums."""
+    with _quiet():
+        group = zarr.open_group(zstore, path=path, mode="w", zarr_format=3)
+        group.attrs.put({"complete": False})
+        _write_arrays(zstore, path, prepared)
+        if isinstance(zstore, zarr.storage.LocalStore):
+            _fsync_tree(os.path.join(str(zstore.root), path))
+        reread = _read_groups(zstore, [(path, names)], require_complete=False)[0]
+        checksums = {name: array_checksum(values) for name, values in reread.items()}
+        group.attrs.put({**final_attrs, "complete": True, "checksums": checksums,
+                         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return checksums
+
+
+def _write_arrays(zstore, path: str, prepared: list) -> None:
+    """Create and fill a group's arrays concurrently (one trip through zarr's event loop)."""
+    import asyncio
+
+    import zarr.api.asynchronous as zasync
+    from zarr.core.sync import sync
+
+    async def write_all():
+        group = await zasync.open_group(store=zstore, path=path, mode="r+", zarr_format=3)
+
+        async def one(spec, dtype, values, chunks):
+            arr = await group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
+                                           fill_value=0, config={"write_empty_chunks": True},
+                                           **fmt.codecs_for(spec, dtype))
+            if values.size:
+                await arr.setitem(Ellipsis, values)
+
+        await asyncio.gather(*(one(*item) for item in prepared))
+
+    with _quiet():
+        sync(write_all())
+
+
+def _read_groups(zstore, jobs: list[tuple[str, list[str]]], *, require_complete: bool = True,
+                 location: str = "") -> list[dict[str, np.ndarray]]:
+    """Decode the named arrays of the groups at the given paths, all in one trip through zarr's event loop.
+
+    A group that is missing (or, with ``require_complete``, not marked complete)
+    raises IncompleteSection; a missing array StoreError.
+    """
+    import asyncio
+
+    import zarr.api.asynchronous as zasync
+    from zarr.core.sync import sync
+
+    async def one_group(path: str, names: list[str]) -> dict[str, np.ndarray]:
+        try:
+            group = await zasync.open_group(store=zstore, path=path, mode="r", zarr_format=3)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, json.JSONDecodeError):
+            group = None
+        if group is None or (require_complete and not group.attrs.get("complete")):
+            raise IncompleteSection(f"{location}: {path} is missing or not complete")
+
+        async def one_array(name: str) -> np.ndarray:
+            try:
+                arr = await group.getitem(name)
+            except KeyError:
+                raise StoreError(f"{location}: {path} has no array {name!r}")
+            return np.asarray(await arr.getitem(Ellipsis))
+
+        return dict(zip(names, await asyncio.gather(*(one_array(n) for n in names))))
+
+    async def all_groups():
+        return await asyncio.gather(*(one_group(path, names) for path, names in jobs))
+
+    with _quiet():
+        return list(sync(all_groups()))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _without_model_names(provenance: Mapping) -> dict:

@@ -156,3 +156,44 @@ def test_a_finished_store_on_a_read_only_location_reruns_cleanly(tmp_path, tiny_
     summary = run_teacher(_config(view, tiny_models, tiny_dataset))
     assert all(step["parts_done"] == 0 for step in summary.steps)
     assert summary.response_tokens > 0
+
+
+def test_independent_writers_on_one_store_all_succeed_and_equal_one_writer(tmp_path, tiny_models, tiny_dataset,
+                                                                          tiny_store):
+    """Four `precompute teacher` processes on one store, two at once and two started a moment later."""
+    import sys
+    import time
+
+    from tests.test_precompute import REPO, _manifest_without_times
+
+    teacher, student = tiny_models
+    out = tmp_path / "shared.zarr"
+    cmd = [sys.executable, "-m", "precompute.cli", "teacher", "--out", str(out), "--teacher", str(teacher),
+           "--student", str(student), "--dataset", str(tiny_dataset), "--top-k", "8", "--max-length", "96",
+           "--max-new-tokens", "12", "--examples-per-part", "4", "--device", "cpu", "--dtype", "float32",
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for delay in (0, 0, 1.5, 1.5):
+        time.sleep(delay)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr
+    assert _manifest_without_times(out) == _manifest_without_times(tiny_store)
+    assert not os.path.exists(str(out) + ".partial")
+    leftovers = [f for d, _, files in os.walk(out) for f in files if f.endswith(".partial")]
+    assert leftovers == []
+
+
+def test_a_split_with_no_usable_row_is_refused_naming_why(tmp_path, tiny_models):
+    """Prompt-only rows asked for pairs: every row skipped; the command says so instead of writing an empty store."""
+    teacher, student = tiny_models
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(10)))
+    result = _invoke("--out", tmp_path / "s.zarr", "--teacher", teacher, "--student", student, "--dataset", rows)
+    assert result.exit_code == 2
+    assert "no usable row" in result.output and "missing_responses: 9" in result.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from store.teacher_store import STAGING_SUFFIX
 from store import (ExampleReader, ExampleStream, FormatMismatch, IncompleteSection, TeacherStore,
                    TokenizerMismatchError)
 from store import format as fmt
@@ -119,17 +120,23 @@ def test_concurrent_writers_in_separate_processes(tmp_path, reference_store, ref
 KILLED_WRITER = textwrap.dedent("""
     import os, sys
     from zarr.core.array import AsyncArray
+    from store import TeacherStore, format as fmt
     from tests import store_helpers as H
 
     victim = sys.argv[2]
-    original = AsyncArray.setitem
+    writing = [None]
+    original_write, original_setitem = TeacherStore.write_section, AsyncArray.setitem
+
+    def tracking(self, split, part, sequence_set, section, *args, **kwargs):
+        writing[0] = fmt.group_path(split, part, sequence_set, section)
+        return original_write(self, split, part, sequence_set, section, *args, **kwargs)
 
     async def setitem_then_die(self, *args, **kwargs):
-        await original(self, *args, **kwargs)
-        if self.path.startswith(victim + "/"):
+        await original_setitem(self, *args, **kwargs)
+        if writing[0] == victim:
             os._exit(17)  # killed right after the section's first array was written
 
-    AsyncArray.setitem = setitem_then_die
+    TeacherStore.write_section, AsyncArray.setitem = tracking, setitem_then_die
     store = H.create_store(sys.argv[1])
     H.write_parts(store, "train", range(store.num_parts("train")))
 """)
@@ -142,18 +149,24 @@ def test_killed_writer_resumes(tmp_path, reference_sums):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 17, done.stderr
 
-    store = TeacherStore.open(location, mode="a")
-    # the first array of the victim section is on disk, but the section does not count
+    # the victim was being built beside the store (its first array is on disk there): in the store it is absent
+    staging = location + STAGING_SUFFIX
+    leftovers = os.listdir(staging)
+    assert len(leftovers) == 1
     on_disk = [name for name in ("topk_ids", "topk_logp", "target_logp", "logp_sum")
-               if os.path.exists(os.path.join(location, victim, name, "c"))]
+               if os.path.exists(os.path.join(staging, leftovers[0], name, "c"))]
     assert on_disk, "the victim section should have been killed after writing an array"
-    assert json.load(open(os.path.join(location, victim, "zarr.json")))["attributes"]["complete"] is False
+    assert json.load(open(os.path.join(staging, leftovers[0], "zarr.json")))["attributes"]["complete"] is False
+    assert not os.path.exists(os.path.join(location, victim))
+    store = TeacherStore.open(location, mode="a")
     assert not store.is_complete("train", 1, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
     assert store.is_complete("train", 1, fmt.SET_PAIRS, fmt.BASE)
     with pytest.raises(IncompleteSection):
         store.read_section("train", 1, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
     with pytest.raises(IncompleteSection):
         ExampleStream(store, "train", {fmt.SET_PAIRS: [fmt.SECTION_TEACHER]})
+    store = H.create_store(location)  # a writer opening the store again cleans the dead writer's leftover
+    assert not os.path.exists(staging)
     before = H.all_checksums(store)
     assert victim not in before and fmt.group_path("train", 0, fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ) in before
 
