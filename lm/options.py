@@ -23,7 +23,7 @@ from typing import Any, Callable
 import click
 
 __all__ = ["Cli", "setting", "click_options", "from_cli", "comma_list", "key_values", "key_json_values",
-           "field_defaults"]
+           "field_defaults", "check_option_values"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,21 @@ def from_cli(config_cls, values: dict[str, Any], **extra: Any):
             value = spec.parse(value)
         kwargs[f.name] = value
     return config_cls(**kwargs)
+
+
+def check_option_values(config, error: type[Exception] = ValueError) -> None:
+    """Refuse a field of ``config`` outside the range or choices its command-line option declares.
+
+    The option types of :func:`lm.options.setting` fields (``click.IntRange``,
+    ``click.FloatRange``, ``click.Choice``) are the one statement of each limit:
+    click applies them to flags, this applies them to values set in Python or
+    read from a file. Raises ``error`` naming the option (``--pad-alpha: ...``).
+    """
+    for f in dataclasses.fields(config):
+        spec, value = f.metadata.get("cli"), getattr(config, f.name)
+        if spec is None or value is None or not isinstance(spec.type, click.ParamType):
+            continue
+        try:
+            spec.type.convert(value, None, None)
+        except click.BadParameter as exc:
+            raise error(f"{spec.flag or '--' + f.name.replace('_', '-')}: {exc.message}") from None

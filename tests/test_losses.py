@@ -502,7 +502,8 @@ def test_chunked_token_terms_equals_unchunked(with_bias):
     sum(((c * ref[k]).sum() for c, k in zip(coef, ["logp", "kd", "adpa"]))).backward()
 
     h2, w2, b2 = leaves()
-    out = L.chunked_token_terms(h2, w2, tgt, ids, tlp, adv, chunk_size=3, lm_head_bias=b2)
+    out = L.chunked_token_terms(h2, lambda h: torch.nn.functional.linear(h, w2, b2), ["logp", "kd", "adpa"],
+                                {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.TOPK_LOGP: tlp, L.ADVANTAGE: adv}, chunk_size=3)
     assert set(out) == {"logp", "kd", "adpa"}
     for k in out:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
@@ -513,11 +514,13 @@ def test_chunked_token_terms_equals_unchunked(with_bias):
         torch.testing.assert_close(b2.grad, b1.grad, rtol=1e-12, atol=1e-12)
 
     # optional terms: only what was asked for; no-grad path gives the same values
-    only_logp = L.chunked_token_terms(h2.detach(), w2.detach(), tgt, chunk_size=4, lm_head_bias=b2)
+    only_logp = L.chunked_token_terms(h2.detach(), lambda h: torch.nn.functional.linear(h, w2.detach(), b2), ["logp"],
+                                      {L.TARGET_IDS: tgt}, chunk_size=4)
     assert set(only_logp) == {"logp"}
     torch.testing.assert_close(only_logp["logp"], ref["logp"].detach())
     with torch.no_grad():
-        kd_only = L.chunked_token_terms(h2, w2, tgt, ids, tlp, chunk_size=2, lm_head_bias=b2)
+        kd_only = L.chunked_token_terms(h2, lambda h: torch.nn.functional.linear(h, w2, b2), ["logp", "kd"],
+                                        {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.TOPK_LOGP: tlp}, chunk_size=2)
     assert set(kd_only) == {"logp", "kd"}
     torch.testing.assert_close(kd_only["kd"], ref["kd"].detach())
 
@@ -533,7 +536,8 @@ def test_chunked_token_terms_does_not_keep_logits_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = L.chunked_token_terms(h, w, ids[:, 0], ids, tlp, chunk_size=3)
+        out = L.chunked_token_terms(h, lambda rows: rows @ w.T, ["logp", "kd"],
+                                    {L.TARGET_IDS: ids[:, 0], L.TOPK_IDS: ids, L.TOPK_LOGP: tlp}, chunk_size=3)
     assert not any(len(s) == 2 and s[1] == V and s[0] <= 3 for s in saved_shapes), saved_shapes
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         L.kd_tail_kl(h @ w.T, ids, tlp)  # sanity: the unchunked path does save [R, V]

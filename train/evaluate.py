@@ -25,7 +25,7 @@ and on the split's sampled groups when it has ``samples/teacher`` and
 ``samples/teacher_mcq`` (PAD), the model's ranking of each group by its mean
 token log-prob (PAD's student reward; the order does not depend on beta) against
 the teacher's, by PAD's teacher reward with the chosen ``pad_alpha``
-(:func:`train.methods.teacher_rewards`):
+(:func:`train.methods.teacher_rewards`; Gu et al., "Preference-Aligned Distillation"):
 
 - ``kendall_tau``: mean over groups of Kendall's tau-a,
   ``sum_{i<j} sign(s_i - s_j) sign(t_i - t_j) / (n (n - 1) / 2)`` (a pair tied on
@@ -42,17 +42,18 @@ from __future__ import annotations
 
 import gc
 import math
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
-from lm import models
-from store import ExampleStream, TokenizerMismatchError, check_complete
+from lm import chat
+from store import ExampleStream, Sequence, TeacherStore, check_complete
 
 from . import losses, methods
 from .batches import collate, token_budget_batches
-from .trainer import TrainError, check_tokenizer, commands_for, missing_signals, open_store, recorded_student, \
-    require_signals
+from .config import EvaluateConfig, TrainError
+from .preflight import (check_tokenizer, commands_for, first_sequence, load_student, missing_signals, open_store,
+                        recorded_student, require_signals, resolve_model, resolve_precision)
 
 TIE_NATS = 1e-3
 
@@ -80,16 +81,33 @@ def top1_agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return (picked == teacher.max(-1).values).double()
 
 
-@torch.no_grad()
-def _model_pass(model, store, split, needs, requests, *, pad_id, device, dtype, batch_tokens, chunk_size):
-    """Yield (batch, outputs) over the split's examples that have every set of ``needs``, in store order."""
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
-    stream = ExampleStream(store, split, needs, shuffle=False)
-    for examples in token_budget_batches(stream, batch_tokens):
-        batch = collate(examples, pad_id).to(device)
-        with autocast:
-            outputs = methods.student_outputs(model, batch, requests, methods.Settings(), chunk_size)
-        yield batch, outputs
+@dataclass
+class ModelPass:
+    """A loaded model and how it runs over the store's split (:meth:`outputs`)."""
+
+    model: torch.nn.Module
+    pad_id: int
+    store: TeacherStore
+    config: EvaluateConfig
+    device: str
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, path: str, probe: Sequence, store: TeacherStore, config: EvaluateConfig,
+             precision: tuple[str, torch.dtype]) -> "ModelPass":
+        """The model at ``path``, its split checked on ``probe`` (:func:`train.preflight.load_student`)."""
+        model, tokenizer = load_student(path, precision[0], probe)
+        return cls(model.eval(), chat.pad_id(tokenizer), store, config, *precision)
+
+    @torch.no_grad()
+    def outputs(self, needs, requests):
+        """Yield (batch, outputs) over the split's examples that have every set of ``needs``, in store order."""
+        stream = ExampleStream(self.store, self.config.split, needs, shuffle=False)
+        for examples in token_budget_batches(stream, self.config.batch_tokens):
+            batch = collate(examples, self.pad_id).to(self.device)
+            with methods.autocast_for(self.device, self.dtype):
+                outputs = methods.student_outputs(self.model, batch, requests, self.config, self.config.chunk_size)
+            yield batch, outputs
 
 
 def _pair_sums(batch, outputs) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,73 +120,54 @@ def _pair_sums(batch, outputs) -> tuple[list[int], torch.Tensor, torch.Tensor, t
     return examples, sums[chosen], sums[rejected], counts[chosen], counts[rejected]
 
 
-def _load(spec, device, default=models.EMBEDDED_STUDENT):
-    model, tokenizer, info = models.load_model(spec, device=device, dtype="float32", default=default)
-    methods.check_output_layer(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return model, tokenizer, info, pad_id
-
-
-def evaluate(model: str | None, cache: str, split: str = "test", initial: str | None = None, *,
-             device: str = "auto", dtype: str = "auto", batch_tokens: int = 4096, chunk_size: int = 1024,
-             pad_alpha: float = 0.5, pad_beta: float = 10.0) -> dict:
+def evaluate(config: EvaluateConfig) -> dict:
     """The metrics of the module docstring, as a dict of plain numbers and names.
 
     Pair metrics when the split has ``pairs/teacher``, group metrics when it has
     ``samples/teacher`` and ``samples/teacher_mcq``; refused when it has neither.
     """
-    store = open_store(cache)
-    if store.num_parts(split) == 0:
-        require_signals(store, split, PAIR_NEEDS, "evaluate")  # names the splits there are
-    missing_pairs = missing_signals(store, split, PAIR_NEEDS)
-    missing_groups = missing_signals(store, split, GROUP_NEEDS)
+    c = config
+    store = open_store(c.cache)
+    if store.num_parts(c.split) == 0:
+        require_signals(store, c.split, PAIR_NEEDS, "evaluate")  # names the splits there are
+    missing_pairs = missing_signals(store, c.split, PAIR_NEEDS)
+    missing_groups = missing_signals(store, c.split, GROUP_NEEDS)
     has_pairs, has_groups = not missing_pairs, not missing_groups
     if not has_pairs and not has_groups:
         raise TrainError(f"evaluate needs pairs/teacher (pair metrics) or samples/teacher and samples/teacher_mcq "
-                         f"(group rankings) for split {split}; {store.location} has neither complete. Compute "
+                         f"(group rankings) for split {c.split}; {store.location} has neither complete. Compute "
                          f"pairs with: {commands_for(store, missing_pairs)}; or groups with: "
                          f"{commands_for(store, missing_groups)}")
-    device = models.resolve_device(device)
-    try:
-        torch_dtype = models.resolve_dtype(dtype, device)
-        settings = methods.Settings(pad_alpha=pad_alpha, pad_beta=pad_beta)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from exc
-    stored_init = not check_complete(store, split, {methods.PAIRS: [methods.STUDENT_INIT]})
+    precision = resolve_precision(c.device, c.dtype)
+    stored_init = not check_complete(store, c.split, {methods.PAIRS: [methods.STUDENT_INIT]})
     recorded = recorded_student(store)
-    try:
-        student = models.resolve_model(model, models.EMBEDDED_STUDENT)
-        check_tokenizer(store, models.load_tokenizer(student.path), student.name)
-        initial_info = None
-        if has_pairs and (initial or not stored_init):
-            initial_info = models.resolve_model(initial or (recorded["name"] if recorded else None),
-                                                models.EMBEDDED_STUDENT)
-            check_tokenizer(store, models.load_tokenizer(initial_info.path), initial_info.name)
-    except (models.ModelNotFoundError, TokenizerMismatchError) as exc:
-        raise TrainError(str(exc)) from exc
-    pass_options = dict(device=device, dtype=torch_dtype, batch_tokens=batch_tokens, chunk_size=chunk_size)
+    student = resolve_model(c.model)
+    check_tokenizer(store, student)
+    initial_info = None
+    if has_pairs and (c.initial or not stored_init):
+        initial_info = resolve_model(c.initial or (recorded.name if recorded else None))
+        check_tokenizer(store, initial_info)
+    probe = first_sequence(store, c.split, PAIR_NEEDS if has_pairs else GROUP_NEEDS)
 
     init_sums: dict[int, tuple[float, float]] = {}
     if initial_info is not None:  # one forward pass of the initial model, then it is freed
-        init_model, _, _, pad_id = _load(initial_info.path, device)
-        for batch, outputs in _model_pass(init_model, store, split, {methods.PAIRS: []}, _PAIR_LOGP, pad_id=pad_id,
-                                          **pass_options):
-            for ex, c, r, _, _ in zip(*_pair_sums(batch, outputs)):
-                init_sums[ex] = (float(c), float(r))
-        del init_model
+        initial_pass = ModelPass.load(initial_info.path, probe, store, c, precision)
+        for batch, outputs in initial_pass.outputs({methods.PAIRS: []}, _PAIR_LOGP):
+            for ex, chosen, rejected, _, _ in zip(*_pair_sums(batch, outputs)):
+                init_sums[ex] = (float(chosen), float(rejected))
+        del initial_pass
         gc.collect()
         initial_from = f"computed with {initial_info.name}"
     else:
-        initial_from = "store pairs/student_init" + (f" ({recorded['name']})" if recorded else "")
+        initial_from = "store pairs/student_init" + (f" ({recorded.name})" if recorded else "")
 
-    model_obj, _, _, pad_id = _load(student.path, device)
-    model_obj.eval()
-    result = {"model": student.name, "store": store.location, "split": split}
+    student_pass = ModelPass.load(student.path, probe, store, c, precision)
+    result = {"model": student.name, "store": store.location, "split": c.split}
     if has_pairs:
-        result.update(_pair_metrics(model_obj, store, split, initial_info, init_sums, pad_id, pass_options))
+        result.update(_pair_metrics(student_pass, init_sums if initial_info is not None else None))
         result["initial"] = initial_from
     if has_groups:
-        result.update(_group_metrics(model_obj, store, split, settings, pad_id, pass_options))
+        result.update(_group_metrics(student_pass))
     return result
 
 
@@ -176,21 +175,22 @@ def _mean(total, n):
     return total / n if n else math.nan
 
 
-def _pair_metrics(model_obj, store, split, initial_info, init_sums, pad_id, pass_options) -> dict:
-    needs = {methods.PAIRS: [methods.TEACHER] + ([methods.STUDENT_INIT] if initial_info is None else [])}
+def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
+    """Pair metrics of the module docstring; ``init_sums`` (example -> initial sums) None: the store's."""
+    needs = {methods.PAIRS: [methods.TEACHER] + ([methods.STUDENT_INIT] if init_sums is None else [])}
     kl = {"chosen": 0.0, "rejected": 0.0}
     logp = {"chosen": 0.0, "rejected": 0.0}
     tokens = {"chosen": 0, "rejected": 0}
     pairs = 0
     wins_logratio = wins_avg = 0.0
-    for batch, outputs in _model_pass(model_obj, store, split, needs, _PAIR_KD, pad_id=pad_id, **pass_options):
+    for batch, outputs in student.outputs(needs, _PAIR_KD):
         for role_name, role in (("chosen", methods.CHOSEN), ("rejected", methods.REJECTED)):
             rows = methods.response_rows(batch, methods.PAIRS, role)
             kl[role_name] += float(outputs.kd[rows].double().sum())
             logp[role_name] += float(outputs.logp[rows].double().sum())
             tokens[role_name] += int(rows.sum())
         examples, sum_c, sum_r, n_c, n_r = _pair_sums(batch, outputs)
-        if initial_info is None:
+        if init_sums is None:
             chosen, rejected = methods.pair_sequences(batch)
             ref = batch.scalars[f"{methods.STUDENT_INIT}/logp_sum"].double().cpu()
             ref_c, ref_r = ref[chosen.cpu()], ref[rejected.cpu()]
@@ -203,7 +203,7 @@ def _pair_metrics(model_obj, store, split, initial_info, init_sums, pad_id, pass
         wins_avg += float(torch.where(avg_margin == 0, 0.5, (avg_margin > 0).double()).sum())
         pairs += len(examples)
     if pairs == 0:
-        raise TrainError(f"{store.location}: split {split!r} has no preference pairs")
+        raise TrainError(f"{student.store.location}: split {student.config.split!r} has no preference pairs")
     return {
         "pairs": pairs,
         "kl_chosen": _mean(kl["chosen"], tokens["chosen"]), "kl_rejected": _mean(kl["rejected"], tokens["rejected"]),
@@ -214,11 +214,12 @@ def _pair_metrics(model_obj, store, split, initial_info, init_sums, pad_id, pass
     }
 
 
-def _group_metrics(model_obj, store, split, settings, pad_id, pass_options) -> dict:
+def _group_metrics(student: ModelPass) -> dict:
+    """Group metrics of the module docstring, rewards with the configuration's PAD alpha and beta."""
+    settings = student.config
     taus, tops, ppd, sizes = [], [], [], set()
     logp_total, tokens = 0.0, 0
-    for batch, outputs in _model_pass(model_obj, store, split, GROUP_NEEDS, _SAMPLES_LOGP, pad_id=pad_id,
-                                      **pass_options):
+    for batch, outputs in student.outputs(GROUP_NEEDS, _SAMPLES_LOGP):
         rows = methods.response_rows(batch, methods.SAMPLES, None)
         logp_total += float(outputs.logp[rows].double().sum())
         tokens += int(rows.sum())
@@ -230,7 +231,7 @@ def _group_metrics(model_obj, store, split, settings, pad_id, pass_options) -> d
             ppd.append(losses.pad_loss(student, teacher, kind="ppd", max_group=settings.pad_max_group))
             sizes.add(int(index.shape[1]))
     if not taus:
-        raise TrainError(f"{store.location}: split {split!r} has no sampled groups")
+        raise TrainError(f"{student.store.location}: split {settings.split!r} has no sampled groups")
     return {
         "groups": int(sum(t.numel() for t in taus)), "group_sizes": sorted(sizes),
         "pad_alpha": settings.pad_alpha, "pad_beta": settings.pad_beta,

@@ -12,7 +12,7 @@ Precision: inputs are upcast to at least float32 before any softmax,
 logsumexp or exponent (bf16/fp16 inputs are computed and returned in
 float32; float64 inputs stay float64, which is what the tests use).
 
-Formulas and their sources (see ``shared/design/METHODS.md``):
+Formulas and their sources (the project's account of each: ``docs/methods.md``):
 
 - KD with a tail bucket: forward KL over K+1 bins (the ADPA repository's
   ``get_kl_loss``; TRL's ``_add_tail_bucket``).
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,11 @@ __all__ = [
     "pad_loss",
     "pad_teacher_rewards",
     "mcq_score",
+    "TokenTerm",
+    "TOKEN_TERMS",
     "chunked_token_terms",
     "MAX_EXACT_PL_GROUP",
+    "PAD_LOSSES",
 ]
 
 _LN2 = math.log(2.0)
@@ -66,6 +70,9 @@ _LN2 = math.log(2.0)
 #: Largest group size for which the n! orderings are enumerated exactly
 #: (6! = 720 orderings; 7! = 5040 would already cost 5040 x 7 per prompt).
 MAX_EXACT_PL_GROUP = 6
+
+#: the kinds of :func:`pad_loss`: PPD (JSD over orderings), VPD (-log P_S of the teacher's order)
+PAD_LOSSES = ("ppd", "vpd")
 
 
 # --------------------------------------------------------------------------
@@ -114,16 +121,30 @@ def _tail_logmass(topk_logp: torch.Tensor) -> torch.Tensor:
     return log1mexp(lse)
 
 
+def _target_logp(student_logsoftmax: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """[R] the student's log-softmax [R, V] gathered at ``target_ids`` [R]; see token_logprobs."""
+    return student_logsoftmax.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _tail_bucket_bins(
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's log-probs over the K+1 bins (top-K ids, then the tail), [R, K+1] each.
+
+    The teacher's side is detached (a constant); see kd_tail_kl.
+    """
+    s_k = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
+    t_k = _up(topk_logp).to(s_k.dtype).detach()  # [R, K], teacher is constant
+    s_all = torch.cat([s_k, _tail_logmass(s_k).unsqueeze(-1)], dim=-1)
+    t_all = torch.cat([t_k, _tail_logmass(t_k).unsqueeze(-1)], dim=-1)
+    return s_all, t_all
+
+
 def _kd_from_logsoftmax(
     student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
 ) -> torch.Tensor:
     """KD tail-bucket KL from a precomputed student log-softmax [R, V]; see kd_tail_kl."""
-    s_k = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
-    t_k = _up(topk_logp).to(s_k.dtype).detach()  # [R, K], teacher is constant
-    s_tail = _tail_logmass(s_k)  # [R]
-    t_tail = _tail_logmass(t_k)  # [R]
-    t_all = torch.cat([t_k, t_tail.unsqueeze(-1)], dim=-1)  # [R, K+1]
-    s_all = torch.cat([s_k, s_tail.unsqueeze(-1)], dim=-1)  # [R, K+1]
+    s_all, t_all = _tail_bucket_bins(student_logsoftmax, topk_ids, topk_logp)
     p = t_all.exp()
     # p * log p -> 0 when p == 0 (e.g. a -inf pad in topk_logp): replace the
     # teacher log-prob by 0 there so that the product is 0 * finite.
@@ -156,7 +177,7 @@ def token_logprobs(student_logits: torch.Tensor, target_ids: torch.Tensor) -> to
     response tokens already; ``-mean`` of this over a response is SFT's NLL.
     """
     ls = torch.log_softmax(_up(student_logits), dim=-1)
-    return ls.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    return _target_logp(ls, target_ids.long())
 
 
 def kd_tail_kl(
@@ -482,15 +503,12 @@ def pad_loss(
     connected (the whole ranking is constrained, not disjoint blocks).
     The decomposed loss is a surrogate, not equal to the full-group loss.
 
-    Shapes: both [G, n]; ``kind`` in {"ppd", "vpd"}; ``2 <= max_group <= 6``.
+    Shapes: both [G, n]; ``kind`` in :data:`PAD_LOSSES`; ``2 <= max_group <= 6``.
     Teacher side detached. Returns [G].
     """
-    if kind == "ppd":
-        exact = pad_ppd_loss
-    elif kind == "vpd":
-        exact = pad_vpd_loss
-    else:
-        raise ValueError(f"kind must be 'ppd' or 'vpd', got {kind!r}")
+    if kind not in PAD_LOSSES:
+        raise ValueError(f"kind must be one of {', '.join(PAD_LOSSES)}, got {kind!r}")
+    exact = pad_ppd_loss if kind == "ppd" else pad_vpd_loss
     if not 2 <= max_group <= MAX_EXACT_PL_GROUP:
         raise ValueError(f"max_group must be in [2, {MAX_EXACT_PL_GROUP}], got {max_group}")
     G, n = student_rewards.shape
@@ -533,7 +551,7 @@ def pad_teacher_rewards(
 def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """PAD's calibration (multiple-choice) score of each response.
 
-    Source: PAD (Gu et al.), as recorded in METHODS.md::
+    Source: PAD (Gu et al., "Preference-Aligned Distillation"), as ``docs/methods.md`` records it::
 
         s_mcq(i) = log( (eps + sum_{j != i} P(i chosen | {i, j})) / (n - 1) )
 
@@ -553,91 +571,97 @@ def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------
-# chunked token terms (memory)
+# per-token terms of the student's log-softmax, and their chunked computation
 # --------------------------------------------------------------------------
 
+#: per-token quantities (the keys of :data:`TOKEN_TERMS`)
+LOGP, KD, ADPA = "logp", "kd", "adpa"
 
-def _chunk_terms(hidden, weight, bias, target_ids, topk_ids, topk_logp, advantage):
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    ls = torch.log_softmax(_up(logits), dim=-1)  # [c, V], freed after this call
-    out = [ls.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)]
-    if topk_logp is not None:
-        out.append(_kd_from_logsoftmax(ls, topk_ids, topk_logp))
-    if advantage is not None:
-        out.append(_adpa_from_logsoftmax(ls, topk_ids, advantage))
-    return tuple(out)
+#: row signals the terms read: the row's own target token, the teacher's top-K from the
+#: store, and ADPA's advantage ``A`` [R, K], which depends on settings (beta, clip) and is
+#: derived before the chunk loop (:func:`adpa_advantage`; ``train.methods.DERIVED_SIGNALS``)
+TARGET_IDS = "target_ids"
+TOPK_IDS, TOPK_LOGP = "teacher/topk_ids", "teacher/topk_logp"
+ADVANTAGE = "adpa/advantage"
+
+
+@dataclass(frozen=True)
+class TokenTerm:
+    """A per-token quantity computed from the student's log-softmax rows.
+
+    ``per_row(log_softmax, *signals) -> [c]`` is a pure function of the student's
+    log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``,
+    passed in that order, each ``[c, ...]`` on the same rows.
+    """
+
+    reads: tuple[str, ...]
+    per_row: Callable[..., torch.Tensor]
+
+
+#: what :func:`chunked_token_terms` can compute; adding a per-token loss is one
+#: function of (log-softmax rows, signals) and one entry here
+TOKEN_TERMS: dict[str, TokenTerm] = {
+    LOGP: TokenTerm((TARGET_IDS,), _target_logp),  # token_logprobs
+    KD: TokenTerm((TOPK_IDS, TOPK_LOGP), _kd_from_logsoftmax),  # kd_tail_kl
+    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax),  # adpa_token_loss
+}
+
+
+def _row_signal(values: torch.Tensor) -> torch.Tensor:
+    """Ids as int64 (for gather), other signals detached: the student's rows are the only thing trained."""
+    return values.detach() if values.is_floating_point() else values.long()
 
 
 def chunked_token_terms(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    target_ids: torch.Tensor,
-    topk_ids: Optional[torch.Tensor] = None,
-    topk_logp: Optional[torch.Tensor] = None,
-    advantage: Optional[torch.Tensor] = None,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    names: Sequence[str],
+    signals: Mapping[str, torch.Tensor],
     chunk_size: int = 1024,
-    lm_head_bias: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token log-prob, KD and ADPA terms without materialising [R, V] logits.
+    """The :data:`TOKEN_TERMS` named ``names`` on every row, without materialising [R, V] logits.
 
     The student's full-vocabulary log-softmax is the largest tensor of
     training. This computes, per chunk of ``chunk_size`` rows,
-    ``logits = hidden_chunk @ W.T (+ bias)``, its log-softmax (upcast to
-    >= fp32; the matmul itself runs in the inputs' dtype), and from it:
-
-    - ``"logp"`` (always): :func:`token_logprobs` at ``target_ids``;
-    - ``"kd"`` (when ``topk_ids`` and ``topk_logp`` are given): :func:`kd_tail_kl`;
-    - ``"adpa"`` (when ``topk_ids`` and ``advantage`` are given): :func:`adpa_token_loss`.
+    ``logits_of(hidden_chunk)`` (the output layer, e.g.
+    :meth:`lm.head.OutputLayer.logits`, soft-capping and scale included), one
+    log-softmax (upcast to >= fp32; the output layer itself runs in the
+    inputs' dtype), and from it each named term's ``per_row``: ``"logp"`` is
+    :func:`token_logprobs`, ``"kd"`` :func:`kd_tail_kl`, ``"adpa"``
+    :func:`adpa_token_loss`.
 
     Each chunk runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
     so its [chunk, V] logits are recomputed in backward instead of stored;
     values and gradients equal the unchunked functions applied to
-    ``hidden @ W.T (+ bias)``.
+    ``logits_of(hidden)``.
 
-    Shapes: ``hidden`` [R, H]; ``lm_head_weight`` [V, H]; ``lm_head_bias``
-    [V] or None; ``target_ids`` [R]; ``topk_ids`` [R, K]; ``topk_logp``,
-    ``advantage`` [R, K]. Returns a dict of [R] tensors.
+    Shapes: ``hidden`` [R, H]; ``signals``: at least every row signal the
+    terms read (``TOKEN_TERMS[name].reads``), [R, ...] each, ids cast to
+    int64, the others detached. Returns ``{name: [R]}``.
     """
-    if topk_logp is not None and topk_ids is None:
-        raise ValueError("topk_logp given without topk_ids")
-    if advantage is not None and topk_ids is None:
-        raise ValueError("advantage given without topk_ids")
+    unknown = [name for name in names if name not in TOKEN_TERMS]
+    if unknown:
+        raise ValueError(f"no per-token term {', '.join(unknown)}; known: {', '.join(TOKEN_TERMS)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if advantage is not None:
-        advantage = advantage.detach()
-    if topk_logp is not None:
-        topk_logp = topk_logp.detach()
-    target_ids = target_ids.long()
-    topk_ids = topk_ids.long() if topk_ids is not None else None
+    names = list(dict.fromkeys(names))
+    terms = [TOKEN_TERMS[name] for name in names]
+    reads = list(dict.fromkeys(signal for term in terms for signal in term.reads))
+    missing = [signal for signal in reads if signal not in signals]
+    if missing:
+        raise ValueError(f"{', '.join(names)} read the row signal(s) {', '.join(missing)}, which were not given")
+    row_signals = [_row_signal(signals[signal]) for signal in reads]
 
-    keys = ["logp"]
-    if topk_logp is not None:
-        keys.append("kd")
-    if advantage is not None:
-        keys.append("adpa")
+    def chunk_terms(hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        log_softmax = torch.log_softmax(_up(logits_of(hidden_chunk)), dim=-1)  # [c, V], freed after this call
+        by_name = dict(zip(reads, signal_chunks))
+        return tuple(term.per_row(log_softmax, *(by_name[signal] for signal in term.reads)) for term in terms)
 
-    R = hidden.shape[0]
     pieces: list[tuple[torch.Tensor, ...]] = []
-    for lo in range(0, max(R, 1), chunk_size):
-        hi = min(lo + chunk_size, R)
-
-        def sl(t):
-            return None if t is None else t[lo:hi]
-
-        args = (
-            hidden[lo:hi],
-            lm_head_weight,
-            lm_head_bias,
-            target_ids[lo:hi],
-            sl(topk_ids),
-            sl(topk_logp),
-            sl(advantage),
-        )
+    for lo in range(0, max(hidden.shape[0], 1), chunk_size):
+        chunk = (hidden[lo:lo + chunk_size], *(values[lo:lo + chunk_size] for values in row_signals))
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
+            pieces.append(checkpoint(chunk_terms, *chunk, use_reentrant=False))
         else:
-            pieces.append(_chunk_terms(*args))
-    return {k: torch.cat([p[i] for p in pieces]) for i, k in enumerate(keys)}
+            pieces.append(chunk_terms(*chunk))
+    return {name: torch.cat([piece[i] for piece in pieces]) for i, name in enumerate(names)}

@@ -19,12 +19,16 @@ and a weight of 0 drops the term (and what it alone needs from the store).
 Methods that read different sequence sets (``pad+sft``: the groups and the
 pairs) train on the examples that have every set the combination reads.
 
-Defaults are the released values (``shared/design/METHODS.md``): DCKD
+Defaults are the released values (``docs/methods.md``): DCKD
 ``w_sft = 1, w_kd_chosen = w_kd_rejected = 0.1``; ADPA ``w_sft = 1,
-w_adpa = 1.6`` with the released code's clipped advantage; SimPO beta 2.0,
-gamma 0.5. DPO: beta 0.1 (the DPO paper's and TRL's default). METHODS.md's
-"released beta 0.01" is the beta the *teacher* was aligned with, not a value
-measured for a distilled student; ``--dpo-beta 0.01`` reproduces it.
+w_adpa = 1.6`` with the released code's clipped advantage ("Advantage-Guided
+Distillation for Preference Alignment in Small Language Models"); SimPO beta
+2.0, gamma 0.5 (Meng et al. 2024, "SimPO"). DPO: beta 0.1 (the DPO paper's,
+Rafailov et al. 2023, and TRL's default). The "released beta 0.01" is the beta
+the *teacher* was aligned with, not a value measured for a distilled student;
+``--dpo-beta 0.01`` reproduces it. Every default other than a weight is
+declared once, in :class:`Settings`, which is also where the command-line
+options ``--dpo-beta`` ... ``--pad-max-group`` come from.
 
 Token means: every token-level term is the mean over all of its tokens in the
 micro-batch (not a mean of per-sequence means), as TRL's SFT and the ADPA
@@ -33,7 +37,7 @@ code do; sequence-level terms (DPO, SimPO) are the mean over pairs.
 Group-level terms (PAD and the baselines built from the same groups) read the
 ``samples`` set: a batch holds whole examples, so every response of a group is in
 the batch that holds the group (:func:`sample_groups` gathers them into [G, n]).
-Rewards, PAD (METHODS.md, "Preference-Aligned Distillation"):
+Rewards, PAD (Gu et al., "Preference-Aligned Distillation"; ``docs/methods.md``):
 
 - student ``r_S(i) = beta * avglogp_theta(y_i)``, live and differentiable;
 - teacher ``r_T(i) = beta * (alpha * avglogp_T(y_i) + (1 - alpha) * s_mcq(i))`` with
@@ -60,64 +64,73 @@ groups, the teacher's best response (highest r_T) as chosen and its worst as
 rejected: ``pad_dpo`` (DPO, reference sums from ``samples/student_init``) and
 ``pad_simpo`` (SimPO, no reference), with the DPO / SimPO settings.
 
-The student forward (:func:`student_outputs`) runs the decoder once over the
-sequences some term needs, then the output layer only on the response rows
-that some term asked for, in row chunks (:func:`train.losses.chunked_token_terms`),
-so a [tokens, vocabulary] log-softmax never exists whole.
+The student forward (:func:`student_outputs`) splits the model into decoder and
+output layer (:func:`lm.head.split_model`, the split precompute uses: logit
+soft-capping and scale included), runs the decoder once over the sequences some
+term needs, then the output layer only on the response rows that some term asked
+for, in row chunks (:func:`train.losses.chunked_token_terms`), so a
+[tokens, vocabulary] log-softmax never exists whole. The per-token quantities it
+can produce are the table :data:`train.losses.TOKEN_TERMS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import click
 import torch
 
+from lm import head
+from lm.options import check_option_values, setting
 from store import format as fmt
 
 from . import losses
 from .batches import Batch
+from .losses import ADPA, KD, LOGP
 
 PAIRS, GENERATED, SAMPLES = fmt.SET_PAIRS, fmt.SET_GENERATED, fmt.SET_SAMPLES
 TEACHER, REFERENCE, STUDENT_INIT = fmt.SECTION_TEACHER, fmt.SECTION_REFERENCE, fmt.SECTION_STUDENT_INIT
 TEACHER_MCQ = fmt.SECTION_TEACHER_MCQ
 CHOSEN, REJECTED, GENERATED_ROLE = fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED, fmt.ROLE_GENERATED
 
-#: per-token quantities the student forward can produce
-LOGP, KD, ADPA = "logp", "kd", "adpa"
-QUANTITIES = (LOGP, KD, ADPA)
-PAD_LOSSES = ("ppd", "vpd")
-
 
 @dataclass(frozen=True)
 class Settings:
-    """Loss hyper-parameters other than term weights (defaults: see module docstring)."""
+    """Loss hyper-parameters other than term weights (defaults: see module docstring).
 
-    dpo_beta: float = 0.1
-    simpo_beta: float = 2.0
-    simpo_gamma: float = 0.5
-    adpa_beta: float = 1.0  # A = beta * (log pi_T - log pi_R)
-    adpa_clip: bool = True  # released code: A clipped into [1e-8, 1 - 1e-8]
-    pad_loss: str = "ppd"  # "ppd" (JSD over orderings) or "vpd" (-log P_S(teacher's order))
-    pad_beta: float = 10.0  # reward scale of student and teacher (released)
-    pad_alpha: float = 0.5  # teacher reward mix: alpha * avglogp_T + (1 - alpha) * s_mcq (module docstring)
-    pad_max_group: int = losses.MAX_EXACT_PL_GROUP  # larger groups are decomposed (losses.pad_loss)
+    Each field is also a command-line option of ``train student`` (the PAD reward's
+    two of ``train evaluate`` as well): its default and help are written here once,
+    and values are checked against the option's range when the object is made.
+    """
+
+    dpo_beta: float = setting(0.1, "DPO beta (DPO paper / TRL default; the teacher was aligned with 0.01).",
+                              type=float)
+    simpo_beta: float = setting(2.0, "SimPO beta (the SimPO paper's most common value).", type=float)
+    simpo_gamma: float = setting(0.5, "SimPO margin, in reward units.", type=float)
+    adpa_beta: float = setting(1.0, "ADPA advantage scale: A = beta * (log pi_T - log pi_R).", type=float)
+    adpa_unclipped: bool = setting(False, "Use the paper's unclipped advantage (default: clipped into "
+                                   "[1e-8, 1-1e-8] like the released code).", is_flag=True)
+    pad_loss: str = setting("ppd", "PAD: ppd (Jensen-Shannon divergence of the orderings' distributions) or vpd "
+                            "(-log P of the teacher's order).", type=click.Choice(losses.PAD_LOSSES))
+    pad_beta: float = setting(10.0, "PAD: reward scale, student and teacher (released 10).",
+                              type=click.FloatRange(min=0, min_open=True))
+    pad_alpha: float = setting(0.5, "PAD: teacher reward = alpha * mean log-prob + (1 - alpha) * calibration score; "
+                               "released 0, whose calibration the embedded teacher cannot judge (see "
+                               "train/methods.py).", type=click.FloatRange(0, 1))
+    pad_max_group: int = setting(losses.MAX_EXACT_PL_GROUP, "PAD: larger groups are split into overlapping windows "
+                                 "of this size (6! = 720 orderings).",
+                                 type=click.IntRange(2, losses.MAX_EXACT_PL_GROUP))
 
     def __post_init__(self):
-        if self.pad_loss not in PAD_LOSSES:
-            raise ValueError(f"--pad-loss must be one of {', '.join(PAD_LOSSES)}, got {self.pad_loss!r}")
-        if not 0 <= self.pad_alpha <= 1:
-            raise ValueError(f"--pad-alpha must be in [0, 1], got {self.pad_alpha}")
-        if self.pad_beta <= 0:
-            raise ValueError(f"--pad-beta must be > 0, got {self.pad_beta}")
-        if not 2 <= self.pad_max_group <= losses.MAX_EXACT_PL_GROUP:
-            raise ValueError(f"--pad-max-group must be in [2, {losses.MAX_EXACT_PL_GROUP}], got {self.pad_max_group}")
+        check_option_values(self)
 
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """A per-token quantity (``logp``, ``kd`` or ``adpa``) on the response rows of one role of one set.
+    """A per-token quantity (a :data:`train.losses.TOKEN_TERMS` name) on the response rows of one role of one set.
 
     ``role`` None: every sequence of the set (a group's samples have roles 16 + i).
     """
@@ -129,17 +142,22 @@ class TokenRequest:
 
 @dataclass
 class StudentOutputs:
-    """What the student's forward produced, one value per response row of the batch ([R], float32).
+    """What the student's forward produced: per quantity, one value per response row of the batch ([R], float32).
 
-    ``logp[r]``: log pi_theta of the row's target token; ``kd[r]``: tail-bucket KL to the
-    teacher; ``adpa[r]``: ADPA's token loss. Rows nobody asked for hold 0 and are false in
-    ``computed[quantity]``.
+    ``values[name]`` for every :data:`train.losses.TOKEN_TERMS` entry, also read as an
+    attribute: ``out.logp[r]`` is log pi_theta of the row's target token, ``out.kd[r]``
+    the tail-bucket KL to the teacher, ``out.adpa[r]`` ADPA's token loss. Rows nobody
+    asked for hold 0 and are false in ``computed[name]``.
     """
 
-    logp: torch.Tensor
-    kd: torch.Tensor
-    adpa: torch.Tensor
+    values: dict[str, torch.Tensor]
     computed: dict[str, torch.Tensor]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} has no quantity {name!r}")
 
 
 LossFn = Callable[[Batch, StudentOutputs, Settings], torch.Tensor]
@@ -260,8 +278,8 @@ def _group_mean(values: list[torch.Tensor], out: StudentOutputs) -> torch.Tensor
 def sft_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
     """SFT(y_w) = - mean_t log pi_theta(y_w,t | s_t) over every chosen-response token of the batch.
 
-    Source: METHODS.md section 2 (the anchor term of DCKD and ADPA, "Advantage-Guided
-    Distillation for Preference Alignment in Small Language Models").
+    Source: the anchor term of DCKD and ADPA ("Advantage-Guided Distillation for
+    Preference Alignment in Small Language Models"; ``docs/methods.md``).
     """
     return token_mean(-out.logp, response_rows(batch, PAIRS, CHOSEN))
 
@@ -270,7 +288,7 @@ def kd_chosen_term(batch: Batch, out: StudentOutputs, settings: Settings) -> tor
     """KD(y_w): mean over chosen-response tokens of KL(p_T || q_theta) over the teacher's top-K + a tail bin.
 
     Source: ADPA repository ``get_kl_loss`` with TRL's tail bucket; DCKD's first KL
-    constraint (METHODS.md section 2). Per token: :func:`train.losses.kd_tail_kl`.
+    constraint (ADPA paper; ``docs/methods.md``). Per token: :func:`train.losses.kd_tail_kl`.
     """
     return token_mean(out.kd, response_rows(batch, PAIRS, CHOSEN))
 
@@ -284,9 +302,10 @@ def adpa_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Te
     """L_ADPA = - mean_t sum_k pi_theta(topk_ids[t,k] | s_t) A[t,k] over the student's generated answers.
 
     ``A = adpa_beta * (teacher/topk_logp - reference/topk_logp)``, clipped into
-    [1e-8, 1 - 1e-8] unless ``adpa_clip`` is false (ADPA paper, equation of L_ADPA;
-    clip from the released code, METHODS.md section 2). The advantage is built in
-    :func:`student_outputs`; per token: :func:`train.losses.adpa_token_loss`.
+    [1e-8, 1 - 1e-8] unless ``adpa_unclipped`` (ADPA paper, "Advantage-Guided
+    Distillation for Preference Alignment in Small Language Models", equation of
+    L_ADPA; clip from the released code; ``docs/methods.md``). The advantage is
+    :func:`adpa_advantage_rows`; per token: :func:`train.losses.adpa_token_loss`.
     """
     return token_mean(out.adpa, response_rows(batch, GENERATED, GENERATED_ROLE))
 
@@ -320,7 +339,7 @@ def pad_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Ten
     ``r_S = beta * avglogp_theta``, ``r_T`` from the store (:func:`teacher_rewards`);
     :func:`train.losses.pad_loss` with ``settings.pad_loss`` and ``pad_max_group``
     (exact over all n! orderings up to 6, decomposed above). Gu et al.,
-    "Preference-Aligned Distillation" (code EganGu/PAD); METHODS.md, PAD.
+    "Preference-Aligned Distillation" (code EganGu/PAD); ``docs/methods.md``.
     """
     values = [losses.pad_loss(student_rewards(batch, out, index, settings), teacher_rewards(batch, index, settings),
                               kind=settings.pad_loss, max_group=settings.pad_max_group)
@@ -441,78 +460,89 @@ def token_requests(terms: list[Term]) -> tuple[TokenRequest, ...]:
 # --------------------------------------------------------------------------- the student forward
 
 
-def check_output_layer(model) -> None:
-    """Refuse models whose logits are not ``hidden @ W.T (+ b)`` (soft-capping, logit scale)."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    scale = getattr(model.config, "logit_scale", None)
-    if cap or (isinstance(scale, (int, float)) and scale != 1):
-        raise ValueError(f"{type(model).__name__}: logit soft-capping / scaling is not supported by the "
-                         "chunked output layer")
-    if getattr(model, model.base_model_prefix, None) is None or model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__}: cannot split into decoder and output layer")
+def adpa_advantage_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[n, K] ADPA's advantage on response rows ``rows``: :func:`train.losses.adpa_advantage` of the
+    teacher's and the reference's top-K log-probs with ``adpa_beta``, clipped unless ``adpa_unclipped``."""
+    return losses.adpa_advantage(_signal(batch, f"{TEACHER}/topk_logp", rows),
+                                 _signal(batch, f"{REFERENCE}/topk_logp", rows),
+                                 beta=settings.adpa_beta, clip=not settings.adpa_unclipped)
+
+
+#: row signals that are not store arrays, computed before the chunk loop: name -> (batch, rows, settings) -> [n, ...]
+DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tensor]] = {
+    losses.TARGET_IDS: lambda batch, rows, settings: batch.resp_target[rows],
+    losses.ADVANTAGE: adpa_advantage_rows,
+}
+
+
+def row_signals(batch: Batch, names, rows: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
+    """The row signals ``names`` on response rows ``rows``: derived (:data:`DERIVED_SIGNALS`) or read from the store."""
+    return {name: (DERIVED_SIGNALS[name](batch, rows, settings) if name in DERIVED_SIGNALS
+                   else _signal(batch, name, rows))
+            for name in names}
+
+
+def rows_by_need(wanted: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
+    """Response rows grouped by the set of quantities they need: ``[(names, rows [n])]``, rows needing none left out.
+
+    ``wanted``: quantity -> [R] bool. One output-layer pass per group computes exactly its quantities.
+    """
+    names = list(wanted)
+    need = torch.stack([wanted[name] for name in names], 1).long()  # [R, Q]
+    combinations, group_of_row = torch.unique(need, dim=0, return_inverse=True)
+    return [([name for name, used in zip(names, combination) if used], (group_of_row == g).nonzero().squeeze(1))
+            for g, combination in enumerate(combinations.tolist()) if any(combination)]
+
+
+def autocast_for(device: str, dtype: torch.dtype):
+    """The context the student's forward (and backward) runs in: ``torch.autocast`` to ``dtype``, none for float32."""
+    return torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], settings: Settings,
                     chunk_size: int = 1024) -> StudentOutputs:
     """Run the student on ``batch`` and compute the requested per-token quantities.
 
-    1. rows: the union of the requests' response rows per quantity (``kd`` and
-       ``adpa`` rows get ``logp`` too, for free);
-    2. the decoder (``getattr(model, model.base_model_prefix)``) runs only over the
-       sequences that own such rows, trimmed to their longest length;
-    3. hidden states at ``resp_pos`` of those rows go through the output layer in
-       chunks (:func:`train.losses.chunked_token_terms`), once per group of rows
-       that needs the same quantities, with the teacher's top-K (``kd``) and the
-       ADPA advantage ``adpa_advantage(teacher/topk_logp, reference/topk_logp)``
-       (``adpa``).
+    1. rows: per quantity, the union of its requests' response rows; every such row
+       gets ``logp`` too (a gather of the same log-softmax: free);
+    2. the decoder (:func:`lm.head.split_model`) runs only over the sequences that own
+       such rows, trimmed to their longest length;
+    3. rows are grouped by the quantities they need (:func:`rows_by_need`); each
+       group's hidden states at ``resp_pos`` go through the output layer
+       (:meth:`lm.head.OutputLayer.logits`) in chunks, with the row signals its
+       quantities read (:func:`train.losses.chunked_token_terms`, :func:`row_signals`).
 
     Shapes: every output is [R] (R = batch.num_response_tokens), float32 (float64 for a
     float64 model).
     """
-    R = batch.num_response_tokens
-    device = batch.input_ids.device
-    want = {q: torch.zeros(R, dtype=torch.bool, device=device) for q in QUANTITIES}
+    R, device = batch.num_response_tokens, batch.input_ids.device
+    wanted = {name: torch.zeros(R, dtype=torch.bool, device=device) for name in losses.TOKEN_TERMS}
     for request in requests:
-        want[request.quantity] |= response_rows(batch, request.sequence_set, request.role)
-    want[LOGP] |= want[KD] | want[ADPA]
-    if not bool(want[LOGP].any()):
+        wanted[request.quantity] |= response_rows(batch, request.sequence_set, request.role)
+    wanted[LOGP] = torch.stack(list(wanted.values())).any(0)
+    if not bool(wanted[LOGP].any()):
         zeros = torch.zeros(R, dtype=torch.float32, device=device)
-        return StudentOutputs(**{q: zeros for q in QUANTITIES}, computed=want)
+        return StudentOutputs(dict.fromkeys(wanted, zeros), wanted)
 
     run = torch.zeros(batch.num_sequences, dtype=torch.bool, device=device)
-    run[batch.resp_seq[want[LOGP]]] = True
+    run[batch.resp_seq[wanted[LOGP]]] = True
     run_index = run.nonzero().squeeze(1)
     position_in_run = torch.cumsum(run.long(), 0) - 1  # sequence -> its row in the decoder batch
     length = int(batch.attention_mask[run_index].sum(1).max())
-    decoder = getattr(model, model.base_model_prefix)
+    decoder, output_layer = head.split_model(model)
     hidden = decoder(input_ids=batch.input_ids[run_index, :length],
                      attention_mask=batch.attention_mask[run_index, :length]).last_hidden_state
-    head = model.get_output_embeddings()
     zeros = torch.zeros(R, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32, device=device)
-    values = {q: zeros for q in QUANTITIES}
+    values = dict.fromkeys(wanted, zeros)
 
-    for with_kd in (False, True):
-        for with_adpa in (False, True):
-            rows = want[LOGP] & (want[KD] == with_kd) & (want[ADPA] == with_adpa)
-            if not bool(rows.any()):
-                continue
-            index = rows.nonzero().squeeze(1)
-            picked = hidden[position_in_run[batch.resp_seq[index]], batch.resp_pos[index]]
-            topk_ids = topk_logp = advantage = None
-            if with_kd or with_adpa:
-                topk_ids = _signal(batch, f"{TEACHER}/topk_ids", index)
-            if with_kd:
-                topk_logp = _signal(batch, f"{TEACHER}/topk_logp", index)
-            if with_adpa:
-                advantage = losses.adpa_advantage(_signal(batch, f"{TEACHER}/topk_logp", index),
-                                                  _signal(batch, f"{REFERENCE}/topk_logp", index),
-                                                  beta=settings.adpa_beta, clip=settings.adpa_clip)
-            got = losses.chunked_token_terms(picked, head.weight, batch.resp_target[index], topk_ids=topk_ids,
-                                             topk_logp=topk_logp, advantage=advantage, chunk_size=chunk_size,
-                                             lm_head_bias=getattr(head, "bias", None))
-            for quantity, value in got.items():
-                values[quantity] = values[quantity].index_put((index,), value.to(zeros.dtype))
-    return StudentOutputs(**values, computed=want)
+    for names, rows in rows_by_need(wanted):
+        picked = hidden[position_in_run[batch.resp_seq[rows]], batch.resp_pos[rows]]
+        reads = {signal for name in names for signal in losses.TOKEN_TERMS[name].reads}
+        got = losses.chunked_token_terms(picked, output_layer.logits, names,
+                                         row_signals(batch, reads, rows, settings), chunk_size)
+        for name, value in got.items():
+            values[name] = values[name].index_put((rows,), value.to(zeros.dtype))
+    return StudentOutputs(values, wanted)
 
 
 def _signal(batch: Batch, name: str, index: torch.Tensor) -> torch.Tensor:

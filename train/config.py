@@ -1,0 +1,196 @@
+"""The settings of ``train student`` and ``train evaluate``, each declared once.
+
+- :class:`train.methods.Settings`: the loss hyper-parameters (``dpo_beta`` ...
+  ``pad_max_group``), declared beside the terms that read them;
+- :class:`TrainConfig`: a training run, which *is* a ``Settings`` (it extends it)
+  plus the run's own fields, so it stays flat: a run's ``config.yaml`` holds one
+  key per option, and a TrainConfig is the ``settings`` argument of the losses;
+- :class:`EvaluateConfig`: ``train evaluate``'s, also a ``Settings``, of which only
+  the PAD reward's two (:data:`PAD_REWARD`) are options there.
+
+Every field is an :func:`lm.options.setting`: its default, help text and
+command-line type are written on the field, ``train/cli.py`` turns the fields
+into click options (:func:`lm.options.click_options`) and parsed options back
+into a configuration (:func:`lm.options.from_cli`, :meth:`TrainConfig.from_sources`).
+A configuration is checked when it is made, against the same option types
+(:func:`lm.options.check_option_values`), so one made in Python or read from
+a file is refused exactly as the command line would refuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import click
+import yaml
+
+from lm import options
+from lm.options import setting
+
+from . import methods
+from .methods import Settings
+
+#: the loss settings' names: the options TrainConfig and EvaluateConfig take from Settings
+LOSS_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
+#: what ``train evaluate`` takes of them: the teacher reward a group's ranking is compared with
+PAD_REWARD = ("pad_alpha", "pad_beta")
+
+
+class TrainError(ValueError):
+    """A configuration or store that cannot train; the message says what to do."""
+
+
+def term_weights(values) -> dict[str, float]:
+    """Repeated ``TERM=W`` (or a mapping, from a file) -> ``{term: weight}``; BadParameter for a non-number."""
+    weights = {}
+    for name, value in options.key_values("--weight")(values).items():
+        try:
+            weights[name] = float(value)
+        except (TypeError, ValueError):
+            raise click.BadParameter(f"{name}={value!r}: expected TERM=NUMBER, e.g. kd_chosen=0.1",
+                                     param_hint="--weight") from None
+    return weights
+
+
+_TERM_DEFAULTS = "; ".join(f"{method}: " + ", ".join(f"{t.name}={t.weight:g}" for t in terms)
+                          for method, terms in methods.METHODS.items())
+
+
+# how the student runs over a store: options both commands take, declared once here
+def _device():
+    return setting("auto", "auto (cuda when available, else cpu), or a torch device: cpu, cuda, cuda:N, mps.")
+
+
+def _dtype():
+    return setting("auto", "auto (bf16 autocast on CUDA GPUs that have it, else fp32), float32, bfloat16.")
+
+
+def _batch_tokens():
+    return setting(4096, "Padded tokens per batch (all sequences of its examples).", type=click.IntRange(min=1))
+
+
+def _chunk_size():
+    return setting(1024, "Response rows per output-layer chunk (memory).", type=click.IntRange(min=1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Settings):
+    """``train student``: the loss settings it extends, and the run's own."""
+
+    cache: str = setting(help="Teacher-signal store made by `precompute teacher` (required here or in --config).")
+    method: str = setting("dckd+adpa", f"{', '.join(methods.METHODS)}, or a + combination (shared terms count once).")
+    student: str | None = setting(None, "Student's initial model: dir (e.g. a finished run), embedded name, cached "
+                                  "name [the student the store records, else the embedded student].")
+    out: str | None = setting(None, "Output directory [runs/<method with + replaced by _>].")
+    epochs: int = setting(1, "Passes over the split.", type=click.IntRange(min=1))
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps [all of every epoch].",
+                                    type=click.IntRange(min=1))
+    lr: float = setting(5e-7, "Peak learning rate (released recipes: 5e-7).",
+                        type=click.FloatRange(min=0, min_open=True))
+    batch_tokens: int = _batch_tokens()
+    grad_accum: int = setting(1, "Batches per optimizer step.", type=click.IntRange(min=1))
+    seed: int = setting(0, "Shuffling and initialisation seed.", type=int)
+    device: str = _device()
+    dtype: str = _dtype()
+    resume: bool = setting(False, "Continue from OUT/checkpoint (same settings required).", is_flag=True)
+    weights: dict[str, float] = setting(factory=dict, help="Override a term's weight, 0 drops it (repeatable). "
+                                        f"Defaults: {_TERM_DEFAULTS}.", flag="--weight", multiple=True,
+                                        metavar="TERM=W", parse=term_weights)
+    warmup_ratio: float = setting(0.1, "Share of the steps with a linear warmup.",
+                                  type=click.FloatRange(0, 1, max_open=True))
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", type=float)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", type=float)
+    save_every: int | None = setting(None, "Checkpoint every N steps as well [only at the end].",
+                                     type=click.IntRange(min=1))
+    log_every: int = setting(10, "Write metrics every N steps (and at steps 1 and last).", type=click.IntRange(min=1))
+    split: str = setting("train", "Split of the store to train on.")
+    chunk_size: int = _chunk_size()
+    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
+
+    def __post_init__(self):
+        options.check_option_values(self, TrainError)
+
+    @property
+    def run_dir(self) -> Path:
+        """``out``, else ``runs/<method with + replaced by _>``."""
+        return Path(self.out or os.path.join("runs", self.method.replace("+", "_")))
+
+    @classmethod
+    def from_sources(cls, file_path: str | None, parsed: Mapping[str, Any], given: Iterable[str]) -> "TrainConfig":
+        """The configuration from ``--config FILE`` and the command line: defaults < the file < flags given.
+
+        ``parsed``: click's values by field name (defaults included); ``given``: the names
+        set on the command line. A ``--method`` other than the file's drops the file's
+        weights (they were its method's); ``--weight`` flags are added over the file's.
+        """
+        flags = options.from_cli(cls, parsed)
+        from_file = read_config_file(file_path) if file_path else {}
+        given = set(given)
+        file_weights = from_file.pop("weights", None) or {}
+        if "method" in given and flags.method != from_file.get("method", flags.method):
+            file_weights = {}
+        config = dataclasses.replace(flags, **{k: v for k, v in from_file.items() if k not in given},
+                                     weights={**file_weights, **flags.weights})
+        if not config.cache:
+            raise TrainError("--cache is required (or `cache:` in --config)")
+        return config
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML file's options by field name (keys as the long options, - or _); a run's config.yaml works as is.
+
+    Values go through their option's type or parser, as flags do (``lr: 1e-3``, which YAML
+    reads as a string, becomes 0.001; ``weights`` a mapping of floats).
+    """
+    with open(path) as fh:
+        loaded = yaml.safe_load(fh) or {}
+    if not isinstance(loaded, dict):
+        raise TrainError(f"{path}: expected a mapping of option names to values")
+    loaded.pop("resolved", None)  # what a run's config.yaml adds beside the options
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise TrainError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    typed = {}
+    for name, value in values.items():
+        try:
+            typed[name] = _as_declared(fields[name], value)
+        except click.BadParameter as exc:
+            raise TrainError(f"{path}: {name}: {exc.message}") from None
+    return typed
+
+
+def _as_declared(field: dataclasses.Field, value):
+    """``value`` through the field's option parser or type, as click would treat it on the command line."""
+    spec = field.metadata.get("cli")
+    if value is None or spec is None:
+        return value
+    if spec.parse is not None:
+        return spec.parse(value)
+    if spec.type is not None:
+        return click.types.convert_type(spec.type).convert(value, None, None)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Settings):
+    """``train evaluate``: the model, the store and split, how to run; of the loss settings, :data:`PAD_REWARD`."""
+
+    model: str | None = setting(None, "Model to evaluate: a run's dir, embedded name, ... [embedded student].")
+    cache: str = setting(help="Teacher-signal store with pairs/teacher and/or samples/teacher + teacher_mcq "
+                         "for --split.")
+    split: str = setting("test", "Held-out split to evaluate on.")
+    initial: str | None = setting(None, "Initial model for the log-ratio accuracy [store pairs/student_init, else "
+                                  "the store's student].")
+    device: str = _device()
+    dtype: str = _dtype()
+    batch_tokens: int = _batch_tokens()
+    chunk_size: int = _chunk_size()
+
+    def __post_init__(self):
+        options.check_option_values(self, TrainError)
