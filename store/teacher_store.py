@@ -217,6 +217,10 @@ class TeacherStore:
         """Open an existing store, refusing an unknown format or a different tokenizer."""
         store = cls(location, mode=mode, storage_options=storage_options)
         if not store.exists():
+            root_meta = f"{store._root}/zarr.json"
+            if store.fs.exists(root_meta):
+                raise StoreError(f"{location}: zarr.json (root) is unreadable or has no format attribute: "
+                                 f"the store's root metadata is damaged, or this is not a teacher-signal store")
             raise StoreError(f"{location}: no teacher-signal store here (no zarr.json with a format attribute)")
         store.check(tokenizer_hash=tokenizer_hash)
         return store
@@ -616,47 +620,10 @@ class TeacherStore:
         return [f"{path}/c/" + "/".join(str(i) for i in k) for k in keys if len(k) == len(shape)]
 
     def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
-        """Recompute every checksum; returns problems (empty when the store is intact)."""
-        problems: list[str] = []
-        manifest = self.attrs.get("manifest", {})
-        for ref, attrs in self.walk_sections():
-            if attrs is None:
-                if ref.path in manifest:
-                    problems.append(f"{ref}: listed as complete in the manifest but missing")
-                continue
-            if not attrs.get("complete"):
-                continue
-            if progress:
-                progress(ref.path)
-            problems.extend(self._verify_section(ref, attrs, manifest.get(ref.path)))
-        return problems
+        """Every damage of the store, one line each (empty when intact): see :mod:`store.verify`."""
+        from .verify import verify_store
 
-    def _verify_section(self, ref: SectionRef, attrs: dict, manifest_sums: dict | None) -> list[str]:
-        problems = []
-        group = self._group(ref)
-        recorded = attrs.get("checksums", {})
-        if manifest_sums is not None and manifest_sums != recorded:
-            problems.append(f"{ref}: checksums differ between the section and the root manifest")
-        with _quiet():
-            for name, expected in recorded.items():
-                try:
-                    arr = group[name]
-                except KeyError:
-                    problems.append(f"{ref}/{name}: array missing")
-                    continue
-                missing = [k for k in self.chunk_keys(f"{ref.path}/{name}", arr.shape, arr.chunks)
-                           if not self.fs.exists(f"{self._root}/{k}")]
-                if missing:
-                    problems.append(f"{ref}/{name}: missing chunk file(s) {', '.join(missing)}")
-                    continue
-                try:
-                    actual = array_checksum(arr[...])
-                except Exception as exc:  # a corrupted chunk usually fails to decode
-                    problems.append(f"{ref}/{name}: cannot be decoded ({type(exc).__name__}: {exc})")
-                    continue
-                if actual != expected:
-                    problems.append(f"{ref}/{name}: checksum differs (recorded {expected[:12]}, now {actual[:12]})")
-        return problems
+        return verify_store(self, progress)
 
     def nbytes_on_disk(self, prefix: str = "") -> int:
         base = f"{self._root}/{prefix}".rstrip("/")

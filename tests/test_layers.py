@@ -1,0 +1,78 @@
+"""The data path's layers, read from the source: who may import whom, and no import cycle.
+
+dataset -> precompute (teacher passes) -> store -> train (batches, losses, student);
+``lm`` is what both sides share about models. ``store`` imports neither side nor
+``lm``; ``precompute`` and ``train`` never import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("lm", "store", "precompute", "train")
+ALLOWED = {
+    "lm": set(),
+    "store": set(),
+    "precompute": {"lm", "store"},
+    "train": {"lm", "store"},
+}
+
+
+def _imports() -> dict[str, set[str]]:
+    """module name -> project modules it imports (anywhere in the file, lazy imports included,
+    ``if TYPE_CHECKING:`` blocks left out)."""
+    graph = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            module = f"{package}.{path.stem}" if path.stem != "__init__" else package
+            tree = ast.parse(path.read_text())
+            typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                           and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+            found = set()
+            for node in ast.walk(tree):
+                if id(node) in typing_only:  # annotations only: not imported when the code runs
+                    continue
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:  # relative: within the package
+                        base = package if not node.module else f"{package}.{node.module}"
+                        names = [base] if node.module else [f"{package}.{a.name}" for a in node.names]
+                    else:
+                        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                found.update(n for n in names if n.split(".")[0] in PACKAGES)
+            graph[module] = found
+    modules = set(graph)
+    # keep only names that are modules (``from store import format`` -> store.format, not store.X classes)
+    return {m: {n if n in modules else n.rsplit(".", 1)[0] for n in deps if n in modules or
+                n.rsplit(".", 1)[0] in modules} - {m} for m, deps in graph.items()}
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    wrong = [f"{module} imports {dep}" for module, deps in _imports().items() for dep in sorted(deps)
+             if dep.split(".")[0] != module.split(".")[0] and dep.split(".")[0] not in ALLOWED[module.split(".")[0]]]
+    assert wrong == []
+
+
+def test_no_import_cycle():
+    graph = _imports()
+    state: dict[str, str] = {}  # module -> "open" while on the path, "done" after
+    cycles = []
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(path + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
