@@ -36,6 +36,7 @@ together with a sha256 per array of its decoded bytes.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -220,6 +221,30 @@ def part_index(name: str) -> int:
 def group_path(split: str, part: int, sequence_set: str, section: str = BASE) -> str:
     path = f"{split}/{part_name(part)}/{sequence_set}"
     return path if section == BASE else f"{path}/{section}"
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """sha256 of an array's decoded values: dtype, shape and little-endian C-order bytes."""
+    values = np.ascontiguousarray(values)
+    h = hashlib.sha256()
+    h.update(f"{values.dtype.str}|{values.shape}".encode())
+    h.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SectionRef:
+    split: str
+    part: int
+    sequence_set: str
+    section: str = BASE
+
+    @property
+    def path(self) -> str:
+        return group_path(self.split, self.part, self.sequence_set, self.section)
+
+    def __str__(self) -> str:
+        return self.path
 
 
 # Codecs ----------------------------------------------------------------------

@@ -14,7 +14,6 @@ of different parts never touch the same file, so processes can share a store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ import time
 import uuid
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -32,6 +30,7 @@ import numpy as np
 import zarr
 
 from . import format as fmt
+from .format import SectionRef, array_checksum
 from .provenance import DatasetRecord, PassRecord, TokenizerRecord, read_passes
 
 # Our log-prob codecs come from numcodecs; zarr warns on every open that other
@@ -95,30 +94,6 @@ def _quiet():
 
 def _is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
-
-
-def array_checksum(values: np.ndarray) -> str:
-    """sha256 of an array's decoded values: dtype, shape and little-endian C-order bytes."""
-    values = np.ascontiguousarray(values)
-    h = hashlib.sha256()
-    h.update(f"{values.dtype.str}|{values.shape}".encode())
-    h.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class SectionRef:
-    split: str
-    part: int
-    sequence_set: str
-    section: str = fmt.BASE
-
-    @property
-    def path(self) -> str:
-        return fmt.group_path(self.split, self.part, self.sequence_set, self.section)
-
-    def __str__(self) -> str:
-        return self.path
 
 
 class TeacherStore:
