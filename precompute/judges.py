@@ -1,0 +1,164 @@
+"""Black-box judges for ``precompute rank`` (CycleAlign): something that answers chat messages with text.
+
+A judge is only ever asked questions: no weights, no log-probs. Two kinds:
+
+``local:MODEL``
+    Any model :func:`lm.models.resolve_model` accepts (a model directory, a
+    ``.gguf`` file, the embedded names), prompted through its own chat template
+    and decoded greedily, ``max_new_tokens`` at most.
+``http://HOST:PORT/v1`` (or ``https://``)
+    Any OpenAI-compatible chat-completions endpoint (a vLLM or llama.cpp server,
+    a hosted API), called through the maintained ``openai`` client library: its
+    base URL, a model name (``--judge-model``), an API key read from the
+    environment variable named by ``--judge-api-key-env`` (never written to the
+    store or to logs), at most ``concurrency`` requests in flight, a timeout per
+    request, and the client's retries with exponential backoff on 429, 5xx and
+    timeouts (``retries``).
+
+:meth:`Judge.ask_all` sends many conversations and returns one :class:`Reply`
+each, in order: the text, or the reason there is none (``timeout``,
+``http_500``, ``connection``, ...). A failed request never raises: the caller
+counts it and moves on.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+__all__ = ["Reply", "Judge", "HttpJudge", "LocalJudge", "make_judge", "judge_identity"]
+
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str | None  # None when the request failed
+    error: str | None = None  # why there is no text: "timeout", "http_500", "connection", ...
+
+
+class Judge:
+    """Answers chat conversations; see the module docstring."""
+
+    name: str = "judge"
+
+    def ask_all(self, conversations: Sequence[Messages],
+                on_reply: Callable[[int], None] | None = None) -> list[Reply]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the judge holds (a loaded model, open connections)."""
+
+
+class HttpJudge(Judge):
+    """An OpenAI-compatible chat-completions endpoint, through the ``openai`` client library."""
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
+                 timeout: float = 60.0, retries: int = 3, max_tokens: int = 64):
+        import openai
+
+        self.name = f"{base_url} ({model})"
+        self.model, self.max_tokens, self.concurrency = model, max_tokens, max(1, concurrency)
+        # a local server accepts any key; the real one never leaves the environment
+        self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-set",
+                                     timeout=timeout, max_retries=retries)
+
+    def _ask(self, messages: Messages) -> Reply:
+        import openai
+
+        try:
+            response = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+                                                            max_tokens=self.max_tokens)
+        except openai.APITimeoutError:
+            return Reply(None, "timeout")
+        except openai.APIStatusError as exc:
+            return Reply(None, f"http_{exc.status_code}")
+        except openai.APIConnectionError:
+            return Reply(None, "connection")
+        except openai.OpenAIError as exc:  # a reply the client cannot read as a completion
+            return Reply(None, f"bad_response ({type(exc).__name__})")
+        choices = getattr(response, "choices", None) or []
+        text = choices[0].message.content if choices and choices[0].message else None
+        return Reply(text, None) if isinstance(text, str) else Reply(None, "bad_response (no message content)")
+
+    def ask_all(self, conversations, on_reply=None):
+        replies: list[Reply | None] = [None] * len(conversations)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
+            futures = {pool.submit(self._ask, messages): i for i, messages in enumerate(conversations)}
+            for future, i in futures.items():
+                replies[i] = future.result()
+                if on_reply:
+                    on_reply(1)
+        return replies  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class LocalJudge(Judge):
+    """A local model through its chat template, greedy decoding (loaded on first use)."""
+
+    def __init__(self, spec: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 64,
+                 batch_size: int = 8):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.name = f"local:{spec}"
+        self._model = self._tokenizer = None
+
+    def _load(self):
+        if self._model is None:
+            from lm import models
+
+            self._model, self._tokenizer, _ = models.load_model(self.spec, device=self.device, dtype=self.dtype)
+        return self._model, self._tokenizer
+
+    def ask_all(self, conversations, on_reply=None):
+        from lm import chat
+
+        from .scoring import generate_greedy
+
+        model, tokenizer = self._load()
+        prompts = [chat.encode_prompt(tokenizer, messages) for messages in conversations]
+        answers = generate_greedy(model, prompts, max_new_tokens=self.max_new_tokens,
+                                  eos_ids=[chat.end_of_turn_id(tokenizer)], pad_id=chat.pad_id(tokenizer),
+                                  batch_size=self.batch_size, on_batch=None)
+        if on_reply:
+            on_reply(len(conversations))
+        return [Reply(tokenizer.decode(np.asarray(a).tolist(), skip_special_tokens=True), None) for a in answers]
+
+    def close(self) -> None:
+        self._model = self._tokenizer = None
+
+
+def make_judge(spec: str, *, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
+               timeout: float = 60.0, retries: int = 3, max_new_tokens: int = 64, device: str = "auto",
+               dtype: str = "auto") -> Judge:
+    """A judge from ``--judge`` (module docstring); ValueError for a spec that is neither kind."""
+    if spec.startswith(("http://", "https://")):
+        if not model:
+            raise ValueError(f"--judge {spec}: an HTTP judge needs --judge-model (the model name the server serves)")
+        return HttpJudge(spec, model, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                         retries=retries, max_tokens=max_new_tokens)
+    if spec.startswith("local:"):
+        return LocalJudge(spec[len("local:"):], device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    raise ValueError(f"--judge {spec!r}: use local:MODEL (a model directory, .gguf file or embedded name) or "
+                     f"an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1")
+
+
+def judge_identity(spec: str, model: str | None) -> dict:
+    """What the store records of a judge: where it is and which model, never a key."""
+    if spec.startswith("local:"):
+        from lm import models
+
+        info = models.resolve_model(spec[len("local:"):])
+        return {"kind": "local", "model": {"name": info.name, "sha256": info.weights_hash}}
+    parts = urlsplit(spec)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")  # user:password@ and the query are left out
+    return {"kind": "http", "base_url": urlunsplit((parts.scheme, netloc, parts.path, "", "")),
+            "model_name": model}
