@@ -1,14 +1,18 @@
-"""``store``: look into, check and export a teacher-signal store.
+"""``store``: find, look into, check, copy and export teacher-signal stores.
 
+    store ls LOCATION [--json]
     store info PATH [--json]
     store verify PATH
+    store cp SRC DST
     store export PATH --format hdf5 --out FILE
 
 PATH is a local directory or an fsspec URL (``s3://bucket/x.zarr``); pass
 filesystem options with ``--storage-option key=value`` (repeatable, e.g.
 ``endpoint_url=http://127.0.0.1:9000``); s3fs also reads the usual ``AWS_*``
-environment variables. Exit status: 0 fine, 1 verification found damage,
-2 the command could not run (not a store, unknown format, bad option).
+environment variables. None of these commands writes to a store it reads
+(``cp`` writes only its destination). Exit status: 0 fine, 1 verification
+found damage, 2 the command could not run (not a store, unknown format, bad
+option). ``DISTILL_DEBUG=1`` shows tracebacks instead of one-line errors.
 """
 
 from __future__ import annotations
@@ -20,21 +24,10 @@ import sys
 
 import click
 
+from .locations import parse_storage_options, redact_url
+
 EXIT_DAMAGED = 1
 EXIT_ERROR = 2
-
-
-def _parse_storage_options(pairs: tuple[str, ...]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint="--storage-option")
-        try:  # numbers, booleans, null and JSON objects keep their type
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
 
 
 def _fail(message: str) -> None:
@@ -43,7 +36,7 @@ def _fail(message: str) -> None:
 
 
 def _clear_errors(command):
-    """Turn an exception into one line on stderr and exit status 2 (STORE_DEBUG=1 keeps tracebacks)."""
+    """Turn an exception into one line on stderr and exit status 2 (DISTILL_DEBUG=1 keeps tracebacks)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -54,11 +47,11 @@ def _clear_errors(command):
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except StoreError as exc:
-            if os.environ.get("STORE_DEBUG"):
+            if os.environ.get("DISTILL_DEBUG"):
                 raise
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - the user gets one clear line, not a traceback
-            if os.environ.get("STORE_DEBUG"):
+            if os.environ.get("DISTILL_DEBUG"):
                 raise
             _fail(f"{type(exc).__name__}: {exc}")
 
@@ -68,7 +61,7 @@ def _clear_errors(command):
 def _open(path: str, storage_options: tuple[str, ...]):
     from .teacher_store import TeacherStore
 
-    return TeacherStore.open(path, storage_options=_parse_storage_options(storage_options))
+    return TeacherStore.open(path, storage_options=parse_storage_options(storage_options))
 
 
 storage_option = click.option(
@@ -153,6 +146,46 @@ def export(path, out_format, out_path, storage_options):
                    err=True)
     click.echo(f"wrote {out_path}: {summary['sections']} sections, {summary['arrays']} arrays, "
                f"{summary['bytes']:,} bytes ({out_format})")
+
+
+@main.command(name="ls")
+@click.argument("location")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@click.option("--max-depth", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Folder levels to descend below LOCATION.")
+@storage_option
+@_clear_errors
+def ls(location, as_json, max_depth, storage_options):
+    """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age."""
+    from .catalog import find_stores, format_listing, store_summary
+
+    options = parse_storage_options(storage_options)
+    summaries = [store_summary(found, options) for found in find_stores(location, options, max_depth)]
+    click.echo(json.dumps(summaries, indent=2) if as_json else format_listing(summaries))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@storage_option
+@click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for SRC only (repeatable; overrides --storage-option).")
+@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for DST only (repeatable; overrides --storage-option).")
+@_clear_errors
+def cp(src, dst, storage_options, src_options, dst_options):
+    """Copy a store to another location; run it again to resume. Every section is verified on arrival."""
+    from tqdm import tqdm
+
+    from .copy import copy_store
+
+    both = parse_storage_options(storage_options)
+    with tqdm(unit="section", desc="copy", file=sys.stderr, mininterval=0.5, leave=False) as bar:
+        counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
+                            dst_options={**both, **parse_storage_options(dst_options)},
+                            progress=lambda _path, _copied: bar.update(1))
+    click.echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
+               f"{counts['skipped']} already there")
 
 
 if __name__ == "__main__":

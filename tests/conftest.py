@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests import tiny
@@ -45,3 +47,22 @@ def forbid_model_loading(monkeypatch):
         raise AssertionError("the student was loaded before the store was checked")
 
     return lambda: monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on loopback with a bucket named ``bucket``; its URL."""
+    from tests import store_helpers as H
+
+    executable = shutil.which("moto_server")
+    if executable is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]'): no local S3 server to test against")
+    server = H.MotoServer(executable)
+    try:
+        server.wait_until_up()
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=server.url, key="test", secret="test").mkdir("bucket")
+        yield server.url
+    finally:
+        server.stop()

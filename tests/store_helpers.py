@@ -168,11 +168,12 @@ def pass_provenance(k: int = TOP_K) -> dict[str, dict]:
     """What :func:`write_synthetic_store` registers, pass by pass."""
     common = {"max_length": 64, "dtype": "float32", "temperature": 1.0, "seed": 0,
               "chat_template": "synthetic"}
-    return {
-        "teacher": {"model": dict(TEACHER_MODEL), "top_k": k, **common},
-        "reference": {"model": dict(REFERENCE_MODEL), "top_k": k, **common},
-        "student_init": {"model": dict(STUDENT_MODEL), **common},
-        "teacher_mcq": {"model": dict(TEACHER_MODEL), "eps": 1e-6, **common},
+    return {  # named "<set>/<section>", as the passes of `precompute teacher` are
+        "pairs/teacher": {"model": dict(TEACHER_MODEL), "top_k": k, **common},
+        "pairs/student_init": {"model": dict(STUDENT_MODEL), **common},
+        "generated/teacher": {"model": dict(TEACHER_MODEL), "top_k": k, **common},
+        "generated/reference": {"model": dict(REFERENCE_MODEL), "top_k": k, **common},
+        "samples/teacher_mcq": {"model": dict(TEACHER_MODEL), "eps": 1e-6, **common},
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -372,22 +371,6 @@ def test_streaming_shuffle_skip_and_random_access(reference_store):
 
 
 # -- S3 -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    executable = shutil.which("moto_server")
-    if executable is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]'): no local S3 server to test against")
-    server = H.MotoServer(executable)
-    try:
-        server.wait_until_up()
-        import s3fs
-
-        s3fs.S3FileSystem(endpoint_url=server.url, key="test", secret="test").mkdir("bucket")
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_s3_round_trip_info_and_verify(s3_endpoint, monkeypatch):

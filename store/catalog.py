@@ -1,0 +1,112 @@
+"""``store ls``: every store under a folder or bucket prefix, and what each holds, from root attributes only.
+
+A store is found by its root ``zarr.json`` carrying this format's name; the
+search descends folders (``max_depth`` levels) and never into a store. What
+``ls`` says of each comes from the root attributes alone (one read per store,
+cheap on a bucket): teacher, dataset, passes, splits, how many of the sections
+each pass needs are in the manifest, size on disk and creation time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import fsspec
+
+from . import format as fmt
+from .locations import is_url, redact_url
+from .provenance import PASS_ENCODE, read_passes
+from .teacher_store import TeacherStore
+
+__all__ = ["find_stores", "store_summary", "format_listing"]
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _root_attrs(fs, path: str) -> dict | None:
+    """The root attributes at ``path`` when it is a store of this format, else None."""
+    try:
+        document = json.loads(fs.cat_file(_join(path, "zarr.json")))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    attrs = document.get("attributes") or {} if isinstance(document, dict) else {}
+    return attrs if (attrs.get("format") or {}).get("name") == fmt.FORMAT_NAME else None
+
+
+def find_stores(location: str, storage_options: Mapping | None = None, max_depth: int = 4) -> list[str]:
+    """Locations of every store at or under ``location`` (a folder, bucket or prefix), sorted."""
+    fs, root = fsspec.core.url_to_fs(location, **dict(storage_options or {}))
+    protocol = location.split("://", 1)[0] + "://" if is_url(location) else ""
+    found, frontier = [], [(root.rstrip("/"), 0)]
+    while frontier:
+        path, depth = frontier.pop()
+        if _root_attrs(fs, path) is not None:
+            found.append(protocol + path if protocol and not path.startswith(protocol) else path)
+            continue  # never into a store
+        if depth >= max_depth:
+            continue
+        try:
+            entries = fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            continue
+        frontier.extend((entry["name"].rstrip("/"), depth + 1) for entry in entries
+                        if entry.get("type") == "directory" and not entry["name"].rstrip("/").endswith(".partial"))
+    return sorted(found)
+
+
+def store_summary(location: str, storage_options: Mapping | None = None) -> dict:
+    """What ``store ls`` prints of one store (see the module docstring)."""
+    store = TeacherStore.open(location, storage_options=storage_options)
+    attrs = store.attrs
+    manifest = attrs.get("manifest") or {}
+    records = read_passes(attrs)
+    passes: dict[str, Any] = {}
+    for name, record in records.items():
+        if name == PASS_ENCODE or "/" not in name:
+            continue
+        sequence_set, section = name.split("/", 1)
+        expected = done = 0
+        for split in store.splits():
+            for part in range(store.num_parts(split)):
+                expected += 1
+                done += fmt.group_path(split, part, sequence_set, section) in manifest
+        passes[name] = {"model": record.model.name if record.model else None,
+                        "sections_complete": done, "sections_expected": expected}
+    teacher = next((r.model for n, r in records.items() if n.endswith("/teacher") and r.model), None)
+    dataset = store.dataset() or next((store.dataset(s) for s in store.splits() if store.dataset(s)), None)
+    try:
+        size = int(store.fs.du(store._root))
+    except (OSError, NotImplementedError):
+        size = None
+    return {
+        "location": redact_url(location),
+        "teacher": None if teacher is None else {"name": teacher.name, "sha256": teacher.sha256},
+        "dataset": None if dataset is None else dataset.identity(),
+        "splits": {split: store.num_examples(split) for split in store.splits()},
+        "passes": passes,
+        "complete": bool(passes) and all(p["sections_complete"] == p["sections_expected"] for p in passes.values()),
+        "bytes": size,
+        "created_at": attrs.get("created_at"),
+        "format_version": (attrs.get("format") or {}).get("version"),
+    }
+
+
+def format_listing(summaries: list[dict]) -> str:
+    """One line per store: location, teacher, dataset, splits, passes complete, size, created."""
+    if not summaries:
+        return "no teacher-signal store found"
+    lines = []
+    for s in summaries:
+        teacher = (s["teacher"] or {}).get("name", "-")
+        dataset = (s["dataset"] or {}).get("name", "-")
+        splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items()) or "-"
+        passes = ", ".join(f"{name} {p['sections_complete']}/{p['sections_expected']}"
+                           for name, p in s["passes"].items()) or "-"
+        size = "-" if s["bytes"] is None else f"{s['bytes'] / 1e6:.1f} MB"
+        lines.append(f"{s['location']}\n  teacher {teacher}; dataset {dataset}; splits {splits}; "
+                     f"{'complete' if s['complete'] else 'INCOMPLETE'}; {size}; created {s['created_at']}\n"
+                     f"  passes: {passes}")
+    return "\n".join(lines)
