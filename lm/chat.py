@@ -7,6 +7,44 @@ Padding: :func:`pad_id` is the one rule both sides use to fill batches: the
 tokenizer's pad token, else the end-of-turn token. Padded positions are always
 masked out, so the choice never changes a number; one rule keeps batches equal.
 
+End of turn
+-----------
+:func:`end_of_turn_ids` lists every id that ends an assistant turn, in this
+order, without duplicates; :func:`end_of_turn_id` is the first of them, the one
+every stored response ends with:
+
+1. the template's own end-of-turn token (tokenizers with a chat template): a
+   probe conversation, one user turn and one assistant reply, is rendered with
+   and without the reply; after the reply's ids, the first special or added
+   token the template writes is the end of turn (``<|im_end|>``,
+   ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``).  The probe text is the first
+   of ``PROBE_REPLIES`` ("Okay", "ok", "yes", "a", "1") that the vocabulary
+   spells, else the first alphanumeric vocabulary entry that it spells;
+   "spells" means: its ids hold no unk, special or added token and decode
+   back to it (whitespace aside).  So the probe never contributes a token of
+   its own, and a vocabulary that cannot spell "Okay" (one that turns it into
+   unk) still finds the template's suffix;
+2. the tokenizer's ``eos_token_id`` (one id or a list);
+3. ``generation_eos``: a generation config's ``eos_token_id`` when the caller
+   passes it (:func:`lm.models.generation_eos_ids` reads a model directory's).
+
+The unk id is never accepted (it is what an unspellable text becomes), nor an
+id outside the vocabulary.  A pad id is accepted only where one of the three
+sources names it: a pad that is the eos (``lm.models`` sets pad = eos when a
+tokenizer has none) or the token the template writes to end the turn
+(``lm.models`` pads converted GGUF models with it) is an end token; a
+dedicated padding token never is, since no source names it.  Padded positions
+are masked by length, never by id, so pad == end token changes no number.
+When no source is left, :class:`NoEndOfTurn` (a ``ValueError``) names the
+tokenizer and says what each source gave; it is raised too when the template
+cannot render the probe conversation (rather than guessing from the eos).
+
+Generation stops at any of :func:`end_of_turn_ids` (Llama-3 templates end
+turns with ``<|eot_id|>`` while the eos may be ``<|end_of_text|>``), and
+:mod:`precompute.scoring` cuts an answer after its first one and writes the
+first id (the template's) in its place, so generated and tokenised responses
+end alike.
+
 Chat template
 -------------
 When the tokenizer has a ``chat_template`` it is used:
@@ -20,8 +58,10 @@ When the tokenizer has a ``chat_template`` it is used:
   after it, typically a newline, is dropped).  A response whose text itself
   contains the end-of-turn token's text is therefore cut there.  If the prompt ids are not a
   prefix (templates that render history turns differently from the turn being
-  generated), the response ids are ``tokenizer(response,
-  add_special_tokens=False)`` followed by the end-of-turn id.
+  generated), or the rest holds no end-of-turn id (a template that ends turns
+  with text, its end of turn then being the eos), the response ids are
+  ``tokenizer(response, add_special_tokens=False)`` followed by the
+  end-of-turn id.
 
 Without a chat template a plain fallback template is used::
 
@@ -32,7 +72,7 @@ Without a chat template a plain fallback template is used::
 
 tokenised with the tokenizer's default special tokens (e.g. a BOS), and the
 response ids are ``tokenizer(response, add_special_tokens=False)`` followed by
-``eos_token_id`` (the end-of-turn id of such tokenizers).
+the end-of-turn id (for such tokenizers, their usable eos: see "End of turn").
 
 Truncation (``max_length``)
 ---------------------------
@@ -62,6 +102,8 @@ __all__ = [
     "encode_prompt",
     "encode_example",
     "end_of_turn_id",
+    "end_of_turn_ids",
+    "NoEndOfTurn",
     "tokenizer_hash",
     "check_same_tokenization",
     "render_fallback",
@@ -147,13 +189,13 @@ def render_fallback(prompt: Sequence[dict], add_generation_prompt: bool = True) 
     return "".join(parts)
 
 
-def _eos_id(tokenizer) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id and no chat template end-of-turn token")
-    return int(eos)
+def _id_list(value: Any) -> list[int]:
+    """An eos setting (None, an id, or a list of ids) as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -165,46 +207,140 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-_EOT_CACHE: "weakref.WeakKeyDictionary[Any, tuple[Any, int]]" = weakref.WeakKeyDictionary()
-_PROBE_USER = "Reply with one word."
-_PROBE_REPLY = "Okay"
+def _marker_ids(tokenizer) -> set[int]:
+    """Ids that text never spells by accident: special tokens and added tokens."""
+    return _special_ids(tokenizer) | {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token that ends an assistant turn.
+def _tokenizer_name(tokenizer) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or "(no name)"
+    return f"{type(tokenizer).__name__} {name!r}"
 
-    With a chat template: render a probe conversation and take the first
-    special token after the assistant text (e.g. ``<|im_end|>``,
-    ``<|eot_id|>``, ``<end_of_turn>``); if there is none, ``eos_token_id``.
-    Without a template: ``eos_token_id``.
+
+class NoEndOfTurn(ValueError):
+    """No token can end an assistant turn for this tokenizer (module docstring, "End of turn")."""
+
+
+_EOT_CACHE: "weakref.WeakKeyDictionary[Any, tuple[Any, list[int]]]" = weakref.WeakKeyDictionary()
+PROBE_REPLIES = ("Okay", "ok", "yes", "a", "1")
+PROBE_VOCAB_SCAN = 4096
+
+
+def _spelled(tokenizer, text: str, refused: set[int]) -> list[int] | None:
+    """``text``'s ids if the vocabulary spells it: no refused id (unk, special, added), and decoding gives
+    ``text`` back (whitespace aside); else None."""
+    ids = _text_ids(tokenizer, text, add_special_tokens=False)
+    if not ids or any(i in refused for i in ids):
+        return None
+    back = tokenizer.decode(ids)
+    return ids if "".join(back.split()) == "".join(text.split()) else None
+
+
+def _probe(tokenizer, refused: set[int]) -> tuple[str, list[int]] | None:
+    """The first of PROBE_REPLIES the vocabulary spells, else the first alphanumeric vocabulary entry
+    (by id, among the first PROBE_VOCAB_SCAN) that it spells; None if there is none."""
+    for text in PROBE_REPLIES:
+        ids = _spelled(tokenizer, text, refused)
+        if ids:
+            return text, ids
+    by_id = sorted(tokenizer.get_vocab().values())[:PROBE_VOCAB_SCAN]
+    for i in by_id:
+        if int(i) in refused:
+            continue
+        text = tokenizer.decode([int(i)]).strip()
+        ids = _spelled(tokenizer, text, refused) if text.isalnum() else None
+        if ids:
+            return text, ids
+    return None
+
+
+def _find_last(seq: list[int], part: list[int]) -> int | None:
+    for start in range(len(seq) - len(part), -1, -1):
+        if seq[start: start + len(part)] == part:
+            return start
+    return None
+
+
+def _template_end(tokenizer, unk: int | None) -> tuple[int | None, str]:
+    """(the template's end-of-turn id or None, what was seen): rule 1 of the module docstring."""
+    markers = _marker_ids(tokenizer)
+    probe = _probe(tokenizer, markers | ({unk} if unk is not None else set()))
+    if probe is None:
+        return None, (f"the vocabulary spells none of the probe replies {list(PROBE_REPLIES)} nor any "
+                      f"alphanumeric token among its first {PROBE_VOCAB_SCAN} ids without unk")
+    text, reply = probe
+    user = [{"role": "user", "content": text}]
+    try:
+        prompt = _template_ids(tokenizer, user, True)
+        full = _template_ids(tokenizer, user + [{"role": "assistant", "content": text}], False)
+    except Exception as e:  # jinja, transformers and template-raised errors alike
+        raise NoEndOfTurn(f"{_tokenizer_name(tokenizer)}: its chat template cannot render the probe conversation "
+                          f"{user + [{'role': 'assistant', 'content': text}]} that finds the end-of-turn token "
+                          f"({type(e).__name__}: {e})") from e
+    n = 0
+    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+        n += 1
+    rest = full[n:]
+    at = _find_last(rest, reply)
+    after = rest[at + len(reply):] if at is not None else rest
+    for i in after:
+        if i in markers and i != unk:
+            return i, f"the template ends the probe reply {text!r} with {tokenizer.convert_ids_to_tokens(i)!r}"
+    written = tokenizer.convert_ids_to_tokens(after)
+    return None, (f"the template writes {written!r} after the probe reply {text!r}: no special or added token "
+                  f"other than unk")
+
+
+def end_of_turn_ids(tokenizer, generation_eos: int | Sequence[int] | None = None) -> list[int]:
+    """Every id that ends an assistant turn, the template's own end-of-turn token first.
+
+    The rule (module docstring, "End of turn"): the first special or added
+    token the chat template writes after a spellable probe reply, then the
+    tokenizer's eos id(s), then ``generation_eos`` (a generation config's
+    ``eos_token_id``), without duplicates, never unk or an id outside the
+    vocabulary. Raises :class:`NoEndOfTurn` when none is left.
     """
     template = getattr(tokenizer, "chat_template", None)
-    key = (template if isinstance(template, str) else repr(template), getattr(tokenizer, "eos_token_id", None))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    given = tuple(_id_list(generation_eos))
+    key = (template if isinstance(template, str) else repr(template), getattr(tokenizer, "eos_token_id", None),
+           unk, len(tokenizer), given)
     try:
         hit = _EOT_CACHE.get(tokenizer)
     except TypeError:  # not weak-referenceable
         hit = None
     if hit is not None and hit[0] == key:
-        return hit[1]
+        return list(hit[1])
 
-    result = None
+    tried = []
+    ordered = []
     if _has_template(tokenizer):
-        probe = [{"role": "user", "content": _PROBE_USER}]
-        prompt_ids = _template_ids(tokenizer, probe, True)
-        full_ids = _template_ids(tokenizer, probe + [{"role": "assistant", "content": _PROBE_REPLY}], False)
-        rest = full_ids[len(prompt_ids):] if full_ids[: len(prompt_ids)] == prompt_ids else full_ids
-        special = _special_ids(tokenizer)
-        for i in rest:
-            if i in special:
-                result = i
-                break
-    if result is None:
-        result = _eos_id(tokenizer)
+        end, seen = _template_end(tokenizer, unk)
+        tried.append(seen)
+        ordered += [end] if end is not None else []
+    else:
+        tried.append("no chat template")
+    for what, ids in (("eos_token_id", _id_list(getattr(tokenizer, "eos_token_id", None))),
+                      ("generation config eos_token_id", list(given))):
+        usable = [i for i in ids if i != unk and 0 <= i < len(tokenizer)]
+        tried.append(f"{what} {ids or 'none'}" + (f" (unk is {unk}; vocabulary size {len(tokenizer)})"
+                                                 if ids and not usable else ""))
+        ordered += usable
+    result = list(dict.fromkeys(ordered))
+    if not result:
+        raise NoEndOfTurn(f"{_tokenizer_name(tokenizer)}: no token ends an assistant turn: {'; '.join(tried)}. "
+                          f"Give the tokenizer an eos_token that ends assistant turns, or a chat template "
+                          f"that writes a special token after the assistant's text")
     try:
         _EOT_CACHE[tokenizer] = (key, result)
     except TypeError:
         pass
-    return result
+    return list(result)
+
+
+def end_of_turn_id(tokenizer, generation_eos: int | Sequence[int] | None = None) -> int:
+    """The token that ends an assistant turn: the first of :func:`end_of_turn_ids` (module docstring)."""
+    return end_of_turn_ids(tokenizer, generation_eos)[0]
 
 
 def pad_id(tokenizer) -> int:
@@ -239,7 +375,7 @@ def encode_prompt(tokenizer, prompt: list[dict], max_length: int | None = None) 
 
 def _response_ids(tokenizer, prompt: list[dict], prompt_ids: list[int], response: str) -> list[int]:
     if not _has_template(tokenizer):
-        return _text_ids(tokenizer, response, add_special_tokens=False) + [_eos_id(tokenizer)]
+        return _text_ids(tokenizer, response, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     eot = end_of_turn_id(tokenizer)
     full = _template_ids(tokenizer, list(prompt) + [{"role": "assistant", "content": response}], False)
     n = len(prompt_ids)

@@ -167,13 +167,42 @@ def _build_atomically(target: Path, build) -> Path:
 
 
 def _generation_config(tokenizer):
+    """Generation settings of a converted model: it stops at every end-of-turn id (:func:`lm.chat.end_of_turn_ids`)."""
     from transformers import GenerationConfig
 
-    eos = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if eos is None or eos == tokenizer.unk_token_id:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
+    from lm import chat
+
+    ends = chat.end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends[0] if len(ends) == 1 else ends,
+                            pad_token_id=pad)
+
+
+def _pad_with_end_of_turn(tokenizer):
+    """``tokenizer``, given its end-of-turn token (:func:`lm.chat.end_of_turn_id`) as pad if it has no pad."""
+    from lm import chat
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.end_of_turn_id(tokenizer))
+    return tokenizer
+
+
+def generation_eos_ids(path: str | Path) -> list[int]:
+    """The ``eos_token_id`` (one id or a list) of the model directory's ``generation_config.json``, as a list;
+    empty when the file or the setting is missing. Pass it to :func:`lm.chat.end_of_turn_ids`."""
+    config = Path(path) / "generation_config.json"
+    if not config.is_file():
+        return []
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{config}: not a readable JSON object ({exc})") from None
+    if eos is None:
+        return []
+    values = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ModelLoadError(f"{config}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return [int(v) for v in values]
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
@@ -189,9 +218,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         # A GGUF-loaded model refuses save_pretrained: copy into a plain model.
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = END_OF_TURN
+        tokenizer = _pad_with_end_of_turn(AutoTokenizer.from_pretrained(gguf.parent, **kw))
         model.generation_config = _generation_config(tokenizer)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

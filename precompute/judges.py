@@ -114,18 +114,20 @@ class LocalJudge(Judge):
         if self._model is None:
             from lm import models
 
-            self._model, self._tokenizer, _ = models.load_model(self.spec, device=self.device, dtype=self.dtype)
+            self._model, self._tokenizer, info = models.load_model(self.spec, device=self.device, dtype=self.dtype)
+            self._path = models._model_dir(info)
         return self._model, self._tokenizer
 
     def ask_all(self, conversations, on_reply=None):
-        from lm import chat
+        from lm import chat, models
 
         from .scoring import generate_greedy
 
         model, tokenizer = self._load()
         prompts = [chat.encode_prompt(tokenizer, messages) for messages in conversations]
         answers = generate_greedy(model, prompts, max_new_tokens=self.max_new_tokens,
-                                  eos_ids=[chat.end_of_turn_id(tokenizer)], pad_id=chat.pad_id(tokenizer),
+                                  eos_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(self._path)),
+                                  pad_id=chat.pad_id(tokenizer),
                                   batch_size=self.batch_size, on_batch=None)
         if on_reply:
             on_reply(len(conversations))

@@ -12,11 +12,13 @@ import pytest
 from lm.chat import (
     MIN_PROMPT_TOKENS,
     Encoded,
+    NoEndOfTurn,
     TokenizerMismatch,
     check_same_tokenization,
     encode_example,
     encode_prompt,
     end_of_turn_id,
+    end_of_turn_ids,
     render_fallback,
     tokenizer_hash,
 )
@@ -73,6 +75,30 @@ def im_end(tok):
 def test_end_of_turn_is_im_end(tok, plain_tok):
     assert end_of_turn_id(tok) == im_end(tok)
     assert end_of_turn_id(plain_tok) == plain_tok.eos_token_id
+
+
+def test_end_of_turn_ids_never_hold_unk(tok):
+    # SmolLM2's unk is <|endoftext|> (id 0): a generation config listing it does not make it an end token
+    assert tok.unk_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_turn_ids(tok) == [im_end(tok)]
+    assert end_of_turn_ids(tok, [tok.unk_token_id, im_end(tok)]) == [im_end(tok)]
+
+
+def test_probe_reply_token_is_never_taken_for_the_end_of_turn(tok):
+    """A vocabulary where the probe reply is itself a special token: the end of turn is still <|im_end|>."""
+    t = copy.deepcopy(tok)
+    assert t.add_tokens(["Okay"], special_tokens=True) == 1
+    assert end_of_turn_id(t) == im_end(t)
+    assert t.decode(encode_example(t, PROMPT, RESPONSE, None).response_ids.tolist()) == RESPONSE + "<|im_end|>"
+
+
+def test_other_tokenizer_ends_turns_with_its_eos_and_one_without_is_refused(other_tok):
+    assert end_of_turn_id(other_tok) == other_tok.convert_tokens_to_ids("</s>")
+    t = copy.deepcopy(other_tok)
+    t.eos_token = None
+    with pytest.raises(NoEndOfTurn, match=r"'\(no name\)': no token ends an assistant turn: no chat template; "
+                                          r"eos_token_id none; generation config eos_token_id none"):
+        end_of_turn_id(t)
 
 
 def test_encode_prompt_matches_generation_prompt(tok):
