@@ -1,20 +1,27 @@
-"""Streaming throughput and memory of a K=50 store, read on one core.
+"""Streaming throughput and memory of a K=50 store, read on one core, side by side with another revision.
 
 Writes a synthetic but realistic store (``pairs`` with a ``teacher`` section:
 vocabulary 49152 so uint16 ids, Zipf-like top-50 ids, sorted top-50 log-probs of
-peaked distributions with a tail, prompts of 32-256 and responses of 16-256
-tokens, 64 examples per part) at two sizes, then reads each in a fresh process
-pinned to one CPU (``sched_setaffinity`` + ``torch.set_num_threads(1)``) with
-``ExampleStream`` (shuffled) -> ``token_budget_batches`` -> ``collate``.
+peaked distributions with a tail and, where the format has it, the tail's log-mass;
+prompts of 32-256 and responses of 16-256 tokens, 64 examples per part) at two
+sizes, then reads each in a fresh process pinned to one CPU
+(``sched_setaffinity`` + ``torch.set_num_threads(1)``) with ``ExampleStream``
+(shuffled) -> ``token_budget_batches`` -> ``collate``.
 
-Reported per size: response tokens per second through to batch tensors, and
-memory as the growth of peak RSS (``ru_maxrss``) over the RSS just before
-streaming began, in a process that read only that store. Also the tracemalloc
-peak of a second, traced pass (numpy buffers are traced, torch's are not).
-Throughput is given against wall time and against the reader's CPU time (the
-two agree on an idle machine; on a shared one the CPU figure is the work done).
+``--baseline REV`` measures the code of a git revision (``git archive REV``)
+the same way in the same run: it writes its own store of the same content (in
+its own format) and the reads alternate between the two, so a busy machine
+slows both alike and the ratio stays meaningful.
 
-    python benchmarks/store_stream.py [--sizes 200000,800000] [--workdir DIR]
+Reported per size and code: response tokens per second through to batch
+tensors, and memory as the growth of peak RSS (``ru_maxrss``) over the RSS just
+before streaming began, in a process that read only that store. Also the
+tracemalloc peak of a second, traced pass (numpy buffers are traced, torch's are
+not). Throughput is given against wall time and against the reader's CPU time
+(the two agree on an idle machine; on a shared one the CPU figure is the work
+done).
+
+    python benchmarks/store_stream.py [--sizes 200000,800000] [--baseline REV] [--repeat 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -39,15 +46,16 @@ VOCAB = 49152
 K = 50
 EXAMPLES_PER_PART = 64
 BATCH_TOKENS = 16384
-TARGET = 500_000
+TARGET = 1_000_000
 
 
 def synthetic_topk(rng: np.random.Generator, rows: int, k: int = K, vocab: int = VOCAB):
-    """Top-k ids and sorted log-probs that look like a language model's.
+    """Top-k ids, sorted log-probs and the tail log-mass of distributions that look like a language model's.
 
     Each row gets a random sharpness; the k largest logits are sorted and the
     remaining vocabulary contributes a tail mass, so log-probs are normalised
-    over the full vocabulary as the teacher's are.
+    over the full vocabulary as the teacher's are, and the tail is what lies
+    outside the top-k.
     """
     sharp = rng.uniform(0.5, 4.0, size=(rows, 1)).astype(np.float32)
     z = -np.sort(-rng.standard_normal((rows, k)).astype(np.float32), axis=1) * sharp
@@ -56,13 +64,15 @@ def synthetic_topk(rng: np.random.Generator, rows: int, k: int = K, vocab: int =
     logp = (z - norm).astype(np.float32)
     # frequent tokens are likelier candidates: ids drawn from a power law over the vocabulary
     ids = np.minimum((vocab * rng.random((rows, k)) ** 3).astype(np.int64), vocab - 1)
-    return ids, logp
+    return ids, logp, (tail - norm)[:, 0].astype(np.float32)
 
 
 def write_store(path: str, response_tokens: int, seed: int = 0) -> dict:
+    """The benchmark's store, written by whichever ``store`` package is imported (its own format)."""
     from store import TeacherStore
     from store import format as fmt
 
+    has_tail = any(spec.name == "tail_logp" for spec in fmt.arrays_of(fmt.SET_PAIRS, fmt.SECTION_TEACHER))
     rng = np.random.default_rng(seed)
     # draw example shapes until the response-token budget is met
     shapes = []
@@ -101,13 +111,15 @@ def write_store(path: str, response_tokens: int, seed: int = 0) -> dict:
             "prompt_length": plen_a, "response_length": rlen_a, "token_offsets": tok_off,
             "response_offsets": resp_off, "input_ids": input_ids, "loss_mask": mask})
         rows = int(resp_off[-1])
-        topk_ids, topk_logp = synthetic_topk(rng, rows)
+        topk_ids, topk_logp, tail_logp = synthetic_topk(rng, rows)
         target = topk_logp[np.arange(rows), rng.integers(0, 5, size=rows)]
         sums = np.add.reduceat(target, resp_off[:-1]).astype(np.float32)
-        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, {
-            "topk_ids": topk_ids, "topk_logp": topk_logp, "target_logp": target, "logp_sum": sums})
+        teacher = {"topk_ids": topk_ids, "topk_logp": topk_logp, "target_logp": target, "logp_sum": sums}
+        if has_tail:
+            teacher["tail_logp"] = tail_logp
+        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, teacher)
     return {"examples": n, "response_tokens": total, "parts": store.num_parts("train"),
-            "bytes": store.nbytes_on_disk()}
+            "bytes": store.nbytes_on_disk(), "format_version": fmt.FORMAT_VERSION, "tail": has_tail}
 
 
 def _rss_bytes() -> int:
@@ -149,52 +161,92 @@ def read_store(path: str, traced: bool) -> dict:
     return out
 
 
-def _read_in_child(path: str, traced: bool) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_read", path] + (["--_traced"] if traced else [])
+def _child(args: list[str], code: str | None) -> dict:
+    """Run this script's ``args`` in a fresh process whose ``store``/``train`` come from ``code`` (default: ROOT)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=code or ROOT)
+    cmd = [sys.executable, os.path.abspath(__file__), *args] + (["--_code", code] if code else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        sys.exit(f"reader failed:\n{done.stderr}")
+        sys.exit(f"child {' '.join(args)} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _export(revision: str, into: str) -> str:
+    """The repository's tree at ``revision`` (``git archive``), unpacked in ``into``; returns its path."""
+    target = os.path.join(into, "baseline-code")
+    os.makedirs(target, exist_ok=True)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", revision], capture_output=True, check=False)
+    if archive.returncode != 0:
+        sys.exit(f"--baseline {revision}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    return target
+
+
+def _measure(path: str, size: int, code: str | None, repeat_runs: list) -> dict:
+    best = min(repeat_runs, key=lambda r: r["seconds"])
+    traced = _child(["--_read", path, "--_traced"], code)
+    return {**best, "cpu": min(r["cpu"] for r in repeat_runs), "rss_growth": max(r["rss_growth"] for r in repeat_runs),
+            "traced_peak": traced["traced_peak"], "reads": [r["seconds"] for r in repeat_runs]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="200000,800000", help="response tokens per store, comma-separated")
     parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed reads per size (best is reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed reads per size and code (best is reported)")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="also measure the code of this git revision (e.g. the commit before a change), "
+                             "reads alternating with this tree's")
     parser.add_argument("--_read", help=argparse.SUPPRESS)
+    parser.add_argument("--_write", help=argparse.SUPPRESS)
+    parser.add_argument("--_size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_code", help=argparse.SUPPRESS)
     parser.add_argument("--_traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._code:  # a child measuring another revision: its packages first
+        sys.path.insert(0, args._code)
     if args._read:
         print(json.dumps(read_store(args._read, args._traced)))
+        return 0
+    if args._write:
+        t0 = time.perf_counter()
+        written = write_store(args._write, args._size)
+        print(json.dumps({**written, "write_s": time.perf_counter() - t0}))
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="store-stream-")
-    results = []
+    os.makedirs(workdir, exist_ok=True)
+    codes = [("this tree", None)]
+    if args.baseline:
+        codes.insert(0, (f"baseline {args.baseline}", _export(args.baseline, workdir)))
+    load_before = os.getloadavg()
+    results = []  # one per (size, code)
     try:
         for size in sizes:
-            path = os.path.join(workdir, f"k{K}-{size}.zarr")
-            shutil.rmtree(path, ignore_errors=True)
-            t0 = time.perf_counter()
-            written = write_store(path, size)
-            write_s = time.perf_counter() - t0
-            runs = [_read_in_child(path, traced=False) for _ in range(max(1, args.repeat))]
-            best = min(runs, key=lambda r: r["seconds"])
-            best["cpu"] = min(r["cpu"] for r in runs)
-            traced = _read_in_child(path, traced=True)
-            results.append({"size": size, **written, "write_s": write_s, **best,
-                            "rss_growth": max(r["rss_growth"] for r in runs),
-                            "traced_peak": traced["traced_peak"]})
-            print(f"  {size:,} response tokens: written in {write_s:.1f} s, read in "
-                  f"{', '.join('%.2f s' % r['seconds'] for r in runs)}", file=sys.stderr)
+            paths, written = {}, {}
+            for label, code in codes:
+                paths[label] = os.path.join(workdir, f"k{K}-{size}-{'base' if code else 'tree'}.zarr")
+                shutil.rmtree(paths[label], ignore_errors=True)
+                written[label] = _child(["--_write", paths[label], "--_size", str(size)], code)
+            runs = {label: [] for label, _ in codes}
+            for _ in range(max(1, args.repeat)):  # alternate: a busy machine slows every code alike
+                for label, code in codes:
+                    runs[label].append(_child(["--_read", paths[label]], code))
+            for label, code in codes:
+                measured = _measure(paths[label], size, code, runs[label])
+                results.append({"size": size, "code": label, **written[label], **measured})
+                print(f"  {size:,} response tokens, {label}: written in {written[label]['write_s']:.1f} s, read in "
+                      f"{', '.join('%.2f s' % r for r in measured['reads'])}", file=sys.stderr)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()
 
     mib = 1 << 20
     rows = [
+        ("code", [r["code"] for r in results]),
+        ("store format version", [f"{r['format_version']}" + (" (+ tail)" if r["tail"] else "") for r in results]),
         ("response tokens in store", [f"{r['response_tokens']:,}" for r in results]),
         ("examples / parts", [f"{r['examples']:,} / {r['parts']}" for r in results]),
         ("bytes on disk", [f"{r['bytes'] / mib:.1f} MiB" for r in results]),
@@ -210,16 +262,23 @@ def main(argv=None) -> int:
     col = max(14, *(len(v) for _, vals in rows for v in vals))
     print(f"store streaming, K={K}, vocab {VOCAB} (uint16 ids), ExampleStream -> token_budget_batches -> "
           f"collate, one core")
-    print(f"{'':<{width}}  " + "  ".join(f"{'size %d' % (i + 1):>{col}}" for i in range(len(results))))
+    print(f"{'':<{width}}  " + "  ".join(f"{'size %d' % (sizes.index(r['size']) + 1):>{col}}" for r in results))
     for label, vals in rows:
         print(f"{label:<{width}}  " + "  ".join(f"{v:>{col}}" for v in vals))
-    slowest = min(r["tokens"] / r["seconds"] for r in results)
-    slowest_cpu = min(r["tokens"] / r["cpu"] for r in results)
-    growth = results[-1]["rss_growth"] / max(1, results[0]["rss_growth"])
-    print(f"target >= {TARGET:,} response tokens/s: wall {'met' if slowest >= TARGET else 'MISSED'} "
+    mine = [r for r in results if r["code"] == "this tree"]
+    if args.baseline:
+        for r in mine:
+            base = next(b for b in results if b["size"] == r["size"] and b["code"] != "this tree")
+            print(f"size {r['size']:,}: this tree / baseline = {base['seconds'] / r['seconds']:.2f}x (wall), "
+                  f"{base['cpu'] / r['cpu']:.2f}x (CPU time) response tokens per second")
+    slowest = min(r["tokens"] / r["seconds"] for r in mine)
+    slowest_cpu = min(r["tokens"] / r["cpu"] for r in mine)
+    growth = mine[-1]["rss_growth"] / max(1, mine[0]["rss_growth"])
+    print(f"target >= {TARGET:,} response tokens/s (this tree): wall {'met' if slowest >= TARGET else 'MISSED'} "
           f"(slowest {slowest:,.0f}), CPU time {'met' if slowest_cpu >= TARGET else 'MISSED'} "
-          f"(slowest {slowest_cpu:,.0f}); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"memory: store {results[-1]['size'] / results[0]['size']:.0f}x larger -> peak RSS growth "
+          f"(slowest {slowest_cpu:,.0f}); load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
+          f"on {os.cpu_count()} CPUs")
+    print(f"memory (this tree): store {mine[-1]['size'] / mine[0]['size']:.0f}x larger -> peak RSS growth "
           f"{growth:.2f}x")
     return 0
 

@@ -5,7 +5,9 @@ sequences in token-budget batches of length-sorted sequences and returns, per
 sequence and per response token, any of:
 
 - the model's top-K next-token ids and log-probs (normalised over the whole
-  vocabulary), taken on the device;
+  vocabulary), taken on the device, with the log of the mass outside them
+  (a logsumexp over every other id of the full log-softmax: exact however
+  small, which ``log(1 - sum(top-K))`` is not);
 - its log-probs at ids given per row (the reference model at the teacher's top-K);
 - the log-prob of the token actually there, and its sum over the response.
 
@@ -41,6 +43,19 @@ class Scored:
     topk_ids: np.ndarray | None = None  # [r, K] int64
     topk_logp: np.ndarray | None = None  # [r, K] float32
     at_ids_logp: np.ndarray | None = None  # [r, K'] float32
+    tail_logp: np.ndarray | None = None  # [r] float32: log of the mass outside topk_ids (with top-K)
+
+
+def tail_logmass_(logp: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """[c] log of the probability mass outside ``topk_ids`` [c, K] of normalised log-probs ``logp`` [c, V].
+
+    ``logsumexp`` over the other ids, computed in place: ``logp`` is overwritten
+    (no second [c, V] tensor on the device). ``-inf`` when no id is outside.
+    """
+    logp.scatter_(-1, topk_ids, float("-inf"))
+    top = logp.amax(dim=-1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + logp.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log()
 
 
 def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -112,7 +127,7 @@ def score_sequences(
         picked = hidden[rows_b, rows_p]
         if at_ids is not None:
             given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch])).to(device)
-        target_lp, tk_ids, tk_lp, given_lp = [], [], [], []
+        target_lp, tk_ids, tk_lp, given_lp, tails = [], [], [], [], []
         for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
             c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
             logp = torch.log_softmax(head.logits(picked[c0:c1]), dim=-1)
@@ -123,10 +138,13 @@ def score_sequences(
                 tk_lp.append(v)
             if at_ids is not None:
                 given_lp.append(logp.gather(-1, given[c0:c1]))
+            if top_k:
+                tails.append(tail_logmass_(logp, k))  # last: overwrites logp
         target_lp = torch.cat(target_lp).cpu().numpy()
         if top_k:
             tk_ids = torch.cat(tk_ids).cpu().numpy()
             tk_lp = torch.cat(tk_lp).cpu().numpy()
+            tails = torch.cat(tails).cpu().numpy()
         if at_ids is not None:
             given_lp = torch.cat(given_lp).cpu().numpy()
         for (s0, s1), i in zip(spans, batch):
@@ -136,6 +154,7 @@ def score_sequences(
                 topk_ids=tk_ids[s0:s1] if top_k else None,
                 topk_logp=tk_lp[s0:s1] if top_k else None,
                 at_ids_logp=given_lp[s0:s1] if at_ids is not None else None,
+                tail_logp=tails[s0:s1] if top_k else None,
             )
         if on_batch:
             on_batch(int(sum(lengths[i] for i in batch)))
@@ -144,7 +163,8 @@ def score_sequences(
 
 def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = False) -> dict[str, np.ndarray]:
     """A section's arrays from :func:`score_sequences`' results: target log-probs and sums, plus top-K
-    (``topk``, teacher sections) or the log-probs at given ids (``at_ids``, the reference section)."""
+    and the tail log-mass outside it (``topk``, teacher sections: ``tail_logp``, see
+    ``store.format.DESCRIPTION["tail"]``) or the log-probs at given ids (``at_ids``, the reference section)."""
     def cat(values, width=None):
         if values:
             return np.concatenate(values)
@@ -157,6 +177,7 @@ def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = Fa
     if topk:
         arrays["topk_ids"] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
         arrays["topk_logp"] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
+        arrays["tail_logp"] = cat([s.tail_logp for s in scored]).astype(np.float32)
     if at_ids:
         arrays["topk_logp"] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
     return arrays

@@ -1,4 +1,4 @@
-"""The teacher-signal store format, version 1.
+"""The teacher-signal store format, version 2 (version 1 stores are still read).
 
 This module *is* the format: every group name, array name, axis, dtype and codec
 that a store may hold is declared here, and nothing else in the project spells
@@ -32,6 +32,15 @@ every sequence set keeps a flat token axis (no padding) with CSR offsets:
 A section (and a set's base arrays) counts only once its group attribute
 ``complete`` is true; that flag is written last, after every chunk is durable,
 together with a sha256 per array of its decoded bytes.
+
+Version 2 (this writer) differs from version 1 in two things, both listed in
+:data:`VERSION_CHANGES`: a teacher section may hold ``tail_logp``, the exact log
+of the teacher's probability mass outside its top-K (see :data:`DESCRIPTION`
+``"tail"`` for how readers use it), and the large arrays (token ids, log-probs)
+are compressed with Blosc (zstd inside, byte shuffle), a codec of the Zarr v3
+core, instead of numcodecs' shuffle followed by zstd. The values a reader gets
+back are the same kind in both versions. Readers accept
+:data:`READABLE_VERSIONS`; writers write only :data:`FORMAT_VERSION`.
 """
 
 from __future__ import annotations
@@ -43,7 +52,13 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "distill-cache/teacher-signal-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions a reader of this module understands (a version 1 store has no ``tail_logp`` and other codecs)
+READABLE_VERSIONS = (1, 2)
+VERSION_CHANGES = {
+    2: "teacher sections may hold tail_logp (the exact log tail mass); token ids and log-probs use the "
+       "core Blosc codec (zstd, byte shuffle) instead of numcodecs shuffle + zstd",
+}
 
 SPLITS = ("train", "test")
 
@@ -100,6 +115,18 @@ CHUNK_ROWS = {
     AXIS_PAIR: 1 << 16,
 }
 
+
+def chunk_rows(axis: str, rows: int) -> int:
+    """Rows per chunk of an array of ``rows`` rows along ``axis``: at most ``CHUNK_ROWS[axis]``, and the
+    fewest chunks of that size split evenly, so that no chunk is mostly padding (a reader decodes every
+    chunk whole, the padding past the last row included). Version 1 used ``min(CHUNK_ROWS, rows)``."""
+    limit = CHUNK_ROWS[axis]
+    if rows <= limit:
+        return max(1, rows)
+    chunks = -(-rows // limit)
+    return -(-rows // chunks)
+
+
 # Encodings -------------------------------------------------------------------
 ENC_PLAIN = "plain"  # lossless, shuffle + zstd
 ENC_TOKEN_IDS = "token_ids"  # lossless: uint16 when the vocabulary fits, else int32
@@ -109,6 +136,16 @@ ENC_LOGP = "logp_quantised"  # lossy: quantised to 1/128 nat
 LOGP_SCALE = 128  # quantisation steps per nat
 LOGP_MAX_ABS_ERROR = 0.5 / LOGP_SCALE  # 0.00390625 nats, for log-probs >= LOGP_FLOOR
 LOGP_FLOOR = -500.0  # log-probs are clamped here before quantising (uint16 range / 128)
+#: worst KL(exact || stored) of one row's K+1 bins (top-K and tail, both stored, renormalised):
+#: every bin's log is off by at most e = LOGP_MAX_ABS_ERROR, so by Hoeffding's lemma
+#: KL = log E_p[exp(err)] - E_p[err] <= (2e)^2 / 8 = e^2 / 2 (bins at the floor aside)
+KL_BOUND_WITH_TAIL = LOGP_MAX_ABS_ERROR ** 2 / 2
+
+#: Blosc settings of the large arrays (version 2): zstd at Blosc level 7 (zstd level 13) with a byte
+#: shuffle. Measured against numcodecs shuffle + zstd 9 (version 1) by benchmarks/store_size.py: the
+#: same size within 1%, and the shuffle runs inside Blosc (SIMD) when decoding.
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 7
 
 
 @dataclass(frozen=True)
@@ -119,10 +156,14 @@ class ArraySpec:
     width: str | None  # None for 1-D, "K" for [rows, K], "2" for [rows, 2]
     encoding: str
     description: str
+    #: an optional array may be absent from a complete section (the description says what then)
+    optional: bool = False
+    #: the first format version that has this array
+    since: int = 1
 
 
-def _spec(name, axis, dtype, width, encoding, description):
-    return ArraySpec(name, axis, dtype, width, encoding, description)
+def _spec(name, axis, dtype, width, encoding, description, *, optional=False, since=1):
+    return ArraySpec(name, axis, dtype, width, encoding, description, optional, since)
 
 
 BASE_ARRAYS = (
@@ -156,6 +197,10 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "teacher's K most likely next tokens, most likely first"),
         _spec("topk_logp", AXIS_RESPONSE, "float32", "K", ENC_LOGP_SORTED,
               "teacher log-probs of topk_ids, normalised over the full vocabulary"),
+        _spec("tail_logp", AXIS_RESPONSE, "float32", None, ENC_LOGP,
+              "log of the teacher's probability mass outside topk_ids: logsumexp of its log-softmax over "
+              "every other id, from the full distribution (optional: see 'tail')",
+              optional=True, since=2),
         _spec("target_logp", AXIS_RESPONSE, "float32", None, ENC_PLAIN,
               "teacher log-prob of the response token actually there"),
         _spec("logp_sum", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
@@ -186,6 +231,10 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "s_mcq(i) = log((eps + sum_j P(i over j)) / (n - 1)), orders averaged"),
     ),
 }
+
+
+def required_names(specs) -> list[str]:
+    return [s.name for s in specs if not s.optional]
 
 
 def base_arrays(sequence_set: str) -> tuple[ArraySpec, ...]:
@@ -249,25 +298,38 @@ class SectionRef:
 
 # Codecs ----------------------------------------------------------------------
 
-def codecs_for(spec: ArraySpec, dtype: np.dtype) -> dict:
-    """Keyword arguments for ``zarr.create_array`` that encode ``spec``."""
-    from zarr.codecs import BytesCodec, ZstdCodec
+def codecs_for(spec: ArraySpec, dtype: np.dtype, version: int = FORMAT_VERSION) -> dict:
+    """Keyword arguments for ``zarr.create_array`` that encode ``spec`` as format ``version`` does.
 
+    Writers use the current version; ``version=1`` gives version 1's codecs (tests and
+    benchmarks build version 1 stores with it).
+    """
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"no format version {version}; known: {READABLE_VERSIONS}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numcodecs codecs are outside the v3 core spec
         from zarr.codecs.numcodecs import Delta, FixedScaleOffset, Shuffle
 
         itemsize = dtype.itemsize
+        filters = None
         if spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP):
             # value = -q / 128 with q = round(-logp * 128) stored as uint16
             filters = [FixedScaleOffset(offset=0, scale=-LOGP_SCALE, dtype="<f4", astype="<u2")]
             if spec.encoding == ENC_LOGP_SORTED:
                 # descending log-probs give small non-negative steps along K
                 filters.append(Delta(dtype="<u2"))
-            return dict(filters=filters, serializer=BytesCodec(),
-                        compressors=[Shuffle(elementsize=2), ZstdCodec(level=9)])
-        compressors = [ZstdCodec(level=9)] if itemsize == 1 else [Shuffle(elementsize=itemsize), ZstdCodec(level=9)]
-        return dict(filters=None, serializer=BytesCodec(), compressors=compressors)
+            itemsize = 2
+        large = spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP, ENC_TOKEN_IDS)
+        if version >= 2 and large:
+            compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, typesize=itemsize,
+                                      shuffle="shuffle" if itemsize > 1 else "noshuffle")]
+        elif itemsize == 1:
+            compressors = [ZstdCodec(level=9)]
+        else:
+            compressors = [Shuffle(elementsize=itemsize), ZstdCodec(level=9)]
+        return dict(filters=filters, serializer=BytesCodec(), compressors=compressors)
 
 
 def prepare_values(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
@@ -300,16 +362,18 @@ DESCRIPTION = {
     "roles": {"0": "chosen", "1": "rejected", "2": "generated", "16+i": "sample i"},
     "encodings": {
         ENC_PLAIN: "lossless",
-        ENC_TOKEN_IDS: "lossless token ids (uint16 when the vocabulary fits)",
+        ENC_TOKEN_IDS: "lossless token ids (uint16 when the vocabulary fits); Blosc (zstd, byte shuffle)",
         ENC_LOGP_SORTED: (
             f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
-            f"(max abs error {LOGP_MAX_ABS_ERROR}), delta along K; zarr decodes to float32"
+            f"(max abs error {LOGP_MAX_ABS_ERROR}), delta along K, Blosc (zstd, byte shuffle); zarr "
+            f"decodes to float32"
         ),
         ENC_LOGP: (
             f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
-            f"(max abs error {LOGP_MAX_ABS_ERROR}); zarr decodes to float32"
+            f"(max abs error {LOGP_MAX_ABS_ERROR}), Blosc (zstd, byte shuffle); zarr decodes to float32"
         ),
     },
+    "versions": {str(v): change for v, change in VERSION_CHANGES.items()},
     "arrays": {
         "base": {s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}"
                  for s in BASE_ARRAYS + GROUP_ARRAYS},
@@ -319,5 +383,15 @@ DESCRIPTION = {
             for section, specs in SECTION_ARRAYS.items()
         },
     },
-    "tail": "teacher tail mass at a response row = 1 - sum(exp(topk_logp[row]))",
+    "tail": (
+        "The teacher's distribution at a response row, over K+1 bins: exp(topk_logp[row, k]) for its top-K "
+        "ids and a tail bin for every other id. Where the teacher section has tail_logp, the tail bin is "
+        "exp(tail_logp[row]), computed from the full log-softmax (exact before quantising, even when the "
+        "top-K holds nearly all the mass); the K+1 stored bins then sum to 1 only within the quantisation "
+        f"(each log within {LOGP_MAX_ABS_ERROR} nat), and readers renormalise them: bin_j / sum of bins. "
+        f"Renormalised, KL(exact || stored) <= {KL_BOUND_WITH_TAIL:.2g} nats per row. Without tail_logp "
+        "(version 1 stores, or writers that lacked the full distribution) the tail bin is "
+        "1 - sum(exp(topk_logp[row])), which quantisation can make 0 or negative: clamp it at a tiny "
+        "positive mass."
+    ),
 }

@@ -62,12 +62,14 @@ def store_info(store: TeacherStore) -> dict:
 
     splits: dict[str, Any] = {}
     teacher_parts: list[SectionRef] = []
+    with_tail = 0  # complete teacher sections that hold the teacher's exact tail (tail_logp, format version 2)
     counted: dict[tuple[str, str], dict] = {}  # (split, set) -> counts over complete parts
     for ref, section_attrs in store.complete_sections():  # a set's base comes before its sections
         if ref.section != fmt.BASE:
             counted[(ref.split, ref.sequence_set)]["parts_complete"][ref.section] += 1
             if ref.section == fmt.SECTION_TEACHER:
                 teacher_parts.append(ref)
+                with_tail += "tail_logp" in (section_attrs.get("checksums") or {})
             continue
         entry = counted.setdefault((ref.split, ref.sequence_set), {
             "examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0,
@@ -105,6 +107,7 @@ def store_info(store: TeacherStore) -> dict:
         }
     info["splits"] = splits
     info["top_k"], info["top_k_from"] = _top_k(store, teacher_parts)
+    info["teacher_tail"] = {"teacher_sections": len(teacher_parts), "with_tail_logp": with_tail}
     nbytes = store.nbytes_on_disk()
     info["bytes_on_disk"] = nbytes
     info["response_tokens"] = total_response
@@ -162,6 +165,10 @@ def format_info(info: Mapping) -> str:
     out.append(f"vocabulary   {info.get('vocab_size')} (token ids {info.get('token_id_dtype')})")
     out.append(f"top-K        {info.get('top_k') if info.get('top_k') is not None else '-'}"
                f"  (from {info.get('top_k_from')})")
+    tail = info.get("teacher_tail") or {}
+    if tail.get("teacher_sections"):
+        out.append(f"tail bin     exact (tail_logp) in {tail['with_tail_logp']} of {tail['teacher_sections']} teacher "
+                   f"sections; elsewhere 1 - sum(top-K)")
     out.append(f"part size    {info.get('examples_per_part')} examples")
     nbytes = info.get("bytes_on_disk", 0)
     bpt = info.get("bytes_per_response_token")

@@ -11,15 +11,18 @@ epoch and mixes examples through a fixed-size buffer, so memory is bounded by
 ``buffer_examples`` and the part size, never by the store's size.
 
 Parts are read by ``_read_part``: for the plain chunk layouts this project
-writes (regular chunks along rows, the numcodecs/zstd codecs of
-:mod:`store.format`) it fetches a part's chunk files in one ``fs.cat`` and
-decodes them with numcodecs, which takes about a quarter less CPU than zarr's
-asynchronous codec pipeline and gives the same bytes; anything else (another
-layout or codec, a missing chunk file) is read through zarr.
+writes (regular chunks along rows, the codecs of :mod:`store.format`, either
+version) it fetches a part's chunk files in one ``fs.cat`` and decodes them
+with numcodecs, which takes much less CPU than zarr's asynchronous codec
+pipeline and gives the same bytes; the quantised log-probs' delta and scale
+filters are undone in one vectorised pass (:class:`_FastLogp`). Anything else
+(another layout or codec, a missing chunk file) is read through zarr. An
+optional array (:mod:`store.format`) that a section lacks is left out.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence as Seq
@@ -92,6 +95,26 @@ _PLAIN_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "
                            "float32", "float64"})
 
 
+class _FastLogp:
+    """numcodecs' Delta (uint16) then FixedScaleOffset decode, fused: ``cumsum`` then ``q / scale``, in float32.
+
+    The delta runs over the flattened chunk in uint16 arithmetic (mod 2**16), as
+    numpy's uint16 ``cumsum`` does; the scale step is exact in float32 as in
+    :class:`_FastScale` and writes straight into the destination: bit for bit
+    what numcodecs returns, one temporary (the integers) instead of three.
+    """
+
+    def __init__(self, scale: "_FastScale"):
+        self.inverse = scale.inverse
+
+    def decode(self, values: np.ndarray, out: np.ndarray | None = None, work: np.ndarray | None = None) -> np.ndarray:
+        """``work``: a uint16 buffer of the chunk's size for the integers (else one is allocated)."""
+        q = np.cumsum(np.asarray(values).view("<u2").reshape(-1), dtype=np.uint16, out=work)
+        out = np.multiply(q, self.inverse, dtype=np.float32, out=out)
+        out += np.float32(0.0)  # -0.0 -> 0.0, as numcodecs' "+ offset" does
+        return out
+
+
 class _FastScale:
     """numcodecs' FixedScaleOffset decode for a power-of-two scale, in float32.
 
@@ -114,10 +137,9 @@ class _FastScale:
         self.inverse = np.float32(1.0 / float(conf["scale"]))
         self.astype = np.dtype(conf["astype"])
 
-    def decode(self, values: np.ndarray) -> np.ndarray:
+    def decode(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         q = np.asarray(values).view(self.astype).reshape(-1)
-        out = q.astype(np.float32)
-        out *= self.inverse
+        out = np.multiply(q, self.inverse, dtype=np.float32, out=out)
         out += np.float32(0.0)  # -0.0 -> 0.0, as numcodecs' "+ offset" does
         return out
 
@@ -159,42 +181,106 @@ class _ArrayLayout:
                                                        checksum=conf.get("checksum", False)))
             elif seen_bytes and name == "numcodecs.shuffle":
                 self.compressors.append(numcodecs.get_codec({"id": "shuffle", **conf}))
+            elif seen_bytes and name == "blosc":
+                self.compressors.append(numcodecs.Blosc())  # decoding reads its settings from the header
             else:
                 raise _Unsupported(f"codec {name}")
         if not seen_bytes:
             raise _Unsupported("no bytes codec")
+        # decode order is the reverse; a Delta(uint16) decoded right before a fast scale: one fused pass
+        if (len(self.filters) == 2 and isinstance(self.filters[0], _FastScale)
+                and isinstance(self.filters[1], numcodecs.Delta) and self.filters[1].dtype == np.dtype("<u2")
+                and np.dtype(self.filters[1].astype) == np.dtype("<u2")):
+            self.filters = [_FastLogp(self.filters[0])]
         self.encoded = encoded.newbyteorder("<")
         self.num_chunks = -(-self.shape[0] // self.chunks[0]) if self.shape[0] else 0
 
     def chunk_key(self, index: int) -> str:
         return "c" + self.separator + self.separator.join([str(index)] + ["0"] * (len(self.shape) - 1))
 
-    def decode(self, raw: list[bytes]) -> np.ndarray:
+    def decode(self, raw: list[bytes], scratch: "_Scratch | None" = None, key: str = "") -> np.ndarray:
+        """The whole array, each full chunk decoded straight into its rows (no second copy).
+
+        With ``scratch`` the array is the buffer of ``scratch`` under ``key`` (valid
+        until the next decode with the same scratch and key), temporaries its shared ones.
+        """
         rows = self.chunks[0]
-        out = None
+        out = scratch.array(key, self.shape, self.dtype) if scratch else np.empty(self.shape, dtype=self.dtype)
         for i, blob in enumerate(raw):
-            values = self._decode_chunk(blob)
-            if len(raw) == 1 and self.shape[0] == rows and values.flags.writeable and values.dtype == self.dtype:
-                return values  # one full chunk that decoding already copied: no second copy
-            if out is None:
-                out = np.empty(self.shape, dtype=self.dtype)
             start = i * rows
             stop = min(start + rows, self.shape[0])
-            out[start:stop] = values[:stop - start]
-        return out if out is not None else np.empty(self.shape, dtype=self.dtype)
+            if stop - start == rows:
+                self._decode_chunk(blob, out[start:stop].reshape(-1), scratch)
+            else:  # the last chunk, partly beyond the array: decode it whole, keep its rows
+                whole = scratch.array("temp/last", self.chunks, self.dtype) if scratch else np.empty(
+                    self.chunks, dtype=self.dtype)
+                self._decode_chunk(blob, whole.reshape(-1), scratch)
+                out[start:stop] = whole[:stop - start]
+        return out
 
-    def _decode_chunk(self, blob: bytes) -> np.ndarray:
+    def _decode_chunk(self, blob: bytes, dest: np.ndarray, scratch: "_Scratch | None") -> np.ndarray:
+        """One chunk into ``dest`` (a flat, contiguous array of the chunk's values)."""
+        size = dest.shape[0]
+
+        def temp(tag: str, dtype, count: int = size) -> np.ndarray:
+            # temporaries live only during this call: one buffer per tag for every array
+            return scratch.array(f"temp/{tag}", (count,), dtype) if scratch else np.empty(count, dtype=dtype)
+
         buf = blob
-        for codec in reversed(self.compressors):
-            buf = codec.decode(buf)
-        values = np.frombuffer(buf, dtype=self.encoded)
+        for i, codec in enumerate(reversed(self.compressors)):
+            if i == len(self.compressors) - 1:  # the last one gives the encoded values: into place
+                target = dest if not self.filters else temp("encoded", self.encoded)
+                codec.decode(buf, out=target.view(np.uint8))
+                buf = target
+            else:  # zstd before numcodecs' shuffle (version 1): the same number of bytes
+                buf = codec.decode(buf, out=temp(f"c{i}", np.uint8, size * self.encoded.itemsize))
+        values = buf if isinstance(buf, np.ndarray) and buf.dtype == self.encoded else np.frombuffer(buf, self.encoded)
+        if not self.filters:
+            if values is not dest:
+                dest[...] = values
+            return dest
+        if len(self.filters) == 1 and isinstance(self.filters[0], _FastLogp):
+            return self.filters[0].decode(values, out=dest, work=temp("work", np.uint16))
+        if len(self.filters) == 1 and isinstance(self.filters[0], _FastScale):
+            return self.filters[0].decode(values, out=dest)
         for codec in reversed(self.filters):
             values = codec.decode(values)
-        return np.asarray(values).reshape(self.chunks)
+        dest[...] = np.asarray(values).reshape(-1)
+        return dest
 
 
-def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]]) -> list[dict[str, np.ndarray]]:
-    """Like ``store.read_sections`` but decoding chunk files directly; raises _Unsupported to fall back."""
+class _Scratch:
+    """Buffers reused by one thread from one part to the next: a part's decoded arrays are dead once
+    :func:`load_part` has copied what its examples keep, and reusing their memory spares the allocator
+    (a fresh multi-MB array is fresh pages, each a page fault). Grow-only; about one part's arrays."""
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def array(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = self._buffers.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._buffers[key] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+_THREAD = threading.local()
+
+
+def _thread_scratch() -> _Scratch:
+    scratch = getattr(_THREAD, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD.scratch = _Scratch()
+    return scratch
+
+
+def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
+                 scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
+    """Like ``store.read_sections`` but decoding chunk files directly; raises _Unsupported to fall back.
+
+    With ``scratch`` the arrays live in its buffers (see :meth:`_ArrayLayout.decode`)."""
     import json
 
     root, fs = store._root, store.fs
@@ -212,6 +298,8 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]]) 
         if not complete:
             raise IncompleteSection(f"{store.location}: {ref} is missing or not complete")
     layouts = {}
+    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{root}/{ref.path}/{name}")])
+            for ref, names in jobs]
     for ref, names in jobs:
         for name in names:
             path = f"{root}/{ref.path}/{name}/zarr.json"
@@ -233,7 +321,8 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]]) 
         arrays = {}
         for name in names:
             try:
-                arrays[name] = layouts[(ref.path, name)].decode([blobs[p] for p in chunk_paths[(ref.path, name)]])
+                arrays[name] = layouts[(ref.path, name)].decode([blobs[p] for p in chunk_paths[(ref.path, name)]],
+                                                                scratch, f"{ref.sequence_set}/{ref.section}/{name}")
             except Exception as exc:  # a damaged chunk: name it, as zarr would fail too
                 raise StoreError(f"{store.location}: {ref}/{name} cannot be decoded ({type(exc).__name__}: "
                                  f"{exc}); `store verify {store.location}` lists the damage") from exc
@@ -241,12 +330,24 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]]) 
     return out
 
 
-def _read_part(store: TeacherStore, requests: list[tuple]) -> list[dict[str, np.ndarray]]:
-    """``store.read_sections(requests)``, decoded directly from chunk files where the layout allows."""
+#: arrays that a complete section may lack (store.format ArraySpec.optional)
+_OPTIONAL = frozenset(s.name for specs in fmt.SECTION_ARRAYS.values() for s in specs if s.optional)
+
+
+def _present(meta: dict, array_path: str) -> bool:
+    blob = meta.get(f"{array_path}/zarr.json")
+    return blob is not None and not isinstance(blob, BaseException)
+
+
+def _read_part(store: TeacherStore, requests: list[tuple],
+               scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
+    """``store.read_sections(requests)``, decoded directly from chunk files where the layout allows.
+
+    With ``scratch``, arrays may live in its buffers: use them before the next read with it."""
     jobs = [(SectionRef(*r[:4]), list(r[4]) if len(r) > 4 and r[4] is not None
              else [spec.name for spec in fmt.arrays_of(r[2], r[3])]) for r in requests]
     try:
-        return _read_direct(store, jobs)
+        return _read_direct(store, jobs, scratch)
     except _Unsupported:
         return store.read_sections(requests)
 
@@ -269,7 +370,8 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
     for sequence_set, sections in needs.items():
         requests.append((split, part, sequence_set, fmt.BASE, _base_names(sequence_set, sections)))
         requests.extend((split, part, sequence_set, sec) for sec in sections)
-    results = iter(_read_part(store, requests))  # one read for the whole part
+    # one read for the whole part, into this thread's reused buffers: everything kept below is a copy
+    results = iter(_read_part(store, requests, _thread_scratch()))
 
     per_example: dict[int, list[Sequence]] = {}
     groups: dict[int, dict[str, np.ndarray]] = {}
@@ -277,35 +379,37 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
     for sequence_set, sections in needs.items():
         base = next(results)
         signals = {sec: next(results) for sec in sections}
-        input_ids = base["input_ids"]
         # plain Python lists: indexing them is much cheaper than numpy scalars
         tok_off = base["token_offsets"].tolist()
         resp_off = base["response_offsets"].tolist()
         example_index = base["example_index"].tolist()
-        role = base["role"].tolist()
-        prompt_length = base["prompt_length"].tolist()
-        response_arrays, sequence_arrays, pair_arrays = [], [], []
+        response_names, response_slices, sequence_arrays, pair_arrays = [], [], [], []
+        tok_spans = list(zip(tok_off, tok_off[1:]))
+        resp_spans = list(zip(resp_off, resp_off[1:]))
         for sec in sections:
             for spec in fmt.arrays_of(sequence_set, sec):
+                if spec.name not in signals[sec]:
+                    continue  # an optional array this section lacks
                 name, values = f"{sec}/{spec.name}", signals[sec][spec.name]
                 if spec.axis == fmt.AXIS_RESPONSE:
-                    response_arrays.append((name, values))
+                    # each sequence gets a copy of its rows, array by array (no view keeps the part alive)
+                    response_names.append(name)
+                    response_slices.append([values[r0:r1].copy() for r0, r1 in resp_spans])
                 elif spec.axis == fmt.AXIS_SEQUENCE:
-                    sequence_arrays.append((name, values.tolist()))
+                    sequence_arrays.append((name, values.astype(np.float64).tolist()))
                 elif spec.axis == fmt.AXIS_PAIR:
                     pair_arrays.append((name, values))
-        for s in range(len(example_index)):
-            r0, r1 = resp_off[s], resp_off[s + 1]
-            ex = example_index[s]
-            seq = Sequence(
-                example_index=ex,
-                sequence_set=sequence_set,
-                role=role[s],
-                input_ids=input_ids[tok_off[s]:tok_off[s + 1]].copy(),
-                prompt_length=prompt_length[s],
-                response={name: values[r0:r1].copy() for name, values in response_arrays},
-                scalars={name: float(values[s]) for name, values in sequence_arrays},
-            )
+        input_ids = base["input_ids"]
+        sequence_ids = [input_ids[t0:t1].copy() for t0, t1 in tok_spans]
+        responses = ([dict(zip(response_names, rows)) for rows in zip(*response_slices)] if response_names
+                     else [{} for _ in example_index])
+        scalars = ([dict(zip([n for n, _ in sequence_arrays], row)) for row in zip(*(v for _, v in sequence_arrays))]
+                   if sequence_arrays else [{} for _ in example_index])
+        for ex, role, ids, prompt_length, response, scalar in zip(
+                example_index, base["role"].tolist(), sequence_ids, base["prompt_length"].tolist(), responses,
+                scalars):
+            seq = Sequence(example_index=ex, sequence_set=sequence_set, role=role, input_ids=ids,
+                           prompt_length=prompt_length, response=response, scalars=scalar)
             bucket = per_example.get(ex)
             if bucket is None:
                 per_example[ex] = [seq]

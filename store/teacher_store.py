@@ -209,10 +209,17 @@ class TeacherStore:
     def check(self, *, tokenizer_hash: str | None = None) -> None:
         attrs = self.attrs
         found = attrs.get("format", {})
-        if found.get("name") != fmt.FORMAT_NAME or found.get("version") != fmt.FORMAT_VERSION:
+        if found.get("name") != fmt.FORMAT_NAME or found.get("version") not in fmt.READABLE_VERSIONS:
             raise FormatMismatch(
                 f"{self.location}: store format {found.get('name')!r} version {found.get('version')!r}; "
-                f"this reader understands {fmt.FORMAT_NAME!r} version {fmt.FORMAT_VERSION}"
+                f"this reader understands {fmt.FORMAT_NAME!r} version "
+                f"{', '.join(str(v) for v in fmt.READABLE_VERSIONS)}"
+            )
+        if self.mode != "r" and found.get("version") != fmt.FORMAT_VERSION:
+            raise FormatMismatch(
+                f"{self.location}: store format version {found.get('version')}; this writer writes version "
+                f"{fmt.FORMAT_VERSION} only ({fmt.VERSION_CHANGES.get(fmt.FORMAT_VERSION, '')}). It still "
+                f"reads; to add passes, write a new store (another --out)"
             )
         if tokenizer_hash is not None:
             stored = attrs.get("tokenizer", {}).get("hash")
@@ -282,6 +289,10 @@ class TeacherStore:
             return DatasetRecord.from_dict((self.attrs.get("provenance") or {}).get("dataset"))
         entry = self.attrs.get("layout", {}).get("splits", {}).get(split) or {}
         return DatasetRecord.from_dict(entry.get("dataset"))
+
+    @property
+    def format_version(self) -> int:
+        return int(self.attrs["format"]["version"])
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -431,19 +442,20 @@ class TeacherStore:
         # every value checked and converted before anything touches the store
         prepared = []
         for spec in specs:
+            if spec.optional and spec.name not in arrays:
+                continue  # the format says what a reader does without it
             dtype = self.token_dtype if spec.dtype == "token_id" else np.dtype(spec.dtype)
             values = fmt.prepare_values(spec, np.asarray(arrays[spec.name]))
             if values.size and spec.dtype == "token_id" and (values.min() < 0 or values.max() >= self.attrs["vocab_size"]):
                 raise StoreError(f"{ref}/{spec.name}: token ids outside the vocabulary "
                                  f"[0, {self.attrs['vocab_size']})")
             values = values.astype(dtype, copy=False)
-            chunks = (fmt.CHUNK_ROWS[spec.axis],) + values.shape[1:]
-            chunks = (max(1, min(chunks[0], values.shape[0])),) + chunks[1:]
+            chunks = (fmt.chunk_rows(spec.axis, values.shape[0]),) + values.shape[1:]
             prepared.append((spec, dtype, values, chunks))
         if self.is_complete(split, part, sequence_set, section):
             return None  # another writer finished it meanwhile: the same numbers are there already
         start, stop = self.part_range(split, part)
-        names = [spec.name for spec in specs]
+        names = [spec.name for spec, *_rest in prepared]
         final_attrs = {**dict(attrs or {}), "rows": rows, "example_start": start, "example_stop": stop}
         with _quiet():
             part_group = zarr.open_group(self._zstore, path=f"{split}/{fmt.part_name(part)}", mode="a",
@@ -545,7 +557,10 @@ class TeacherStore:
             jobs.append((SectionRef(split, part, sequence_set, section),
                          list(names) if names is not None
                          else [s.name for s in fmt.arrays_of(sequence_set, section)]))
-        return _read_groups(self._zstore, [(ref.path, names) for ref, names in jobs], location=self.location)
+        # an optional array (store.format) that a section lacks is left out of what is returned
+        optional = {s.name for specs in fmt.SECTION_ARRAYS.values() for s in specs if s.optional}
+        return _read_groups(self._zstore, [(ref.path, names) for ref, names in jobs], location=self.location,
+                            optional=optional)
 
     # -- manifest, verification, information ---------------------------------
 
@@ -647,11 +662,12 @@ def _write_arrays(zstore, path: str, prepared: list) -> None:
 
 
 def _read_groups(zstore, jobs: list[tuple[str, list[str]]], *, require_complete: bool = True,
-                 location: str = "") -> list[dict[str, np.ndarray]]:
+                 location: str = "", optional: frozenset | set = frozenset()) -> list[dict[str, np.ndarray]]:
     """Decode the named arrays of the groups at the given paths, all in one trip through zarr's event loop.
 
     A group that is missing (or, with ``require_complete``, not marked complete)
-    raises IncompleteSection; a missing array StoreError.
+    raises IncompleteSection; a missing array StoreError, unless its name is in
+    ``optional`` (then it is left out of the result).
     """
     import asyncio
 
@@ -666,14 +682,17 @@ def _read_groups(zstore, jobs: list[tuple[str, list[str]]], *, require_complete:
         if group is None or (require_complete and not group.attrs.get("complete")):
             raise IncompleteSection(f"{location}: {path} is missing or not complete")
 
-        async def one_array(name: str) -> np.ndarray:
+        async def one_array(name: str) -> np.ndarray | None:
             try:
                 arr = await group.getitem(name)
             except KeyError:
+                if name in optional:
+                    return None
                 raise StoreError(f"{location}: {path} has no array {name!r}")
             return np.asarray(await arr.getitem(Ellipsis))
 
-        return dict(zip(names, await asyncio.gather(*(one_array(n) for n in names))))
+        values = await asyncio.gather(*(one_array(n) for n in names))
+        return {name: value for name, value in zip(names, values) if value is not None}
 
     async def all_groups():
         return await asyncio.gather(*(one_group(path, names) for path, names in jobs))
@@ -715,12 +734,14 @@ def _diff_keys(old: Mapping, new: Mapping, prefix: str = "") -> str:
 
 def _check_arrays(ref: SectionRef, specs, arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
     names = {s.name for s in specs}
-    missing = names - set(arrays)
+    missing = set(fmt.required_names(specs)) - set(arrays)
     extra = set(arrays) - names
     if missing or extra:
         raise StoreError(f"{ref}: arrays {sorted(missing)} missing, {sorted(extra)} not in the format")
     lengths: dict[str, tuple[int, str]] = {}
     for spec in specs:
+        if spec.name not in arrays:
+            continue  # an optional array left out
         values = np.asarray(arrays[spec.name])
         ndim = 1 if spec.width is None else 2
         if values.ndim != ndim:

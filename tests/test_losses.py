@@ -195,6 +195,200 @@ def test_kd_teacher_mass_all_on_topk_stays_finite(dtype):
     assert out[3].item() == pytest.approx(expected, abs=tol)
 
 
+# --------------------------------------------------------------------------
+# KD's tail bins: exact student tail, stored teacher tail (float64 literal references)
+# --------------------------------------------------------------------------
+
+
+def ref_logsumexp(values):
+    """log(sum(exp(v))) of plain floats, exact in float64 for any spread (fsum of shifted exponentials)."""
+    values = list(values)
+    m = max(values)
+    if m == -math.inf:
+        return -math.inf
+    return m + math.log(math.fsum(math.exp(v - m) for v in values))
+
+
+def ref_kd_bins(student_row, ids, teacher_logp_row, teacher_tail=None):
+    """(P, log q) over the K+1 bins, literally: P the teacher's bins divided by their sum (its tail given,
+    or 1 - sum of its top-K), log q the student's log-softmax at the ids and log of its mass outside them."""
+    lse_all = ref_logsumexp(student_row)
+    outside = [x for v, x in enumerate(student_row) if v not in set(ids)]
+    log_q = [student_row[i] - lse_all for i in ids] + [ref_logsumexp(outside) - lse_all]
+    p = [math.exp(t) for t in teacher_logp_row]
+    p.append(math.exp(teacher_tail) if teacher_tail is not None else 1.0 - math.fsum(p))
+    total = math.fsum(p)
+    return [x / total for x in p], log_q
+
+
+def ref_kd(student_row, ids, teacher_logp_row, teacher_tail=None):
+    P, log_q = ref_kd_bins(student_row, ids, teacher_logp_row, teacher_tail)
+    return math.fsum(pj * (math.log(pj) - lq) for pj, lq in zip(P, log_q) if pj > 0)
+
+
+def ref_kd_grad(student_row, ids, teacher_logp_row, teacher_tail=None):
+    """d KD / d logits[v] = q_v - w_v with w the teacher's bin mass of v's bin spread within the bin as the
+    student spreads it: w = P_k at id k, P_tail * q_v / q_tail outside the ids."""
+    P, log_q = ref_kd_bins(student_row, ids, teacher_logp_row, teacher_tail)
+    lse_all = ref_logsumexp(student_row)
+    grad = []
+    for v, x in enumerate(student_row):
+        q = math.exp(x - lse_all)
+        if v in ids:
+            grad.append(q - P[list(ids).index(v)])
+        else:
+            grad.append(q - P[-1] * math.exp(x - lse_all - log_q[-1]))
+    return grad
+
+
+def overconfident_case(dtype):
+    """V = 1000, K = 50: the student puts all but ~1e-11 of its mass on the teacher's top-K, the teacher 0.7."""
+    v, k = 1000, 50
+    g = torch.Generator().manual_seed(50)
+    logits = torch.randn(2, v, generator=g, dtype=torch.float64)
+    logits[:, k:] -= 30.0  # mass outside the first K: about 950 e^-30 / 50 ~ 2e-12
+    ids = torch.arange(k).expand(2, k).contiguous()
+    teacher = torch.log_softmax(torch.randn(2, k, generator=g, dtype=torch.float64), -1) + math.log(0.7)
+    return logits.to(dtype), ids, teacher.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kd_overconfident_student_matches_float64_literal(dtype):
+    logits, ids, tlp = overconfident_case(dtype)
+    x = logits.clone().requires_grad_(True)
+    out = L.kd_tail_kl(x, ids, tlp)
+    out.sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for r in range(2):
+        row = logits[r].double().tolist()
+        expected = ref_kd(row, ids[r].tolist(), tlp[r].double().tolist())
+        assert expected > 5.0  # p_tail log(p_tail / q_tail) with q_tail ~ 1e-12: a large, informative loss
+        assert out[r].item() == pytest.approx(expected, rel=tol)
+        grad = ref_kd_grad(row, ids[r].tolist(), tlp[r].double().tolist())
+        # the tail bin's gradient: sum over the ids outside the top-K of q_v - P_tail q_v / q_tail = q_tail - P_tail
+        tail_grad = math.fsum(grad[50:])
+        assert tail_grad == pytest.approx(-0.3, abs=1e-6)
+        assert x.grad[r, 50:].double().sum().item() == pytest.approx(tail_grad, abs=1e-5 if dtype == torch.float32 else 1e-12)
+        for v in range(0, 1000, 37):
+            assert x.grad[r, v].item() == pytest.approx(grad[v], abs=1e-6 if dtype == torch.float32 else 1e-13)
+    # the former tail, log(1 - sum_k q_k), is lost in float32 rounding here: that is what the exact tail fixes
+    if dtype == torch.float32:
+        ls = torch.log_softmax(logits, -1)
+        exact = torch.tensor([ref_logsumexp(logits[r, 50:].double().tolist()) - ref_logsumexp(logits[r].double().tolist())
+                              for r in range(2)], dtype=torch.float64)
+        assert ((L._tail_logmass(ls.gather(-1, ids)).double() - exact).abs() > 5).all()  # rounding noise or the clamp
+        torch.testing.assert_close(L.student_tail_logmass(ls, ids).double(), exact, rtol=0, atol=1e-4)
+
+
+def test_kd_gradient_is_q_minus_teacher_bin_mass_at_ordinary_values():
+    _, ids, tlp = make_teacher()
+    tail = torch.log(1 - tlp.exp().sum(-1)) + 0.004  # a stored tail, a little off: bins renormalised
+    s = rand(R, V, seed=51, scale=2).requires_grad_(True)
+    out = L.kd_tail_kl(s, ids, tlp, tail)
+    out.sum().backward()
+    for r in range(R):
+        row = s[r].detach().tolist()
+        assert out[r].item() == pytest.approx(ref_kd(row, ids[r].tolist(), tlp[r].tolist(), tail[r].item()), abs=1e-12)
+        grad = ref_kd_grad(row, ids[r].tolist(), tlp[r].tolist(), tail[r].item())
+        for v in range(V):
+            assert s.grad[r, v].item() == pytest.approx(grad[v], abs=1e-12)
+
+
+def test_kd_with_the_stored_tail_is_the_kl_of_renormalised_bins():
+    _, ids, tlp = make_teacher()
+    s = rand(R, V, seed=52, scale=2)
+    # quantised like a store: top-K and tail to 1/128 nat; the K+1 bins then sum to 1 only roughly
+    q_top = torch.round(tlp * 128) / 128
+    q_tail = torch.round(torch.log(1 - tlp.exp().sum(-1)) * 128) / 128
+    sums = q_top.exp().sum(-1) + q_tail.exp()
+    assert ((sums - 1).abs() > 1e-5).all()
+    bins = L.teacher_kd_bins(q_top, q_tail)
+    torch.testing.assert_close(bins.exp().sum(-1), torch.ones(R, dtype=torch.float64), rtol=0, atol=1e-14)
+    for r in range(R):
+        for k in range(K):
+            assert bins[r, k].item() == pytest.approx(q_top[r, k].item() - math.log(sums[r].item()), abs=1e-13)
+        assert bins[r, K].item() == pytest.approx(q_tail[r].item() - math.log(sums[r].item()), abs=1e-13)
+    out = L.kd_tail_kl(s, ids, q_top, q_tail)
+    for r in range(R):
+        assert out[r].item() == pytest.approx(ref_kd(s[r].tolist(), ids[r].tolist(), q_top[r].tolist(),
+                                                     q_tail[r].item()), abs=1e-12)
+    # per row: a stored tail where has_tail, the tail from the top-K elsewhere (a store without tail_logp)
+    has = torch.tensor([True, False] * 3 + [True])
+    mixed = L.teacher_kd_bins(q_top, q_tail, has)
+    fallback = L.teacher_kd_bins(q_top)
+    torch.testing.assert_close(mixed[has], bins[has], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[~has], fallback[~has], rtol=0, atol=0)
+    for r in range(R):
+        tail = 1.0 - math.fsum(math.exp(x) for x in q_top[r].tolist())
+        assert fallback[r, K].item() == pytest.approx(math.log(tail) - math.log(math.fsum(
+            [math.exp(x) for x in q_top[r].tolist()] + [tail])), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_empty_teacher_tail(dtype):
+    """A teacher whose top-K holds all its mass: the tail bin contributes nothing, stored as -inf, at the store's
+    floor (-500), or left to the top-K (which sum to 1)."""
+    s = rand(R, V, seed=53, dtype=dtype).requires_grad_(True)
+    ids = torch.arange(K).expand(R, K).contiguous()
+    tlp = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)).expand(R, K).contiguous()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for tail in (torch.full((R,), -math.inf, dtype=dtype), torch.full((R,), -500.0, dtype=dtype), None):
+        out = L.kd_tail_kl(s, ids, tlp.to(dtype), tail)
+        grad, = torch.autograd.grad(out.sum(), s)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        for r in range(R):
+            row = s[r].detach().double().tolist()
+            lse = ref_logsumexp(row)
+            expected = math.fsum(p * (math.log(p) - (row[k] - lse)) for k, p in enumerate([0.5, 0.3, 0.2]))
+            assert out[r].item() == pytest.approx(expected, abs=tol)
+            # no teacher mass in the tail: d KD / d logit = q_v outside the ids
+            for v in range(K, V):
+                assert grad[r, v].item() == pytest.approx(math.exp(row[v] - lse), abs=tol)
+
+
+def test_kd_huge_logits_float32_matches_float64_literal():
+    """Logits of magnitude 1e4 (a saturated student): every probability outside one id underflows float32's
+    exp, the log-space tail does not."""
+    _, ids, tlp = make_teacher()
+    logits = rand(R, V, seed=54, scale=1e4)
+    x = logits.float().requires_grad_(True)
+    out = L.kd_tail_kl(x, ids, tlp.float())
+    grad, = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    for r in range(R):
+        row = logits[r].float().double().tolist()  # the float32 inputs, exactly
+        expected = ref_kd(row, ids[r].tolist(), tlp[r].tolist())
+        assert out[r].item() == pytest.approx(expected, rel=1e-5)
+        reference = ref_kd_grad(row, ids[r].tolist(), tlp[r].tolist())
+        for v in range(V):
+            assert grad[r, v].item() == pytest.approx(reference[v], abs=1e-6)
+
+
+def test_student_tail_logmass_value_gradient_and_repeated_ids():
+    s = rand(R, V, seed=55, scale=3).requires_grad_(True)
+    ls = torch.log_softmax(s, -1)
+    ids = torch.tensor([[0, 4, 4], [1, 2, 3], [10, 9, 8], [5, 5, 5], [0, 1, 2], [7, 3, 0], [6, 2, 9]])
+    out = L.student_tail_logmass(ls, ids)
+    for r in range(R):
+        row = ls[r].tolist()
+        assert out[r].item() == pytest.approx(ref_logsumexp(x for v, x in enumerate(row) if v not in ids[r].tolist()),
+                                              abs=1e-12)
+    assert torch.autograd.gradcheck(lambda x: L.student_tail_logmass(torch.log_softmax(x, -1), ids), (s,))
+    every = torch.arange(V).expand(2, V).contiguous()  # K = V: nothing outside, -inf, gradient 0
+    x = rand(2, V, seed=56).requires_grad_(True)
+    tail = L.student_tail_logmass(torch.log_softmax(x, -1), every)
+    assert (tail == -math.inf).all()
+    (grad,) = torch.autograd.grad(tail.clamp(min=-1e3).sum() + 0 * x.sum(), x)
+    assert torch.isfinite(grad).all()
+
+
+def test_kd_gradcheck_with_stored_tail():
+    _, ids, tlp = make_teacher()
+    tail = torch.log(1 - tlp.exp().sum(-1)) - 0.01
+    s = rand(R, V, seed=57).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: L.kd_tail_kl(x, ids, tlp, tail), (s,))
+
+
 def test_adpa_advantage_clipped_vs_unclipped():
     tlp = rand(R, K, seed=8, scale=2)
     rlp = rand(R, K, seed=9, scale=2)
@@ -418,36 +612,60 @@ def test_pad_loss_small_n_is_exact():
         L.pad_loss(rs, rt, "nope")
 
 
-@pytest.mark.parametrize("kind", ["ppd", "vpd"])
-def test_pad_decomposition_n8_equals_average_over_teacher_windows(kind):
+def test_pad_vpd_n8_is_exact_minus_log_prob_of_the_teachers_order():
+    """VPD is never decomposed: for n = 8 > max_group it is -log P_S(argsort r_T), for every max_group."""
+    n = 8
+    rs = rand(3, n, seed=26, scale=2).requires_grad_(True)
+    rt = rand(3, n, seed=27, scale=2)
+    rt[2, 5] = rt[2, 1]  # a tie in the teacher's rewards: the lower index ranks first
+    for m in range(2, L.MAX_EXACT_PL_GROUP + 1):
+        out = L.pad_loss(rs, rt, kind="vpd", max_group=m)
+        for g in range(3):
+            r = rs[g].tolist()
+            order = sorted(range(n), key=lambda i: (-float(rt[g, i]), i))  # argsort r_T, descending, stable
+            # Plackett-Luce product formula: P(order) = prod_k exp(r_{order_k}) / sum_{j not yet ranked} exp(r_j)
+            prob = 1.0
+            for k in range(n):
+                prob *= math.exp(r[order[k]]) / sum(math.exp(r[j]) for j in order[k:])
+            assert out[g].item() == pytest.approx(-math.log(prob), rel=1e-12, abs=1e-12), (m, g)
+    # its gradient: d(-log P)/d r_i = sum_{k <= rank of i} exp(r_i) / sum_{j in order[k:]} exp(r_j) - 1
+    out.sum().backward()
+    for g in range(3):
+        r = rs[g].tolist()
+        order = sorted(range(n), key=lambda i: (-float(rt[g, i]), i))
+        for rank, i in enumerate(order):
+            expected = sum(math.exp(r[i]) / sum(math.exp(r[j]) for j in order[k:]) for k in range(rank + 1)) - 1
+            assert rs.grad[g, i].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_pad_ppd_decomposition_n8_equals_average_over_teacher_windows():
+    # PPD only: VPD is exact for any n (test above)
     n, m = 8, 6
     rs = rand(3, n, seed=26, scale=2).requires_grad_(True)
     rt = rand(3, n, seed=27, scale=2)
-    out = L.pad_loss(rs, rt, kind=kind, max_group=m)
+    out = L.pad_loss(rs, rt, kind="ppd", max_group=m)
     assert out.shape == (3,) and torch.isfinite(out).all()
-    ref_fn = ref_jsd if kind == "ppd" else ref_vpd
     for g in range(3):
         order = ref_teacher_order(rt[g].tolist())
         windows = [order[0:6], order[2:8]]  # stride 5; last window shifted to end at n-1
         vals = [
-            ref_fn([rs[g, i].item() for i in w], [rt[g, i].item() for i in w]) for w in windows
+            ref_jsd([rs[g, i].item() for i in w], [rt[g, i].item() for i in w]) for w in windows
         ]
         assert out[g].item() == pytest.approx(sum(vals) / len(vals), abs=1e-10)
     out.sum().backward()
     assert torch.isfinite(rs.grad).all()
     # equal rewards -> zero PPD after decomposition as well
-    if kind == "ppd":
-        assert L.pad_loss(rt, rt, kind="ppd").abs().max().item() < 1e-14
+    assert L.pad_loss(rt, rt, kind="ppd").abs().max().item() < 1e-14
 
 
 def test_pad_decomposition_windows_chain_connected():
-    # n=11, m=6: windows [0..5], [5..10] share exactly one response; n=12 gets 3 windows
+    # n=11, m=4: stride 3, windows [0..3], [3..6], [6..9] and the last shifted to [7..10]
     n, m = 11, 4
     rs = rand(1, n, seed=28)
     rt = torch.arange(n, 0, -1, dtype=torch.float64).unsqueeze(0)  # teacher order = 0..10
-    out = L.pad_loss(rs, rt, kind="vpd", max_group=m)
+    out = L.pad_loss(rs, rt, kind="ppd", max_group=m)
     windows = [list(range(0, 4)), list(range(3, 7)), list(range(6, 10)), list(range(7, 11))]
-    vals = [ref_vpd([rs[0, i].item() for i in w], [rt[0, i].item() for i in w]) for w in windows]
+    vals = [ref_jsd([rs[0, i].item() for i in w], [rt[0, i].item() for i in w]) for w in windows]
     assert out.item() == pytest.approx(sum(vals) / 4, abs=1e-12)
 
 
@@ -503,7 +721,8 @@ def test_chunked_token_terms_equals_unchunked(with_bias):
 
     h2, w2, b2 = leaves()
     out = L.chunked_token_terms(h2, lambda h: torch.nn.functional.linear(h, w2, b2), ["logp", "kd", "adpa"],
-                                {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.TOPK_LOGP: tlp, L.ADVANTAGE: adv}, chunk_size=3)
+                                {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp),
+                                 L.ADVANTAGE: adv}, chunk_size=3)
     assert set(out) == {"logp", "kd", "adpa"}
     for k in out:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
@@ -520,7 +739,8 @@ def test_chunked_token_terms_equals_unchunked(with_bias):
     torch.testing.assert_close(only_logp["logp"], ref["logp"].detach())
     with torch.no_grad():
         kd_only = L.chunked_token_terms(h2, lambda h: torch.nn.functional.linear(h, w2, b2), ["logp", "kd"],
-                                        {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.TOPK_LOGP: tlp}, chunk_size=2)
+                                        {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp)},
+                                        chunk_size=2)
     assert set(kd_only) == {"logp", "kd"}
     torch.testing.assert_close(kd_only["kd"], ref["kd"].detach())
 
@@ -537,7 +757,8 @@ def test_chunked_token_terms_does_not_keep_logits_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = L.chunked_token_terms(h, lambda rows: rows @ w.T, ["logp", "kd"],
-                                    {L.TARGET_IDS: ids[:, 0], L.TOPK_IDS: ids, L.TOPK_LOGP: tlp}, chunk_size=3)
+                                    {L.TARGET_IDS: ids[:, 0], L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp)},
+                                    chunk_size=3)
     assert not any(len(s) == 2 and s[1] == V and s[0] <= 3 for s in saved_shapes), saved_shapes
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         L.kd_tail_kl(h @ w.T, ids, tlp)  # sanity: the unchunked path does save [R, V]

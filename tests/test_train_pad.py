@@ -183,6 +183,10 @@ def test_pad_term_equals_plackett_luce_by_enumeration(pad_store, tiny_models):
     student = beta * means[index]
     decomposed = losses.pad_loss(student, methods.teacher_rewards(batch, index, small), "ppd", max_group=3).mean()
     assert float(parts["pad"]) == pytest.approx(float(decomposed), rel=1e-7)
+    # VPD is never decomposed: groups of 4 > pad_max_group 3 still give -log P_S(the teacher's whole order)
+    with torch.no_grad():
+        _, parts = methods.method_loss(model, batch, terms, methods.Settings(pad_loss="vpd", pad_max_group=3))
+    assert float(parts["pad"]) == pytest.approx(np.mean(vpd), rel=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["ppd", "vpd"])

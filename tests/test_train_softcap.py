@@ -47,8 +47,9 @@ def test_chunked_outputs_of_a_softcapped_model_equal_its_full_logits(tiny_store)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     rows = logits[batch.resp_seq, batch.resp_pos]  # [R, V], soft-capped by the model itself
     ids, topk_logp = batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"]
+    tail = batch.response["teacher/tail_logp"]
     advantage = losses.adpa_advantage(topk_logp, batch.response["reference/topk_logp"])
-    expected = {"logp": losses.token_logprobs(rows, batch.resp_target), "kd": losses.kd_tail_kl(rows, ids, topk_logp),
+    expected = {"logp": losses.token_logprobs(rows, batch.resp_target), "kd": losses.kd_tail_kl(rows, ids, topk_logp, tail),
                 "adpa": losses.adpa_token_loss(rows, ids, advantage)}
     for name, values in expected.items():
         computed = out.computed[name]

@@ -45,6 +45,8 @@ __all__ = [
     "log1mexp",
     "token_logprobs",
     "kd_tail_kl",
+    "teacher_kd_bins",
+    "student_tail_logmass",
     "adpa_advantage",
     "adpa_token_loss",
     "dpo_loss",
@@ -108,8 +110,10 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tail_logmass(topk_logp: torch.Tensor) -> torch.Tensor:
-    """Log of the mass outside the K bins: ``log(1 - sum_k exp(topk_logp))``.
+    """Log of the mass outside the K bins from the K log-probs alone: ``log(1 - sum_k exp(topk_logp))``.
 
+    Only for the teacher of a store without its tail (``teacher/tail_logp``, store
+    format version 1): the student's tail is :func:`student_tail_logmass`.
     ``topk_logp``: [R, K] log-probabilities normalised over the full
     vocabulary. Returns [R]. The logsumexp is clamped to ``<= -tiny`` (the
     smallest positive normal of the dtype) so that a top-K that holds all the
@@ -126,30 +130,112 @@ def _target_logp(student_logsoftmax: torch.Tensor, target_ids: torch.Tensor) -> 
     return student_logsoftmax.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
 
 
+#: rows of the [rows, V] temporary that :class:`_LogSumExpOutside` fills at a time (about 64 MB in float32)
+_TAIL_BLOCK_ELEMENTS = 1 << 24
+
+
+def _outside(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A copy of ``log_probs`` [r, V] with ``-inf`` at each row's ``ids`` [r, K] (repeated ids are fine)."""
+    return log_probs.scatter(-1, ids, float("-inf"))
+
+
+class _LogSumExpOutside(torch.autograd.Function):
+    """``logsumexp`` of each row of ``log_probs`` over the ids *not* in that row's ``ids``.
+
+    Forward fills the masked copy a block of rows at a time and keeps nothing of it;
+    backward rebuilds it once as the gradient itself:
+    ``d out[r] / d log_probs[r, v] = exp(log_probs[r, v] - out[r])`` outside the ids, 0 at them.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows, vocab = log_probs.shape
+        out = torch.empty(rows, dtype=log_probs.dtype, device=log_probs.device)
+        block = max(1, _TAIL_BLOCK_ELEMENTS // max(1, vocab))
+        for lo in range(0, rows, block):
+            out[lo:lo + block] = torch.logsumexp(_outside(log_probs[lo:lo + block], ids[lo:lo + block]), dim=-1)
+        ctx.save_for_backward(log_probs, ids, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        log_probs, ids, out = ctx.saved_tensors
+        # out = -inf: no mass outside the ids (K = V); every entry of the row is -inf, exp gives 0
+        finite_out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+        grad = _outside(log_probs, ids)
+        grad.sub_(finite_out.unsqueeze(-1)).exp_().mul_(grad_out.unsqueeze(-1))
+        return grad, None
+
+
+def student_tail_logmass(student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The student's tail bin: log of its probability mass outside ``topk_ids``.
+
+    Equation: ``tail[r] = logsumexp_{v not in topk_ids[r]} log_softmax[r, v]``, a
+    logsumexp over the ids outside the top-K of the full log-softmax, never
+    ``log(1 - sum_k q_k)``: that difference has no precision left when the top-K
+    holds all but ~1e-7 of the mass (float32), i.e. exactly when the student is
+    over-confident and KD must pull mass back into the tail (its gradient
+    would vanish). Memory: one [rows, V] block temporary in forward, the
+    gradient itself in backward (:class:`_LogSumExpOutside`).
+
+    Shapes: ``student_logsoftmax`` [R, V] (normalised log-probs), ``topk_ids``
+    [R, K] int64 (repeated ids count once). Returns [R]; ``-inf`` when no id is
+    outside (K = V).
+    """
+    return _LogSumExpOutside.apply(student_logsoftmax, topk_ids.long())
+
+
+def teacher_kd_bins(
+    topk_logp: torch.Tensor,
+    tail_logp: Optional[torch.Tensor] = None,
+    has_tail: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The teacher's log-probs over the K+1 bins of KD (its top-K, then the tail), renormalised, [R, K+1].
+
+    The tail bin is ``tail_logp`` (the store's ``teacher/tail_logp``: the exact log
+    mass outside the top-K, from the teacher's full log-softmax) on rows where
+    ``has_tail`` is true (all rows when ``has_tail`` is None), and on other rows,
+    or without ``tail_logp``, ``log(1 - sum_k exp(topk_logp))`` clamped as
+    :func:`_tail_logmass` says (stores that lack the tail, format version 1).
+    Stored log-probs are quantised, so the K+1 bins sum to 1 only within that
+    error; they are renormalised: ``bins - logsumexp(bins)`` (the convention of
+    ``store.format.DESCRIPTION["tail"]``). A ``-inf`` entry stays ``-inf`` (a
+    bin of teacher probability 0).
+
+    Shapes: ``topk_logp`` [R, K]; ``tail_logp`` [R]; ``has_tail`` [R] bool.
+    Returns [R, K+1] in ``topk_logp``'s compute dtype (>= float32), detached.
+    """
+    t_k = _up(topk_logp).detach()
+    tail = _tail_logmass(t_k)
+    if tail_logp is not None:
+        stored = _up(tail_logp).to(t_k.dtype).detach()
+        tail = stored if has_tail is None else torch.where(has_tail.bool(), stored, tail)
+    bins = torch.cat([t_k, tail.unsqueeze(-1)], dim=-1)
+    return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
+
+
 def _tail_bucket_bins(
-    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's and the teacher's log-probs over the K+1 bins (top-K ids, then the tail), [R, K+1] each.
 
-    The teacher's side is detached (a constant); see kd_tail_kl.
+    ``teacher_bins`` is :func:`teacher_kd_bins`' output (a constant: detached here).
+    The student's tail is :func:`student_tail_logmass`; see kd_tail_kl.
     """
     s_k = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
-    t_k = _up(topk_logp).to(s_k.dtype).detach()  # [R, K], teacher is constant
-    s_all = torch.cat([s_k, _tail_logmass(s_k).unsqueeze(-1)], dim=-1)
-    t_all = torch.cat([t_k, _tail_logmass(t_k).unsqueeze(-1)], dim=-1)
-    return s_all, t_all
+    s_all = torch.cat([s_k, student_tail_logmass(student_logsoftmax, topk_ids).unsqueeze(-1)], dim=-1)
+    return s_all, teacher_bins.to(s_all.dtype).detach()
 
 
 def _kd_from_logsoftmax(
-    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor
 ) -> torch.Tensor:
-    """KD tail-bucket KL from a precomputed student log-softmax [R, V]; see kd_tail_kl."""
-    s_all, t_all = _tail_bucket_bins(student_logsoftmax, topk_ids, topk_logp)
+    """KD tail-bucket KL from a precomputed student log-softmax [R, V] and :func:`teacher_kd_bins`; see kd_tail_kl."""
+    s_all, t_all = _tail_bucket_bins(student_logsoftmax, topk_ids, teacher_bins)
     p = t_all.exp()
-    # p * log p -> 0 when p == 0 (e.g. a -inf pad in topk_logp): replace the
-    # teacher log-prob by 0 there so that the product is 0 * finite.
-    t_safe = torch.where(p > 0, t_all, torch.zeros_like(t_all))
-    return (p * (t_safe - s_all)).sum(-1)
+    # p log(p / q) -> 0 where p == 0 (a -inf teacher bin; a student tail of -inf when K = V), gradient 0 too
+    return torch.where(p > 0, p * (t_all - s_all), torch.zeros_like(p)).sum(-1)
 
 
 def _adpa_from_logsoftmax(
@@ -181,7 +267,10 @@ def token_logprobs(student_logits: torch.Tensor, target_ids: torch.Tensor) -> to
 
 
 def kd_tail_kl(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    tail_logp: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Forward KL(teacher || student) over the teacher's top-K plus a tail bin.
 
@@ -192,25 +281,27 @@ def kd_tail_kl(
 
     Equation, per token r, with K+1 bins::
 
-        p = [exp(topk_logp[r, 1..K]), 1 - sum_k exp(topk_logp[r, k])]       (teacher)
-        q = [softmax(student_logits[r])[topk_ids[r, 1..K]], 1 - sum_k ...]  (student)
+        p = [exp(topk_logp[r, 1..K]), exp(tail_logp[r])] / their sum                  (teacher)
+        q = [softmax(student_logits[r])[topk_ids[r, 1..K]], sum of the others]        (student)
         KL[r] = sum_j p_j (log p_j - log q_j)
 
-    Computed in log space: the tail log-mass is
-    ``log1mexp(logsumexp(log-probs over K))`` with the logsumexp clamped to
-    ``<= -tiny``, so a top-K holding (nearly) all the mass gives a finite tail;
-    bins with teacher probability 0 contribute 0 (``p log p -> 0``).
-    Because p and q are proper distributions over the same K+1 bins the
-    result is >= 0 up to rounding (a truncated sum without the tail is not a
-    KL and can go negative).
+    Computed in log space. The student's tail bin is a logsumexp of its
+    log-softmax over the ids outside ``topk_ids`` (:func:`student_tail_logmass`),
+    exact even for a student that puts all but 1e-30 of its mass on the top-K.
+    The teacher's bins are :func:`teacher_kd_bins`: the stored exact tail
+    ``tail_logp`` when given, else ``log(1 - sum_k exp(topk_logp))`` (clamped,
+    finite), renormalised over the K+1 bins. Bins with teacher probability 0
+    contribute 0 (``p log p -> 0``). Because p and q are proper distributions
+    over the same K+1 bins the result is >= 0 up to rounding (a truncated sum
+    without the tail is not a KL and can go negative).
 
     Shapes: ``student_logits`` [R, V]; ``topk_ids`` [R, K] int64;
     ``topk_logp`` [R, K] teacher log-probs normalised over the *full*
-    vocabulary (not renormalised over the K). Returns [R]; gradient flows to
-    ``student_logits`` only (teacher detached).
+    vocabulary (not renormalised over the K); ``tail_logp`` [R] or None.
+    Returns [R]; gradient flows to ``student_logits`` only (teacher detached).
     """
     ls = torch.log_softmax(_up(student_logits), dim=-1)
-    return _kd_from_logsoftmax(ls, topk_ids.long(), topk_logp)
+    return _kd_from_logsoftmax(ls, topk_ids.long(), teacher_kd_bins(topk_logp, tail_logp))
 
 
 def adpa_advantage(
@@ -478,11 +569,15 @@ def pad_loss(
     kind: str = "ppd",
     max_group: int = MAX_EXACT_PL_GROUP,
 ) -> torch.Tensor:
-    """PAD loss (PPD or VPD) for any group size, with preference decomposition.
+    """PAD loss (PPD or VPD) for any group size; PPD with preference decomposition above ``max_group``.
 
-    For ``n <= max_group`` this is exactly :func:`pad_ppd_loss` /
-    :func:`pad_vpd_loss`. For ``n > max_group`` (n! orderings would be too
-    many; PAD's "preference decomposing") the group is split as follows:
+    VPD is always exactly :func:`pad_vpd_loss`, ``-log P_S(argsort r_T)``: it
+    evaluates one ordering (n terms), so it is cheap and exact for any n and is
+    never decomposed (``max_group`` does not change it).
+
+    PPD: for ``n <= max_group`` this is exactly :func:`pad_ppd_loss`. For
+    ``n > max_group`` (n! orderings would be too many; PAD's "preference
+    decomposing") the group is split as follows:
 
     1. sort each prompt's responses by teacher reward, descending (stable);
     2. take windows of ``m = max_group`` consecutive positions in that order,
@@ -508,9 +603,11 @@ def pad_loss(
     """
     if kind not in PAD_LOSSES:
         raise ValueError(f"kind must be one of {', '.join(PAD_LOSSES)}, got {kind!r}")
-    exact = pad_ppd_loss if kind == "ppd" else pad_vpd_loss
     if not 2 <= max_group <= MAX_EXACT_PL_GROUP:
         raise ValueError(f"max_group must be in [2, {MAX_EXACT_PL_GROUP}], got {max_group}")
+    if kind == "vpd":
+        return pad_vpd_loss(student_rewards, teacher_rewards)  # exact for any n: one ordering
+    exact = pad_ppd_loss
     G, n = student_rewards.shape
     if n <= max_group:
         return exact(student_rewards, teacher_rewards)
@@ -579,10 +676,14 @@ LOGP, KD, ADPA = "logp", "kd", "adpa"
 
 #: row signals the terms read: the row's own target token, the teacher's top-K from the
 #: store, and ADPA's advantage ``A`` [R, K], which depends on settings (beta, clip) and is
-#: derived before the chunk loop (:func:`adpa_advantage`; ``train.methods.DERIVED_SIGNALS``)
+#: derived before the chunk loop (:func:`adpa_advantage`; ``train.methods.DERIVED_SIGNALS``);
+#: KD's teacher bins [R, K+1] are derived there too (:func:`teacher_kd_bins` of the stored
+#: top-K and, where the store has it, the stored tail ``teacher/tail_logp``)
 TARGET_IDS = "target_ids"
 TOPK_IDS, TOPK_LOGP = "teacher/topk_ids", "teacher/topk_logp"
+TAIL_LOGP = "teacher/tail_logp"
 ADVANTAGE = "adpa/advantage"
+KD_TEACHER = "kd/teacher_bins"
 
 
 @dataclass(frozen=True)
@@ -602,7 +703,7 @@ class TokenTerm:
 #: function of (log-softmax rows, signals) and one entry here
 TOKEN_TERMS: dict[str, TokenTerm] = {
     LOGP: TokenTerm((TARGET_IDS,), _target_logp),  # token_logprobs
-    KD: TokenTerm((TOPK_IDS, TOPK_LOGP), _kd_from_logsoftmax),  # kd_tail_kl
+    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax),  # kd_tail_kl
     ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax),  # adpa_token_loss
 }
 

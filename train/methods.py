@@ -468,10 +468,22 @@ def adpa_advantage_rows(batch: Batch, rows: torch.Tensor, settings: Settings) ->
                                  beta=settings.adpa_beta, clip=not settings.adpa_unclipped)
 
 
+def kd_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[n, K+1] the teacher's KD bins on response rows ``rows``: :func:`train.losses.teacher_kd_bins` of the
+    stored top-K log-probs and the stored exact tail ``teacher/tail_logp`` on rows whose store has it (format
+    version 2), the tail from the top-K on the others; renormalised over the K+1 bins."""
+    topk_logp = _signal(batch, losses.TOPK_LOGP, rows)
+    if losses.TAIL_LOGP not in batch.response:
+        return losses.teacher_kd_bins(topk_logp)
+    return losses.teacher_kd_bins(topk_logp, batch.response[losses.TAIL_LOGP][rows],
+                                  batch.has[losses.TAIL_LOGP][rows])
+
+
 #: row signals that are not store arrays, computed before the chunk loop: name -> (batch, rows, settings) -> [n, ...]
 DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tensor]] = {
     losses.TARGET_IDS: lambda batch, rows, settings: batch.resp_target[rows],
     losses.ADVANTAGE: adpa_advantage_rows,
+    losses.KD_TEACHER: kd_teacher_rows,
 }
 
 
