@@ -40,6 +40,8 @@ Messages = list[dict]
 class Reply:
     text: str | None  # None when the request failed
     error: str | None = None  # why there is no text: "timeout", "http_500", "connection", ...
+    prompt_tokens: int = 0  # what the request cost, as the judge counts it (0 when unknown)
+    completion_tokens: int = 0
 
 
 class Judge:
@@ -84,7 +86,12 @@ class HttpJudge(Judge):
             return Reply(None, f"bad_response ({type(exc).__name__})")
         choices = getattr(response, "choices", None) or []
         text = choices[0].message.content if choices and choices[0].message else None
-        return Reply(text, None) if isinstance(text, str) else Reply(None, "bad_response (no message content)")
+        usage = getattr(response, "usage", None)
+        cost = dict(prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                    completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
+        if not isinstance(text, str):
+            return Reply(None, "bad_response (no message content)", **cost)
+        return Reply(text, None, **cost)
 
     def ask_all(self, conversations, on_reply=None):
         replies: list[Reply | None] = [None] * len(conversations)
@@ -131,7 +138,8 @@ class LocalJudge(Judge):
                                   batch_size=self.batch_size, on_batch=None)
         if on_reply:
             on_reply(len(conversations))
-        return [Reply(tokenizer.decode(np.asarray(a).tolist(), skip_special_tokens=True), None) for a in answers]
+        return [Reply(tokenizer.decode(np.asarray(a).tolist(), skip_special_tokens=True), None,
+                      prompt_tokens=len(p), completion_tokens=len(a)) for p, a in zip(prompts, answers)]
 
     def close(self) -> None:
         self._model = self._tokenizer = None

@@ -37,15 +37,33 @@ or repeated run never asks twice and a teammate can audit it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Sequence
 
+import click
+import numpy as np
+from tqdm.auto import tqdm
+
+from lm import chat, models
+from lm.options import comma_list, key_values, setting
+from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
+from store import format as fmt
+from store.locations import STORAGE_OPTION_CLI, redact_url
+from store.sequences import split_sequences
+
+from . import runs, scoring
+from .calibration import option_text
+from .dataset import load_splits
+from .judges import judge_identity, make_judge
+
 __all__ = ["LABEL_RE", "RankingError", "parse_ranking", "agreement", "render_prompt", "Demo", "load_static_demos",
-           "load_instruction"]
+           "load_instruction", "RankConfig", "run_rank"]
 
 #: a ranking line: labels [k] joined by ">" (spaces allowed around them), and nothing else
 LABEL_RE = re.compile(r"\[(\d+)\]")
@@ -218,7 +236,8 @@ def rank_groups(judge, instruction: str, demos: Sequence[Demo], groups: Sequence
         replies = judge.ask_all([messages for _, _, messages in asked], on_reply=on_reply)
         still = []
         for (g, shown, messages), reply in zip(asked, replies):
-            record = {"messages": messages, "reply": reply.text, "order": None, "error": reply.error}
+            record = {"messages": messages, "reply": reply.text, "order": None, "error": reply.error,
+                      "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
             if reply.text is not None:
                 try:
                     record["order"] = [shown[label] for label in parse_ranking(reply.text, len(shown))]
@@ -247,3 +266,271 @@ def agree(result: GroupRanking, mean_logp: Sequence[float]) -> int:
         return STATUS_SHORT_AGREEMENT
     result.agreed = common
     return STATUS_RANKED
+
+
+# --------------------------------------------------------------------------- the command
+
+PASS_JUDGE = "samples/judge"
+PASS_WHITE_BOX = "samples/student_init"
+
+
+@dataclass
+class RankConfig:
+    """Settings of ``precompute rank``; each field is also its command-line option."""
+
+    out: str = setting(help="Store that `precompute sample` filled (its groups are ranked in place).", required=True)
+    judge: str = setting(help="The black box: local:MODEL (a model dir, .gguf file or embedded name) or an "
+                              "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.", required=True)
+    judge_model: str | None = setting(None, "Model name the HTTP judge serves (required for a URL judge).")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key "
+                                                       "(read at run time, never recorded).")
+    judge_concurrency: int = setting(4, "HTTP requests in flight at once.", type=click.IntRange(min=1))
+    judge_timeout: float = setting(60.0, "Seconds before an HTTP request counts as timed out.",
+                                   type=click.FloatRange(min=0, min_open=True))
+    judge_retries: int = setting(3, "HTTP retries with exponential backoff on 429, 5xx and timeouts, per request.",
+                                 type=click.IntRange(min=0))
+    judge_max_tokens: int = setting(64, "Longest reply the judge may write.", type=click.IntRange(min=4))
+    tries: int = setting(3, "Requests per group before it stays unranked (labels reshuffled after the first).",
+                         type=click.IntRange(min=1))
+    demos: int = setting(2, "Dynamic demonstrations: the previous round's longest agreements (--demos-from).",
+                         type=click.IntRange(min=0))
+    demos_from: str | None = setting(None, "Store of the previous round, whose best agreements become "
+                                           "demonstrations [none: static demonstrations only].")
+    instruction: str | None = setting(None, "Instruction file for the judge [precompute/templates/"
+                                            "rank_instruction.txt].", type=click.Path(dir_okay=False))
+    static_demos: str | None = setting(None, "JSON file of static demonstrations [precompute/templates/"
+                                             "rank_demos.json].", type=click.Path(dir_okay=False))
+    student: str | None = setting(None, "White box scoring the responses [the model that sampled them].")
+    dataset: str | None = setting(None, "The rows the groups were sampled for (their prompts are the questions) "
+                                        "[bundled demo set].")
+    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
+    limit: int | None = setting(None, "The --limit of the `precompute sample` run.", type=click.IntRange(min=1))
+    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
+                            flag="--column", multiple=True, parse=key_values("--column"))
+    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
+    seed: int = setting(0, "Seed of the label shuffles.", type=int)
+    batch_tokens: int = setting(4096, "Padded tokens per white-box forward batch.", type=click.IntRange(min=64))
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
+    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
+    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
+
+
+def question_text(prompt: Sequence[dict]) -> str:
+    """What the judge is shown as the question: the user's message, or the conversation as ``Role: text`` lines."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
+def dynamic_demos(location: str | None, count: int, storage_options: dict | None = None) -> list[Demo]:
+    """The ``count`` groups of a previous round's store with the longest agreements (ties: split order, then the
+    lower example index), each shown with its agreed responses in the agreed order."""
+    if not location or count == 0:
+        return []
+    store = TeacherStore.open(location, storage_options=storage_options)
+    found = []
+    for split in store.splits():
+        for part in store.complete_parts(split, fmt.SET_SAMPLES, fmt.SECTION_JUDGE):
+            judged = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)
+            base = store.read_section(split, part, fmt.SET_SAMPLES, fmt.BASE, ["group_offsets", "group_example_index"])
+            audits = _audits(judged)
+            for g, example in enumerate(base["group_example_index"].tolist()):
+                if judged["group_status"][g] != STATUS_RANKED:
+                    continue
+                s0, s1 = int(base["group_offsets"][g]), int(base["group_offsets"][g + 1])
+                agreed = [(int(r), s - s0) for s, r in zip(range(s0, s1), judged["agreed_rank"][s0:s1]) if r >= 0]
+                record = audits[g]
+                responses = [record["responses"][position] for _, position in sorted(agreed)]
+                found.append((-len(agreed), store.splits().index(split), example,
+                              Demo(record["question"], tuple(responses), tuple(range(len(responses))))))
+    return [demo for *_, demo in sorted(found, key=lambda item: item[:3])[:count]]
+
+
+def _audits(judged: dict) -> list[dict]:
+    offsets, raw = judged["group_audit_offsets"], judged["audit_json"].tobytes()
+    return [json.loads(raw[offsets[g]:offsets[g + 1]].decode("utf-8")) for g in range(len(offsets) - 1)]
+
+
+def _white_box_sums(store: TeacherStore, info, tokenizer, config: RankConfig, summary: runs.Summary,
+                    splits: Sequence[str]) -> None:
+    """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
+    todo = [(split, part) for split in splits for part in range(store.num_parts(split))
+            if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT)]
+    record = summary.step_record(PASS_WHITE_BOX, sum(store.num_parts(s) for s in splits) - len(todo))
+    if not todo:
+        return
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    model, _, _ = models.load_model(info.path, device=device, dtype=dtype)
+    store.register_pass(PASS_WHITE_BOX, PassRecord(ModelRecord(info.name, info.weights_hash), {
+        "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length}).to_dict(),
+        may_replace=True)
+    started = time.perf_counter()
+    for split, part in todo:
+        seqs, prompts = split_sequences(store.read_section(split, part, fmt.SET_SAMPLES))
+        scored = scoring.score_sequences(model, seqs, prompts, batch_tokens=config.batch_tokens,
+                                         pad_id=chat.pad_id(tokenizer))
+        if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT,
+                               scoring.scored_arrays(scored)) is not None:
+            record["parts_done"] += 1
+            record["tokens"] += sum(map(len, seqs))
+    record["seconds"] = time.perf_counter() - started
+    runs.free_memory()
+
+
+def judge_record(config: RankConfig, instruction: str, static: Sequence[Demo], dynamic: Sequence[Demo],
+                 white_box) -> PassRecord:
+    """What the rankings depend on: the judge (never its key), the prompt's parts, tries, seed, the white box."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    return PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
+        "judge": judge_identity(config.judge, config.judge_model),
+        "instruction_sha256": digest(instruction),
+        "static_demos_sha256": digest([d.to_json() for d in static]),
+        "dynamic_demos": {"from": redact_url(config.demos_from) if config.demos_from else None,
+                          "sha256": digest([d.to_json() for d in dynamic]), "count": len(dynamic)},
+        "tries": config.tries, "seed": config.seed, "max_tokens": config.judge_max_tokens,
+        "parse": "last non-empty line must be [a] > [b] > ... naming every label once",
+        "white_box_score": "mean token log-prob of samples/student_init (model: this record's model)",
+        "agreement": "longest common subsequence of the two orders, best first; shorter than 2: no pseudo-label",
+    })
+
+
+def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, instruction: str,
+              demos: Sequence[Demo], rows_by_index: dict, config: RankConfig, progress) -> tuple[dict, dict]:
+    """Rank every group of one part: (the judge section's arrays, its attributes)."""
+    base = store.read_section(split, part, fmt.SET_SAMPLES)
+    sums = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ["logp_sum"])["logp_sum"]
+    seqs, prompt_lengths = split_sequences(base)
+    offsets, examples = base["group_offsets"], base["group_example_index"].tolist()
+    groups, spans = [], []
+    for g, example in enumerate(examples):
+        s0, s1 = int(offsets[g]), int(offsets[g + 1])
+        responses = [option_text(tokenizer, seqs[s][prompt_lengths[s]:]) for s in range(s0, s1)]
+        groups.append((question_text(rows_by_index[example].prompt), responses))
+        spans.append((s0, s1))
+    results = rank_groups(judge, instruction, demos, groups, tries=config.tries,
+                          seed=config.seed + 7919 * part, on_reply=progress)
+    n_seq = len(seqs)
+    judge_rank = np.full(n_seq, -1, np.int16)
+    white_rank = np.full(n_seq, -1, np.int16)
+    agreed_rank = np.full(n_seq, -1, np.int16)
+    status, tries, audit, audit_offsets = [], [], bytearray(), [0]
+    counts: dict[str, int] = {}
+    for (s0, s1), (question, responses), result in zip(spans, groups, results):
+        mean_logp = [float(sums[s]) / max(1, len(seqs[s]) - prompt_lengths[s]) for s in range(s0, s1)]
+        code = agree(result, mean_logp)
+        for place, position in enumerate(white_box_order(mean_logp)):
+            white_rank[s0 + position] = place
+        if result.judge_order is not None:
+            for place, position in enumerate(result.judge_order):
+                judge_rank[s0 + position] = place
+        if result.agreed is not None:
+            for place, position in enumerate(result.agreed):
+                agreed_rank[s0 + position] = place
+        reason = {STATUS_RANKED: "agreed", STATUS_SHORT_AGREEMENT: "agreement_shorter_than_2"}.get(
+            code, f"unranked_{result.failure}")
+        counts[reason] = counts.get(reason, 0) + 1
+        status.append(code)
+        tries.append(len(result.tries))
+        audit += json.dumps({"question": question, "responses": responses, "tries": result.tries,
+                             "judge_order": result.judge_order, "agreed_order": result.agreed},
+                            ensure_ascii=False).encode("utf-8")
+        audit_offsets.append(len(audit))
+    arrays = {"judge_rank": judge_rank, "white_rank": white_rank, "agreed_rank": agreed_rank,
+              "group_status": np.asarray(status, np.int8), "group_tries": np.asarray(tries, np.int8),
+              "group_audit_offsets": np.asarray(audit_offsets, np.int64),
+              "audit_json": np.frombuffer(bytes(audit), dtype=np.uint8)}
+    cost = {"requests": sum(len(r.tries) for r in results),
+            "prompt_tokens": sum(t.get("prompt_tokens", 0) for r in results for t in r.tries),
+            "completion_tokens": sum(t.get("completion_tokens", 0) for r in results for t in r.tries)}
+    agreement_lengths = [len(r.agreed) for r in results if r.agreed is not None]
+    return arrays, {"groups": len(groups), "outcomes": counts, "judge_cost": cost,
+                    "agreement_lengths": agreement_lengths}
+
+
+def run_rank(config: RankConfig) -> runs.Summary:
+    """``precompute rank``: white-box sums where missing, then the judge's rankings part by part."""
+    c = config
+    started = time.perf_counter()
+    summary = runs.Summary(store=c.out)
+    store = runs.require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
+    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
+                       require_rows=True)
+    runs.check_samples_match(store, rows, c.out)
+    for split, loaded in rows.items():
+        summary.examples[split] = len(loaded.rows)
+        summary.skipped[split] = dict(loaded.skipped)
+    sampler = (store.pass_record("samples/base") or PassRecord()).model
+    white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
+    if sampler and not c.student and white_box.weights_hash != sampler.sha256:
+        raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
+                         f"weights there); pass the white box with --student")
+    tokenizer = models.load_tokenizer(white_box.path)
+    if chat.tokenizer_hash(tokenizer) != store.tokenizer.hash:
+        raise ValueError(f"--student {white_box.name}: its tokenizer differs from the store's ({store.tokenizer.name})")
+    instruction = load_instruction(c.instruction)
+    static = load_static_demos(c.static_demos)
+    dynamic = dynamic_demos(c.demos_from, c.demos, c.storage_options)
+    record = judge_record(c, instruction, static, dynamic, white_box)
+    diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
+    if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
+        raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
+                                 f"{diff}. Write the samples to another --out, or delete the store")
+
+    _white_box_sums(store, white_box, tokenizer, c, summary, list(rows))
+    todo = [(split, part) for split in rows for part in range(store.num_parts(split))
+            if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)]
+    step = summary.step_record(PASS_JUDGE, sum(store.num_parts(s) for s in rows) - len(todo))
+    totals: dict = {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
+    if todo:
+        judge = make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
+                           concurrency=c.judge_concurrency, timeout=c.judge_timeout, retries=c.judge_retries,
+                           max_new_tokens=c.judge_max_tokens, device=c.device, dtype=c.dtype)
+        store.register_pass(PASS_JUDGE, record.to_dict(), may_replace=True)
+        demos = static + dynamic
+        groups_todo = sum(int(store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
+                          for s, p in todo)
+        t0 = time.perf_counter()
+        with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not c.progress,
+                  dynamic_ncols=True) as bar:
+            for split, part in todo:
+                by_index = {r.index: r for r in rows[split].rows}
+                arrays, attrs = rank_part(store, split, part, judge, tokenizer, instruction, demos, by_index, c,
+                                          bar.update)
+                if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs) is None:
+                    step["parts_skipped"] += 1
+                    continue
+                step["parts_done"] += 1
+                step["tokens"] += attrs["judge_cost"]["prompt_tokens"] + attrs["judge_cost"]["completion_tokens"]
+                _add_totals(totals, attrs)
+        step["seconds"] = time.perf_counter() - t0
+        judge.close()
+    summary.notes.extend(describe_totals(totals))
+    summary.seconds = time.perf_counter() - started
+    return runs.finish_summary(store, list(rows), summary)
+
+
+def _add_totals(totals: dict, attrs: dict) -> None:
+    totals["groups"] += attrs["groups"]
+    for key in ("outcomes", "judge_cost"):
+        for name, n in attrs[key].items():
+            totals[key][name] = totals[key].get(name, 0) + n
+    totals["agreement_lengths"] += attrs["agreement_lengths"]
+
+
+def describe_totals(totals: dict) -> list[str]:
+    """Summary lines: what happened to the groups ranked in this run, and what the judge cost."""
+    if not totals["groups"]:
+        return ["  rank: no group ranked in this run"]
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(totals["outcomes"].items()))
+    lengths = totals["agreement_lengths"]
+    cost = totals["judge_cost"]
+    per_group = {k: v / totals["groups"] for k, v in cost.items()}
+    return [f"  rank: {totals['groups']} groups: {outcomes}; mean agreement length "
+            f"{(sum(lengths) / len(lengths)) if lengths else 0:.2f}",
+            f"  judge cost: {cost.get('requests', 0)} requests, {cost.get('prompt_tokens', 0)} prompt and "
+            f"{cost.get('completion_tokens', 0)} reply tokens; per group {per_group.get('requests', 0):.2f} "
+            f"requests, {per_group.get('prompt_tokens', 0):.0f} + {per_group.get('completion_tokens', 0):.0f} tokens"]

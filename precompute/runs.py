@@ -115,6 +115,41 @@ def prompts_fingerprint(rows: Sequence[Row]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def require_samples(out: str, splits: Sequence[str], storage_options: dict | None, make: str) -> TeacherStore:
+    """The store at ``out`` opened for writing, refused (before any model loads) unless every part of every
+    split in ``splits`` has complete sampled groups; ``make`` says which command writes them."""
+    store = TeacherStore(out, mode="a", storage_options=storage_options)
+    if not store.exists():
+        raise ValueError(f"{out}: no store here; sampled groups are needed first: run {make}")
+    missing = []
+    for split in splits:
+        if split not in store.splits():
+            missing.append(f"split {split!r}")
+            continue
+        parts = [p for p in range(store.num_parts(split)) if not store.is_complete(split, p, fmt.SET_SAMPLES)]
+        if parts:
+            missing.append(f"{split} part(s) {', '.join(map(str, parts))}")
+    if missing:
+        raise ValueError(f"{out}: no sampled groups for {'; '.join(missing)}; run {make} first")
+    store.check()
+    return store
+
+
+def check_samples_match(store: TeacherStore, prompt_rows: dict, out: str) -> None:
+    """The rows given now must be the prompts the groups were sampled for (their text is shown to a judge)."""
+    for split, loaded in prompt_rows.items():
+        if store.num_examples(split) != loaded.total_rows:
+            raise ValueError(f"{out}: split {split!r} was sampled from {store.num_examples(split)} "
+                             f"rows, this run has {loaded.total_rows}; use the same --dataset, --limit")
+        for part in range(store.num_parts(split)):
+            start, stop = store.part_range(split, part)
+            rows = [r for r in loaded.rows if start <= r.index < stop]
+            stored = (store.section_attrs(split, part, fmt.SET_SAMPLES) or {}).get("prompts_sha256")
+            if stored != prompts_fingerprint(rows):
+                raise ValueError(f"{out}: the samples of {split} part {part} answer other prompts than the rows "
+                                 f"given now; use the --dataset, --limit and --column of the `precompute sample` run")
+
+
 def sample_counts(store: TeacherStore, split: str) -> dict:
     """Totals over a split's complete ``samples`` parts: prompts, groups, drops by reason, truncation."""
     total = {"prompts": 0, "groups": 0, "dropped": {}, "truncated_prompts": 0, "parts": 0}

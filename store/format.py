@@ -57,7 +57,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 VERSION_CHANGES = {
     2: "teacher sections may hold tail_logp (the exact log tail mass); token ids and log-probs use the "
-       "core Blosc codec (zstd, byte shuffle) instead of numcodecs shuffle + zstd",
+       "core Blosc codec (zstd, byte shuffle) instead of numcodecs shuffle + zstd; sampled sets may hold "
+       "a 'judge' section (CycleAlign's rankings)",
 }
 
 SPLITS = ("train", "test")
@@ -74,7 +75,8 @@ SECTION_TEACHER = "teacher"  # aligned teacher: top-K, target log-prob, sums
 SECTION_REFERENCE = "reference"  # reference teacher at the teacher's top-K ids (ADPA)
 SECTION_STUDENT_INIT = "student_init"  # the student's initial model (DPO reference)
 SECTION_TEACHER_MCQ = "teacher_mcq"  # teacher's pairwise judgements of a group (PAD)
-SECTIONS = (SECTION_TEACHER, SECTION_REFERENCE, SECTION_STUDENT_INIT, SECTION_TEACHER_MCQ)
+SECTION_JUDGE = "judge"  # a black box's ranking of each group and its agreement with the student's (CycleAlign)
+SECTIONS = (SECTION_TEACHER, SECTION_REFERENCE, SECTION_STUDENT_INIT, SECTION_TEACHER_MCQ, SECTION_JUDGE)
 
 # Roles of a sequence --------------------------------------------------------
 ROLE_CHOSEN = 0
@@ -103,6 +105,7 @@ AXIS_SEQUENCE_OFFSETS = "sequence+1"
 AXIS_GROUP = "group"
 AXIS_GROUP_OFFSETS = "group+1"
 AXIS_PAIR = "pair"
+AXIS_AUDIT = "audit_byte"  # UTF-8 bytes of per-group JSON records
 
 # Rows per chunk along each axis: chunks of the order of megabytes.
 CHUNK_ROWS = {
@@ -113,6 +116,7 @@ CHUNK_ROWS = {
     AXIS_GROUP: 1 << 16,
     AXIS_GROUP_OFFSETS: 1 << 16,
     AXIS_PAIR: 1 << 16,
+    AXIS_AUDIT: 1 << 22,
 }
 
 
@@ -229,6 +233,22 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "CSR offsets of each group into the pair axis"),
         _spec("mcq_score", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
               "s_mcq(i) = log((eps + sum_j P(i over j)) / (n - 1)), orders averaged"),
+    ),
+    SECTION_JUDGE: (
+        _spec("judge_rank", AXIS_SEQUENCE, "int16", None, ENC_PLAIN,
+              "place of the response in the black box's ranking of its group, 0 = best; -1: group unranked", since=2),
+        _spec("white_rank", AXIS_SEQUENCE, "int16", None, ENC_PLAIN,
+              "place in the student's own ranking by its mean token log-prob (samples/student_init)", since=2),
+        _spec("agreed_rank", AXIS_SEQUENCE, "int16", None, ENC_PLAIN,
+              "place in the agreement (longest common subsequence of both rankings), 0 = best; -1: not in "
+              "it, or the group gives no pseudo-label", since=2),
+        _spec("group_status", AXIS_GROUP, "int8", None, ENC_PLAIN,
+              "0 ranked and agreed; 1 the black box gave no full ranking; 2 agreement shorter than 2", since=2),
+        _spec("group_tries", AXIS_GROUP, "int8", None, ENC_PLAIN, "requests sent to the black box", since=2),
+        _spec("group_audit_offsets", AXIS_GROUP_OFFSETS, "int64", None, ENC_PLAIN,
+              "CSR offsets of each group into audit_json", since=2),
+        _spec("audit_json", AXIS_AUDIT, "uint8", None, ENC_PLAIN,
+              "UTF-8 JSON per group: every try's exact messages, raw reply, parsed order and error", since=2),
     ),
 }
 
@@ -347,7 +367,7 @@ DESCRIPTION = {
         "[attrs.example_start, attrs.example_stop) of its split. Sets: 'pairs' (dataset "
         "chosen/rejected), 'generated' (student's own responses), 'samples' (groups of "
         "sampled responses). Sections hold what one model computed for a set's "
-        "sequences: 'teacher', 'reference', 'student_init', 'teacher_mcq'. A group "
+        "sequences: 'teacher', 'reference', 'student_init', 'teacher_mcq', 'judge'. A group "
         "counts only if attrs.complete is true. Concatenate parts in order to get a "
         "whole split; offsets are local to a part."
     ),
@@ -356,8 +376,9 @@ DESCRIPTION = {
         "prompt_length[s] are the prompt, and response rows "
         "[response_offsets[s], response_offsets[s+1]); response row j holds the "
         "distribution predicting response token j. Group g owns sequences "
-        "[group_offsets[g], group_offsets[g+1]) and pairs "
-        "[group_pair_offsets[g], group_pair_offsets[g+1])."
+        "[group_offsets[g], group_offsets[g+1]), pairs "
+        "[group_pair_offsets[g], group_pair_offsets[g+1]) and, in a judge section, audit bytes "
+        "[group_audit_offsets[g], group_audit_offsets[g+1])."
     ),
     "roles": {"0": "chosen", "1": "rejected", "2": "generated", "16+i": "sample i"},
     "encodings": {

@@ -59,6 +59,8 @@ __all__ = [
     "pad_vpd_loss",
     "pad_loss",
     "pad_teacher_rewards",
+    "rrhf_loss",
+    "pro_loss",
     "mcq_score",
     "TokenTerm",
     "TOKEN_TERMS",
@@ -553,6 +555,60 @@ def pad_vpd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -
     s = _up(student_rewards)
     order = torch.argsort(teacher_rewards.detach(), dim=-1, descending=True, stable=True)
     return -_pl_log_prob_of(s.gather(-1, order))
+
+
+# --------------------------------------------------------------------------
+# CycleAlign: ranking losses over agreed orders (RRHF, PRO)
+# --------------------------------------------------------------------------
+
+
+def rrhf_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """RRHF's ranking loss per group (Yuan et al. 2023, "RRHF: Rank Responses to Align Language Models with
+    Human Feedback without tears")::
+
+        L = sum over pairs (i, j) with i ranked above j of max(0, p_j - p_i)
+
+    ``p`` is the student's length-normalised log-prob of each response (RRHF's
+    score). Only ranked responses take part: ``ranks`` holds each response's
+    place (0 = best) or -1 for a response outside the ranking.
+
+    Shapes: ``scores`` [G, n] float, ``ranks`` [G, n] integer. Returns [G]
+    (0 for a group with fewer than two ranked responses). Differentiable in
+    ``scores``.
+    """
+    p = _up(scores)
+    r = ranks.to(p.device)
+    ranked = r >= 0
+    above = (r[:, :, None] < r[:, None, :]) & ranked[:, :, None] & ranked[:, None, :]  # [G, i, j]: i above j
+    violation = torch.relu(p[:, None, :] - p[:, :, None])  # [G, i, j]: max(0, p_j - p_i)
+    return torch.where(above, violation, torch.zeros_like(violation)).sum((-1, -2))
+
+
+def pro_loss(scores: torch.Tensor, ranks: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """PRO's listwise loss per group (Song et al. 2023, "Preference Ranking Optimization for Human
+    Alignment"), in its plain form: minus the Plackett-Luce log-probability of the ranking under the
+    scores (divided by ``temperature``)::
+
+        L = - sum_k [ p_(k) / T - logsumexp_{j >= k} p_(j) / T ]   over the ranked responses, best first
+
+    ``p`` as in :func:`rrhf_loss`; responses with rank -1 take no part (neither
+    as a term nor in any denominator). PRO's paper adds a reward-dependent
+    temperature per step and an SFT term; the SFT term is the method's
+    ``sft_best`` here, and the dynamic temperature is left out (our choice).
+
+    Shapes: ``scores`` [G, n], ``ranks`` [G, n] integer. Returns [G] (0 with fewer than two ranked).
+    """
+    p = _up(scores) / temperature
+    r = ranks.to(p.device)
+    big = r.max().clamp(min=0) + 1 if r.numel() else torch.tensor(1, device=p.device)
+    order = torch.argsort(torch.where(r >= 0, r, big + torch.arange(r.shape[-1], device=p.device)), dim=-1,
+                          stable=True)
+    ordered = p.gather(-1, order)
+    kept = (r >= 0).gather(-1, order)
+    masked = torch.where(kept, ordered, torch.full_like(ordered, float("-inf")))
+    suffix = torch.logcumsumexp(masked.flip(-1), dim=-1).flip(-1)
+    terms = torch.where(kept, ordered - suffix, torch.zeros_like(ordered))
+    return -terms.sum(-1)
 
 
 def _window_starts(n: int, m: int) -> list[int]:

@@ -94,6 +94,7 @@ from .losses import ADPA, KD, LOGP
 PAIRS, GENERATED, SAMPLES = fmt.SET_PAIRS, fmt.SET_GENERATED, fmt.SET_SAMPLES
 TEACHER, REFERENCE, STUDENT_INIT = fmt.SECTION_TEACHER, fmt.SECTION_REFERENCE, fmt.SECTION_STUDENT_INIT
 TEACHER_MCQ = fmt.SECTION_TEACHER_MCQ
+JUDGE = fmt.SECTION_JUDGE
 CHOSEN, REJECTED, GENERATED_ROLE = fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED, fmt.ROLE_GENERATED
 
 
@@ -120,9 +121,11 @@ class Settings:
     pad_alpha: float = setting(0.5, "PAD: teacher reward = alpha * mean log-prob + (1 - alpha) * calibration score; "
                                "released 0, whose calibration the embedded teacher cannot judge (see "
                                "train/methods.py).", type=click.FloatRange(0, 1))
-    pad_max_group: int = setting(losses.MAX_EXACT_PL_GROUP, "PAD: larger groups are split into overlapping windows "
-                                 "of this size (6! = 720 orderings).",
+    pad_max_group: int = setting(losses.MAX_EXACT_PL_GROUP, "PAD PPD: larger groups are split into overlapping "
+                                 "windows of this size (6! = 720 orderings); VPD is exact for any size.",
                                  type=click.IntRange(2, losses.MAX_EXACT_PL_GROUP))
+    pro_temperature: float = setting(1.0, "PRO: the scores (mean log-probs) are divided by this before the "
+                                     "listwise loss.", type=click.FloatRange(min=0, min_open=True))
 
     def __post_init__(self):
         check_option_values(self)
@@ -377,6 +380,51 @@ def pad_simpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> tor
     return _group_mean(values, out)
 
 
+def agreed_ranks(batch: Batch, index: torch.Tensor) -> torch.Tensor:
+    """[G, n] each response's place in its group's agreed ranking (``samples/judge/agreed_rank``), -1 outside it."""
+    return _scalar(batch, f"{JUDGE}/agreed_rank", index).round().long()
+
+
+def _ranked_groups(batch: Batch, out: StudentOutputs):
+    """(sequence indices [G, n], student scores [G, n], agreed ranks [G, n]) per group size, groups with a
+    pseudo-label only (two or more agreed responses)."""
+    means = losses.sequence_means(out.logp, batch.resp_seq, batch.num_sequences, out.computed[LOGP])
+    for index in sample_groups(batch):
+        ranks = agreed_ranks(batch, index)
+        labelled = (ranks >= 0).sum(-1) >= 2
+        if bool(labelled.any()):
+            yield index[labelled], means[index[labelled]], ranks[labelled]
+
+
+def rrhf_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """RRHF on the agreed rankings, mean over groups with a pseudo-label (:func:`train.losses.rrhf_loss`).
+
+    CycleAlign's training loss in this project's reconstruction (docs/methods.md): the scores are the
+    student's mean token log-probs, the ranking is the agreement of black box and white box.
+    """
+    values = [losses.rrhf_loss(scores, ranks) for _, scores, ranks in _ranked_groups(batch, out)]
+    return _group_mean(values, out)
+
+
+def pro_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """PRO's listwise loss on the agreed rankings, mean over groups with a pseudo-label
+    (:func:`train.losses.pro_loss`, ``pro_temperature``)."""
+    values = [losses.pro_loss(scores, ranks, settings.pro_temperature)
+              for _, scores, ranks in _ranked_groups(batch, out)]
+    return _group_mean(values, out)
+
+
+def sft_best_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """SFT on the top of each agreed ranking: - mean over their tokens of log pi_theta (RRHF's and PRO's SFT
+    term; without it RRHF degenerates)."""
+    rows = torch.zeros(batch.num_response_tokens, dtype=torch.bool, device=out.logp.device)
+    for index, _, ranks in _ranked_groups(batch, out):
+        best = torch.zeros(batch.num_sequences, dtype=torch.bool, device=rows.device)
+        best[index[ranks == 0]] = True
+        rows |= best[batch.resp_seq]
+    return token_mean(-out.logp, rows)
+
+
 SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term)
 KD_CHOSEN = Term("kd_chosen", 0.1, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, CHOSEN),), kd_chosen_term)
 KD_REJECTED = Term("kd_rejected", 0.1, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, REJECTED),),
@@ -392,6 +440,9 @@ _ALL_SAMPLES = (TokenRequest(LOGP, SAMPLES, None),)
 PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term)
 PAD_DPO = Term("pad_dpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ, STUDENT_INIT)}, _ALL_SAMPLES, pad_dpo_term)
 PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term)
+RRHF = Term("rrhf", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, rrhf_term)
+PRO = Term("pro", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, pro_term)
+SFT_BEST = Term("sft_best", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, sft_best_term)
 
 METHODS: dict[str, tuple[Term, ...]] = {
     "sft": (SFT,),
@@ -403,6 +454,9 @@ METHODS: dict[str, tuple[Term, ...]] = {
     "pad": (PAD,),
     "pad_dpo": (PAD_DPO,),
     "pad_simpo": (PAD_SIMPO,),
+    "cyclealign": (RRHF, SFT_BEST),  # the reconstruction's default ranking loss (docs/methods.md)
+    "rrhf": (RRHF, SFT_BEST),
+    "pro": (PRO, SFT_BEST),
 }
 
 #: which ``precompute teacher --passes`` value writes each store signal
@@ -411,6 +465,8 @@ PASS_OF = {
     f"{GENERATED}/{fmt.BASE}": "adpa", f"{GENERATED}/{TEACHER}": "adpa", f"{GENERATED}/{REFERENCE}": "adpa",
     f"{SAMPLES}/{TEACHER}": "pad", f"{SAMPLES}/{TEACHER_MCQ}": "pad", f"{SAMPLES}/{STUDENT_INIT}": "dpo_ref",
 }
+#: store signals written by ``precompute rank`` (CycleAlign) rather than by a teacher pass
+RANKED = {f"{SAMPLES}/{JUDGE}"}
 #: store signals written by ``precompute sample`` rather than by a teacher pass
 SAMPLED = {f"{SAMPLES}/{fmt.BASE}"}
 
