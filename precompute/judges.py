@@ -128,7 +128,7 @@ class LocalJudge(Judge):
     def ask_all(self, conversations, on_reply=None):
         from lm import chat, models
 
-        from .scoring import generate_greedy
+        from lm.generate import generate_greedy
 
         model, tokenizer = self._load()
         prompts = [chat.encode_prompt(tokenizer, messages) for messages in conversations]

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lm import chat, models
+from lm.generate import generate_in_batches
 from lm.options import comma_list, key_json_values, key_values, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
@@ -60,7 +61,6 @@ from store.sequences import base_arrays
 
 from . import runs
 from .dataset import LoadedSplit, dataset_identity, load_splits
-from .scoring import generate_in_batches
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = "samples/base"
@@ -225,7 +225,7 @@ class SampleContext:
     rows: dict[str, LoadedSplit]
     device: str
     dtype: str
-    eot_id: int
+    eot_ids: list[int]  # every id that ends the sampling model's turn, the template's own first
     pad_id: int
 
 
@@ -269,7 +269,8 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
     store = runs.open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
                             examples_per_part=c.examples_per_part, storage_options=c.storage_options)
     ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
-                        dtype=dtype, eot_id=chat.end_of_turn_id(tokenizer), pad_id=chat.pad_id(tokenizer))
+                        dtype=dtype, eot_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(info.path)),
+                        pad_id=chat.pad_id(tokenizer))
     diff = store.pass_conflict(PASS_SAMPLES, sample_record(ctx).to_dict())
     if diff and any(store.complete_parts(split, fmt.SET_SAMPLES) for split in rows if split in store.splits()):
         raise ProvenanceMismatch(f"{store.location}: pass {PASS_SAMPLES!r} is already in this store with other "
@@ -303,7 +304,7 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
     seed = part_seed(c.seed, todo.split, todo.part)
     torch.manual_seed(seed)
     drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
-                             max_new_tokens=c.max_new_tokens, eos_ids=[ctx.eot_id], pad_id=ctx.pad_id,
+                             max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
                              batch_size=c.generation_batch, on_batch=progress)
     seqs, groups, dropped = [], [], {}
     for r, prompt, responses in zip(todo.rows, prompts, drawn):

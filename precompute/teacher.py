@@ -49,6 +49,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm import chat, models
+from lm.generate import generate_greedy
 from lm.head import check_split
 from lm.options import comma_list, key_json_values, key_values, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
@@ -129,7 +130,7 @@ class TeacherContext:
     rows: dict[str, LoadedSplit]  # the rows the parts are made of (pairs, or prompts for a pad-only run)
     device: str
     dtype: str  # "float32", "bfloat16", ...
-    eot_id: int
+    eot_ids: list[int]  # every id that ends the generating model's turn, the template's own first
     pad_id: int
     prompt_rows: dict[str, LoadedSplit] = field(default_factory=dict)  # pad: the questions asked
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
@@ -179,7 +180,7 @@ def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model,
     rows = ctx.rows_of_part(split, part)
     budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
     prompts = [chat.encode_prompt(ctx.tokenizer, r.prompt, budget) for r in rows]
-    answers = scoring.generate_greedy(model, prompts, max_new_tokens=c.max_new_tokens, eos_ids=[ctx.eot_id],
+    answers = generate_greedy(model, prompts, max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids,
                                       pad_id=ctx.pad_id, batch_size=c.generation_batch, on_batch=progress)
     seqs = [(r.index, fmt.ROLE_GENERATED, np.concatenate([p, a]).astype(np.int64), len(p))
             for r, p, a in zip(rows, prompts, answers) if len(a) > 0]
@@ -286,7 +287,7 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
                             max_length=c.max_length, examples_per_part=c.examples_per_part,
                             storage_options=c.storage_options)
     ctx = TeacherContext(config=c, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
-                         dtype=dtype, eot_id=chat.end_of_turn_id(tokenizer), pad_id=chat.pad_id(tokenizer),
+                         dtype=dtype, eot_ids=_end_of_turn_ids(tokenizer, infos), pad_id=chat.pad_id(tokenizer),
                          prompt_rows=prompt_rows)
     if PASS_PAD in c.passes:
         ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, c)
@@ -314,6 +315,12 @@ def _refuse_conflicting_passes(ctx: TeacherContext) -> None:
         if written:
             raise ProvenanceMismatch(f"{ctx.store.location}: pass {step.name!r} is already in this store with "
                                      f"other settings: {diff}. Write to another --out, or delete the store")
+
+
+def _end_of_turn_ids(tokenizer, infos: dict[str, models.ModelInfo]) -> list[int]:
+    """The ids that end an answer of the model that generates (the student), its generation config included."""
+    generator = infos.get(ROLE_STUDENT, infos[ROLE_TEACHER])
+    return chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(generator.path))
 
 
 def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from lm import chat, models
 from lm.chat import NoEndOfTurn, encode_example, encode_prompt, end_of_turn_id, end_of_turn_ids
-from precompute import scoring
+from lm import generate
 from tests import tiny
 
 FAMILIES = list(tiny.FAMILIES)
@@ -194,21 +194,21 @@ def test_generation_is_cut_at_the_first_end_token(name, stop):
     assert then[0] != then[1]
     model = tiny.scripted_model(tok, _script(ids, answer, then))
     ends = end_of_turn_ids(tok, tiny.family_generation_eos(name))
-    (got,) = scoring.generate_greedy(model, [ids], max_new_tokens=6, eos_ids=ends, pad_id=chat.pad_id(tok))
+    (got,) = generate.generate_greedy(model, [ids], max_new_tokens=6, eos_ids=ends, pad_id=chat.pad_id(tok))
     assert got.tolist() == answer + [eot]
 
     # what generate() returns when it is not told to stop: the cut keeps the first end only, as the template's
     raw = model.generate(torch.as_tensor(ids[None].astype(np.int64)), max_new_tokens=6, do_sample=False,
                          eos_token_id=None, pad_token_id=chat.pad_id(tok))[0, len(ids):].numpy()
     assert raw.tolist()[: len(answer) + 1] == answer + then[:1] and sum(t in ends for t in raw.tolist()) >= 2
-    assert scoring.cut_after_eos(raw, set(ends), 6, ends[0]).tolist() == answer + [eot]
+    assert generate.cut_after_eos(raw, set(ends), 6, ends[0]).tolist() == answer + [eot]
 
 
 def test_cut_keeps_the_first_end_id_and_can_write_the_template_token_in_its_place():
     row = np.array([5, 6, 9, 7, 8, 0, 0])
-    assert scoring.cut_after_eos(row, {8, 9}, 6).tolist() == [5, 6, 9]
-    assert scoring.cut_after_eos(row, {8, 9}, 6, 8).tolist() == [5, 6, 8]
-    assert scoring.cut_after_eos(row, {4}, 6).tolist() == [5, 6, 9, 7, 8, 0]
+    assert generate.cut_after_eos(row, {8, 9}, 6).tolist() == [5, 6, 9]
+    assert generate.cut_after_eos(row, {8, 9}, 6, 8).tolist() == [5, 6, 8]
+    assert generate.cut_after_eos(row, {4}, 6).tolist() == [5, 6, 9, 7, 8, 0]
     assert row.tolist() == [5, 6, 9, 7, 8, 0, 0]                        # the generated row is left as it was
 
 
@@ -224,7 +224,7 @@ def test_batched_generation_drops_padding_and_cuts_unended_rows_at_max_new_token
     pad = chat.pad_id(tok)
     assert pad not in (a, c, eot)
     for eos_ids in (end_of_turn_ids(tok), [eot]):
-        got = scoring.generate_greedy(model, [ends_here, runs_on], max_new_tokens=5, eos_ids=eos_ids, pad_id=pad,
+        got = generate.generate_greedy(model, [ends_here, runs_on], max_new_tokens=5, eos_ids=eos_ids, pad_id=pad,
                                       batch_size=2)
         assert [g.tolist() for g in got] == [[a, eot], [c] * 5]
 
@@ -237,7 +237,7 @@ def test_char_level_generation_stops_at_its_end_token():
     eot = tok.convert_tokens_to_ids("</s>")
     three, one, seven = (tok.convert_tokens_to_ids(t) for t in "317")
     model = tiny.scripted_model(tok, {int(ids[-1]): three, three: one, one: eot, eot: seven, seven: eot})
-    (got,) = scoring.generate_greedy(model, [ids], max_new_tokens=8, eos_ids=[end_of_turn_id(tok)],
+    (got,) = generate.generate_greedy(model, [ids], max_new_tokens=8, eos_ids=[end_of_turn_id(tok)],
                                      pad_id=chat.pad_id(tok))
     assert tok.decode(got.tolist()) == "31</s>"
 
@@ -246,7 +246,7 @@ def test_generation_without_end_ids_is_refused():
     tok = tiny.family_tokenizer("charlevel")
     model = tiny.scripted_model(tok, {1: 1})
     with pytest.raises(ValueError, match="eos_ids is empty"):
-        scoring.generate_greedy(model, [np.array([2, 3])], max_new_tokens=2, eos_ids=[], pad_id=0)
+        generate.generate_greedy(model, [np.array([2, 3])], max_new_tokens=2, eos_ids=[], pad_id=0)
 
 
 # --------------------------------------------------------------------------- lm.models
