@@ -13,6 +13,7 @@ import click
 
 from lm.options import click_options, from_cli
 
+from .rank import RankConfig
 from .sample import SampleConfig
 from .teacher import TeacherConfig
 
@@ -72,6 +73,15 @@ def sample(**options):
     from .sample import run_sample
 
     _report("sample", lambda: run_sample(from_cli(SampleConfig, options)))
+
+
+@main.command()
+@click_options(RankConfig)
+def rank(**options):
+    """Rank each sampled group with a black-box judge and agree with the student (CycleAlign)."""
+    from .rank import run_rank
+
+    _report("rank", lambda: run_rank(from_cli(RankConfig, options)))
 
 
 if __name__ == "__main__":
