@@ -87,12 +87,13 @@ def store_info(store: TeacherStore) -> dict:
             offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE, ["response_offsets"])
             entry["response_tokens"] += int(offsets["response_offsets"][-1])
     total_response = 0
+    sizes = store.file_sizes()  # one listing for every split and the total
     for split in store.splits():
         num_parts = store.num_parts(split)
         sets = {sequence_set: {**counted[(split, sequence_set)], "parts_total": num_parts}
                 for sequence_set in fmt.SEQUENCE_SETS if (split, sequence_set) in counted}
         total_response += sum(s["response_tokens"] for s in sets.values())
-        nbytes = store.nbytes_on_disk(split)
+        nbytes = sum(size for path, size in sizes.items() if path.startswith(f"{split}/"))
         split_response = sum(s["response_tokens"] for s in sets.values())
         splits[split] = {
             "num_examples": store.num_examples(split),
@@ -108,7 +109,7 @@ def store_info(store: TeacherStore) -> dict:
     info["splits"] = splits
     info["top_k"], info["top_k_from"] = _top_k(store, teacher_parts)
     info["teacher_tail"] = {"teacher_sections": len(teacher_parts), "with_tail_logp": with_tail}
-    nbytes = store.nbytes_on_disk()
+    nbytes = sum(sizes.values())
     info["bytes_on_disk"] = nbytes
     info["response_tokens"] = total_response
     info["bytes_per_response_token"] = (nbytes / total_response) if total_response else None

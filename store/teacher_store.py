@@ -400,8 +400,27 @@ class TeacherStore:
                 return None
 
     def section_attrs(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE) -> dict | None:
-        group = self._group(SectionRef(split, part, sequence_set, section))
-        return None if group is None else dict(group.attrs.asdict())
+        """A section's group attributes, or None where there is no readable group."""
+        return self._attrs_of([SectionRef(split, part, sequence_set, section)])[0]
+
+    def _attrs_of(self, refs: list[SectionRef]) -> list[dict | None]:
+        """Group attributes of many sections, their ``zarr.json`` files fetched in one call (concurrently on a
+        remote store: one request each, where going through zarr would probe several keys per group)."""
+        if not refs:
+            return []
+        paths = [f"{self._root}/{ref.path}/zarr.json" for ref in refs]
+        fetched = self.fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat_or_error(self.fs,
+                                                                                                       paths[0])}
+        out = []
+        for path in paths:
+            raw = fetched.get(path)
+            try:
+                document = json.loads(raw) if isinstance(raw, (bytes, str)) else None
+            except ValueError:
+                document = None
+            is_group = isinstance(document, dict) and document.get("node_type") == "group"
+            out.append(dict(document.get("attributes") or {}) if is_group else None)
+        return out
 
     def is_complete(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE) -> bool:
         attrs = self.section_attrs(split, part, sequence_set, section)
@@ -573,11 +592,9 @@ class TeacherStore:
         """
         sections, sets = tuple(sections), tuple(sets)
         for split in (self.splits() if splits is None else splits):
-            for part in range(self.num_parts(split)):
-                for sequence_set in sets:
-                    for section in sections:
-                        yield (SectionRef(split, part, sequence_set, section),
-                               self.section_attrs(split, part, sequence_set, section))
+            refs = [SectionRef(split, part, sequence_set, section) for part in range(self.num_parts(split))
+                    for sequence_set in sets for section in sections]
+            yield from zip(refs, self._attrs_of(refs))  # one batched read per split
 
     def complete_sections(self, splits: Iterable[str] | None = None):
         """Yield (SectionRef, attributes) of every complete section, a set's sections only beside its complete base."""
@@ -615,11 +632,29 @@ class TeacherStore:
 
         return verify_store(self, progress)
 
-    def nbytes_on_disk(self, prefix: str = "") -> int:
+    def file_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every file under ``prefix``: path relative to the store -> bytes (one listing; where it gives no
+        sizes, as a plain HTTP index does, the sizes are asked for all at once)."""
         base = f"{self._root}/{prefix}".rstrip("/")
         if not self.fs.exists(base):
-            return 0
-        return int(sum(info.get("size", 0) or 0 for info in self.fs.find(base, detail=True).values()))
+            return {}
+        found = self.fs.find(base, detail=True)
+        unknown = [path for path, info in found.items() if info.get("size") is None]
+        asked = dict(zip(unknown, self.fs.sizes(unknown))) if unknown else {}
+        root = self._root.rstrip("/") + "/"
+        return {path[len(root):] if path.startswith(root) else path:
+                int(info["size"] if info.get("size") is not None else asked.get(path) or 0)
+                for path, info in found.items()}
+
+    def nbytes_on_disk(self, prefix: str = "") -> int:
+        return sum(self.file_sizes(prefix).values())
+
+
+def _cat_or_error(fs, path: str):
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - absent or unreadable: the caller treats both as no group
+        return exc
 
 
 def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict) -> dict:

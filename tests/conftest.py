@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -66,3 +67,24 @@ def s3_endpoint():
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """A read-only bind mount of a folder (needs root, as in this project's CI); skipped where not allowed."""
+    mounts = []
+
+    def make(source):
+        view = tmp_path / f"ro-{len(mounts)}"
+        view.mkdir()
+        for cmd in (["mount", "--bind", str(source), str(view)],
+                    ["mount", "-o", "remount,ro,bind", str(view)]):
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                subprocess.run(["umount", str(view)], capture_output=True)
+                pytest.skip("cannot make a read-only bind mount here (needs root)")
+        mounts.append(view)
+        return view
+
+    yield make
+    for view in mounts:
+        subprocess.run(["umount", str(view)], capture_output=True)

@@ -129,27 +129,6 @@ def test_a_finished_store_is_not_written_by_a_rerun(tmp_path, tiny_models, tiny_
     assert _files(copy_path) == before
 
 
-@pytest.fixture
-def read_only_view(tmp_path):
-    """A read-only bind mount of a folder (needs root, as in this project's CI); skipped where not allowed."""
-    mounts = []
-
-    def make(source):
-        view = tmp_path / f"ro-{len(mounts)}"
-        view.mkdir()
-        for cmd in (["mount", "--bind", str(source), str(view)],
-                    ["mount", "-o", "remount,ro,bind", str(view)]):
-            if subprocess.run(cmd, capture_output=True).returncode != 0:
-                subprocess.run(["umount", str(view)], capture_output=True)
-                pytest.skip("cannot make a read-only bind mount here (needs root)")
-        mounts.append(view)
-        return view
-
-    yield make
-    for view in mounts:
-        subprocess.run(["umount", str(view)], capture_output=True)
-
-
 def test_a_finished_store_on_a_read_only_location_reruns_cleanly(tmp_path, tiny_models, tiny_dataset, tiny_store,
                                                                 read_only_view):
     view = read_only_view(tiny_store)

@@ -114,3 +114,73 @@ def test_a_killed_copy_never_reads_complete_and_resumes(tmp_path):
     assert "5 already there" in result.stdout
     copied = TeacherStore.open(str(target))
     assert H.all_checksums(copied) == H.all_checksums(source) and copied.verify() == []
+
+
+# -- read-only everywhere: a store served over plain HTTP, a store on a read-only mount ----------------
+
+class _Recording:
+    """A plain static HTTP server on loopback over a folder, recording the methods it was asked."""
+
+    def __init__(self, folder):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        self.methods = []
+        recording = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send_response(self, code, message=None):
+                recording.methods.append(self.command)
+                super().send_response(code, message)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _read_everything(location, tiny_models, tmp_path):
+    """store info, verify and ls, a short training run and an evaluation on ``location``; nothing may fail."""
+    from train.evaluate import evaluate
+    from train.config import EvaluateConfig, TrainConfig
+    from train.trainer import train
+
+    info = _invoke("info", location, "--json")
+    assert info.exit_code == 0, info.output
+    verify = _invoke("verify", location)
+    assert verify.exit_code == 0 and verify.stdout.startswith("OK"), verify.output
+    out = train(TrainConfig(cache=str(location), method="dckd", out=str(tmp_path / "run"), lr=1e-3, max_steps=2,
+                            batch_tokens=400, device="cpu", dtype="float32", progress=False))
+    assert (out / "model.safetensors").is_file()
+    report = evaluate(EvaluateConfig(model=str(tiny_models[1]), cache=str(location), device="cpu"))
+    assert report["pairs"] == 2
+    return json.loads(info.stdout)
+
+
+def test_a_store_served_over_plain_http_is_inspected_trained_and_evaluated(tiny_store, tiny_models, tmp_path):
+    server = _Recording(Path(tiny_store).parent)
+    try:
+        url = f"{server.url}/{Path(tiny_store).name}"
+        info = _read_everything(url, tiny_models, tmp_path)
+        on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tiny_store) for f in files)
+        assert info["bytes_on_disk"] == on_disk
+        listing = json.loads(_invoke("ls", server.url, "--json").stdout)
+        assert [s["location"] for s in listing] == [url] and listing[0]["complete"]
+    finally:
+        server.close()
+    assert set(server.methods) <= {"GET", "HEAD"}
+
+
+def test_a_store_on_a_read_only_mount_is_inspected_trained_and_evaluated(tiny_store, tiny_models, tmp_path,
+                                                                        read_only_view):
+    view = read_only_view(Path(tiny_store).parent)
+    _read_everything(view / Path(tiny_store).name, tiny_models, tmp_path)
+    listing = json.loads(_invoke("ls", view, "--json").stdout)
+    assert len(listing) == 1 and listing[0]["complete"]
