@@ -368,7 +368,7 @@ def _resolve(spec: str | None, default: str) -> ModelInfo:
         raise ModelNotFoundError(f"{hint}; hub lookup failed: {exc}") from exc
 
 
-def _model_dir(info: ModelInfo) -> Path:
+def model_dir(info: ModelInfo) -> Path:
     """The transformers directory to load ``info`` from (converting a GGUF once)."""
     if info.kind != "gguf":
         return Path(info.path)
@@ -413,7 +413,7 @@ def _tokenizer_from(path: Path):
 
 
 def load_tokenizer(spec: str | None, default: str = EMBEDDED_TEACHER):
-    return _tokenizer_from(_model_dir(resolve_model(spec, default)))
+    return _tokenizer_from(model_dir(resolve_model(spec, default)))
 
 
 def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
@@ -422,7 +422,7 @@ def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
     from transformers import AutoModelForCausalLM
 
     info = resolve_model(spec, default)
-    path = _model_dir(info)
+    path = model_dir(info)
     device = resolve_device(device)
     with _reading(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))

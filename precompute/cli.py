@@ -46,6 +46,10 @@ def _report(command: str, run):
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, and how to see more
         if os.environ.get("DISTILL_DEBUG"):
             raise
+        cluster = sys.modules.get("precompute.cluster")  # imported by --cluster runs only (it imports dask)
+        if cluster is not None and isinstance(exc, cluster.ClusterError):
+            click.echo(f"precompute {command}: {exc}", err=True)
+            sys.exit(2)
         click.echo(f"precompute {command}: internal error {type(exc).__name__}: {exc} "
                    f"(DISTILL_DEBUG=1 shows the traceback)", err=True)
         sys.exit(3)

@@ -122,7 +122,7 @@ class LocalJudge(Judge):
             from lm import models
 
             self._model, self._tokenizer, info = models.load_model(self.spec, device=self.device, dtype=self.dtype)
-            self._path = models._model_dir(info)
+            self._path = models.model_dir(info)
         return self._model, self._tokenizer
 
     def ask_all(self, conversations, on_reply=None):

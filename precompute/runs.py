@@ -81,7 +81,7 @@ def vocab_size_of(info: models.ModelInfo, tokenizer) -> int:
     """Ids the store must hold: the model's output size or the tokenizer's length, whichever is larger."""
     from transformers import AutoConfig
 
-    vocab = int(AutoConfig.from_pretrained(models._model_dir(info)).vocab_size)
+    vocab = int(AutoConfig.from_pretrained(models.model_dir(info)).vocab_size)
     return max(vocab, len(tokenizer))
 
 

@@ -42,6 +42,7 @@ hardware settings; the per-split totals go to
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -191,6 +192,9 @@ class SampleConfig:
                                     type=click.IntRange(min=1))
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
     dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
+    cluster: str | None = setting(None, "Sample the parts on a dask cluster: local:N (N worker processes here), "
+                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
+                                        "(a running scheduler) [one process].")
     columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
                             flag="--column", multiple=True, parse=key_values("--column"))
     strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
@@ -328,6 +332,8 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
 def run_sample(config: SampleConfig) -> runs.Summary:
     t0 = time.perf_counter()
     summary = runs.Summary(store=config.out)
+    if config.cluster:
+        return _finish(_run_on_cluster(config, summary), summary, t0)
     ctx, todo = prepare(config, summary)
     record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
     if todo:
@@ -347,9 +353,60 @@ def run_sample(config: SampleConfig) -> runs.Summary:
         record["seconds"] = time.perf_counter() - t1
         model = None
         runs.free_memory()
+    return _finish(ctx, summary, t0)
+
+
+def _finish(ctx: SampleContext, summary: runs.Summary, t0: float) -> runs.Summary:
     summary.seconds = time.perf_counter() - t0
     counts = runs.record_sample_counts(ctx.store, list(ctx.rows))
     for split, total in counts.items():
         summary.truncated[split] = {"prompt": total["truncated_prompts"]}
-        summary.notes.append(describe_counts(split, total, config.keep))
+        summary.notes.append(describe_counts(split, total, ctx.config.keep))
     return runs.finish_summary(ctx.store, ctx.rows, summary)
+
+
+# --------------------------------------------------------------------------- on a cluster (--cluster)
+
+def _run_on_cluster(config: SampleConfig, summary: runs.Summary) -> SampleContext:
+    """Each part a unit of work on a dask cluster (see :mod:`precompute.cluster`).
+
+    The seed is per part, so a part comes out the same whichever worker draws
+    it (given one device kind and dtype for all workers, which the session
+    checks, and the same ``--generation-batch``). The pass is recorded once
+    before the parts are submitted.
+    """
+    from . import cluster
+
+    with cluster.ClusterSession(config.cluster) as session:
+        device, dtype = session.resolve(config.device, config.dtype)
+        ctx, todo = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
+        record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+        if todo:
+            ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)
+            fingerprint = session.install(attach_context, dataclasses.replace(ctx, store=None, rows={}))
+            units = [cluster.Unit(PASS_SAMPLES, p.split, p.part, sample_part_on_worker,
+                                  (fingerprint, p.split, p.part, p.rows)) for p in todo]
+            cluster.tally(session.run(units, desc=PASS_SAMPLES, progress=config.progress), {PASS_SAMPLES: record})
+        summary.notes.append(f"  cluster {config.cluster}: {session.workers} worker(s)")
+    return ctx
+
+
+def attach_context(portable: SampleContext) -> SampleContext:
+    """On a worker: the shipped context with the store opened there (same location)."""
+    c = portable.config
+    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+
+
+def sample_part_on_worker(fingerprint: str, split: str, part: int, rows: list) -> dict:
+    """On a worker: draw and write one part's groups (a unit of :func:`_run_on_cluster`)."""
+    from . import cluster
+
+    ctx = cluster.worker_context(fingerprint)
+    with cluster.part_task(PASS_SAMPLES, split, part) as outcome:
+        if ctx.store.is_complete(split, part, fmt.SET_SAMPLES):
+            return outcome
+        model = cluster.worker_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
+        arrays, attrs, drawn_tokens = sample_part(ctx, _Part(split, part, rows), model, None)
+        written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
+        outcome.update(computed=True, written=written is not None, tokens=drawn_tokens)
+    return outcome

@@ -121,23 +121,24 @@ def score_sequences(
             rows_p.append(torch.arange(p - 1, n - 1))
             spans.append((start, start + n - p))
             start += n - p
-        rows_b = torch.cat(rows_b).to(device)
-        rows_p = torch.cat(rows_p).to(device)
-        targets = ids[rows_b, rows_p + 1]
+        # indices on the hidden states' device: with a model sharded over GPUs it is the last layer's
+        rows_b = torch.cat(rows_b).to(hidden.device)
+        rows_p = torch.cat(rows_p).to(hidden.device)
+        targets = ids.to(hidden.device)[rows_b, rows_p + 1]
         picked = hidden[rows_b, rows_p]
         if at_ids is not None:
-            given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch])).to(device)
+            given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch]))
         target_lp, tk_ids, tk_lp, given_lp, tails = [], [], [], [], []
         for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
             c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
             logp = torch.log_softmax(head.logits(picked[c0:c1]), dim=-1)
-            target_lp.append(logp.gather(-1, targets[c0:c1, None])[:, 0])
+            target_lp.append(logp.gather(-1, targets[c0:c1, None].to(logp.device))[:, 0])
             if top_k:
                 v, k = logp.topk(top_k, dim=-1)
                 tk_ids.append(k)
                 tk_lp.append(v)
             if at_ids is not None:
-                given_lp.append(logp.gather(-1, given[c0:c1]))
+                given_lp.append(logp.gather(-1, given[c0:c1].to(logp.device)))
             if top_k:
                 tails.append(tail_logmass_(logp, k))  # last: overwrites logp
         target_lp = torch.cat(target_lp).cpu().numpy()

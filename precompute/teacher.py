@@ -35,10 +35,19 @@ the student first (DPO sums, generation), then the teacher, then the reference
 skips parts whose section is already complete, which is the whole of resuming.
 Each part's arrays are written by a background thread while the model works on
 the next part.
+
+``--cluster SPEC`` runs the same steps on a dask.distributed cluster
+(:mod:`precompute.cluster`): :func:`prepare` and the pair bases stay on the
+coordinator, each part of each step becomes a unit of work
+(:func:`run_steps_on_cluster`, :func:`compute_part`) that a worker computes and
+writes into the store itself; a part that reads another step's section of the
+same part (:data:`READS`) waits for that unit only. ``--device-map auto`` loads
+each model sharded over the process's (or worker's) GPUs with accelerate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,6 +78,7 @@ DEFAULT_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA)
 KNOWN_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA, PASS_PAD)
 
 ROLE_TEACHER, ROLE_STUDENT, ROLE_REFERENCE = "teacher", "student", "reference"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for --device-map
 
 
 @dataclass
@@ -95,6 +105,12 @@ class TeacherConfig:
     generation_batch: int = setting(64, "Prompts per generate() call.", type=click.IntRange(min=1))
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
     dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
+    device_map: str | None = setting(None, "Shard each model over the GPUs of its process or worker with "
+                                           "accelerate (teachers larger than one GPU): auto.",
+                                     type=click.Choice(DEVICE_MAPS))
+    cluster: str | None = setting(None, "Run the parts on a dask cluster: local:N (N worker processes here), "
+                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
+                                        "(a running scheduler) [one process].")
     passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
     columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
                             flag="--column", multiple=True, parse=key_values("--column"))
@@ -192,28 +208,37 @@ def _groups(ctx: TeacherContext, split: str, part: int) -> int:
     return int(ctx.store.section_attrs(split, part, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
 
 
+STEPS = {step.name: step for step in (
+    Step("pairs/student_init", fmt.SET_PAIRS, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
+    Step("samples/student_init", fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
+    Step("generated/base", fmt.SET_GENERATED, fmt.BASE, ROLE_STUDENT, generate_step),
+    Step("pairs/teacher", fmt.SET_PAIRS, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step("samples/teacher", fmt.SET_SAMPLES, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step("samples/teacher_mcq", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ, ROLE_TEACHER, calibration.mcq_step),
+    Step("generated/teacher", fmt.SET_GENERATED, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step("generated/reference", fmt.SET_GENERATED, fmt.SECTION_REFERENCE, ROLE_REFERENCE, reference_step),
+)}
+#: what a step reads of the same part besides its set's base: the step that writes it
+READS = {"generated/teacher": "generated/base", "generated/reference": "generated/teacher"}
+
+
 def plan_steps(ctx: TeacherContext) -> list[Step]:
     """The steps ``ctx.config.passes`` need, in the order that loads each model once where it can."""
     passes = ctx.config.passes
-    out: list[Step] = []
+    names: list[str] = []
     if PASS_DPO_REF in passes:
-        out.append(Step("pairs/student_init", fmt.SET_PAIRS, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step))
+        names.append("pairs/student_init")
         if _has_samples(ctx):  # DPO reference sums for the groups too (pad_dpo)
-            out.append(Step("samples/student_init", fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT,
-                            sums_step))
+            names.append("samples/student_init")
     if PASS_ADPA in passes:
-        out.append(Step("generated/base", fmt.SET_GENERATED, fmt.BASE, ROLE_STUDENT, generate_step))
+        names.append("generated/base")
     if PASS_PAIRS in passes:
-        out.append(Step("pairs/teacher", fmt.SET_PAIRS, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step))
+        names.append("pairs/teacher")
     if PASS_PAD in passes:
-        out.append(Step("samples/teacher", fmt.SET_SAMPLES, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step))
-        out.append(Step("samples/teacher_mcq", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ, ROLE_TEACHER,
-                        calibration.mcq_step))
+        names.extend(["samples/teacher", "samples/teacher_mcq"])
     if PASS_ADPA in passes:
-        out.append(Step("generated/teacher", fmt.SET_GENERATED, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step))
-        out.append(Step("generated/reference", fmt.SET_GENERATED, fmt.SECTION_REFERENCE, ROLE_REFERENCE,
-                        reference_step))
-    return out
+        names.extend(["generated/teacher", "generated/reference"])
+    return [STEPS[name] for name in names]
 
 
 def _has_samples(ctx: TeacherContext) -> bool:
@@ -255,13 +280,16 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
     prompt_rows: dict[str, LoadedSplit] = {}
     mcq_template = samples_record = None
     if PASS_PAD in c.passes:
-        samples_store = _check_samples_exist(c)
+        make = (f"`precompute sample --out {c.out} --dataset {c.dataset or 'demo'}"
+                f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}` (the pad pass "
+                f"scores the groups it writes)")
+        samples_store = runs.require_samples(c.out, c.splits, c.storage_options, make=make)
         samples_record = samples_store.pass_record("samples/base") or PassRecord()
         mcq_template = calibration.load_template(c.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
         prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
                                   require_pairs=False, require_rows=True)
-        _check_samples_match(c, samples_store, prompt_rows)
+        runs.check_samples_match(samples_store, prompt_rows, c.out)
     rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_rows=True)
             if needs_pairs else prompt_rows)
 
@@ -349,43 +377,6 @@ def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
                 ctx.store.write_section(split, part, fmt.SET_PAIRS, fmt.BASE, base_arrays(seqs))
 
 
-def _check_samples_exist(c: TeacherConfig) -> TeacherStore:
-    """Refuse a pad run, before any model loads, on a store without complete sampled groups."""
-    make = (f"`precompute sample --out {c.out} --dataset {c.dataset or 'demo'}"
-            f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}`")
-    store = TeacherStore(c.out, mode="r", storage_options=c.storage_options)
-    if not store.exists():
-        raise ValueError(f"{c.out}: no store here; the pad pass scores sampled groups: run {make} first")
-    missing = []
-    for split in c.splits:
-        if split not in store.splits():
-            missing.append(f"split {split!r}")
-            continue
-        parts = [p for p in range(store.num_parts(split)) if not store.is_complete(split, p, fmt.SET_SAMPLES)]
-        if parts:
-            missing.append(f"{split} part(s) {', '.join(map(str, parts))}")
-    if missing:
-        raise ValueError(f"{c.out}: no sampled groups for {'; '.join(missing)}; the pad pass scores the "
-                         f"groups that `precompute sample` writes: run {make} first")
-    return store
-
-
-def _check_samples_match(c: TeacherConfig, store: TeacherStore, prompt_rows: dict[str, LoadedSplit]) -> None:
-    """The rows given now must be the prompts the groups were sampled for (the MCQ question is theirs)."""
-    for split, loaded in prompt_rows.items():
-        if store.num_examples(split) != loaded.total_rows:
-            raise ValueError(f"{c.out}: split {split!r} was sampled from {store.num_examples(split)} "
-                             f"rows, this run has {loaded.total_rows}; use the same --dataset, --limit")
-        for part in range(store.num_parts(split)):
-            start, stop = store.part_range(split, part)
-            rows = [r for r in loaded.rows if start <= r.index < stop]
-            stored = (store.section_attrs(split, part, fmt.SET_SAMPLES) or {}).get("prompts_sha256")
-            if stored != runs.prompts_fingerprint(rows):
-                raise ValueError(f"{c.out}: the samples of {split} part {part} answer other prompts "
-                                 f"than the rows given now; use the --dataset, --limit and --column of the "
-                                 f"`precompute sample` run")
-
-
 # --------------------------------------------------------------------------- running
 
 class _BackgroundWriter:
@@ -426,7 +417,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
         if info.path != loaded_path:  # the reference is often the student: same weights, no reload
             model = None  # unload before the next model loads
             runs.free_memory()
-            model, _, _ = models.load_model(info.path, device=ctx.device, dtype=ctx.dtype)
+            model = _load_model(ctx, info)
             loaded_path = info.path
             if step.section != fmt.BASE:
                 _check_model(ctx, model, todo[0])
@@ -451,6 +442,15 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
     return groups_done
 
 
+def _load_model(ctx: TeacherContext, info: models.ModelInfo):
+    if ctx.config.device_map:  # sharded by accelerate over this process's GPUs
+        from .cluster import load_model
+
+        return load_model(info, device=ctx.device, dtype=ctx.dtype, device_map=ctx.config.device_map)
+    model, _, _ = models.load_model(info.path, device=ctx.device, dtype=ctx.dtype)
+    return model
+
+
 def _part_tokens(ctx: TeacherContext, split: str, part: int, sequence_set: str) -> int:
     attrs = ctx.store.section_attrs(split, part, sequence_set)
     return int(attrs["rows"]["token"]) if attrs and attrs.get("complete") else 0
@@ -467,13 +467,108 @@ def _check_model(ctx: TeacherContext, model, where: tuple[str, int]) -> None:
             return
 
 
+# --------------------------------------------------------------------------- on a cluster (--cluster)
+
+def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
+    """:func:`run_steps` with every part of every step a unit of work on ``session``'s workers.
+
+    Each step's settings are recorded once, here, before its parts are
+    submitted (the workers load the models; a model that then fails to load
+    leaves a record without parts, which :func:`_refuse_conflicting_passes`
+    does not hold against a later run). A part of a step that reads another
+    step's section of the same part (:data:`READS`) waits for that unit only.
+    See :mod:`precompute.cluster`.
+    """
+    from . import cluster
+
+    fingerprint = session.install(attach_context, portable_context(ctx))
+    units: list = []
+    records: dict[str, dict] = {}
+    for index, step in enumerate(steps):
+        todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
+                if not ctx.store.is_complete(split, part, step.sequence_set, step.section)]
+        records[step.name] = summary.step_record(step.name,
+                                                 sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+        if not todo:
+            continue
+        ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
+        for split, part in todo:
+            after = ((READS[step.name], split, part),) if step.name in READS else ()
+            units.append(cluster.Unit(step.name, split, part, compute_part,
+                                      (fingerprint, step.name, split, part, _rows_for(ctx, step, split, part)),
+                                      after=after, priority=len(steps) - index))
+    results = session.run(units, desc="teacher parts", progress=ctx.config.progress)
+    return cluster.tally(results, records)
+
+
+def portable_context(ctx: TeacherContext) -> TeacherContext:
+    """What the workers get once per run: the context without its store handle and rows."""
+    return dataclasses.replace(ctx, store=None, rows={}, prompt_rows={})
+
+
+def attach_context(portable: TeacherContext) -> TeacherContext:
+    """On a worker: the portable context with the store opened there (same location)."""
+    c = portable.config
+    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+
+
+def _rows_for(ctx: TeacherContext, step: Step, split: str, part: int) -> LoadedSplit | None:
+    """The rows a step reads, of this part only (most steps read the store alone)."""
+    if step.run is generate_step:
+        rows = ctx.rows_of_part(split, part)
+    elif step.run is calibration.mcq_step:
+        rows = ctx.rows_of_part(split, part, prompts=True)
+    else:
+        return None
+    return LoadedSplit(split, rows, {}, len(rows), "")
+
+
+def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: LoadedSplit | None,
+                 *_after) -> dict:
+    """On a worker: one step over one part, written into the store (a unit of :func:`run_steps_on_cluster`)."""
+    from . import cluster
+
+    ctx = cluster.worker_context(fingerprint)
+    step = STEPS[step_name]
+    with cluster.part_task(step_name, split, part) as outcome:
+        if ctx.store.is_complete(split, part, step.sequence_set, step.section):
+            return outcome  # done before, or by a worker that died after writing it
+        if rows is not None:
+            ctx = dataclasses.replace(ctx, rows={split: rows}, prompt_rows={split: rows})
+        where = (split, part)
+        check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where))
+        model = cluster.worker_model(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
+                                     device_map=ctx.config.device_map, on_load=check)
+        result = step.run(ctx, step, split, part, model, lambda n: None)
+        written = ctx.store.write_section(split, part, step.sequence_set, step.section, result.arrays,
+                                          result.attrs)
+        outcome.update(computed=True, written=written is not None, tokens=result.tokens, groups=result.groups)
+    return outcome
+
+
+def _run_on_cluster(config: TeacherConfig, summary: runs.Summary) -> tuple[TeacherContext, dict[str, int]]:
+    from .cluster import ClusterSession
+
+    with ClusterSession(config.cluster) as session:
+        device, dtype = session.resolve(config.device, config.dtype)
+        ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
+        if any(p in config.passes for p in NEEDS_PAIRS):
+            write_pair_bases(ctx, summary)
+        groups_done = run_steps_on_cluster(session, ctx, plan_steps(ctx), summary)
+        summary.notes.append(f"  cluster {config.cluster}: {session.workers} worker(s)")
+    return ctx, groups_done
+
+
 def run_teacher(config: TeacherConfig) -> runs.Summary:
     t0 = time.perf_counter()
     summary = runs.Summary(store=config.out)
-    ctx = prepare(config, summary)
-    if any(p in config.passes for p in NEEDS_PAIRS):
-        write_pair_bases(ctx, summary)
-    groups_done = run_steps(ctx, plan_steps(ctx), summary)
+    if config.cluster:
+        ctx, groups_done = _run_on_cluster(config, summary)
+    else:
+        ctx = prepare(config, summary)
+        if any(p in config.passes for p in NEEDS_PAIRS):
+            write_pair_bases(ctx, summary)
+        groups_done = run_steps(ctx, plan_steps(ctx), summary)
     summary.seconds = time.perf_counter() - t0
     if PASS_PAD in config.passes:
         summary.notes.extend(calibration.summary_lines(ctx.store, list(ctx.rows), summary, groups_done))
