@@ -85,6 +85,35 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_store, tmp_path):
         train(quick_config(tiny_store, tmp_path / "resumed", resume=True, **{**common, "lr": 2e-3}))
 
 
+def test_max_steps_trains_that_many_steps_through_as_many_epochs_as_it_takes(tiny_store, tmp_path):
+    import yaml
+
+    common = dict(method="sft", batch_tokens=300, grad_accum=2, log_every=1, max_steps=None, epochs=1)
+    one_epoch = train(quick_config(tiny_store, tmp_path / "one_epoch", **common))
+    E = json.loads((one_epoch / "metrics.jsonl").read_text().splitlines()[-1])["step"]  # steps in one epoch
+    assert E >= 2
+
+    n = 3 * E + 1
+    out = train(quick_config(tiny_store, tmp_path / "max_steps", **{**common, "max_steps": n}))  # --epochs 1: ignored
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, n + 1))
+    assert [r["epoch"] for r in records] == [0] * E + [1] * E + [2] * E + [3]  # whole epochs, then one step more
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["resolved"]
+    warmup = math.ceil(0.1 * n)
+    assert resolved["total_steps"] == n and resolved["warmup_steps"] == warmup
+    assert len(resolved["batches_per_epoch"]) == 4
+    # the schedule runs over the n steps: linear warmup, then cosine to the n-th step
+    for r in records:
+        s = r["step"] - 1
+        factor = (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (n - warmup)))
+        assert r["lr"] == pytest.approx(1e-3 * factor, rel=1e-12), r["step"]
+    # --max-steps overrides --epochs: resuming such a run with another --epochs is the same run
+    train(quick_config(tiny_store, tmp_path / "stopped", **{**common, "max_steps": n}), stop_after=2)
+    resumed = train(quick_config(tiny_store, tmp_path / "stopped", **{**common, "max_steps": n, "epochs": 5,
+                                                                      "resume": True}))
+    assert [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()][-1] == n
+
+
 def test_missing_signal_is_refused_before_the_student_loads(tiny_models, tiny_dataset, tmp_path, forbid_model_loading):
     from precompute.teacher import TeacherConfig, run_teacher
 
@@ -156,7 +185,8 @@ def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_mode
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         rows = logits[batch.resp_seq, batch.resp_pos]  # [R, V], the whole vocabulary
         logp = losses.token_logprobs(rows, batch.resp_target)
-        kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"])
+        kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"],
+                               batch.response["teacher/tail_logp"])
         advantage = losses.adpa_advantage(batch.response["teacher/topk_logp"], batch.response["reference/topk_logp"])
         adpa = losses.adpa_token_loss(rows, batch.response["teacher/topk_ids"], advantage)
     role = batch.seq_role[batch.resp_seq]
@@ -187,7 +217,8 @@ def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_mode
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     rows = logits[batch.resp_seq, batch.resp_pos]
     logp = losses.token_logprobs(rows, batch.resp_target)
-    kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"])
+    kd = losses.kd_tail_kl(rows, batch.response["teacher/topk_ids"], batch.response["teacher/topk_logp"],
+                               batch.response["teacher/tail_logp"])
     adpa = losses.adpa_token_loss(rows, batch.response["teacher/topk_ids"], advantage)
     sums = torch.stack([logp[batch.resp_seq == s].sum() for s in range(batch.num_sequences)])
     means = torch.stack([logp[batch.resp_seq == s].mean() for s in range(batch.num_sequences)])
@@ -218,3 +249,28 @@ def test_evaluate_json_on_held_out_pairs(tiny_store, tiny_models):
     assert computed.exit_code == 0, computed.output
     assert "preference accuracy, log-ratio to initial" in computed.output
     assert "computed with" in computed.output
+
+
+def test_evaluate_reports_agreement_with_the_teachers_preference(tiny_store, tiny_models):
+    """The teacher evaluated against its own store agrees with itself on every pair; the share of pairs whose
+    labelled choice the teacher prefers is read back from the stored sums."""
+    from store import format as fmt
+
+    teacher = str(tiny_models[0])
+    result = CliRunner().invoke(main, ["evaluate", "--model", teacher, "--cache", str(tiny_store), "--split", "train",
+                                       "--initial", teacher, "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["teacher_agreement"] == 1.0
+
+    store = TeacherStore.open(str(tiny_store))
+    prefers = pairs = 0
+    for part in range(store.num_parts("train")):
+        base = store.read_section("train", part, fmt.SET_PAIRS)
+        sums = store.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)["logp_sum"]
+        mean = {(int(e), int(r)): s / n for e, r, s, n in
+                zip(base["example_index"], base["role"], sums, base["response_length"])}
+        for e in {e for e, _ in mean}:
+            prefers += mean[(e, fmt.ROLE_CHOSEN)] > mean[(e, fmt.ROLE_REJECTED)]
+            pairs += 1
+    assert report["pairs"] == pairs and report["teacher_prefers_chosen"] == pytest.approx(prefers / pairs)

@@ -1,4 +1,4 @@
-"""Checkpoints: where a run stands, saved atomically, and resumed only with the same trajectory.
+"""Checkpoints: where a run stands, saved atomically, resumed only with the same trajectory, loaded as data only.
 
 A checkpoint (``out/checkpoint/state.pt``, replaced atomically) holds the model,
 optimizer and scheduler states, the :class:`Position` (step, epoch, examples and
@@ -8,6 +8,46 @@ point and batches restart at a batch boundary, so a resumed run follows the
 uninterrupted one exactly. Settings that change the trajectory
 (:data:`TRAJECTORY_KEYS`) must match; ``config.json`` beside the state lets
 pre-flight check them before anything loads.
+
+Several processes (:mod:`train.distributed`): rank 0 writes the checkpoint, with the
+full model and optimizer states (gathered under FSDP; the optimizer's by parameter
+name) and, under ``processes``, the number of processes and each one's examples
+consumed in the epoch and RNG state (:func:`process_states`). Every process reads it
+and takes its own position (:func:`load_process_checkpoint`); a run of another
+number of processes is refused (:func:`check_processes`), its shares would differ.
+``config.json`` records the number of processes as ``world_size`` (absent: one).
+
+Loading never runs code: ``torch.load(weights_only=True)`` accepts tensors and
+plain values (dicts, lists, tuples, strings, numbers, None) and refuses anything
+else with a :class:`TrainError` (:func:`read_state`). The state holds nothing
+else (numpy's RNG state is kept as a tensor and plain values); checkpoints
+written before that, with numpy's state as an array, load through a narrow
+allow-list: numpy's array reconstruction, ``ndarray`` and the uint32 dtype.
+
+What a kill leaves, and how the run goes on. ``train student`` writes ``config.yaml``,
+then per logged step a record appended to ``metrics.jsonl``, per checkpoint
+``checkpoint/config.json`` then ``checkpoint/state.pt`` (then ``position.json``,
+informative), and at the end the model and ``loss_curves.png``. Every file but
+``metrics.jsonl`` is written to a temporary and renamed into place, so a kill leaves
+its old content or its new one; a record of ``metrics.jsonl`` cut by a kill is
+ignored when the file is read.
+
+- Killed before the first checkpoint is complete (``config.yaml``, records of the
+  first steps, perhaps ``checkpoint/config.json`` and ``checkpoint/.state.pt.tmp``,
+  no ``state.pt``): nothing to resume. The same command without ``--resume`` starts
+  afresh: it prints a note naming what the stopped run left and replaces it
+  (:func:`unfinished_files`, :func:`discard_unfinished`); ``--resume`` is refused
+  with a message that says so.
+- Killed after a checkpoint, or while writing a later one (``state.pt`` is the last
+  complete checkpoint; records logged after it; ``position.json`` perhaps one
+  checkpoint behind): ``--resume`` continues from it and logs the later steps again
+  (their records are dropped first); without ``--resume`` the directory is refused
+  as holding a run.
+- Killed after the final checkpoint, while writing the model (``.model.partial/`` or
+  some of its files already moved into place): ``--resume`` writes the model
+  without training a step; without it the refusal says that the model is
+  incomplete and how to finish it.
+- Finished: ``--resume`` only writes the model again; without it, refused.
 """
 
 from __future__ import annotations
@@ -15,7 +55,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +67,20 @@ import torch
 from lm import options
 
 from .config import LOSS_SETTINGS, TrainConfig, TrainError
+from .records import CONFIG_FILE, CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, temporary_path, write_atomically
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 CONFIG_JSON = "config.json"
+POSITION_JSON = "position.json"
 
 #: settings that change what a run computes (every loss setting among them); a resumed run must match them
+#: (``epochs`` only without ``max_steps``, which overrides it)
 TRAJECTORY_KEYS = ("cache", "split", "method", "weights", *LOSS_SETTINGS, "epochs", "max_steps", "lr", "batch_tokens",
                    "grad_accum", "seed", "warmup_ratio", "max_grad_norm", "weight_decay")
+
+#: what a checkpoint's state holds
+STATE_KEYS = ("model", "optimizer", "scheduler", "position", "rng", "config")
 
 
 @dataclass
@@ -47,13 +95,56 @@ def state_path(out: Path) -> Path:
     return out / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a complete checkpoint (``state.pt`` only ever appears complete)."""
+    return state_path(out).is_file()
+
+
+def unfinished_files(out: Path) -> list[str]:
+    """Files (relative to ``out``) that a run stopped before its first checkpoint leaves, and a fresh start replaces.
+
+    Only meaningful when ``out`` has no checkpoint.
+    """
+    candidates = [name for file in (METRICS_FILE, CONFIG_FILE, CURVES_FILE)
+                  for name in (file, temporary_path(Path(file)).name)]
+    for folder in (CHECKPOINT_DIR, TENSORBOARD_DIR):  # checkpoint files; --report-to tensorboard's events
+        if (out / folder).is_dir():
+            candidates += [f"{folder}/{name}" for name in sorted(os.listdir(out / folder))]
+    return [name for name in candidates if (out / name).is_file()]
+
+
+def discard_unfinished(out: Path) -> None:
+    """Before a fresh start in ``out`` (no checkpoint): remove what a stopped run's checkpoint writing left
+    (``checkpoint/``'s files), its TensorBoard events and the temporaries of the run's files; ``metrics.jsonl`` is
+    replaced by the trainer."""
+    if has_checkpoint(out):
+        raise TrainError(f"{out} holds a checkpoint; refusing to discard it")
+    for directory in (out / CHECKPOINT_DIR, out / TENSORBOARD_DIR):
+        if directory.is_dir():
+            for name in os.listdir(directory):
+                if (directory / name).is_file():
+                    (directory / name).unlink()
+    for name in (METRICS_FILE, CONFIG_FILE, CURVES_FILE):
+        temporary_path(out / name).unlink(missing_ok=True)
+
+
 def saved_config(out: Path) -> dict:
-    """The configuration the checkpoint in ``out`` was made with (readable without torch.load)."""
-    return json.loads((out / CHECKPOINT_DIR / CONFIG_JSON).read_text())
+    """The configuration the checkpoint in ``out`` was made with (``config.json``, readable without the state).
+
+    ``config.json`` is written, atomically, before each state; should it be unreadable
+    anyway (a checkpoint of an older version), the configuration inside the state is used.
+    """
+    try:
+        return json.loads((out / CHECKPOINT_DIR / CONFIG_JSON).read_text())
+    except (OSError, ValueError):
+        return read_state(state_path(out), mmap=True)["config"]
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -61,29 +152,88 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple with an array: a checkpoint of an older version
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, position: Position, config: TrainConfig) -> Path:
-    """Write ``out/checkpoint/state.pt`` atomically (temporary file, then rename)."""
+    """Write ``out/checkpoint/state.pt`` atomically (temporary file, then rename), its ``config.json`` first."""
+    return write_checkpoint(out, model.state_dict(), optimizer.state_dict(), scheduler, position, config)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, numpy, Python, CUDA), as a checkpoint keeps them (plain data)."""
+    return _rng_state()
+
+
+def process_states(examples: list[int], rngs: list[dict]) -> dict:
+    """What a checkpoint of several processes adds (``state["processes"]``): their number, and per process (in
+    rank order) the examples it consumed in the epoch and its RNG state; the optimizer state is by name."""
+    return {"world_size": len(examples), "examples": [int(n) for n in examples], "rng": rngs,
+            "optimizer_keys": "names"}
+
+
+def write_checkpoint(out: Path, model_state: dict, optimizer_state: dict, scheduler, position: Position,
+                     config: TrainConfig, processes: dict | None = None) -> Path:
+    """:func:`save_checkpoint` from states (of several processes: gathered on rank 0, with ``processes``)."""
     directory = out / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "position": dataclasses.asdict(position), "rng": _rng_state(), "config": dataclasses.asdict(config)}
-    (directory / CONFIG_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")  # before state
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
+    settings = dataclasses.asdict(config)
+    if processes is not None:
+        settings["world_size"] = processes["world_size"]
+    state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+             "position": dataclasses.asdict(position), "rng": processes["rng"][0] if processes else _rng_state(),
+             "config": settings}
+    if processes is not None:
+        state["processes"] = processes
+    write_atomically(directory / CONFIG_JSON, json.dumps(settings, indent=1) + "\n")
+    tmp = temporary_path(directory / CHECKPOINT_FILE)
     torch.save(state, tmp)
     os.replace(tmp, directory / CHECKPOINT_FILE)
-    (directory / "position.json").write_text(json.dumps(dataclasses.asdict(position)) + "\n")
+    where = dataclasses.asdict(position)
+    if processes is not None:
+        where["examples"] = processes["examples"]  # each process's
+    write_atomically(directory / POSITION_JSON, json.dumps(where) + "\n")  # informative
     return directory / CHECKPOINT_FILE
 
 
+def _older_numpy_rng_globals() -> list:
+    """What numpy's RNG state as an array needs: its reconstruction, ``ndarray``, ``dtype``, the uint32 dtype."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_state(path: Path, *, mmap: bool = False) -> dict:
+    """A checkpoint's state, loaded as data only (``weights_only=True``); TrainError for anything else."""
+    try:
+        with torch.serialization.safe_globals(_older_numpy_rng_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the global it refused
+        what = f" ({found.group(1)})" if found else ""
+        raise TrainError(f"{path}: refused: it holds a pickled object{what} that loading would have to run as code; "
+                         f"a checkpoint of `train student` holds only tensors and plain values, so this file was "
+                         f"made or changed by something else. Resume only from a checkpoint you trust the origin "
+                         f"of") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainError(f"{path}: not a readable checkpoint ({reason})") from None
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise TrainError(f"{path}: not a checkpoint of `train student` (it lacks {', '.join(missing)})")
+    return state
+
+
 def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig) -> Position:
-    state = torch.load(state_path(out), map_location="cpu", weights_only=False)
+    state = read_state(state_path(out))
     check_resumable(state["config"], config)
+    check_processes(state["config"], 1)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -91,11 +241,42 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig)
     return Position(**state["position"])
 
 
+def load_process_checkpoint(out: Path, load_states, scheduler, config: TrainConfig, rank: int,
+                            world: int) -> Position:
+    """Resume process ``rank`` of ``world`` from the checkpoint in ``out``: its position and RNG state.
+
+    ``load_states(model_state, optimizer_state)`` loads the full states into the
+    student and optimizer as this process holds them (:meth:`train.distributed.Engine.load_states`).
+    """
+    state = read_state(state_path(out), mmap=True)
+    check_resumable(state["config"], config)
+    check_processes(state["config"], world)
+    processes = state.get("processes")
+    if not isinstance(processes, dict) or len(processes.get("examples", ())) != world:
+        raise TrainError(f"{state_path(out)}: not a checkpoint of {world} processes (it lacks their positions)")
+    load_states(state["model"], state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(processes["rng"][rank])
+    return Position(**{**state["position"], "examples": int(processes["examples"][rank])})
+
+
+def check_processes(saved: dict, world: int) -> None:
+    """Refuse to resume on another number of processes than the checkpoint's (``world_size``, absent: one)."""
+    made = int(saved.get("world_size", 1) or 1)
+    if made != world:
+        how = (f"torchrun --nproc-per-node {made} or accelerate launch --num_processes {made}" if made > 1
+               else "one process (no launcher)")
+        raise TrainError(f"--resume: the checkpoint was made by {made} process(es), this run has {world}; each "
+                         f"process's share of the store, so where it stands, depends on their number: resume "
+                         f"on {how}")
+
+
 def check_resumable(saved: dict, config: TrainConfig) -> None:
     """Refuse to resume with settings that change the trajectory (see TRAJECTORY_KEYS)."""
     defaults = options.field_defaults(TrainConfig)  # for keys older runs did not have
-    saved = {k: saved.get(k, defaults.get(k)) for k in TRAJECTORY_KEYS}
-    differ = [k for k in TRAJECTORY_KEYS if _comparable(saved[k]) != _comparable(getattr(config, k))]
+    keys = [k for k in TRAJECTORY_KEYS if not (k == "epochs" and config.max_steps is not None)]
+    saved = {k: saved.get(k, defaults.get(k)) for k in keys}
+    differ = [k for k in keys if _comparable(saved[k]) != _comparable(getattr(config, k))]
     if differ:
         raise TrainError("--resume: the checkpoint was made with other settings: " + ", ".join(
             f"{k} {saved.get(k)!r} (now {getattr(config, k)!r})" for k in differ))

@@ -1,11 +1,20 @@
 """``train``: train a student from a teacher-signal store, evaluate it (thin: parse, call, print).
 
 Every option is a field of :mod:`train.config` (its default and help written there once).
+A user's mistake (a missing store or signal, a bad ``--config``, an ``--out`` that
+cannot be written, ...) ends in one line on stderr and exit status 2; anything
+unexpected in one line naming it and exit status 3; ``DISTILL_DEBUG=1`` shows the
+traceback instead (:func:`_report`).
+
+Under ``torchrun`` or ``accelerate launch`` every process runs the same command
+(:mod:`train.distributed`); a refusal that every process meets is printed by one of
+them (the others' errors are ``quiet``), and only rank 0 prints the result.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -14,12 +23,54 @@ from click.core import ParameterSource
 from lm import options
 
 from .config import LOSS_SETTINGS, PAD_REWARD, EvaluateConfig, TrainConfig, TrainError
+from .cyclealign import CycleAlignConfig
 from .methods import Settings
 
 
-def _fail(command: str, message: str):
+def _fail(command: str, message: str, status: int = 2):
     click.echo(f"train {command}: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def _report(command: str, run):
+    """``run()``'s result; a user's mistake ends in one line on stderr and exit 2 (module docstring)."""
+    import yaml
+
+    from lm.chat import TokenizerMismatch
+    from lm.models import ModelLoadError, ModelNotFoundError
+    from store import StoreError
+
+    expected = (TrainError, StoreError, TokenizerMismatch, ModelNotFoundError, ModelLoadError, ValueError, OSError,
+                yaml.YAMLError)
+    debug = bool(os.environ.get("DISTILL_DEBUG"))
+    try:
+        return run()
+    except click.BadParameter as exc:  # a value from --config or --weight: one line, not click's usage block
+        if debug:
+            raise
+        _fail(command, exc.format_message())
+    except click.ClickException:
+        raise
+    except KeyboardInterrupt:
+        again = ("; --resume continues from the last checkpoint (with none yet, the same command starts afresh)"
+                 if command == "student" else "")
+        _fail(command, f"interrupted{again}", 130)
+    except expected as exc:
+        if getattr(exc, "quiet", False):  # another process of the run reported it
+            sys.exit(2)
+        if debug:
+            raise
+        _fail(command, _one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, and how to see more
+        if debug:
+            raise
+        _fail(command, f"internal error {type(exc).__name__}: {_one_line(exc)} (DISTILL_DEBUG=1 shows the "
+                       f"traceback)", 3)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,12 +90,16 @@ def student(ctx, config_file, **values):
     from .trainer import train
 
     given = [name for name in values if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
-    try:
+
+    def run():
         config = TrainConfig.from_sources(config_file, values, given)
-        out = train(config)
-    except (TrainError, OSError, click.BadParameter) as exc:
-        _fail("student", exc.format_message() if isinstance(exc, click.BadParameter) else str(exc))
-    click.echo(f"trained {config.method}: {out}")
+        return config, train(config)
+
+    config, out = _report("student", run)
+    from .distributed import is_main_process
+
+    if is_main_process():
+        click.echo(f"trained {config.method}: {out}")
 
 
 @main.command()
@@ -56,11 +111,19 @@ def evaluate(as_json, **values):
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_table
 
-    try:
-        result = run_evaluate(options.from_cli(EvaluateConfig, values))
-    except (TrainError, OSError) as exc:
-        _fail("evaluate", str(exc))
+    result = _report("evaluate", lambda: run_evaluate(options.from_cli(EvaluateConfig, values)))
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
+
+
+@main.command()
+@options.click_options(CycleAlignConfig)
+def cyclealign(**values):
+    """CycleAlign end to end: R rounds of sample -> rank (a black box) -> train, resuming after a kill."""
+    from .cyclealign import run_rounds
+    from .trainer import train
+
+    models = _report("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values), train))
+    click.echo("rounds trained: " + ", ".join(map(str, models)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from .methods import Settings
 
 #: the loss settings' names: the options TrainConfig and EvaluateConfig take from Settings
 LOSS_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
+#: where ``--report-to`` sends metrics besides metrics.jsonl
+REPORT_TO = ("none", "tensorboard")
 #: what ``train evaluate`` takes of them: the teacher reward a group's ranking is compared with
 PAD_REWARD = ("pad_alpha", "pad_beta")
 
@@ -86,9 +88,10 @@ class TrainConfig(Settings):
     student: str | None = setting(None, "Student's initial model: dir (e.g. a finished run), embedded name, cached "
                                   "name [the student the store records, else the embedded student].")
     out: str | None = setting(None, "Output directory [runs/<method with + replaced by _>].")
-    epochs: int = setting(1, "Passes over the split.", type=click.IntRange(min=1))
-    max_steps: int | None = setting(None, "Stop after this many optimizer steps [all of every epoch].",
-                                    type=click.IntRange(min=1))
+    epochs: int = setting(1, "Passes over the split (ignored with --max-steps).", type=click.IntRange(min=1))
+    max_steps: int | None = setting(None, "Train exactly this many optimizer steps, going through as many epochs "
+                                    "as that takes (each reshuffled); overrides --epochs, as max_steps does in "
+                                    "transformers' Trainer [--epochs epochs].", type=click.IntRange(min=1))
     lr: float = setting(5e-7, "Peak learning rate (released recipes: 5e-7).",
                         type=click.FloatRange(min=0, min_open=True))
     batch_tokens: int = _batch_tokens()
@@ -110,6 +113,12 @@ class TrainConfig(Settings):
     split: str = setting("train", "Split of the store to train on.")
     chunk_size: int = _chunk_size()
     progress: bool = setting(True, "No progress bar.", flag="--no-progress")
+    fsdp: bool = setting(False, "On several processes (torchrun, accelerate launch): shard the student's weights, "
+                         "gradients and optimizer state across them (FSDP2) instead of a whole copy in each (DDP), "
+                         "for students that do not fit one device; an accelerate FSDP configuration turns it on.",
+                         is_flag=True)
+    report_to: str = setting("none", "Also write metrics.jsonl's scalars to tensorboard (OUT/tensorboard), as TRL "
+                             "and accelerate's --report_to do; none: metrics.jsonl only.", type=click.Choice(REPORT_TO))
 
     def __post_init__(self):
         options.check_option_values(self, TrainError)
@@ -146,8 +155,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     Values go through their option's type or parser, as flags do (``lr: 1e-3``, which YAML
     reads as a string, becomes 0.001; ``weights`` a mapping of floats).
     """
-    with open(path) as fh:
-        loaded = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise TrainError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+    except UnicodeDecodeError:
+        raise TrainError(f"{path}: not a text file (expected YAML)") from None
     if not isinstance(loaded, dict):
         raise TrainError(f"{path}: expected a mapping of option names to values")
     loaded.pop("resolved", None)  # what a run's config.yaml adds beside the options
@@ -163,6 +177,13 @@ def read_config_file(path: str) -> dict[str, Any]:
         except click.BadParameter as exc:
             raise TrainError(f"{path}: {name}: {exc.message}") from None
     return typed
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from a YAML error: what is wrong, and where (line and column, 1-based)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _as_declared(field: dataclasses.Field, value):

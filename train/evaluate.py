@@ -15,7 +15,15 @@ store's ``pairs`` when it has ``pairs/teacher``:
   sums come from ``--initial`` when given (computed by loading it), else from the
   store's ``pairs/student_init`` section, else from the student the store records;
 - ``accuracy_avg_logp``: fraction with a higher length-normalised log-prob of
-  the chosen response (SimPO's reward; needs no initial model).
+  the chosen response (SimPO's reward; needs no initial model);
+- ``teacher_agreement``: fraction of pairs the model orders as the *teacher*
+  does, whatever the dataset's label: the sign of the model's length-normalised
+  log-prob margin ``avg log pi(y_w) - avg log pi(y_l)`` equals the sign of the
+  teacher's (``pairs/teacher/logp_sum`` over the response length). Dataset
+  labels are noisy relative to a given teacher; this is the figure that shows a
+  preference was distilled. ``teacher_prefers_chosen`` is how often the teacher
+  itself ranks the labelled choice first (the ceiling of label accuracy one can
+  expect from distillation).
 
 A tie counts half: a margin within ``TIE_NATS`` (log-ratio; the stored initial sums
 were computed by another run in float32, so an untrained model differs from them
@@ -182,7 +190,7 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
     logp = {"chosen": 0.0, "rejected": 0.0}
     tokens = {"chosen": 0, "rejected": 0}
     pairs = 0
-    wins_logratio = wins_avg = 0.0
+    wins_logratio = wins_avg = agree_teacher = teacher_chosen = 0.0
     for batch, outputs in student.outputs(needs, _PAIR_KD):
         for role_name, role in (("chosen", methods.CHOSEN), ("rejected", methods.REJECTED)):
             rows = methods.response_rows(batch, methods.PAIRS, role)
@@ -201,6 +209,12 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         wins_logratio += float(torch.where(margin.abs() <= TIE_NATS, 0.5, (margin > 0).double()).sum())
         avg_margin = sum_c / n_c.clamp(min=1) - sum_r / n_r.clamp(min=1)
         wins_avg += float(torch.where(avg_margin == 0, 0.5, (avg_margin > 0).double()).sum())
+        chosen, rejected = methods.pair_sequences(batch)
+        teacher_sums = batch.scalars[f"{methods.TEACHER}/logp_sum"].double().cpu()
+        teacher_margin = teacher_sums[chosen.cpu()] / n_c.clamp(min=1) - teacher_sums[rejected.cpu()] / n_r.clamp(min=1)
+        same_sign = torch.sign(avg_margin) == torch.sign(teacher_margin)
+        agree_teacher += float(torch.where((avg_margin == 0) | (teacher_margin == 0), 0.5, same_sign.double()).sum())
+        teacher_chosen += float((teacher_margin > 0).double().sum())
         pairs += len(examples)
     if pairs == 0:
         raise TrainError(f"{student.store.location}: split {student.config.split!r} has no preference pairs")
@@ -210,6 +224,7 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         "mean_logp_chosen": _mean(logp["chosen"], tokens["chosen"]),
         "mean_logp_rejected": _mean(logp["rejected"], tokens["rejected"]),
         "accuracy_logratio": wins_logratio / pairs, "accuracy_avg_logp": wins_avg / pairs,
+        "teacher_agreement": agree_teacher / pairs, "teacher_prefers_chosen": teacher_chosen / pairs,
         "tokens_chosen": tokens["chosen"], "tokens_rejected": tokens["rejected"],
     }
 
@@ -265,6 +280,8 @@ def _pair_lines(result: dict, width: int) -> list[str]:
     lines.append(f"{'response tokens':<{width}}{result['tokens_chosen']:>10d}  {result['tokens_rejected']:>10d}")
     lines.append(f"{'preference accuracy, log-ratio to initial':<{width}}{result['accuracy_logratio']:>10.4f}")
     lines.append(f"{'preference accuracy, mean log-prob':<{width}}{result['accuracy_avg_logp']:>10.4f}")
+    lines.append(f"{'agreement with the teacher, mean log-prob':<{width}}{result['teacher_agreement']:>10.4f}  "
+                 f"(the teacher prefers the labelled choice in {result['teacher_prefers_chosen']:.4f})")
     return lines
 
 

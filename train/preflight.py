@@ -8,7 +8,11 @@
    the ``precompute`` command that writes it with the settings the store was made
    with (:func:`require_signals`, :func:`commands_for`);
 3. refuse ``--resume`` without a checkpoint or with other settings
-   (:func:`train.checkpoint.check_resumable`), and a fresh run into a used directory;
+   (:func:`train.checkpoint.check_resumable`), and a fresh run into a directory
+   holding a checkpoint; a directory that a run stopped before its first checkpoint
+   left is started afresh, with a note (:mod:`train.checkpoint` lists the states a
+   kill can leave); an ``--out`` that is a file or cannot be written is refused
+   first of all (:func:`check_out`);
 4. resolve the student (default: the student the store records) and check its
    tokenizer against the store's;
 5. count the batches of each epoch (:func:`count_batches`) and take a real
@@ -19,12 +23,21 @@ exactly by one pass per epoch over the store's *base* arrays only (token ids and
 offsets, a small fraction of the store: no teacher signal is read), streamed in
 the very order training will see (same seed, same epoch, same buffer), through
 the same :func:`train.batches.token_budget_batches`. Steps per epoch =
-``ceil(batches / grad_accum)``; ``--max-steps`` caps the total.
+``ceil(batches / grad_accum)``. On several processes (:mod:`train.distributed`)
+every process counts the batches of every process's share (one pass per share,
+no communication: all processes reach the same plan), and an epoch lasts as many
+batches as the longest share: ``ceil(longest / grad_accum)`` steps. Without ``--max-steps`` the run is ``--epochs``
+epochs. With ``--max-steps N`` (as ``max_steps`` in transformers' Trainer, which
+overrides ``num_train_epochs``) the run is exactly N steps: epochs 0, 1, 2, ...,
+each shuffled by the seed and its number, follow one another until N steps are
+made (the last one stops where the N-th step ends), and ``--epochs`` is ignored;
+only the epochs that run are counted (:func:`epochs_for`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +48,11 @@ from store import ExampleStream, ModelRecord, Sequence, StoreError, TeacherStore
 from store import format as fmt
 from store.provenance import PASS_ENCODE
 
-from . import checkpoint, methods
+from . import checkpoint, distributed, methods
 from .batches import token_budget_batches
 from .config import TrainConfig, TrainError
-from .records import METRICS_FILE
+from .distributed import RankStream, Shard
+from .records import METRICS_FILE, MODEL_STAGING, model_complete, read_metrics
 
 
 @dataclass
@@ -54,11 +68,20 @@ class Plan:
     device: str
     dtype: torch.dtype
     out: Path
-    batches_per_epoch: list[int]
+    batches_per_epoch: list[int]  # of every epoch the run goes through (with max_steps: as many as it needs);
+    # on several processes, the longest share's (each process runs that many, some with zero weight)
     total_steps: int
     warmup_steps: int
     probe: Sequence  # a real sequence of the split: the student's decoder/output split is checked on it
     notes: list[str] = field(default_factory=list)
+    shard: Shard = field(default_factory=Shard)  # this process's place among the run's processes
+    rank_batches: list[list[int]] = field(default_factory=list)  # per epoch, each process's batches
+    parallel: str = "none"  # how several processes train: ddp or fsdp (:mod:`train.distributed`)
+
+    @property
+    def my_batches(self) -> list[int]:
+        """This process's batches in each epoch."""
+        return [per_rank[self.shard.rank] for per_rank in self.rank_batches]
 
 
 # --------------------------------------------------------------------------- the store and what it records
@@ -212,10 +235,76 @@ def base_only(needs: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def count_batches(store: TeacherStore, split: str, needs: dict[str, list[str]], batch_tokens: int, seed: int,
-                  epoch: int) -> int:
-    """Batches of one epoch, reading base arrays only, in training's order (see module docstring)."""
-    stream = ExampleStream(store, split, base_only(needs), shuffle=True, seed=seed)
+                  epoch: int, shard: Shard = Shard()) -> int:
+    """Batches of one epoch of ``shard``'s share (the whole split on one process), reading base arrays only, in
+    training's order (see module docstring)."""
+    stream = RankStream(store, split, base_only(needs), seed=seed, shard=shard)
     return sum(1 for _ in token_budget_batches(stream.iterate(epoch), batch_tokens))
+
+
+def count_shares(store: TeacherStore, split: str, needs: dict[str, list[str]], batch_tokens: int, seed: int,
+                 epoch: int, world: int) -> list[int]:
+    """Batches of one epoch of each of ``world`` processes' shares, in rank order."""
+    return [count_batches(store, split, needs, batch_tokens, seed, epoch, Shard(rank, world)) for rank in range(world)]
+
+
+def epochs_for(config: TrainConfig, count) -> list[list[int]]:
+    """Batches of each epoch the run goes through, per process; ``count(epoch)`` counts one epoch's batches of
+    each process's share (a list, one number per process).
+
+    ``config.epochs`` epochs, or with ``config.max_steps`` as many epochs as make that many
+    optimizer steps (``ceil(longest share's batches / grad_accum)`` per epoch), ``epochs`` ignored.
+    """
+    if config.max_steps is None:
+        return [count(epoch) for epoch in range(config.epochs)]
+    batches, steps = [], 0
+    while steps < config.max_steps:
+        batches.append(count(len(batches)))
+        if max(batches[-1]) == 0:
+            raise TrainError(f"{config.cache}: epoch {len(batches) - 1} of split {config.split!r} makes no batch")
+        steps += math.ceil(max(batches[-1]) / config.grad_accum)
+    return batches
+
+
+def check_out(out: Path) -> None:
+    """Refuse (TrainError) an output directory that is a file, lies under a file, or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a directory: choose another --out")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--out {out}: {existing} is a file, not a directory: choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == out else f"{existing} is"
+        raise TrainError(f"--out {out}: {where} not writable (read-only): choose another --out")
+
+
+def check_run_directory(out: Path, resume: bool) -> list[str]:
+    """Refuse a resume without a checkpoint and a fresh start over one; notes on what a fresh start replaces.
+
+    The states a kill can leave in ``out``: :mod:`train.checkpoint`.
+    """
+    state = checkpoint.state_path(out)
+    if checkpoint.has_checkpoint(out):
+        if resume:
+            return []
+        if (out / MODEL_STAGING).exists():
+            raise TrainError(f"{out} holds a run whose final model was not completely written: pass --resume to "
+                             f"write it (no training step), or choose another --out")
+        finished = " (a finished one: --resume only writes its model again)" if model_complete(out) else ""
+        raise TrainError(f"{out} already holds a run{finished}: pass --resume to continue it, or choose another --out")
+    left = checkpoint.unfinished_files(out)
+    if resume:
+        stopped = f" ({out} holds a run stopped before its first checkpoint)" if left else ""
+        raise TrainError(f"--resume: no checkpoint at {state}{stopped}: nothing to resume; run the same command "
+                         f"without --resume to start {'afresh' if left else 'the run'}")
+    if not left:
+        return []
+    records = read_metrics(out / METRICS_FILE)
+    reached = f", which had logged step {records[-1]['step']}," if records else ""
+    return [f"note: {out} holds a run that stopped before its first checkpoint{reached} so there is nothing to "
+            f"resume: starting afresh, replacing {', '.join(left)}"]
 
 
 def first_sequence(store: TeacherStore, split: str, needs: dict[str, list[str]]) -> Sequence:
@@ -236,41 +325,56 @@ def resolve_precision(device: str, dtype: str) -> tuple[str, torch.dtype]:
         raise TrainError(str(exc)) from exc
 
 
-def prepare(config: TrainConfig) -> Plan:
-    """Validate everything that can be validated without loading a model (module docstring)."""
+def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -> Plan:
+    """Validate everything that can be validated without loading a model (module docstring).
+
+    ``context``: the processes of the run (:func:`train.distributed.setup`): this
+    process's share, its device, the launcher's settings; None: one process.
+    """
     c = config
+    context = context or distributed.Context(device=c.device)
+    shard = context.shard
     try:
         terms = methods.resolve_terms(c.method, c.weights)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
-    device, dtype = resolve_precision(c.device, c.dtype)
+    if shard.world > 1:
+        distributed.check_terms(terms)
+    launched_dtype = context.launch.dtype if c.dtype == "auto" else None  # accelerate's mixed_precision: bf16
+    device, dtype = resolve_precision(context.device, launched_dtype or c.dtype)
     if dtype == torch.float16:
         raise TrainError("--dtype float16 is not supported (it needs loss scaling): use bfloat16 or float32")
+    out = c.run_dir
+    check_out(out)
 
     store = open_store(c.cache)
     needs = methods.needs_of(terms)
     require_signals(store, c.split, needs, f"method {c.method}")
 
-    out = c.run_dir
-    state = checkpoint.state_path(out)
-    if c.resume and not state.is_file():
-        raise TrainError(f"--resume: no checkpoint at {state}")
+    notes = check_run_directory(out, c.resume)
     if c.resume:
-        checkpoint.check_resumable(checkpoint.saved_config(out), c)
-    if not c.resume and (state.is_file() or (out / METRICS_FILE).is_file()):
-        raise TrainError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        saved = checkpoint.saved_config(out)
+        checkpoint.check_resumable(saved, c)
+        checkpoint.check_processes(saved, shard.world)
+    if shard.world == 1 and (c.fsdp or context.launch.fsdp):
+        notes.append("note: FSDP shards over several processes; one process trains the whole student (no FSDP)")
+    notes += list(context.launch.notes)
 
-    student, notes = resolve_student(c, store, terms)
+    student, student_notes = resolve_student(c, store, terms)
+    notes += student_notes
     check_tokenizer(store, student)
 
     probe = first_sequence(store, c.split, needs)
-    batches = [count_batches(store, c.split, needs, c.batch_tokens, c.seed, e) for e in range(c.epochs)]
+    shares = epochs_for(c, lambda epoch: count_shares(store, c.split, needs, c.batch_tokens, c.seed, epoch,
+                                                      shard.world))
+    batches = [max(per_rank) for per_rank in shares]
     total = sum(math.ceil(n / c.grad_accum) for n in batches)
     if c.max_steps is not None:
-        total = min(total, c.max_steps)
+        total = c.max_steps  # the epochs counted make at least that many
     return Plan(config=c, store=store, terms=terms, needs=needs, student=student, teacher=recorded_teacher(store),
                 device=device, dtype=dtype, out=out, batches_per_epoch=batches, total_steps=total,
-                warmup_steps=math.ceil(c.warmup_ratio * total), probe=probe, notes=notes)
+                warmup_steps=math.ceil(c.warmup_ratio * total), probe=probe, notes=notes, shard=shard,
+                rank_batches=shares, parallel=context.parallel)
 
 
 def load_student(path: str, device: str, probe: Sequence):

@@ -1,0 +1,264 @@
+"""`train student` killed at any moment can go on, and resuming never runs code from the checkpoint file.
+
+Kills are real: a child process runs the ``train`` command with a hook (not in the
+project's code) that sends itself SIGKILL in the middle of writing a given file, or
+right after a given file was renamed into place (:data:`KILLED_TRAINER`). Then the
+same command, with or without ``--resume``, must finish the run as an uninterrupted
+one would have: same weights, one metrics record per step with the same losses.
+The states and what continues from each: ``train/checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from train import checkpoint, records
+from train.cli import main
+from train.trainer import TrainConfig, TrainError, train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 6, 2  # checkpoints at steps 2, 4 and 6 (the last); one epoch is 9 steps at 200 tokens a batch
+
+# The child: argv[1] is the run's --out, the rest the `train` command line. KILL_IN names a file of the run
+# (relative to --out; a temporary ".NAME.tmp" counts as NAME, and the model's staging folder as --out itself);
+# KILL_HOW=cut: the KILL_AT-th write into that file is cut in the middle by SIGKILL (a file written with
+# open(), by torch.save or by safetensors); KILL_HOW=after: SIGKILL right after the KILL_AT-th rename onto it.
+KILLED_TRAINER = textwrap.dedent("""
+    import builtins, io, os, signal, sys
+    import torch
+    import transformers.modeling_utils as modeling
+
+    out, victim, nth, how = sys.argv[1], os.environ["KILL_IN"], int(os.environ["KILL_AT"]), os.environ["KILL_HOW"]
+    seen = [0]
+
+    def run_name(path):
+        folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+        if name.startswith(".") and name.endswith(".tmp"):
+            name = name[1:-4]
+        return os.path.relpath(os.path.join(folder, name), out).replace(".model.partial" + os.sep, "")
+
+    def due(path):
+        if run_name(path) != victim:
+            return False
+        seen[0] += 1
+        return seen[0] == nth
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class Writes:
+        def __init__(self, fh, path):
+            self.fh, self.path = fh, path
+        def write(self, data):
+            if due(self.path):
+                self.fh.write(data[:len(data) // 2])
+                self.fh.flush()
+                die()
+            return self.fh.write(data)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.fh.__exit__(*exc)
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def cut_after_writing(write):
+        def wrapped(data, path, *args, **kwargs):
+            write(data, path, *args, **kwargs)
+            if isinstance(path, (str, os.PathLike)) and due(path):
+                os.truncate(path, os.path.getsize(path) // 2)
+                die()
+        return wrapped
+
+    if how == "cut":
+        original_open = io.open
+        def opening(file, mode="r", *args, **kwargs):
+            fh = original_open(file, mode, *args, **kwargs)
+            writing = isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax")
+            return Writes(fh, file) if writing and run_name(file) == victim else fh
+        builtins.open = io.open = opening
+        torch.save = cut_after_writing(torch.save)
+        modeling.safe_save_file = cut_after_writing(modeling.safe_save_file)
+    else:
+        original_replace = os.replace
+        def replacing(src, dst, *args, **kwargs):
+            original_replace(src, dst, *args, **kwargs)
+            if due(dst):
+                die()
+        os.replace = replacing
+
+    from train.cli import main
+    main(sys.argv[2:], prog_name="train")
+""")
+
+
+def command(store, out, *extra):
+    return ["student", "--cache", str(store), "--out", str(out), "--method", "dckd", "--max-steps", str(STEPS),
+            "--save-every", str(SAVE_EVERY), "--lr", "1e-3", "--batch-tokens", "200", "--device", "cpu",
+            "--dtype", "float32", "--log-every", "1", "--no-progress", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_store, tmp_path_factory):
+    """The uninterrupted run: its directory."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = CliRunner().invoke(main, command(tiny_store, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def assert_same_run(out, straight):
+    a, b = load_file(Path(straight) / "model.safetensors"), load_file(Path(out) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    got, expected = metrics(out), metrics(straight)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(got, expected):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-7), mine["step"]
+        assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12)
+    assert not [p for p in Path(out).rglob("*") if p.name.endswith(".tmp") or p.name == ".model.partial"]
+
+
+def one_line(result, command="student") -> str:
+    """The refusal: exit status 2, stderr ending in one line of the command's (progress bars may come before)."""
+    lines = result.stderr.strip().splitlines()
+    ours = [line for line in lines if line.startswith(f"train {command}:")]
+    assert result.exit_code == 2 and len(ours) == 1 and lines[-1] == ours[0], result.output
+    assert "Traceback" not in result.output and not result.stdout
+    return ours[0]
+
+
+# (file killed in, which write or rename of it, how) -> what goes on: "afresh" (no checkpoint yet: the same
+# command starts again), "resume" (--resume continues), "model" (--resume writes the final model)
+KILLS = {
+    "config.yaml cut, before the first step": ("config.yaml", 1, "cut", "afresh"),
+    "first metrics record cut": ("metrics.jsonl", 1, "cut", "afresh"),
+    "first checkpoint's config.json cut": ("checkpoint/config.json", 1, "cut", "afresh"),
+    "first checkpoint's state cut": ("checkpoint/state.pt", 1, "cut", "afresh"),
+    "right after the first checkpoint": ("checkpoint/state.pt", 1, "after", "resume"),
+    "second checkpoint's config.json cut": ("checkpoint/config.json", 2, "cut", "resume"),
+    "second checkpoint's state cut": ("checkpoint/state.pt", 2, "cut", "resume"),
+    "a metrics record after a checkpoint cut": ("metrics.jsonl", 3, "cut", "resume"),
+    "model cut after the final checkpoint": ("model.safetensors", 1, "cut", "model"),
+}
+
+
+def kill_run(store, out, victim, nth, how, *extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KILL_IN": victim, "KILL_AT": str(nth),
+           "KILL_HOW": how}
+    done = subprocess.run([sys.executable, "-c", KILLED_TRAINER, str(out), *command(store, out, *extra)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+def test_a_run_killed_anywhere_is_resumed_or_restarted_by_the_same_command(kill, tiny_store, straight, tmp_path):
+    victim, nth, how, goes_on = KILLS[kill]
+    out = tmp_path / "run"
+    kill_run(tiny_store, out, victim, nth, how)
+    runner = CliRunner()
+
+    if goes_on == "afresh":
+        refused = one_line(runner.invoke(main, command(tiny_store, out, "--resume")))
+        assert "no checkpoint" in refused and "without --resume" in refused
+        again = runner.invoke(main, command(tiny_store, out))
+        assert again.exit_code == 0, again.output
+        assert "starting afresh" in again.stderr and "config.yaml" in again.stderr
+    else:
+        refused = one_line(runner.invoke(main, command(tiny_store, out)))
+        assert "--resume" in refused
+        if goes_on == "model":
+            assert "model was not completely written" in refused
+        again = runner.invoke(main, command(tiny_store, out, "--resume"))
+        assert again.exit_code == 0, again.output
+        if goes_on == "model":
+            assert "writing its model" in again.stderr
+    assert_same_run(out, straight)
+
+
+def test_a_resume_killed_while_dropping_later_records_keeps_the_earlier_ones(tiny_store, straight, tmp_path):
+    out = tmp_path / "run"
+    kill_run(tiny_store, out, "metrics.jsonl", 3, "cut")  # steps 1-2 logged and checkpointed, step 3's cut
+    kill_run(tiny_store, out, "metrics.jsonl", 1, "cut", "--resume")  # the resume rewrites metrics.jsonl: cut
+    assert [r["step"] for r in records.read_metrics(out / "metrics.jsonl")] == [1, 2]  # step 3's cut record aside
+    again = CliRunner().invoke(main, command(tiny_store, out, "--resume"))
+    assert again.exit_code == 0, again.output
+    assert_same_run(out, straight)
+
+
+# --------------------------------------------------------------------------- resuming loads data only
+
+
+class RunsCodeWhenLoaded:
+    """Pickled as a call of os.mkdir(marker): loading it with pickle's full powers creates the folder."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_checkpoint_holding_an_object_that_runs_code_is_refused(tiny_store, tmp_path):
+    config = dict(cache=str(tiny_store), out=str(tmp_path / "run"), method="sft", max_steps=3, lr=1e-3,
+                  batch_tokens=300, device="cpu", dtype="float32", progress=False)
+    train(TrainConfig(**config), stop_after=1)
+    state_file = checkpoint.state_path(tmp_path / "run")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)  # what train writes is plain data
+    marker = tmp_path / "code-ran"
+    state["note"] = RunsCodeWhenLoaded(str(marker))
+    torch.save(state, state_file)
+    with zipfile.ZipFile(state_file) as archive:  # the file does call os.mkdir when unpickled (not run here)
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"mkdir" in pickled and not marker.exists()
+
+    with pytest.raises(TrainError, match="refused") as refused:
+        train(TrainConfig(**config, resume=True))
+    assert "mkdir" in str(refused.value) and str(state_file) in str(refused.value)
+    assert not marker.exists()
+    result = CliRunner().invoke(main, ["student", "--cache", str(tiny_store), "--out", str(tmp_path / "run"),
+                                       "--method", "sft", "--max-steps", "3", "--lr", "1e-3", "--batch-tokens", "300",
+                                       "--device", "cpu", "--dtype", "float32", "--no-progress", "--resume"])
+    message = one_line(result)
+    assert "refused" in message and "run as code" in message
+    assert not marker.exists()
+
+
+def test_numpy_rng_state_kept_as_data_and_older_array_form_still_loads(tiny_store, tmp_path):
+    config = dict(cache=str(tiny_store), out=str(tmp_path / "run"), method="sft", max_steps=3, lr=1e-3,
+                  batch_tokens=300, device="cpu", dtype="float32", progress=False)
+    train(TrainConfig(**config), stop_after=1)
+    state_file = checkpoint.state_path(tmp_path / "run")
+    state = checkpoint.read_state(state_file)
+    assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+
+    np.random.seed(7)
+    np.random.standard_normal()  # a state with a cached gaussian
+    expected = np.random.get_state()
+    state["rng"]["numpy"] = expected  # how checkpoints kept it before: a tuple holding a uint32 array
+    torch.save(state, state_file)
+    np.random.seed(0)
+    checkpoint._set_rng_state(checkpoint.read_state(state_file)["rng"])
+    restored = np.random.get_state()
+    assert restored[0] == expected[0] and restored[2:] == expected[2:]
+    np.testing.assert_array_equal(restored[1], expected[1])
+    train(TrainConfig(**config, resume=True))  # and the run resumes from it
+    assert [r["step"] for r in metrics(tmp_path / "run")][-1] == 3
