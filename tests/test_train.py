@@ -274,3 +274,28 @@ def test_evaluate_reports_agreement_with_the_teachers_preference(tiny_store, tin
             prefers += mean[(e, fmt.ROLE_CHOSEN)] > mean[(e, fmt.ROLE_REJECTED)]
             pairs += 1
     assert report["pairs"] == pairs and report["teacher_prefers_chosen"] == pytest.approx(prefers / pairs)
+
+
+def test_evaluate_writes_the_models_greedy_and_sampled_answers(tiny_store, tiny_models, tmp_path):
+    """--generations: one line per held-out prompt; the greedy answer is the model's own greedy continuation of
+    the store's prompt ids, cut at the end of turn."""
+    from lm import chat
+    from lm.generate import generate_greedy
+    from train.generations import split_prompts
+
+    out = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_models[1]), "--cache", str(tiny_store),
+                                       "--generations", str(out), "--samples", "3", "--max-new-tokens", "8",
+                                       "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    store = TeacherStore.open(str(tiny_store))
+    prompts = split_prompts(store, "test")
+    assert [line["example_index"] for line in lines] == [e for e, _ in prompts] == [0, 1]
+    assert all(len(line["samples"]) == 3 for line in lines)
+    model, tokenizer, _ = models.load_model(str(tiny_models[1]), device="cpu", dtype="float32")
+    ends = chat.end_of_turn_ids(tokenizer)
+    expected = generate_greedy(model, [p for _, p in prompts], max_new_tokens=8, eos_ids=ends,
+                               pad_id=chat.pad_id(tokenizer))
+    assert [line["greedy"] for line in lines] == [
+        tokenizer.decode(a.tolist(), skip_special_tokens=True).strip() for a in expected]

@@ -212,6 +212,14 @@ class EvaluateConfig(Settings):
     dtype: str = _dtype()
     batch_tokens: int = _batch_tokens()
     chunk_size: int = _chunk_size()
+    generations: str | None = setting(None, "Also write the model's answers to the split's prompts to this JSON lines "
+                                      "file (greedy, and --samples sampled ones), for scoring outside.")
+    samples: int = setting(0, "With --generations: sampled answers per prompt besides the greedy one.",
+                           type=click.IntRange(min=0))
+    temperature: float = setting(1.0, "With --generations: sampling temperature.",
+                                 type=click.FloatRange(min=0, min_open=True))
+    max_new_tokens: int = setting(64, "With --generations: length limit of an answer.", type=click.IntRange(min=1))
+    seed: int = setting(0, "With --generations: seed of the sampled answers.", type=int)
 
     def __post_init__(self):
         options.check_option_values(self, TrainError)

@@ -94,7 +94,7 @@ class ModelPass:
     """A loaded model and how it runs over the store's split (:meth:`outputs`)."""
 
     model: torch.nn.Module
-    pad_id: int
+    tokenizer: object
     store: TeacherStore
     config: EvaluateConfig
     device: str
@@ -105,14 +105,14 @@ class ModelPass:
              precision: tuple[str, torch.dtype]) -> "ModelPass":
         """The model at ``path``, its split checked on ``probe`` (:func:`train.preflight.load_student`)."""
         model, tokenizer = load_student(path, precision[0], probe)
-        return cls(model.eval(), chat.pad_id(tokenizer), store, config, *precision)
+        return cls(model.eval(), tokenizer, store, config, *precision)
 
     @torch.no_grad()
     def outputs(self, needs, requests):
         """Yield (batch, outputs) over the split's examples that have every set of ``needs``, in store order."""
         stream = ExampleStream(self.store, self.config.split, needs, shuffle=False)
         for examples in token_budget_batches(stream, self.config.batch_tokens):
-            batch = collate(examples, self.pad_id).to(self.device)
+            batch = collate(examples, chat.pad_id(self.tokenizer)).to(self.device)
             with methods.autocast_for(self.device, self.dtype):
                 outputs = methods.student_outputs(self.model, batch, requests, self.config, self.config.chunk_size)
             yield batch, outputs
@@ -176,6 +176,13 @@ def evaluate(config: EvaluateConfig) -> dict:
         result["initial"] = initial_from
     if has_groups:
         result.update(_group_metrics(student_pass))
+    if c.generations:
+        from .generations import write_generations
+
+        result["generations"] = c.generations
+        result["generated_prompts"] = write_generations(
+            student_pass.model, student_pass.tokenizer, store, c.split, c.generations, samples=c.samples,
+            temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=c.seed)
     return result
 
 
@@ -267,6 +274,8 @@ def format_table(result: dict) -> str:
         lines.extend(_pair_lines(result, width))
     if has_groups:
         lines.extend(_group_lines(result, width))
+    if "generations" in result:
+        lines.append(f"{'answers written':<{width}}{result['generated_prompts']} prompts -> {result['generations']}")
     return "\n".join(lines)
 
 
