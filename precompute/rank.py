@@ -54,6 +54,7 @@ from lm import chat, models
 from lm.options import comma_list, key_values, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
+from store import keys
 from store.locations import STORAGE_OPTION_CLI, redact_url
 from store.sequences import split_sequences
 
@@ -252,6 +253,11 @@ def rank_groups(judge, instruction: str, demos: Sequence[Demo], groups: Sequence
     return results
 
 
+def shuffle_seed(seed: int, part: int) -> int:
+    """The seed of a part's label shuffles (group g of the part adds g)."""
+    return seed + 7919 * part
+
+
 def white_box_order(mean_logp: Sequence[float]) -> list[int]:
     """Positions by the white box's length-normalised log-prob, highest first (ties to the lower position)."""
     return sorted(range(len(mean_logp)), key=lambda i: (-float(mean_logp[i]), i))
@@ -313,6 +319,8 @@ class RankConfig:
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
     dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
     storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting(factory=tuple, **runs.REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
     progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
@@ -352,27 +360,54 @@ def _audits(judged: dict) -> list[dict]:
     return [json.loads(raw[offsets[g]:offsets[g + 1]].decode("utf-8")) for g in range(len(offsets) - 1)]
 
 
+def _section_key(store: TeacherStore, name: str, record: PassRecord, split: str, part: int,
+                 prompts_sha256: str | None = None, part_seed: int | None = None) -> str | None:
+    """The content key (:mod:`store.keys`) of section ``name`` of a part of the samples; None until the
+    sections it is computed on are complete."""
+    base = store.section_attrs(split, part, fmt.SET_SAMPLES)
+    if not (base and base.get("complete")):
+        return None
+    reads = {}
+    if name == PASS_JUDGE:  # the agreement reads the white box's sums
+        white = store.section_attrs(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT)
+        if not (white and white.get("complete")):
+            return None
+        reads[PASS_WHITE_BOX] = {"logp_sum": white["checksums"]["logp_sum"]}
+    return keys.section_key(name, layout=store.key_layout(), example_range=store.part_range(split, part),
+                            model_sha256=record.model.sha256 if record.model else None, settings=record.settings,
+                            base_checksums=base["checksums"], reads=reads, prompts_sha256=prompts_sha256,
+                            part_seed=part_seed)
+
+
 def _white_box_sums(store: TeacherStore, info, tokenizer, config: RankConfig, summary: runs.Summary,
-                    splits: Sequence[str]) -> None:
+                    splits: Sequence[str], reuse: runs.Reuse) -> None:
     """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
     todo = [(split, part) for split in splits for part in range(store.num_parts(split))
             if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT)]
     record = summary.step_record(PASS_WHITE_BOX, sum(store.num_parts(s) for s in splits) - len(todo))
-    if not todo:
-        return
     device = models.resolve_device(config.device)
     dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    white = PassRecord(ModelRecord(info.name, info.weights_hash), {
+        "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length})
+
+    def key_of(split: str, part: int) -> str | None:
+        return _section_key(store, PASS_WHITE_BOX, white, split, part)
+
+    def register() -> None:
+        store.register_pass(PASS_WHITE_BOX, white.to_dict(), may_replace=True)
+
+    todo = reuse.take_parts(PASS_WHITE_BOX, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, todo, key_of, register)
+    if not todo:
+        return
     model, _, _ = models.load_model(info.path, device=device, dtype=dtype)
-    store.register_pass(PASS_WHITE_BOX, PassRecord(ModelRecord(info.name, info.weights_hash), {
-        "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length}).to_dict(),
-        may_replace=True)
+    register()
     started = time.perf_counter()
     for split, part in todo:
         seqs, prompts = split_sequences(store.read_section(split, part, fmt.SET_SAMPLES))
         scored = scoring.score_sequences(model, seqs, prompts, batch_tokens=config.batch_tokens,
                                          pad_id=chat.pad_id(tokenizer))
         if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT,
-                               scoring.scored_arrays(scored)) is not None:
+                               scoring.scored_arrays(scored), {keys.ATTR: key_of(split, part)}) is not None:
             record["parts_done"] += 1
             record["tokens"] += sum(map(len, seqs))
     record["seconds"] = time.perf_counter() - started
@@ -412,7 +447,7 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
         groups.append((question_text(rows_by_index[example].prompt), responses))
         spans.append((s0, s1))
     results = rank_groups(judge, instruction, demos, groups, tries=config.tries,
-                          seed=config.seed + 7919 * part, on_reply=progress)
+                          seed=shuffle_seed(config.seed, part), on_reply=progress)
     n_seq = len(seqs)
     judge_rank = np.full(n_seq, -1, np.int16)
     white_rank = np.full(n_seq, -1, np.int16)
@@ -480,10 +515,21 @@ def run_rank(config: RankConfig) -> runs.Summary:
         raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
                                  f"{diff}. Write the samples to another --out, or delete the store")
 
-    _white_box_sums(store, white_box, tokenizer, c, summary, list(rows))
+    reuse = runs.Reuse.for_run(store, c, summary)
+    _white_box_sums(store, white_box, tokenizer, c, summary, list(rows), reuse)
     todo = [(split, part) for split in rows for part in range(store.num_parts(split))
             if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)]
     step = summary.step_record(PASS_JUDGE, sum(store.num_parts(s) for s in rows) - len(todo))
+
+    def judge_key(split: str, part: int) -> str | None:
+        prompts = runs.prompts_fingerprint([r for r in rows[split].rows
+                                            if store.part_range(split, part)[0] <= r.index
+                                            < store.part_range(split, part)[1]])
+        return _section_key(store, PASS_JUDGE, record, split, part, prompts_sha256=prompts,
+                            part_seed=shuffle_seed(c.seed, part))
+
+    todo = reuse.take_parts(PASS_JUDGE, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, todo, judge_key,
+                            lambda: store.register_pass(PASS_JUDGE, record.to_dict(), may_replace=True))
     totals: dict = {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
     if todo:
         judge = make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
@@ -500,6 +546,7 @@ def run_rank(config: RankConfig) -> runs.Summary:
                 by_index = {r.index: r for r in rows[split].rows}
                 arrays, attrs = rank_part(store, split, part, judge, tokenizer, instruction, demos, by_index, c,
                                           bar.update)
+                attrs[keys.ATTR] = judge_key(split, part)
                 if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs) is None:
                     step["parts_skipped"] += 1
                     continue

@@ -38,6 +38,10 @@ skipped: that is resuming). Per part, its attributes record the prompts,
 groups kept, drop counts by reason, truncated prompts, the seed and the
 hardware settings; the per-split totals go to
 ``layout.splits.<split>.samples`` in the root attributes and to the summary.
+Each part's content key (:func:`sample_key`, :mod:`store.keys`) covers the
+model, the sampling settings, the part's seed, device kind and generation batch
+and its prompts; ``--reuse-from`` copies a part whose key another store holds
+instead of sampling it (on a cluster, before the parts are submitted).
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ from tqdm.auto import tqdm
 
 from lm import chat, models
 from lm.generate import generate_in_batches
-from lm.options import comma_list, key_json_values, key_values, setting
+from lm.options import comma_list, key_values, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
+from store import keys
+from store.locations import STORAGE_OPTION_CLI
 from store.sequences import base_arrays
 
 from . import runs
@@ -200,9 +206,9 @@ class SampleConfig:
     strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
     examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
                                      type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, help="fsspec option KEY=VALUE (repeatable).",
-                                    flag="--storage-option", multiple=True,
-                                    parse=key_json_values("--storage-option"))
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
     progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
     def check(self) -> None:
@@ -296,15 +302,34 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
     return ctx, todo
 
 
-def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
-    """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
+def _prompts(ctx: SampleContext, rows: Sequence) -> tuple[list[np.ndarray], int]:
+    """The rows' prompts as sampled (chat template, cut from the left to the budget), and how many were cut."""
     c = ctx.config
     budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
     prompts, truncated = [], 0
-    for r in todo.rows:
+    for r in rows:
         full = chat.encode_prompt(ctx.tokenizer, r.prompt)
         truncated += int(len(full) > budget)
         prompts.append(full[-budget:])
+    return prompts, truncated
+
+
+def sample_key(ctx: SampleContext, todo: _Part) -> str:
+    """The content key of one part's groups (:func:`store.keys.samples_base_key`): no model loads."""
+    c = ctx.config
+    prompts, _ = _prompts(ctx, todo.rows)
+    return keys.samples_base_key(
+        layout=ctx.store.key_layout(), example_range=ctx.store.part_range(todo.split, todo.part),
+        model_sha256=ctx.model.weights_hash, settings=sample_record(ctx).settings,
+        part_seed=part_seed(c.seed, todo.split, todo.part), device=ctx.device, generation_batch=c.generation_batch,
+        eot_ids=ctx.eot_ids, prompts_sha256=runs.prompts_fingerprint(todo.rows),
+        prompt_ids=[(r.index, p) for r, p in zip(todo.rows, prompts)])
+
+
+def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
+    """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
+    c = ctx.config
+    prompts, truncated = _prompts(ctx, todo.rows)
     seed = part_seed(c.seed, todo.split, todo.part)
     torch.manual_seed(seed)
     drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
@@ -324,6 +349,7 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
         "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
         "prompts_sha256": runs.prompts_fingerprint(todo.rows), "seed": seed,
         "generation_batch": c.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
+        keys.ATTR: sample_key(ctx, todo),
     }
     drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
     return base_arrays(seqs, groups=groups), attrs, drawn_tokens
@@ -336,6 +362,7 @@ def run_sample(config: SampleConfig) -> runs.Summary:
         return _finish(_run_on_cluster(config, summary), summary, t0)
     ctx, todo = prepare(config, summary)
     record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+    todo = _reuse_parts(ctx, todo, summary)
     if todo:
         model, _, _ = models.load_model(ctx.model.path, device=ctx.device, dtype=ctx.dtype)
         ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)  # what runs
@@ -354,6 +381,22 @@ def run_sample(config: SampleConfig) -> runs.Summary:
         model = None
         runs.free_memory()
     return _finish(ctx, summary, t0)
+
+
+def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: runs.Summary) -> list[_Part]:
+    """The parts of ``todo`` that no store of ``--reuse-from`` holds; the others are copied in, verified, the
+    pass recorded first."""
+    reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+    if not reuse:
+        return todo
+    by_place = {(p.split, p.part): p for p in todo}
+
+    def record() -> None:
+        ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)
+
+    left = reuse.take_parts(PASS_SAMPLES, fmt.SET_SAMPLES, fmt.BASE, list(by_place),
+                            lambda split, part: sample_key(ctx, by_place[(split, part)]), before=record)
+    return [by_place[place] for place in left]
 
 
 def _finish(ctx: SampleContext, summary: runs.Summary, t0: float) -> runs.Summary:
@@ -381,9 +424,12 @@ def _run_on_cluster(config: SampleConfig, summary: runs.Summary) -> SampleContex
         device, dtype = session.resolve(config.device, config.dtype)
         ctx, todo = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
         record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+        todo = _reuse_parts(ctx, todo, summary)  # reused here, not submitted
         if todo:
             ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)
-            fingerprint = session.install(attach_context, dataclasses.replace(ctx, store=None, rows={}))
+            portable = dataclasses.replace(ctx, store=None, rows={},  # reuse options may hold credentials
+                                           config=dataclasses.replace(ctx.config, reuse_from=(), reuse_options={}))
+            fingerprint = session.install(attach_context, portable)
             units = [cluster.Unit(PASS_SAMPLES, p.split, p.part, sample_part_on_worker,
                                   (fingerprint, p.split, p.part, p.rows)) for p in todo]
             cluster.tally(session.run(units, desc=PASS_SAMPLES, progress=config.progress), {PASS_SAMPLES: record})

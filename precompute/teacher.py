@@ -43,6 +43,15 @@ coordinator, each part of each step becomes a unit of work
 writes into the store itself; a part that reads another step's section of the
 same part (:data:`READS`) waits for that unit only. ``--device-map auto`` loads
 each model sharded over the process's (or worker's) GPUs with accelerate.
+
+Every section gets a content key when it is written (:func:`content_key`,
+:func:`pairs_base_key`; :mod:`store.keys` defines what goes into each).
+``--reuse-from LOCATION`` (and ``$DISTILL_REUSE_FROM``): before a step runs,
+each part whose key another store there holds is copied from it, verified,
+instead of computed (:func:`_reuse_parts`); a step left with no part to compute
+loads no model. On a cluster the coordinator does this before submitting: a
+reused part is no unit (a part whose inputs are computed in the same run, such
+as the teacher on answers generated now, has no key yet and is computed).
 """
 
 from __future__ import annotations
@@ -60,9 +69,13 @@ from tqdm.auto import tqdm
 from lm import chat, models
 from lm.generate import generate_greedy
 from lm.head import check_split
-from lm.options import comma_list, key_json_values, key_values, setting
+from lm.options import comma_list, key_values, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
+from store import keys
+from store.format import SectionRef
+from store.locations import STORAGE_OPTION_CLI
+from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
 from . import calibration, runs, scoring
@@ -97,6 +110,9 @@ class TeacherConfig:
     splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
     limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
     top_k: int = setting(50, "Teacher log-probs kept per response token.", type=click.IntRange(min=1))
+    top_p: float = setting(1.0, "Adaptive K: keep per token the fewest of the top-K ids whose teacher mass reaches "
+                                "P (--top-k the cap), the rest in the exact tail; 1.0: always K.",
+                           type=click.FloatRange(min=0, max=1, min_open=True))
     max_length: int = setting(512, "Tokens per sequence; prompts are cut from the left.",
                               type=click.IntRange(min=16))
     max_new_tokens: int = setting(64, "Length limit of generated answers (ADPA); raise it for real teachers.",
@@ -117,9 +133,9 @@ class TeacherConfig:
     strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
     examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
                                      type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, help="fsspec option KEY=VALUE (repeatable).",
-                                    flag="--storage-option", multiple=True,
-                                    parse=key_json_values("--storage-option"))
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
@@ -150,6 +166,7 @@ class TeacherContext:
     pad_id: int
     prompt_rows: dict[str, LoadedSplit] = field(default_factory=dict)  # pad: the questions asked
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
+    reuse: runs.Reuse | None = None  # --reuse-from: sections of other stores with the same content key
 
     def rows_of_part(self, split: str, part: int, *, prompts: bool = False) -> list[Row]:
         """The rows of examples [start, stop) of ``part`` that survived loading, in index order."""
@@ -163,7 +180,7 @@ class TeacherContext:
 def topk_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The teacher's top-K, target log-probs and sums over the set's responses."""
     seqs, prompts = split_sequences(ctx.store.read_section(split, part, step.sequence_set))
-    scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.config.top_k,
+    scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.config.top_k, top_p=ctx.config.top_p,
                                      batch_tokens=ctx.config.batch_tokens, pad_id=ctx.pad_id, on_batch=progress)
     groups = _groups(ctx, split, part) if step.sequence_set == fmt.SET_SAMPLES else 0
     return StepResult(scoring.scored_arrays(scored, topk=True), sum(map(len, seqs)), groups=groups)
@@ -180,27 +197,35 @@ def sums_step(ctx: TeacherContext, step: Step, split: str, part: int, model, pro
 def reference_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The reference model's log-probs at the teacher's top-K ids of the same rows (ADPA)."""
     base = ctx.store.read_section(split, part, fmt.SET_GENERATED)
-    teacher_ids = ctx.store.read_section(split, part, fmt.SET_GENERATED, fmt.SECTION_TEACHER,
-                                         ["topk_ids"])["topk_ids"]
+    teacher = ctx.store.read_section(split, part, fmt.SET_GENERATED, fmt.SECTION_TEACHER,
+                                     ["topk_ids", "topk_count"])  # topk_count: only where the top-K is adaptive
+    teacher_ids = teacher["topk_ids"]
     seqs, prompts = split_sequences(base)
     off = base["response_offsets"]
     at = [teacher_ids[off[s]:off[s + 1]] for s in range(len(seqs))]
     scored = scoring.score_sequences(model, seqs, prompts, at_ids=at, batch_tokens=ctx.config.batch_tokens,
                                      pad_id=ctx.pad_id, on_batch=progress)
-    return StepResult(scoring.scored_arrays(scored, at_ids=True), sum(map(len, seqs)))
+    return StepResult(scoring.scored_arrays(scored, at_ids=True, at_counts=teacher.get("topk_count")),
+                      sum(map(len, seqs)))
 
 
 def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The student's greedy answer to each prompt of the part (ADPA's released recipe)."""
     c = ctx.config
     rows = ctx.rows_of_part(split, part)
-    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
-    prompts = [chat.encode_prompt(ctx.tokenizer, r.prompt, budget) for r in rows]
+    prompts = _generation_prompts(ctx, rows)
     answers = generate_greedy(model, prompts, max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids,
                                       pad_id=ctx.pad_id, batch_size=c.generation_batch, on_batch=progress)
     seqs = [(r.index, fmt.ROLE_GENERATED, np.concatenate([p, a]).astype(np.int64), len(p))
             for r, p, a in zip(rows, prompts, answers) if len(a) > 0]
     return StepResult(base_arrays(seqs), sum(len(s[2]) for s in seqs))
+
+
+def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
+    """The prompts' token ids as the student answers them: chat template, cut from the left to the budget."""
+    c = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    return [chat.encode_prompt(ctx.tokenizer, r.prompt, budget) for r in rows]
 
 
 def _groups(ctx: TeacherContext, split: str, part: int) -> int:
@@ -220,6 +245,8 @@ STEPS = {step.name: step for step in (
 )}
 #: what a step reads of the same part besides its set's base: the step that writes it
 READS = {"generated/teacher": "generated/base", "generated/reference": "generated/teacher"}
+#: the arrays of another section of the same part a step reads, whose checksums enter its content key
+KEY_READS = {"generated/reference": ("generated/teacher", ("topk_ids", "topk_count"))}
 
 
 def plan_steps(ctx: TeacherContext) -> list[Step]:
@@ -254,6 +281,8 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
     settings: dict = {"dtype": ctx.dtype, "max_length": ctx.config.max_length}
     if step.section == fmt.SECTION_TEACHER:
         settings["top_k"] = ctx.config.top_k
+        if ctx.config.top_p < 1:  # absent: 1.0, every row keeps K (the records of fixed-K passes stay as they were)
+            settings["top_p"] = ctx.config.top_p
     if step.section == fmt.SECTION_REFERENCE:
         settings["reference_is"] = ("the student's initial model" if not ctx.config.reference
                                     else "given (--reference)")
@@ -264,6 +293,59 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
         settings.update({"decoding": "greedy", "responses_per_prompt": 1,
                          "max_new_tokens": ctx.config.max_new_tokens})
     return PassRecord(ModelRecord(info.name, info.weights_hash), settings)
+
+
+# --------------------------------------------------------------------------- content keys (store.keys)
+
+def content_key(ctx: TeacherContext, step: Step, split: str, part: int) -> str | None:
+    """The content key of ``step``'s section of one part: from the step's pass record (weights' sha256 and
+    settings), the store's checksums of what it is computed on and, where the step reads them, the rows; no
+    model loads. None while a section it is computed on is not complete."""
+    store, record = ctx.store, step_record(ctx, step)
+    where = {"layout": store.key_layout(), "example_range": store.part_range(split, part),
+             "model_sha256": record.model.sha256 if record.model else None, "settings": record.settings}
+    if step.section == fmt.BASE:  # generated/base: the student's answers to the part's prompts
+        rows = ctx.rows_of_part(split, part)
+        return keys.generated_base_key(**where, eot_ids=ctx.eot_ids,
+                                       prompt_ids=[(r.index, p) for r, p in zip(rows, _generation_prompts(ctx, rows))])
+    base = store.section_attrs(split, part, step.sequence_set)
+    if not (base and base.get("complete")):
+        return None
+    reads = {}
+    if step.name in KEY_READS:
+        other, names = KEY_READS[step.name]
+        attrs = store.section_attrs(split, part, *other.split("/"))
+        if not (attrs and attrs.get("complete")):
+            return None
+        reads[other] = {n: attrs["checksums"][n] for n in names if n in attrs["checksums"]}
+    prompts = (runs.prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
+               if step.section == fmt.SECTION_TEACHER_MCQ else None)  # the question is the row's text
+    return keys.section_key(step.name, **where, base_checksums=base["checksums"], reads=reads,
+                            prompts_sha256=prompts)
+
+
+def pairs_base_key(ctx: TeacherContext, split: str, part: int) -> str:
+    """The content key of one part's pairs base: tokenizer, encode settings and the part's rows."""
+    return keys.pairs_base_key(layout=ctx.store.key_layout(), example_range=ctx.store.part_range(split, part),
+                               encode=ctx.store.pass_record(PASS_ENCODE).settings,
+                               rows=[r.to_json() for r in ctx.rows_of_part(split, part)])
+
+
+def _with_key(result: StepResult, key: str | None) -> StepResult:
+    return dataclasses.replace(result, attrs={**(result.attrs or {}), keys.ATTR: key})
+
+
+def _reuse_parts(ctx: TeacherContext, step: Step, todo: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The parts of ``todo`` that no store of ``--reuse-from`` holds; the others are copied in (verified), the
+    step's settings recorded first."""
+    if not ctx.reuse:
+        return todo
+
+    def record() -> None:
+        ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
+
+    return ctx.reuse.take_parts(step.name, step.sequence_set, step.section, todo,
+                                lambda split, part: content_key(ctx, step, split, part), before=record)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -310,6 +392,8 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
     if c.top_k > vocab and any(p in c.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
         raise ValueError(f"--top-k {c.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
                          f"use --top-k {vocab} or less")
+    if c.top_p < 1 and c.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
+        raise ValueError(f"--top-p {c.top_p} with --top-k {c.top_k}: an adaptive K is capped at 65535")
 
     store = runs.open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
                             max_length=c.max_length, examples_per_part=c.examples_per_part,
@@ -327,6 +411,7 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
     if PASS_PAD in c.passes:
         runs.record_sample_counts(store, list(rows))  # set_split above resets the split's record
     _refuse_conflicting_passes(ctx)
+    ctx.reuse = runs.Reuse.for_run(store, c, summary)
     return ctx
 
 
@@ -374,7 +459,9 @@ def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
         })
         for part, seqs in enumerate(seqs_of_part):
             if not ctx.store.is_complete(split, part, fmt.SET_PAIRS):
-                ctx.store.write_section(split, part, fmt.SET_PAIRS, fmt.BASE, base_arrays(seqs))
+                key = pairs_base_key(ctx, split, part)
+                if not (ctx.reuse and ctx.reuse.take("pairs/base", SectionRef(split, part, fmt.SET_PAIRS), key)):
+                    ctx.store.write_section(split, part, fmt.SET_PAIRS, fmt.BASE, base_arrays(seqs), {keys.ATTR: key})
 
 
 # --------------------------------------------------------------------------- running
@@ -411,6 +498,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
         todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
                 if not ctx.store.is_complete(split, part, step.sequence_set, step.section)]
         record = summary.step_record(step.name, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+        todo = _reuse_parts(ctx, step, todo)
         if not todo:
             continue
         info = ctx.models[step.model_role]
@@ -431,7 +519,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
                     record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
                     continue
                 result = step.run(ctx, step, split, part, model, bar.update)
-                writer.write(split, part, step, result)
+                writer.write(split, part, step, _with_key(result, content_key(ctx, step, split, part)))
                 record["parts_done"] += 1
                 record["tokens"] += result.tokens
                 groups_done[step.name] = groups_done.get(step.name, 0) + result.groups
@@ -492,7 +580,7 @@ def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summar
         if not todo:
             continue
         ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
-        for split, part in todo:
+        for split, part in _reuse_parts(ctx, step, todo):  # reused here, not submitted
             after = ((READS[step.name], split, part),) if step.name in READS else ()
             units.append(cluster.Unit(step.name, split, part, compute_part,
                                       (fingerprint, step.name, split, part, _rows_for(ctx, step, split, part)),
@@ -502,8 +590,10 @@ def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summar
 
 
 def portable_context(ctx: TeacherContext) -> TeacherContext:
-    """What the workers get once per run: the context without its store handle and rows."""
-    return dataclasses.replace(ctx, store=None, rows={}, prompt_rows={})
+    """What the workers get once per run: the context without its store handle, rows and reuse (whose
+    locations and options may hold credentials: the coordinator alone reuses)."""
+    config = dataclasses.replace(ctx.config, reuse_from=(), reuse_options={})
+    return dataclasses.replace(ctx, config=config, store=None, rows={}, prompt_rows={}, reuse=None)
 
 
 def attach_context(portable: TeacherContext) -> TeacherContext:
@@ -539,7 +629,8 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
         check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where))
         model = cluster.worker_model(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
                                      device_map=ctx.config.device_map, on_load=check)
-        result = step.run(ctx, step, split, part, model, lambda n: None)
+        result = _with_key(step.run(ctx, step, split, part, model, lambda n: None),
+                           content_key(ctx, step, split, part))
         written = ctx.store.write_section(split, part, step.sequence_set, step.section, result.arrays,
                                           result.attrs)
         outcome.update(computed=True, written=written is not None, tokens=result.tokens, groups=result.groups)

@@ -5,21 +5,29 @@ search descends folders (``max_depth`` levels) and never into a store. What
 ``ls`` says of each comes from the root attributes alone (one read per store,
 cheap on a bucket): teacher, dataset, passes, splits, how many of the sections
 each pass needs are in the manifest, size on disk and creation time.
+
+:class:`SectionIndex` is the catalog one level down: the complete sections of
+every store found at some locations, by content key (:mod:`store.keys`), which
+``precompute ... --reuse-from`` looks up before computing a section.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import fsspec
 
 from . import format as fmt
+from .format import SectionRef
+from .keys import ATTR
 from .locations import is_url, redact_url
 from .provenance import PASS_ENCODE, read_passes
-from .teacher_store import TeacherStore
+from .teacher_store import StoreError, TeacherStore
 
-__all__ = ["find_stores", "store_summary", "format_listing"]
+__all__ = ["find_stores", "store_summary", "format_listing", "KeyedSection", "SectionIndex"]
 
 
 def _join(base: str, name: str) -> str:
@@ -39,6 +47,7 @@ def _root_attrs(fs, path: str) -> dict | None:
 def find_stores(location: str, storage_options: Mapping | None = None, max_depth: int = 4) -> list[str]:
     """Locations of every store at or under ``location`` (a folder, bucket or prefix), sorted."""
     fs, root = fsspec.core.url_to_fs(location, **dict(storage_options or {}))
+    fs.invalidate_cache()  # fsspec instances are shared: a listing cached before a store was written would hide it
     protocol = location.split("://", 1)[0] + "://" if is_url(location) else ""
     found, frontier = [], [(root.rstrip("/"), 0)]
     while frontier:
@@ -110,3 +119,83 @@ def format_listing(summaries: list[dict]) -> str:
                      f"{'complete' if s['complete'] else 'INCOMPLETE'}; {size}; created {s['created_at']}\n"
                      f"  passes: {passes}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sections by content key
+
+
+@dataclass(frozen=True)
+class KeyedSection:
+    """A section a store lists under a content key (its root ``content_keys``)."""
+
+    store: TeacherStore
+    ref: SectionRef
+
+    def attrs(self, key: str) -> dict | None:
+        """The section's group attributes when it is complete, has checksums and still holds ``key``; else None."""
+        attrs = self.store.section_attrs(self.ref.split, self.ref.part, self.ref.sequence_set, self.ref.section)
+        ok = attrs and attrs.get("complete") and attrs.get("checksums") and attrs.get(ATTR) == key
+        return attrs if ok else None
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two locations name the same store (credentials and trailing slashes aside)."""
+    if is_url(a) or is_url(b):
+        return redact_url(a).rstrip("/") == redact_url(b).rstrip("/")
+    strip = (lambda p: p[len("file://"):] if p.startswith("file://") else p)
+    return os.path.realpath(strip(a)) == os.path.realpath(strip(b))
+
+
+def _section_ref(path: str) -> SectionRef:
+    split, part, sequence_set, *section = path.split("/")
+    return SectionRef(split, fmt.part_index(part), sequence_set, section[0] if section else fmt.BASE)
+
+
+@dataclass
+class SectionIndex:
+    """The sections of the stores at or under some locations, by content key: one read per store.
+
+    A store lists its complete sections' keys in its root attributes (``content_keys``, refreshed with the
+    manifest when a run ends; :meth:`TeacherStore.refresh_manifest`), so the index reads nothing else;
+    :meth:`KeyedSection.attrs` reads a section's own attributes when it is about to be copied.
+    ``locations`` are ``(location, storage options)`` pairs, searched in order: for a key found in several
+    stores, the first location's (then the first store's in sorted order) is kept. Only stores whose key
+    layout (format version, token id dtype, tokenizer) is ``layout`` are used (no other can match), and
+    ``exclude`` (the store being written) is left out. A location that cannot be listed, or a store that
+    cannot be read, is skipped and said so in :attr:`found`: reuse is a cache, never a reason to fail.
+    """
+
+    locations: Sequence[tuple[str, Mapping]]
+    layout: Mapping
+    exclude: str | None = None
+    sections: dict[str, KeyedSection] = field(default_factory=dict)
+    #: per location (redacted): stores found, keyed sections indexed, problems
+    found: list[dict] = field(default_factory=list)
+
+    def build(self) -> "SectionIndex":
+        for location, options in self.locations:
+            seen = {"location": redact_url(location), "stores": 0, "sections": 0, "problems": []}
+            self.found.append(seen)
+            try:
+                stores = find_stores(location, options)
+            except (OSError, ValueError, ImportError) as exc:  # no such protocol, unreachable endpoint
+                seen["problems"].append(f"cannot be listed ({type(exc).__name__})")
+                continue
+            for found in stores:
+                if self.exclude is not None and same_location(found, self.exclude):
+                    continue
+                seen["stores"] += 1
+                try:
+                    store = TeacherStore.open(found, storage_options=options)
+                    if store.key_layout() != dict(self.layout):
+                        continue
+                    for path, key in (store.attrs.get("content_keys") or {}).items():
+                        if key not in self.sections:
+                            self.sections[key] = KeyedSection(store, _section_ref(path))
+                            seen["sections"] += 1
+                except (StoreError, OSError, KeyError, ValueError) as exc:
+                    seen["problems"].append(f"{redact_url(found)} cannot be read ({type(exc).__name__})")
+        return self
+
+    def find(self, key: str | None) -> KeyedSection | None:
+        return self.sections.get(key) if key else None

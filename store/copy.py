@@ -7,6 +7,10 @@ against the section's checksums, and only then the section's own ``zarr.json``,
 which carries ``complete: true``. A killed copy leaves sections that are either
 complete and verified or not marked complete; running the same command again
 skips the first and redoes the second. The manifest is filled in at the end.
+
+:func:`copy_section` is that verified copy for one section, between any two
+stores and to any place of the destination: ``precompute ... --reuse-from``
+copies a section whose content key matches (:mod:`store.keys`) with it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from .format import SectionRef, array_checksum
 from .locations import redact_url
 from .teacher_store import StoreError, TeacherStore, _quiet
 
-__all__ = ["copy_store"]
+__all__ = ["copy_store", "copy_section"]
 
 
 def _join(root: str, path: str) -> str:
@@ -97,26 +101,88 @@ def _copy_files(source: TeacherStore, target: TeacherStore, paths: list[str], th
 
 def _copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, attrs: dict, relative: list[str],
                   pool: ThreadPoolExecutor) -> None:
+    copy_section(source, target, ref, attrs, files=relative, pool=pool)
+
+
+def copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, attrs: dict, *,
+                 to: SectionRef | None = None, extra_attrs: Mapping | None = None, make_parents: bool = False,
+                 files: list[str] | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+    """Copy the complete section ``ref`` of ``source`` (its group attributes ``attrs``) to ``to`` (default: the
+    same place) in ``target``, verified: arrays first, each read back and checked against ``attrs``'
+    checksums, then the section's ``zarr.json`` (``complete: true``, ``extra_attrs`` added) last.
+
+    ``files``: the source's files relative to its root, when the caller has listed them (else the section's
+    folder is listed). ``make_parents``: create the part's group (with its example range) where it is missing.
+    A section that arrives with other checksums is left incomplete and StoreError is raised.
+    """
+    to = to or ref
     names = list(attrs.get("checksums", {}))
-    files = [f for f in relative if any(f.startswith(f"{ref.path}/{name}/") for name in names)]
+    if files is None:
+        files = _array_files(source, ref, names)
+    files = [f for f in files if any(f.startswith(f"{ref.path}/{name}/") for name in names)]
+    if make_parents:
+        _ensure_part_group(target, to.split, to.part)
     for name in names:  # an earlier copy's leftovers of this section's arrays go first
-        leftover = _join(target._root, f"{ref.path}/{name}")
+        leftover = _join(target._root, f"{to.path}/{name}")
         if target.fs.exists(leftover):
             target.fs.rm(leftover, recursive=True)
-    group_meta = _join(target._root, f"{ref.path}/zarr.json")
+    group_meta = _join(target._root, f"{to.path}/zarr.json")
     if target.fs.exists(group_meta):
         target.fs.rm_file(group_meta)
 
     def one(path: str) -> None:
-        _put(target, path, source.fs.cat_file(_join(source._root, path)))
+        _put(target, to.path + path[len(ref.path):], source.fs.cat_file(_join(source._root, path)))
 
-    list(pool.map(one, files))
-    arrays = _read_arrays_of(target, ref, names)
+    if pool is None:
+        with ThreadPoolExecutor(max_workers=8) as own:
+            list(own.map(one, files))
+    else:
+        list(pool.map(one, files))
+    arrays = _read_arrays_of(target, to, names)
     wrong = [n for n in names if array_checksum(arrays[n]) != attrs["checksums"][n]]
     if wrong:
-        raise StoreError(f"{redact_url(target.location)}: {ref.path}/{wrong[0]} arrived with another checksum than "
+        raise StoreError(f"{redact_url(target.location)}: {to.path}/{wrong[0]} arrived with another checksum than "
                          f"the source's; the section is left incomplete (run the copy again)")
-    _put(target, f"{ref.path}/zarr.json", source.fs.cat_file(_join(source._root, f"{ref.path}/zarr.json")))
+    meta = source.fs.cat_file(_join(source._root, f"{ref.path}/zarr.json"))
+    if extra_attrs:
+        document = json.loads(meta)
+        document["attributes"] = {**(document.get("attributes") or {}), **dict(extra_attrs)}
+        meta = json.dumps(document, indent=2).encode()
+    _put(target, f"{to.path}/zarr.json", meta)
+
+
+def _array_files(source: TeacherStore, ref: SectionRef, names: list[str]) -> list[str]:
+    """The files of a section's arrays, from each array's metadata (its chunk grid), without listing folders:
+    a static HTTP server without directory listings serves them as well. Listed where the metadata names
+    a chunk key encoding other than this writer's."""
+    metas = [f"{ref.path}/{name}/zarr.json" for name in names]
+    fetched = source.fs.cat([_join(source._root, m) for m in metas])
+    files = []
+    for name, meta in zip(names, metas):
+        document = json.loads(fetched[_join(source._root, meta)])
+        encoding = document.get("chunk_key_encoding") or {}
+        if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
+            prefix = source._root.rstrip("/") + "/"
+            listed = source.fs.find(_join(source._root, f"{ref.path}/{name}"))
+            files.extend(f[len(prefix):] for f in listed if f.startswith(prefix))
+            continue
+        chunks = tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
+        files.append(meta)
+        files.extend(source.chunk_keys(f"{ref.path}/{name}", tuple(document["shape"]), chunks))
+    return files
+
+
+def _ensure_part_group(target: TeacherStore, split: str, part: int) -> None:
+    """The part's group in ``target`` (and its split's), with the example range, as a writer makes it."""
+    import zarr
+
+    from .format import part_name
+
+    start, stop = target.part_range(split, part)
+    with _quiet():
+        group = zarr.open_group(target._zstore, path=f"{split}/{part_name(part)}", mode="a", zarr_format=3)
+        if "example_start" not in group.attrs:
+            group.attrs.update({"example_start": start, "example_stop": stop})
 
 
 def _read_arrays_of(store: TeacherStore, ref: SectionRef, names: list[str]) -> dict:

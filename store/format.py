@@ -1,4 +1,4 @@
-"""The teacher-signal store format, version 2 (version 1 stores are still read).
+"""The teacher-signal store format, version 3 (version 1 and 2 stores are still read).
 
 This module *is* the format: every group name, array name, axis, dtype and codec
 that a store may hold is declared here, and nothing else in the project spells
@@ -33,13 +33,21 @@ A section (and a set's base arrays) counts only once its group attribute
 ``complete`` is true; that flag is written last, after every chunk is durable,
 together with a sha256 per array of its decoded bytes.
 
-Version 2 (this writer) differs from version 1 in two things, both listed in
+Version 2 differs from version 1 in two things, both listed in
 :data:`VERSION_CHANGES`: a teacher section may hold ``tail_logp``, the exact log
 of the teacher's probability mass outside its top-K (see :data:`DESCRIPTION`
 ``"tail"`` for how readers use it), and the large arrays (token ids, log-probs)
 are compressed with Blosc (zstd inside, byte shuffle), a codec of the Zarr v3
 core, instead of numcodecs' shuffle followed by zstd. The values a reader gets
-back are the same kind in both versions. Readers accept
+back are the same kind in both versions.
+
+Version 3 (this writer) adds an adaptive K: a teacher section may hold
+``topk_count``, the number of entries of each row's top-K that are kept (the
+fewest whose mass reaches the pass's ``top_p``, at most K); entries past it are
+padding (id 0, log-prob at :data:`LOGP_FLOOR`) and the tail carries the mass of
+every id outside the kept ones (:data:`DESCRIPTION` ``"adaptive_k"``). Without
+``topk_count`` every entry is kept, as in versions 1 and 2. The version moved
+because a version 2 reader would take the padding for bins. Readers accept
 :data:`READABLE_VERSIONS`; writers write only :data:`FORMAT_VERSION`.
 """
 
@@ -52,13 +60,17 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "distill-cache/teacher-signal-store"
-FORMAT_VERSION = 2
-#: versions a reader of this module understands (a version 1 store has no ``tail_logp`` and other codecs)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions a reader of this module understands (a version 1 store has no ``tail_logp`` and other codecs,
+#: versions 1 and 2 no ``topk_count``)
+READABLE_VERSIONS = (1, 2, 3)
 VERSION_CHANGES = {
     2: "teacher sections may hold tail_logp (the exact log tail mass); token ids and log-probs use the "
        "core Blosc codec (zstd, byte shuffle) instead of numcodecs shuffle + zstd; sampled sets may hold "
        "a 'judge' section (CycleAlign's rankings)",
+    3: "teacher sections may hold topk_count (an adaptive K, precompute teacher --top-p): row r keeps its first "
+       "topk_count[r] top-K entries, the others are padding (id 0, log-prob at the floor) and its tail_logp is "
+       "the mass outside the kept ids",
 }
 
 SPLITS = ("train", "test")
@@ -136,6 +148,7 @@ ENC_PLAIN = "plain"  # lossless, shuffle + zstd
 ENC_TOKEN_IDS = "token_ids"  # lossless: uint16 when the vocabulary fits, else int32
 ENC_LOGP_SORTED = "logp_sorted"  # lossy: quantised to 1/128 nat, delta along K
 ENC_LOGP = "logp_quantised"  # lossy: quantised to 1/128 nat
+ENC_COUNT = "count"  # lossless small unsigned integers, Blosc like the ids (version 3: topk_count)
 
 LOGP_SCALE = 128  # quantisation steps per nat
 LOGP_MAX_ABS_ERROR = 0.5 / LOGP_SCALE  # 0.00390625 nats, for log-probs >= LOGP_FLOOR
@@ -198,13 +211,18 @@ GROUP_ARRAYS = (
 SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
     SECTION_TEACHER: (
         _spec("topk_ids", AXIS_RESPONSE, "token_id", "K", ENC_TOKEN_IDS,
-              "teacher's K most likely next tokens, most likely first"),
+              "teacher's K most likely next tokens, most likely first (with topk_count: 0 past the row's count)"),
         _spec("topk_logp", AXIS_RESPONSE, "float32", "K", ENC_LOGP_SORTED,
-              "teacher log-probs of topk_ids, normalised over the full vocabulary"),
+              "teacher log-probs of topk_ids, normalised over the full vocabulary (with topk_count: the floor "
+              "past the row's count)"),
         _spec("tail_logp", AXIS_RESPONSE, "float32", None, ENC_LOGP,
-              "log of the teacher's probability mass outside topk_ids: logsumexp of its log-softmax over "
-              "every other id, from the full distribution (optional: see 'tail')",
+              "log of the teacher's probability mass outside topk_ids (with topk_count: outside the kept ids): "
+              "logsumexp of its log-softmax over every other id, from the full distribution (optional: see 'tail')",
               optional=True, since=2),
+        _spec("topk_count", AXIS_RESPONSE, "uint16", None, ENC_COUNT,
+              "entries of the row's topk_ids / topk_logp that are kept, 1..K: the fewest whose teacher mass "
+              "reaches the pass's top_p (provenance), at most K (optional: absent, all K are kept; see "
+              "'adaptive_k')", optional=True, since=3),
         _spec("target_logp", AXIS_RESPONSE, "float32", None, ENC_PLAIN,
               "teacher log-prob of the response token actually there"),
         _spec("logp_sum", AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
@@ -341,7 +359,7 @@ def codecs_for(spec: ArraySpec, dtype: np.dtype, version: int = FORMAT_VERSION) 
                 # descending log-probs give small non-negative steps along K
                 filters.append(Delta(dtype="<u2"))
             itemsize = 2
-        large = spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP, ENC_TOKEN_IDS)
+        large = spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP, ENC_TOKEN_IDS, ENC_COUNT)
         if version >= 2 and large:
             compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, typesize=itemsize,
                                       shuffle="shuffle" if itemsize > 1 else "noshuffle")]
@@ -359,6 +377,8 @@ def prepare_values(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
         return np.clip(np.nan_to_num(values, nan=LOGP_FLOOR, neginf=LOGP_FLOOR), LOGP_FLOOR, 0.0)
     return values
 
+
+from .keys import KEY_INPUTS  # noqa: E402  (store.keys imports nothing of the project)
 
 DESCRIPTION = {
     "summary": (
@@ -381,6 +401,18 @@ DESCRIPTION = {
         "[group_audit_offsets[g], group_audit_offsets[g+1])."
     ),
     "roles": {"0": "chosen", "1": "rejected", "2": "generated", "16+i": "sample i"},
+    "content_keys": {
+        "summary": (
+            "A section's attrs.content_key is a sha256 of everything that decides its numbers (weights' "
+            "sha256, pass settings, the rows or token ids it was computed on); stores made from the same "
+            "inputs have the same key for the same section, so a writer may copy a section whose key matches "
+            "from another store (verified against its checksums) instead of computing it, and then records "
+            "attrs.reused_from: the store (credentials removed) and section it came from. The root's "
+            "attrs.content_keys (path -> key of every complete section that has one, refreshed with the "
+            "manifest) finds them with one read per store. Keys:"
+        ),
+        **KEY_INPUTS,
+    },
     "encodings": {
         ENC_PLAIN: "lossless",
         ENC_TOKEN_IDS: "lossless token ids (uint16 when the vocabulary fits); Blosc (zstd, byte shuffle)",
@@ -393,6 +425,7 @@ DESCRIPTION = {
             f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
             f"(max abs error {LOGP_MAX_ABS_ERROR}), Blosc (zstd, byte shuffle); zarr decodes to float32"
         ),
+        ENC_COUNT: "lossless unsigned integers; Blosc (zstd, byte shuffle)",
     },
     "versions": {str(v): change for v, change in VERSION_CHANGES.items()},
     "arrays": {
@@ -414,5 +447,15 @@ DESCRIPTION = {
         "(version 1 stores, or writers that lacked the full distribution) the tail bin is "
         "1 - sum(exp(topk_logp[row])), which quantisation can make 0 or negative: clamp it at a tiny "
         "positive mass."
+    ),
+    "adaptive_k": (
+        "Where a teacher section has topk_count (format version 3, precompute teacher --top-p P), row r keeps "
+        "only its first n = topk_count[r] entries: the fewest of the K most likely ids whose teacher mass "
+        "reaches P (n = K when the K do not reach it). Entries n..K-1 are padding: topk_ids 0 and topk_logp "
+        f"{LOGP_FLOOR} (the floor; in a reference section too), not ids of the teacher's: readers use "
+        "topk_ids[r, :n] and topk_logp[r, :n] only. tail_logp[r] is then the exact log mass of every id "
+        "outside the n kept ones, so the row's distribution has n + 1 bins: the kept ones and the tail (the "
+        "mass of the dropped entries is in the tail, exactly), renormalised as 'tail' says. A section "
+        "without topk_count keeps all K entries of every row."
     ),
 }

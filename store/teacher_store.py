@@ -610,14 +610,35 @@ class TeacherStore:
             yield ref, attrs
 
     def refresh_manifest(self) -> dict:
-        """Copy every complete section's checksums into the root attributes."""
-        manifest = {ref.path: attrs["checksums"] for ref, attrs in self.complete_sections()}
+        """Copy every complete section's checksums into the root attributes (and its content key, where it
+        records one, into ``content_keys``: what a catalog reads to find sections by key in one request)."""
+        from .keys import ATTR
+
+        complete = list(self.complete_sections())
+        manifest = {ref.path: attrs["checksums"] for ref, attrs in complete}
+        content_keys = {ref.path: attrs[ATTR] for ref, attrs in complete if attrs.get(ATTR)}
 
         def mutate(root_attrs):
             root_attrs["manifest"] = manifest
+            if content_keys or "content_keys" in root_attrs:
+                root_attrs["content_keys"] = content_keys
 
         self.update_attrs(mutate)
         return manifest
+
+    # -- content keys (see store.keys) -----------------------------------------
+
+    def key_layout(self) -> dict:
+        """What every content key of this store shares: format version, token id dtype, tokenizer hash."""
+        from .keys import layout
+
+        return layout(self.format_version, self.attrs["token_id_dtype"], self.tokenizer.hash)
+
+    def content_keys(self, splits: Iterable[str] | None = None) -> dict[str, str]:
+        """Section path -> content key of every complete section that records one."""
+        from .keys import ATTR
+
+        return {ref.path: attrs[ATTR] for ref, attrs in self.complete_sections(splits) if attrs.get(ATTR)}
 
     def chunk_keys(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[str]:
         grid = [max(1, -(-s // c)) if s else 0 for s, c in zip(shape, chunks)]

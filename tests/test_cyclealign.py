@@ -185,3 +185,26 @@ def test_the_rrhf_term_reads_the_agreed_rankings(sampled, tiny_dataset, tiny_mod
             groups += 1
     assert groups > 0
     assert float(parts["rrhf"]) == pytest.approx(expected / groups, rel=1e-5, abs=1e-7)
+
+
+def test_a_repeated_rank_run_reuses_the_rankings_and_never_asks_twice(sampled, tiny_dataset, tmp_path,
+                                                                       forbid_model_loading):
+    """Ranked once; a copy of the same samples ranked again with --reuse-from the first asks the judge nothing
+    and loads no model, and ends with the same rankings."""
+    import shutil
+
+    first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
+    shutil.copytree(sampled, first)
+    shutil.copytree(sampled, second)
+    with JudgeServer(score=_rule) as server:  # the same judge (its address is part of the key)
+        run_rank(_rank_config(first, server, tiny_dataset))
+        asked = len(server.requests)
+        forbid_model_loading()
+        summary = run_rank(_rank_config(second, server, tiny_dataset, reuse_from=(str(first),)))
+        assert len(server.requests) == asked
+    a, b = TeacherStore.open(str(first)), TeacherStore.open(str(second))
+    for split, part in [("train", p) for p in range(a.num_parts("train"))]:
+        for section in (fmt.SECTION_STUDENT_INIT, fmt.SECTION_JUDGE):
+            assert (a.section_attrs(split, part, fmt.SET_SAMPLES, section)["checksums"]
+                    == b.section_attrs(split, part, fmt.SET_SAMPLES, section)["checksums"])
+    assert any("reused from" in line for line in summary.lines())
