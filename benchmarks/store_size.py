@@ -12,8 +12,11 @@ log-mass outside them (a logsumexp over every other id) and the target's
 log-prob. The same content is then written as real Zarr stores on disk, one per
 encoding option, and read back with plain zarr: this project's format (version
 2, through :class:`store.TeacherStore`), version 1 (today's), and the ideas
-measured against it (a frequency remap of ids, ids sorted within a row, an
-adaptive K by cumulative teacher mass, other codec levels). Per option it
+measured against it (a frequency remap of ids, ids sorted within a row, other
+codec levels), and the adaptive K by cumulative teacher mass that the format
+has (``precompute teacher --top-p P``: ``topk_count`` and padding, written
+through :class:`store.TeacherStore` from :func:`precompute.scoring.kept_counts`),
+alone and with ``target_logp`` quantised. Per option it
 prints bytes per response token of the teacher arrays' chunk files, the largest
 absolute log-prob error where the exact log-prob is >= -10, and the mean and
 the worst row's KL between the exact and the stored (K+1)-bin distributions:
@@ -22,6 +25,7 @@ with a stored tail the K+1 stored bins are renormalised (``store.format``
 1 - sum(exp(top-K)) clamped at 1e-12.
 
     python benchmarks/store_size.py [--data FILE] [--max-tokens 6000] [--time-budget 110] [--out DIR]
+        [--top-p 0.99,0.98,0.97,0.96,0.95] [--signals FILE]
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ MAX_BYTES = 80  # bytes per response token: the target of the issue "a store at 
 MAX_KL = 1e-2  # worst row's KL(exact || stored), K+1 bins
 MAX_ERROR = 0.01
 ERROR_FLOOR = -10.0
-TOP_P = (0.99, 0.98, 0.95)  # adaptive-K options measured (K = 50 the cap)
+TOP_P = "0.99,0.98,0.97,0.96,0.95"  # adaptive-K options measured by default (K = 50 the cap)
 
 
 def log(message: str) -> None:
@@ -333,6 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--examples-per-part", type=int, default=256,
                         help="part size (whole parts of this size give production-like chunks)")
     parser.add_argument("--out", default=None, help="keep the stores in this directory (default: a temp dir)")
+    parser.add_argument("--top-p", default=TOP_P, type=lambda v: [float(x) for x in v.split(",") if x.strip()],
+                        help=f"comma list of adaptive-K options to measure (precompute teacher --top-p) [{TOP_P}]")
     parser.add_argument("--signals", default=None, metavar="FILE",
                         help="keep the teacher's scored signals in FILE (a pickle) and reuse them when it exists")
     args = parser.parse_args(argv)
@@ -390,40 +396,50 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
 
     # -- the format itself, through the writer: pairs base and teacher section, part by part
-    path = os.path.join(workdir, "v2-format.zarr")
-    shutil.rmtree(path, ignore_errors=True)
-    store = TeacherStore.create(path, tokenizer={"name": teacher["name"], "hash": tokenizer_hash(tokenizer)},
-                                vocab_size=max(vocab, len(tokenizer)), examples_per_part=args.examples_per_part)
-    store.set_split("train", num_examples, dataset={"name": source, "rows": num_examples})
-    store.register_pass("pairs/teacher", {"model": {"name": teacher["name"], "hash": teacher["hash"]},
-                                          "top_k": K, "dtype": "float32", "max_length": args.max_length})
+    def write_store(path: str, teacher_of, settings: dict | None = None):
+        """A real store through :class:`store.TeacherStore`: the pairs base and a teacher section per part,
+        ``teacher_of(part, rows_of)`` giving the section's arrays from the part's exact rows (``rows_of``)."""
+        shutil.rmtree(path, ignore_errors=True)
+        store = TeacherStore.create(path, tokenizer={"name": teacher["name"], "hash": tokenizer_hash(tokenizer)},
+                                    vocab_size=max(vocab, len(tokenizer)), examples_per_part=args.examples_per_part)
+        store.set_split("train", num_examples, dataset={"name": source, "rows": num_examples})
+        store.register_pass("pairs/teacher", {"model": {"name": teacher["name"], "hash": teacher["hash"]},
+                                              "top_k": K, "dtype": "float32", "max_length": args.max_length,
+                                              **(settings or {})})
+        for part in range(store.num_parts("train")):
+            start, stop = store.part_range("train", part)
+            chosen = [i for i, (ex, _role) in enumerate(meta) if start <= ex < stop]
+            seqs = [sequences[i] for i in chosen]
+            plen = np.array([p for _, p in seqs], dtype=np.int32)
+            lengths = np.array([len(s) for s, _ in seqs], dtype=np.int64)
+            rlen = (lengths - plen).astype(np.int32)
+            tok_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            mask = np.zeros(int(lengths.sum()), dtype=bool)
+            for s in range(len(seqs)):
+                mask[tok_off[s] + plen[s]:tok_off[s + 1]] = True
+            store.write_section("train", part, fmt.SET_PAIRS, fmt.BASE, {
+                "example_index": np.array([meta[i][0] for i in chosen], dtype=np.int64),
+                "role": np.array([meta[i][1] for i in chosen], dtype=np.int8),
+                "prompt_length": plen, "response_length": rlen, "token_offsets": tok_off,
+                "response_offsets": np.concatenate([[0], np.cumsum(rlen)]).astype(np.int64),
+                "input_ids": np.concatenate([s for s, _ in seqs]), "loss_mask": mask})
+            rows_of = {name: np.concatenate([signals[i][j] for i in chosen]) for j, name in
+                       enumerate(("ids", "top", "tail", "target"))}
+            rows_of["half"] = np.concatenate([np.full(rlen[n], meta[i][0] % 2) for n, i in enumerate(chosen)])
+            rows_of["sums"] = np.array([signals[i][3].sum() for i in chosen], dtype=np.float32)
+            store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, teacher_of(part, rows_of))
+        return store
+
     exact = []  # per part: ids, top (float64), tail (float64), target (float64), half (0/1 per row)
-    for part in range(store.num_parts("train")):
-        start, stop = store.part_range("train", part)
-        chosen = [i for i, (ex, _role) in enumerate(meta) if start <= ex < stop]
-        seqs = [sequences[i] for i in chosen]
-        plen = np.array([p for _, p in seqs], dtype=np.int32)
-        lengths = np.array([len(s) for s, _ in seqs], dtype=np.int64)
-        rlen = (lengths - plen).astype(np.int32)
-        tok_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        mask = np.zeros(int(lengths.sum()), dtype=bool)
-        for s in range(len(seqs)):
-            mask[tok_off[s] + plen[s]:tok_off[s + 1]] = True
-        store.write_section("train", part, fmt.SET_PAIRS, fmt.BASE, {
-            "example_index": np.array([meta[i][0] for i in chosen], dtype=np.int64),
-            "role": np.array([meta[i][1] for i in chosen], dtype=np.int8),
-            "prompt_length": plen, "response_length": rlen, "token_offsets": tok_off,
-            "response_offsets": np.concatenate([[0], np.cumsum(rlen)]).astype(np.int64),
-            "input_ids": np.concatenate([s for s, _ in seqs]), "loss_mask": mask})
-        rows_of = {name: np.concatenate([signals[i][j] for i in chosen]) for j, name in
-                   enumerate(("ids", "top", "tail", "target"))}
-        rows_of["half"] = np.concatenate([np.full(rlen[n], meta[i][0] % 2) for n, i in enumerate(chosen)])
-        sums = np.array([signals[i][3].sum() for i in chosen], dtype=np.float32)
-        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, {
-            "topk_ids": rows_of["ids"], "topk_logp": rows_of["top"].astype(np.float32),
-            "tail_logp": rows_of["tail"].astype(np.float32), "target_logp": rows_of["target"].astype(np.float32),
-            "logp_sum": sums})
+
+    def fixed_k(part, rows_of):
         exact.append(rows_of)
+        return {"topk_ids": rows_of["ids"], "topk_logp": rows_of["top"].astype(np.float32),
+                "tail_logp": rows_of["tail"].astype(np.float32), "target_logp": rows_of["target"].astype(np.float32),
+                "logp_sum": rows_of["sums"]}
+
+    path = os.path.join(workdir, "format.zarr")
+    store = write_store(path, fixed_k)
     num_parts = len(exact)
     all_ids = np.concatenate([e["ids"] for e in exact])
     vocab_ids = max(vocab, len(tokenizer))
@@ -463,11 +479,14 @@ def main(argv=None) -> int:
             errors.append(err)
             kls.append(kl)
         kl_all = np.concatenate(kls)
-        per = {n: sizes.get(n, 0) / total for n in ("topk_ids", "topk_logp", "tail_logp", "target_logp")}
+        per = {n: sizes.get(n, 0) / total for n in ("topk_ids", "topk_logp", "tail_logp", "target_logp", "topk_count")}
         per["extra"] = sum(sizes.get(n, 0) for n in extra_names) / total
+        target_err = max(float(np.abs(read["target_logp"].astype(np.float64) - e["target"])[
+            e["target"] >= ERROR_FLOOR].max(initial=0.0)) for read, e in zip(got, exact))
         results.append({"name": name, "note": note, "plain": plain, "chosen": chosen, "per": per,
                         "total": sum(per.values()), "table": table_bytes, "max_err": float(np.max(errors)),
-                        "mean_kl": float(kl_all.mean()), "max_kl": float(kl_all.max()), "top_p": top_p_info})
+                        "mean_kl": float(kl_all.mean()), "max_kl": float(kl_all.max()), "top_p": top_p_info,
+                        "target_err": target_err})
         log(f"  {name}: {sum(per.values()):.1f} bytes/token, worst-row KL {kl_all.max():.1e}")
 
     def err_of(stored_top, exact_top):
@@ -499,19 +518,20 @@ def main(argv=None) -> int:
     measure("version 1 + tail_logp", p2, note="as today, plus the exact tail log-mass (1/128 nat)", plain="yes",
             kl_of=kl_with_tail)
     # 3. this format (written above by TeacherStore)
-    measure("version 2 (this format)", path, note="version 1 + tail_logp, with Blosc (zstd level 7, byte shuffle; a core Zarr v3 codec) "
-            "chunks split evenly", plain="yes", kl_of=kl_with_tail, chosen=True)
+    measure("this format, fixed K (--top-p 1)", path, note="version 1 + tail_logp, with Blosc (zstd level 7, byte "
+            "shuffle; a core Zarr v3 codec), chunks split evenly: version 2's layout, version 3 without topk_count",
+            plain="yes", kl_of=kl_with_tail, chosen=True)
     # 4. higher Blosc level
     p4 = os.path.join(workdir, "v2-blosc9.zarr")
     t_enc = time.perf_counter()
     write_variant(p4, [arrays(i, clevel=9) for i in range(num_parts)])
     t_enc = time.perf_counter() - t_enc
-    measure("version 2, Blosc level 9", p4, note=f"zstd level 22: wrote this store in {t_enc:.1f} s "
+    measure("fixed K, Blosc level 9", p4, note=f"zstd level 22: wrote this store in {t_enc:.1f} s "
             f"({total / max(t_enc, 1e-9):,.0f} tokens/s on one core)", plain="yes", kl_of=kl_with_tail)
     # 5. target quantised
     p5 = os.path.join(workdir, "v2-target-q.zarr")
     write_variant(p5, [arrays(i, target_quantised=True) for i in range(num_parts)])
-    measure("version 2, target_logp quantised", p5, note="target log-prob to 1/128 nat like the top-K "
+    measure("fixed K, target_logp quantised", p5, note="target log-prob to 1/128 nat like the top-K "
             "(today float32, exact)", plain="yes", kl_of=kl_with_tail)
     # 6, 7. ids remapped by frequency: a table in the store, applied by the reader
     ranks_all = frequency_ranks(all_ids, vocab_ids)
@@ -586,37 +606,56 @@ def main(argv=None) -> int:
     write_variant(p9, ranked_parts)
     measure("ids sorted + rank order kept", p9, note="ids ascending (delta), their ranks (uint8) beside, "
             "log-probs sorted (delta) as now", plain="yes (needs rank)", kl_of=kl_ranked, extra_names=("rank",))
-    # 10+. adaptive K by cumulative teacher mass, K = 50 the cap; the tail bin carries the rest exactly
-    for top_p in TOP_P:
-        kept_parts, kept_info = [], []
-        for i, e in enumerate(exact):
-            cum = np.cumsum(np.exp(e["top"]), axis=1)
-            k = np.minimum((cum < top_p).sum(axis=1) + 1, K)
-            keep = np.arange(K)[None, :] < k[:, None]
-            dropped = np.where(keep, -np.inf, e["top"])
-            tail = np.logaddexp(e["tail"], logsumexp_rows(dropped))
-            kept_parts.append((np.where(keep, e["ids"], 0), np.where(keep, e["top"], fmt.LOGP_FLOOR), tail, keep))
-            kept_info.append((k, np.exp(logsumexp_rows(dropped))))
-        p10 = os.path.join(workdir, f"top-p-{top_p}.zarr")
-        write_variant(p10, [arrays(i, ids=kept_parts[i][0], top=kept_parts[i][1], tail=[kp[2] for kp in kept_parts])
-                            for i in range(num_parts)])
+    # 10+. adaptive K by cumulative teacher mass (precompute teacher --top-p P), K = 50 the cap, written by the
+    # format's own writer (topk_count, padding past it) from the scoring module's rule; the tail bin carries the
+    # rest exactly (outside the kept ids, from the full float64 distribution)
+    from precompute import scoring
 
-        def kl_top_p(part, read, kept_parts=kept_parts):
-            e = exact[part]
-            ids, top, tail, keep = kept_parts[part]
-            if not np.array_equal(read["topk_ids"], ids):
-                sys.exit("top-p ids differ after the round trip")
-            exact_bins = np.concatenate([np.where(keep, e["top"], -np.inf), tail[:, None]], 1)
+    def adaptive(e: dict, top_p: float) -> dict:
+        counts = scoring.kept_counts(torch.from_numpy(e["top"]), top_p).numpy()
+        keep = np.arange(K)[None, :] < counts[:, None]
+        dropped = np.where(keep, -np.inf, e["top"])
+        return {"count": counts, "keep": keep, "ids": scoring.pad_past_count(e["ids"], counts, scoring.PAD_ID),
+                "top": scoring.pad_past_count(e["top"], counts, scoring.PAD_LOGP),
+                "tail": np.logaddexp(e["tail"], logsumexp_rows(dropped)), "moved": np.exp(logsumexp_rows(dropped))}
+
+    def kl_adaptive(kept_parts):
+        def kl_of(part, read):
+            e, a = exact[part], kept_parts[part]
+            if not (np.array_equal(read["topk_ids"], a["ids"]) and np.array_equal(read["topk_count"], a["count"])):
+                sys.exit("top-p ids or counts differ after the round trip")
+            keep = np.arange(K)[None, :] < read["topk_count"].astype(np.int64)[:, None]  # what a plain reader does
+            exact_bins = np.concatenate([np.where(keep, e["top"], -np.inf), a["tail"][:, None]], 1)
             stored = np.concatenate([np.where(keep, read["topk_logp"], -np.inf), read["tail_logp"][:, None]], 1)
             return err_of(np.where(keep, read["topk_logp"], 0.0), np.where(keep, e["top"], 0.0)), kl_rows(
                 exact_bins, stored)
+        return kl_of
 
-        k_all = np.concatenate([k for k, _ in kept_info])
-        moved = np.concatenate([m for _, m in kept_info])
-        measure(f"adaptive K, top-p {top_p}", p10, note=f"K' per token = fewest ids holding {top_p} of the mass "
-                f"(cap 50), the rest in the exact tail: mean K' {k_all.mean():.1f}", plain="yes (absent: "
-                "logp -500)", kl_of=kl_top_p, top_p_info=f"mass moved to the tail: mean {moved.mean():.4f}, "
-                f"max {moved.max():.4f}")
+    for top_p in args.top_p:
+        kept_parts = [adaptive(e, top_p) for e in exact]
+        k_all = np.concatenate([a["count"] for a in kept_parts])
+        moved = np.concatenate([a["moved"] for a in kept_parts])
+        info = (f"K' per token = fewest ids holding {top_p} of the mass (cap {K}): mean {k_all.mean():.1f}, "
+                f"{100 * np.mean(k_all == K):.0f}% of rows at the cap, {100 * np.mean(k_all == 1):.0f}% at 1; "
+                f"mass moved to the tail: mean {moved.mean():.4f}, max {moved.max():.4f}")
+        p10 = os.path.join(workdir, f"top-p-{top_p}.zarr")
+        write_store(p10, lambda part, rows_of, kept_parts=kept_parts: {
+            "topk_ids": kept_parts[part]["ids"], "topk_logp": kept_parts[part]["top"].astype(np.float32),
+            "tail_logp": kept_parts[part]["tail"].astype(np.float32), "topk_count": kept_parts[part]["count"],
+            "target_logp": rows_of["target"].astype(np.float32), "logp_sum": rows_of["sums"]},
+            settings={"top_p": top_p})
+        measure(f"top-p {top_p} (--top-p, the format)", p10, note="written by TeacherStore: topk_count (uint16, "
+                "Blosc), padding id 0 / log-prob -500 past it, tail outside the kept ids", plain="yes",
+                kl_of=kl_adaptive(kept_parts), top_p_info=info)
+        # the same plus target_logp quantised like the other log-probs (not in the format: measured only)
+        p11 = os.path.join(workdir, f"top-p-{top_p}-target-q.zarr")
+        count_codecs = codecs_v2(spec["topk_count"], np.dtype("uint16"))
+        write_variant(p11, [arrays(i, ids=kept_parts[i]["ids"], top=kept_parts[i]["top"],
+                                   tail=[a["tail"] for a in kept_parts], target_quantised=True,
+                                   extra={"topk_count": (kept_parts[i]["count"].astype(np.uint16), count_codecs)})
+                            for i in range(num_parts)])
+        measure(f"top-p {top_p}, target_logp quantised", p11, note="as the row above, target log-prob to 1/128 nat "
+                "(a variant, not the format)", plain="yes", kl_of=kl_adaptive(kept_parts), top_p_info=info)
 
     # today's rows whose stored top-K sums to >= 1 (the tail bin vanishes without tail_logp)
     today = read_variant(p1, num_parts)
@@ -640,15 +679,16 @@ def main(argv=None) -> int:
     print(f"  bound of this format: |log-prob error| <= {fmt.LOGP_MAX_ABS_ERROR:.6f} nats; worst-row KL with the "
           f"stored tail <= {fmt.KL_BOUND_WITH_TAIL:.1e} nats (Hoeffding)")
     print()
-    head = (f"  {'option':<38} {'B/token':>7}  {'ids':>5} {'logp':>5} {'tail':>4} {'target':>6} {'extra':>5}  "
-            f"{'max|err|':>8}  {'mean KL':>8} {'worst KL':>8}  plain zarr")
+    head = (f"  {'option':<38} {'B/token':>7}  {'ids':>5} {'logp':>5} {'tail':>4} {'target':>6} {'count':>5} "
+            f"{'extra':>5}  {'max|err|':>8} {'target err':>10}  {'mean KL':>8} {'worst KL':>8}  plain zarr")
     print(head)
     print("  " + "-" * (len(head) - 2))
     for r in results:
         per = r["per"]
         print(f"  {r['name'] + (' *' if r['chosen'] else ''):<38} {r['total']:7.1f}  {per['topk_ids']:5.1f} "
-              f"{per['topk_logp']:5.1f} {per['tail_logp']:4.1f} {per['target_logp']:6.1f} {per['extra']:5.1f}  "
-              f"{r['max_err']:8.5f}  {r['mean_kl']:8.1e} {r['max_kl']:8.1e}  {r['plain']}")
+              f"{per['topk_logp']:5.1f} {per['tail_logp']:4.1f} {per['target_logp']:6.1f} {per['topk_count']:5.1f} "
+              f"{per['extra']:5.1f}  {r['max_err']:8.5f} {r['target_err']:10.5f}  {r['mean_kl']:8.1e} "
+              f"{r['max_kl']:8.1e}  {r['plain']}")
     print()
     for r in results:
         print(f"  {r['name']}: {r['note']}" + (f"; {r['top_p']}" if r["top_p"] else "")
@@ -668,6 +708,19 @@ def main(argv=None) -> int:
           f" (smallest at K = 50 with every value readable by plain zarr: {best['name']}, {best['total']:.1f}); "
           f"worst-row KL <= {MAX_KL:g}: {'met' if chosen['max_kl'] <= MAX_KL else 'MISSED'}; "
           f"error <= {fmt.LOGP_MAX_ABS_ERROR:.6f}: {'met' if chosen['max_err'] <= fmt.LOGP_MAX_ABS_ERROR + 1e-6 else 'MISSED'}")
+
+    def meets(r):
+        return (r["total"] <= MAX_BYTES and r["max_kl"] <= MAX_KL
+                and r["max_err"] <= fmt.LOGP_MAX_ABS_ERROR + 1e-6 and r["target_err"] <= fmt.LOGP_MAX_ABS_ERROR + 1e-6)
+
+    adaptive_rows = [r for r in results if r["top_p"]]
+    if adaptive_rows:
+        print(f"  adaptive K (--top-p, K = {K} the cap), each against <= {MAX_BYTES} bytes/token, worst-row KL over "
+              f"the stored bins <= {MAX_KL:g} and every stored log-prob (target included) within "
+              f"{fmt.LOGP_MAX_ABS_ERROR:.6f}:")
+        for r in adaptive_rows:
+            print(f"    {r['name']:<40} {r['total']:6.1f} bytes/token, worst KL {r['max_kl']:.1e}: "
+                  f"{'met' if meets(r) else 'missed'}")
     return 0
 
 

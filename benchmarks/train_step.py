@@ -1,7 +1,7 @@
 """What one training step of each method costs, from the store and with the teacher run live.
 
-For each method this prints its step time and peak memory divided by those of a
-plain SFT step of the same student on the same batch, side by side for two ways
+For each method this prints its step time and peak memory divided by those of an
+SFT step of the same student on the same batch, side by side for two ways
 of getting the teacher's signals:
 
 - ``store``: read from the teacher-signal store (what ``train student`` does);
@@ -18,11 +18,24 @@ what PAD reads: the teacher's log-prob sum of every response and its calibration
 score, i.e. n (n - 1) multiple-choice prompts per group of n (each pair in both
 orders, :mod:`precompute.calibration`). The sampling itself is not timed.
 
-The plain SFT step: ``model(input_ids).logits`` and cross-entropy on every
-response token of every sequence of the batch, backward, AdamW step. A method
-step: :func:`train.methods.method_loss`, backward, AdamW step. All steps run in
-one process on the same batch, interleaved (round-robin, rotated each round) and
-repeated; figures are medians.
+Two SFT baselines, both on every response token of every sequence of the batch
+(the tokens a method step runs the student on), both followed by backward and an
+AdamW step:
+
+- ``plain sft``: ``model(input_ids).logits`` (the full [tokens, vocabulary]
+  logits, prompts included) and cross-entropy: what a user's own SFT loop does;
+- ``sft step``: the project's own SFT term through :func:`train.methods.method_loss`
+  (decoder on the sequences, then the same chunked output layer,
+  :func:`train.losses.chunked_token_terms`), on every response of the batch
+  (:func:`sft_every_response`). Method ``sft`` itself trains on the chosen
+  responses only, a third of the batch's; the ``sft`` row shows that step. This
+  is the tight baseline: a method's ratio to it is what its own terms cost beyond
+  running the student over the same tokens (target for ``dckd+adpa``: <= 1.05).
+
+Time ratios are printed to both (``/plain``, ``/sft step``), memory ratios to the
+plain one. A method step: :func:`train.methods.method_loss`, backward, AdamW step.
+All steps run in one process on the same batch, interleaved (round-robin,
+rotated each round) and repeated; figures are medians.
 
 Peak memory of a step. CUDA: ``torch.cuda.max_memory_allocated`` during the step
 minus what was allocated before it. CPU: the resident-set high-water mark (Linux
@@ -35,13 +48,30 @@ that stays resident between steps, counted from parameter sizes: the student's
 weights and AdamW state (12 bytes per parameter in float32) plus, for ``live``,
 the teacher and the frozen reference/initial model it must hold.
 
+Several processes (``train student`` under ``torchrun`` / ``accelerate launch``,
+:mod:`train.distributed`): the last rows give the time per example of a
+``dckd+adpa`` step (:meth:`train.distributed.Engine.micro_step`, clipping, AdamW)
+made by one process with every core, by one process with one core's share, and by
+``--processes N`` processes (DDP over gloo on the CPU, NCCL on N GPUs) with the
+cores shared out, each process with the same batch of ``--examples`` examples
+(a step then takes N times as many); each configuration runs in fresh processes
+started from here, twice, in turn (forward, then in reverse order), and each
+run times ``--repeats`` steps after an untimed one: figures are medians of those
+steps. The machine's load average is printed before and after.
+``--processes 0`` leaves them out; ``--only-processes`` prints only them.
+
 Usage: ``python benchmarks/train_step.py [--cache STORE] [--pad-cache STORE] [--methods sft,dckd+adpa,pad]
-[--examples 1] [--repeats 3]``. Without ``--cache`` a store is built once from the
-bundled demo data (8 rows, the embedded models) under the model cache and reused
+[--examples 1] [--repeats 3] [--no-live] [--processes 2] [--only-processes] [--per-group]``. ``--per-group``
+adds a ``dckd+adpa`` step whose forward runs the output layer once per group of rows needing the same
+quantities (what :func:`train.methods.student_outputs` did before it went to one pass), side by side with the
+others. Without ``--cache`` a store is
+built once from the bundled demo data (8 rows, the embedded models) under the model cache and reused
 (about 2 minutes on 2 CPU cores the first time); likewise the groups store without
 ``--pad-cache`` (``precompute sample`` then ``--passes pad``, several minutes). The
-measurement itself is (repeats + 1) x 16 + 4 steps of a 120M-parameter student:
-about 4 minutes on an idle 2-core CPU, several times that on a loaded one.
+measurement itself is (repeats + 1) x 18 + 4 steps of a 120M-parameter student:
+about 4 minutes on an idle 2-core CPU, several times that on a loaded one;
+``--no-live`` (no teacher run, so neither it nor the reference is loaded) and
+fewer ``--methods`` make it much shorter.
 """
 
 from __future__ import annotations
@@ -50,6 +80,7 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import itertools
 import os
 import json
 import statistics
@@ -68,6 +99,7 @@ from precompute import calibration  # noqa: E402
 from precompute import dataset as data  # noqa: E402
 from precompute import scoring as passes  # noqa: E402
 from store import ExampleStream, TeacherStore  # noqa: E402
+from store import format as store_format  # noqa: E402
 from train import methods  # noqa: E402
 from train.batches import collate  # noqa: E402
 
@@ -75,10 +107,21 @@ METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa", "pad"]
 ALL_NEEDS = {"pairs": ["teacher", "student_init"], "generated": ["teacher", "reference"]}
 GROUP_NEEDS = {"samples": ["teacher", "teacher_mcq"]}
 GROUP_BASE = "plain sft (groups)"
+TIGHT_BASE = "sft step"
+GROUP_TIGHT_BASE = "sft step (groups)"
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+DP_METHOD = "dckd+adpa"  # the method of the several-process rows
+PER_GROUP_METHOD = "dckd+adpa"  # measured also with one output-layer pass per group of rows (the code before)
+PER_GROUP = f"{PER_GROUP_METHOD}/per-group"
+DP_ROUNDS = 2  # each configuration is started this many times, in turn (the second round in reverse order)
 
 
 # --------------------------------------------------------------------------- the store and the batch
+
+
+def bench_name(stem: str) -> str:
+    """The cached store's name: its recipe, and the store format (a writer completes only its own format)."""
+    return f"{stem}-v1-format{store_format.FORMAT_VERSION}.zarr"
 
 
 def bench_store(cache: str | None) -> str:
@@ -86,7 +129,7 @@ def bench_store(cache: str | None) -> str:
         return cache
     from precompute.teacher import TeacherConfig, run_teacher
 
-    out = models.cache_dir() / "bench" / "demo-limit8-v1.zarr"
+    out = models.cache_dir() / "bench" / bench_name("demo-limit8")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"building (or completing) the benchmark store {out} from the bundled demo data ...", flush=True)
     run_teacher(TeacherConfig(out=str(out), limit=8, splits=("train",), top_k=50, max_length=256,
@@ -101,7 +144,7 @@ def bench_pad_store(cache: str | None) -> str:
     from precompute.teacher import TeacherConfig, run_teacher
     from precompute.sample import SampleConfig, run_sample
 
-    out = models.cache_dir() / "bench" / "demo-pad-limit8-v1.zarr"
+    out = models.cache_dir() / "bench" / bench_name("demo-pad-limit8")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"building (or completing) the benchmark groups store {out} from the bundled demo data ...", flush=True)
     common = dict(out=str(out), limit=8, splits=("train",), max_length=256, max_new_tokens=32, examples_per_part=8,
@@ -125,8 +168,9 @@ def first_batch(store_path: str, n_examples: int, device: str, needs=ALL_NEEDS):
     return collate(examples, pad_id=0).to(device)
 
 
-def live_signals(batch, needs, teacher, frozen, top_k: int):
-    """The batch with every signal ``needs`` asks for recomputed by running the models now."""
+def live_signals(batch, needs, teacher, frozen, top_k: int, top_p: float = 1.0):
+    """The batch with every signal ``needs`` asks for recomputed by running the models now (the store's adaptive
+    K, ``top_p`` < 1, included: its kept counts too)."""
     sequences = [s for ex in batch.examples for s in ex.sequences]  # collate's order
     response = {k: v.clone() for k, v in batch.response.items()}
     scalars = {k: v.clone() for k, v in batch.scalars.items()}
@@ -137,10 +181,14 @@ def live_signals(batch, needs, teacher, frozen, top_k: int):
         prompt = [sequences[i].prompt_length for i in index]
         rows = [resp_seq == i for i in index]
         if "teacher" in sections:
-            scored = passes.score_sequences(teacher, ids, prompt, top_k=top_k)
+            scored = passes.score_sequences(teacher, ids, prompt, top_k=top_k, top_p=top_p)
             for r, s in zip(rows, scored):
                 response["teacher/topk_ids"][r] = torch.from_numpy(s.topk_ids).to(resp_seq.device)
                 response["teacher/topk_logp"][r] = torch.from_numpy(s.topk_logp).to(resp_seq.device)
+                if "teacher/tail_logp" in response:
+                    response["teacher/tail_logp"][r] = torch.from_numpy(s.tail_logp).to(resp_seq.device)
+                if s.topk_count is not None:
+                    response["teacher/topk_count"][r] = torch.from_numpy(s.topk_count).to(resp_seq.device)
         if "reference" in sections:
             at = [response["teacher/topk_ids"][r].cpu().numpy() for r in rows]
             for r, s in zip(rows, passes.score_sequences(frozen, ids, prompt, at_ids=at)):
@@ -197,6 +245,56 @@ def plain_sft_loss(model, batch):
     return torch.nn.functional.cross_entropy(rows, batch.resp_target)
 
 
+def sft_every_response(batch) -> list[methods.Term]:
+    """The project's SFT term (mean token NLL, :func:`train.methods.sft_term`'s formula) on every response row of
+    every sequence set in ``batch``: through :func:`train.methods.method_loss` it runs the decoder and the chunked
+    output layer on exactly the rows a method step runs them on."""
+    sets = sorted({sequence.sequence_set for example in batch.examples for sequence in example.sequences})
+
+    def every_response_nll(batch, out, settings):
+        return methods.token_mean(-out.logp, out.computed[methods.LOGP])
+
+    requests = tuple(methods.TokenRequest(methods.LOGP, sequence_set, None) for sequence_set in sets)
+    return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll)]
+
+
+def outputs_per_group(model, batch, requests, settings, chunk_size=1024):
+    """The student's forward as :func:`train.methods.student_outputs` made it before it went to one pass: one
+    chunked output-layer pass per group of rows needing the same quantities (:func:`train.methods.rows_by_need`),
+    so pair rows (KD) and generated rows (ADPA) each run the output layer, and its weight's gradient, apart."""
+    from lm import head
+    from train import losses
+
+    R, device = batch.num_response_tokens, batch.input_ids.device
+    wanted = {name: torch.zeros(R, dtype=torch.bool, device=device) for name in losses.TOKEN_TERMS}
+    for request in requests:
+        wanted[request.quantity] |= methods.response_rows(batch, request.sequence_set, request.role)
+    wanted[losses.LOGP] = torch.stack(list(wanted.values())).any(0)
+    run = torch.zeros(batch.num_sequences, dtype=torch.bool, device=device)
+    run[batch.resp_seq[wanted[losses.LOGP]]] = True
+    run_index = run.nonzero().squeeze(1)
+    position_in_run = torch.cumsum(run.long(), 0) - 1
+    length = int(batch.attention_mask[run_index].sum(1).max())
+    decoder, output_layer = head.split_model(model)
+    hidden = decoder(input_ids=batch.input_ids[run_index, :length],
+                     attention_mask=batch.attention_mask[run_index, :length]).last_hidden_state
+    zeros = torch.zeros(R, dtype=torch.float32, device=device)
+    values = dict.fromkeys(wanted, zeros)
+    for names, rows in methods.rows_by_need(wanted):
+        picked = hidden[position_in_run[batch.resp_seq[rows]], batch.resp_pos[rows]]
+        reads = {signal for name in names for signal in losses.TOKEN_TERMS[name].reads}
+        got = losses.chunked_token_terms(picked, output_layer.logits, names,
+                                         methods.row_signals(batch, reads, rows, settings), chunk_size)
+        for name, value in got.items():
+            values[name] = values[name].index_put((rows,), value.to(zeros.dtype))
+    return methods.StudentOutputs(values, wanted)
+
+
+def per_group_loss(model, batch, terms, settings):
+    out = outputs_per_group(model, batch, methods.token_requests(terms), settings)
+    return sum(term.weight * term.loss(batch, out, settings) for term in terms)
+
+
 def make_step(model, optimizer, loss_fn):
     def step():
         loss = loss_fn()
@@ -247,36 +345,49 @@ def build_steps(args, device):
     store_path = args.cache
     batch = first_batch(store_path, args.examples, device)
     top_k = int(batch.response["teacher/topk_ids"].shape[1])
+    record = TeacherStore.open(store_path).pass_record("pairs/teacher")
+    top_p = float(record.settings.get("top_p", 1.0)) if record else 1.0  # the store's adaptive K, if any
     group_methods = [m for m in args.methods if uses_groups(m)]
     student, _, student_info = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype="float32",
                                                  default=models.EMBEDDED_STUDENT)
     student.train()
     live_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    teacher, teacher_tokenizer, teacher_info = models.load_model(models.EMBEDDED_TEACHER, device=device,
-                                                                 dtype=live_dtype)
-    frozen, _, _ = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype=live_dtype,
-                                     default=models.EMBEDDED_STUDENT)  # reference / initial model
+    teacher = frozen = None
+    if args.live:
+        teacher, teacher_tokenizer, teacher_info = models.load_model(models.EMBEDDED_TEACHER, device=device,
+                                                                     dtype=live_dtype)
+        frozen, _, _ = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype=live_dtype,
+                                         default=models.EMBEDDED_STUDENT)  # reference / initial model
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-7)
     settings = methods.Settings()
 
     steps = {"plain sft": make_step(student, optimizer, lambda: plain_sft_loss(student, batch))}
     resident = {"plain sft": 3 * param_bytes(student)}  # weights + AdamW's two moments
+    tight = sft_every_response(batch)
+    steps[TIGHT_BASE] = make_step(student, optimizer, lambda: methods.method_loss(student, batch, tight, settings)[0])
+    resident[TIGHT_BASE] = resident["plain sft"]
     if group_methods:
         group_batch = first_batch(args.pad_cache, args.examples, device, GROUP_NEEDS)
-        live_groups = LiveGroupTeacher(args.pad_cache, teacher, teacher_tokenizer)
+        live_groups = LiveGroupTeacher(args.pad_cache, teacher, teacher_tokenizer) if args.live else None
         steps[GROUP_BASE] = make_step(student, optimizer, lambda: plain_sft_loss(student, group_batch))
         resident[GROUP_BASE] = resident["plain sft"]
+        group_tight = sft_every_response(group_batch)
+        steps[GROUP_TIGHT_BASE] = make_step(student, optimizer, lambda: methods.method_loss(
+            student, group_batch, group_tight, settings)[0])
+        resident[GROUP_TIGHT_BASE] = resident["plain sft"]
     for method in group_methods:
         terms = methods.resolve_terms(method)
         steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
             student, group_batch, t, settings)[0])
+        resident[f"{method}/store"] = resident["plain sft"]
+        if not args.live:
+            continue
 
         def live_group_loss(t=terms):
             with torch.no_grad():
                 fresh = live_groups.signals(group_batch)
             return methods.method_loss(student, fresh, t, settings)[0]
         steps[f"{method}/live"] = make_step(student, optimizer, live_group_loss)
-        resident[f"{method}/store"] = resident["plain sft"]
         resident[f"{method}/live"] = resident["plain sft"] + param_bytes(teacher)
     for method in [m for m in args.methods if m not in group_methods]:
         terms = methods.resolve_terms(method)
@@ -284,18 +395,23 @@ def build_steps(args, device):
         steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
             student, batch, t, settings)[0])
         resident[f"{method}/store"] = resident["plain sft"]
-        if any(needs.values()):
+        if method == PER_GROUP_METHOD and args.per_group:
+            steps[PER_GROUP] = make_step(student, optimizer, lambda t=terms: per_group_loss(student, batch, t,
+                                                                                             settings))
+            resident[PER_GROUP] = resident["plain sft"]
+        if args.live and any(needs.values()):
             def live_loss(t=terms, n=needs):
                 with torch.no_grad():
-                    fresh = live_signals(batch, n, teacher, frozen, top_k)
+                    fresh = live_signals(batch, n, teacher, frozen, top_k, top_p)
                 return methods.method_loss(student, fresh, t, settings)[0]
             steps[f"{method}/live"] = make_step(student, optimizer, live_loss)
             uses_frozen = bool({"reference", "student_init"} & {x for sec in needs.values() for x in sec})
             resident[f"{method}/live"] = (resident["plain sft"] + param_bytes(teacher)
                                           + (param_bytes(frozen) if uses_frozen else 0))
+    teacher_about = (f"teacher {teacher_info.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
+                     f"{live_dtype} when live)" if args.live else "no live teacher (--no-live)")
     about = (f"device {device}; student {student_info.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M"
-             f" params), teacher {teacher_info.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
-             f"{live_dtype} when live); store {store_path}\n"
+             f" params), {teacher_about}; store {store_path}\n"
              f"batch: {args.examples} example(s) = {batch.num_sequences} sequences, "
              f"{int(batch.attention_mask.sum())} tokens, {batch.num_response_tokens} response tokens, top-K {top_k}")
     if group_methods:
@@ -330,6 +446,101 @@ def memory_in_child(argv) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- several processes
+
+
+def data_parallel_worker(args) -> None:
+    """One process of a several-process measurement (started alone or by torchrun): time DP_METHOD steps."""
+    from train import distributed, records
+
+    torch.set_num_threads(args.threads)
+    terms = methods.resolve_terms(DP_METHOD)
+    needs = methods.needs_of(terms)
+    store = TeacherStore.open(args.cache)
+    examples = list(itertools.islice(ExampleStream(store, "train", needs, shuffle=False), args.examples))
+    with distributed.setup(args.device) as context:
+        device = models.resolve_device(context.device)
+        context.device = device
+        student, tokenizer, _ = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype="float32",
+                                                  default=models.EMBEDDED_STUDENT)
+        student.train()
+        pad_id = chat.pad_id(tokenizer)
+        engine = distributed.Engine(context, student, terms, methods.Settings(), 1024, torch.float32,
+                                    distributed.filler_source(store, "train", needs, pad_id))
+        optimizer = torch.optim.AdamW(engine.parameters(), lr=1e-7)
+        meter = records.Meter([t.name for t in terms], reduce=context.sum if context.world > 1 else None)
+        batch = collate(examples, pad_id).to(device)  # the same batch in every process: timing only
+
+        def step() -> float:
+            if context.world > 1:
+                torch.distributed.barrier()
+            t0 = time.perf_counter()
+            engine.micro_step(batch, 1, True, meter)
+            engine.clip(1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if context.world > 1:
+                torch.distributed.barrier()
+            return time.perf_counter() - t0
+
+        step()  # untimed: AdamW's state, first-call allocations
+        seconds = [step() for _ in range(args.repeats)]
+        if context.main:
+            Path(args.dp_result).write_text(json.dumps({"seconds": seconds, "processes": context.world,
+                                                        "examples": len(examples)}))
+
+
+def data_parallel_rows(args, device: str) -> None:
+    """Time per example of a DP_METHOD step: 1 process with every core, 1 with a core's share, N processes."""
+    import tempfile
+
+    n = args.processes
+    cores = os.cpu_count() or 1
+    cuda = device.startswith("cuda")
+    if cuda and torch.cuda.device_count() < n:
+        print(f"\n{n} processes: skipped, {torch.cuda.device_count()} GPU(s) here")
+        return
+    share = max(1, cores // n)
+    runs = [(f"1 process, {cores} thread(s)", 1, cores), (f"1 process, {share} thread(s)", 1, share),
+            (f"{n} processes, {share} thread(s) each", n, share)]
+    if share == cores:
+        runs.pop(1)
+    print(f"\n{DP_METHOD} step on several processes ({'NCCL' if cuda else 'gloo, CPU'}), {args.examples} "
+          f"example(s) per process per step, medians of {DP_ROUNDS} x {args.repeats} steps (configurations in "
+          f"turn, {DP_ROUNDS} rounds); load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+          flush=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        order = [run for r in range(DP_ROUNDS) for run in (runs if r % 2 == 0 else runs[::-1])]
+        for name, processes, threads in order:
+            result = Path(tmp) / "result.json"
+            worker = [__file__, "--dp-worker", "--cache", args.cache, "--examples", str(args.examples),
+                      "--repeats", str(args.repeats), "--device", args.device, "--dp-threads", str(threads),
+                      "--dp-result", str(result)]
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(processes)] if processes > 1 else [sys.executable])
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+            env["OMP_NUM_THREADS"] = str(threads)
+            subprocess.run(launcher + worker, env=env, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            got = json.loads(result.read_text())
+            results.setdefault(name, {**got, "seconds": []})["seconds"] += got["seconds"]
+    base = results[runs[0][0]]
+    base_per_example = statistics.median(base["seconds"]) / base["examples"]
+    print(f"{'processes':<34} {'step ms':>8} {'examples':>8} {'ms/example':>10} {'/1 process':>10}")
+    for name, _, _ in runs:
+        got = results[name]
+        examples = got["examples"] * got["processes"]
+        seconds = statistics.median(got["seconds"])
+        per_example = seconds / examples
+        print(f"{name:<34} {seconds * 1e3:>8.0f} {examples:>8} {per_example * 1e3:>10.0f} "
+              f"{per_example / base_per_example:>10.2f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", help="store to read (default: build a small one from the demo data)")
@@ -340,12 +551,31 @@ def main() -> None:
                         help="examples in the batch (each: chosen, rejected, generated)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-live", dest="live", action="store_false",
+                        help="measure the store steps only (no teacher run, no teacher loaded): much shorter")
+    parser.add_argument("--per-group", action="store_true",
+                        help=f"also time {PER_GROUP_METHOD} with one output-layer pass per group of rows (the code "
+                             f"before the one-pass forward), side by side")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=2,
+                        help=f"the several-process rows: {DP_METHOD} on N processes against 1 (0: leave them out)")
+    parser.add_argument("--only-processes", action="store_true", help="print only the several-process rows")
+    parser.add_argument("--dp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dp-threads", dest="threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dp-result", help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     device = models.resolve_device(args.device)
     cuda = device.startswith("cuda")
+
+    if args.dp_worker:
+        data_parallel_worker(args)
+        return
+    if args.only_processes:
+        args.cache = bench_store(args.cache)
+        data_parallel_rows(args, device)
+        return
 
     if args.memory_only:  # the child of memory_in_child: one measurement per step, JSON on the last line
         steps, _, _ = build_steps(args, device)
@@ -374,28 +604,45 @@ def main() -> None:
     base_total = base_peak + resident["plain sft"]
     print(f"\nplain SFT step: {base_time * 1e3:.0f} ms, step peak {base_peak / 2**20:.0f} MiB, "
           f"total (with resident weights + AdamW) {base_total / 2**20:.0f} MiB")
+    print(f"{TIGHT_BASE} (the project's SFT term on every response, chunked output layer): "
+          f"{timings[TIGHT_BASE] * 1e3:.0f} ms = {timings[TIGHT_BASE] / base_time:.2f} x plain, "
+          f"step peak {peaks[TIGHT_BASE] / 2**20:.0f} MiB")
     if GROUP_BASE in timings:
         print(f"{GROUP_BASE} step (the baseline of the methods on groups): {timings[GROUP_BASE] * 1e3:.0f} ms, "
-              f"step peak {peaks[GROUP_BASE] / 2**20:.0f} MiB")
-    print("ratios to the plain SFT step on the same responses (time, step peak memory, total peak memory):")
-    header = (f"{'method':<12} {'store: time':>11} {'step mem':>9} {'total':>7}   {'live teacher: time':>18} "
-              f"{'step mem':>9} {'total':>7}")
+              f"step peak {peaks[GROUP_BASE] / 2**20:.0f} MiB; {GROUP_TIGHT_BASE}: "
+              f"{timings[GROUP_TIGHT_BASE] * 1e3:.0f} ms")
+    print("ratios on the same responses: time to the plain SFT step (old baseline) and to the project's sft step "
+          "(tight baseline); step peak and total peak memory to the plain SFT step")
+    header = (f"{'method':<12} {'store: /plain':>13} {'/sft step':>9} {'step mem':>9} {'total':>6}   "
+              f"{'live: /plain':>12} {'/sft step':>9} {'step mem':>9} {'total':>6}")
     print(header)
     print("-" * len(header))
 
     def cells(name):
         if name not in timings:
-            return ["(no teacher)", "", ""]
-        base = GROUP_BASE if uses_groups(name.split("/")[0]) else "plain sft"
+            return ["(not run)", "", "", ""]
+        groups = uses_groups(name.split("/")[0])
+        base, tight = (GROUP_BASE, GROUP_TIGHT_BASE) if groups else ("plain sft", TIGHT_BASE)
         total = peaks[base] + resident[base]
-        return [f"{timings[name] / timings[base]:.2f}", f"{peaks[name] / max(peaks[base], 1):.2f}",
-                f"{(peaks[name] + resident[name]) / total:.2f}"]
+        return [f"{timings[name] / timings[base]:.2f}", f"{timings[name] / timings[tight]:.2f}",
+                f"{peaks[name] / max(peaks[base], 1):.2f}", f"{(peaks[name] + resident[name]) / total:.2f}"]
 
     for method in args.methods:
         store, live = cells(f"{method}/store"), cells(f"{method}/live")
-        print(f"{method:<12} {store[0]:>11} {store[1]:>9} {store[2]:>7}   {live[0]:>18} {live[1]:>9} {live[2]:>7}")
+        print(f"{method:<12} {store[0]:>13} {store[1]:>9} {store[2]:>9} {store[3]:>6}   "
+              f"{live[0]:>12} {live[1]:>9} {live[2]:>9} {live[3]:>6}")
+    if "dckd+adpa/store" in timings:
+        ratio = timings["dckd+adpa/store"] / timings[TIGHT_BASE]
+        print(f"\ndckd+adpa from the store: {ratio:.2f} x the sft step (target <= 1.05: "
+              f"{'met' if ratio <= 1.05 else 'NOT met'})")
+    if PER_GROUP in timings:
+        print(f"{PER_GROUP_METHOD} with one output-layer pass per group of rows (the code before; same batch, same "
+              f"run): {timings[PER_GROUP] / timings[TIGHT_BASE]:.2f} x the sft step, step peak "
+              f"{peaks[PER_GROUP] / max(peaks['plain sft'], 1):.2f} x plain")
     print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
         f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings))
+    if args.processes > 1:
+        data_parallel_rows(args, device)
     print(f"measured in {time.perf_counter() - t0:.0f} s")
 
 

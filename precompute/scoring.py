@@ -7,7 +7,10 @@ sequence and per response token, any of:
 - the model's top-K next-token ids and log-probs (normalised over the whole
   vocabulary), taken on the device, with the log of the mass outside them
   (a logsumexp over every other id of the full log-softmax: exact however
-  small, which ``log(1 - sum(top-K))`` is not);
+  small, which ``log(1 - sum(top-K))`` is not); with ``top_p < 1`` an adaptive
+  K per row (:func:`kept_counts`: the fewest ids whose mass reaches ``top_p``,
+  K the cap), the entries past it padded (:func:`pad_past_count`) and the tail
+  taken outside the kept ids only;
 - its log-probs at ids given per row (the reference model at the teacher's top-K);
 - the log-prob of the token actually there, and its sum over the response.
 
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from lm.head import split_model
+from store.format import LOGP_FLOOR
 
 HEAD_CHUNK_ROWS = 1024
 
@@ -43,7 +47,30 @@ class Scored:
     topk_ids: np.ndarray | None = None  # [r, K] int64
     topk_logp: np.ndarray | None = None  # [r, K] float32
     at_ids_logp: np.ndarray | None = None  # [r, K'] float32
-    tail_logp: np.ndarray | None = None  # [r] float32: log of the mass outside topk_ids (with top-K)
+    tail_logp: np.ndarray | None = None  # [r] float32: log of the mass outside the kept topk_ids (with top-K)
+    topk_count: np.ndarray | None = None  # [r] int64: kept entries of each row (top_p < 1 only)
+
+
+#: what entries past a row's kept count hold (``store.format.DESCRIPTION["adaptive_k"]``)
+PAD_ID = 0
+PAD_LOGP = LOGP_FLOOR  # the quantiser's floor: padding costs next to nothing once compressed
+
+
+def kept_counts(topk_logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[c] int64: per row of descending log-probs ``topk_logp`` [c, K], the smallest k whose cumulative mass
+    ``sum_{j < k} exp(topk_logp[j])`` is >= ``top_p``, capped at K (K when the K hold less than ``top_p``).
+
+    The sums are taken in float64 whatever the model's dtype (K numbers per row), so the rule does not
+    depend on the device's float32 summation order.
+    """
+    cumulative = topk_logp.double().exp().cumsum(dim=-1)
+    return ((cumulative < top_p).sum(dim=-1) + 1).clamp(max=topk_logp.shape[-1])
+
+
+def pad_past_count(values: np.ndarray, counts: np.ndarray, pad) -> np.ndarray:
+    """``values`` [r, K] with ``pad`` in every entry at or past its row's ``counts`` [r] (a copy)."""
+    keep = np.arange(values.shape[1])[None, :] < np.asarray(counts)[:, None]
+    return np.where(keep, values, np.asarray(pad, dtype=values.dtype))
 
 
 def tail_logmass_(logp: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -92,6 +119,7 @@ def score_sequences(
     prompt_lengths: Sequence[int],
     *,
     top_k: int | None = None,
+    top_p: float = 1.0,
     at_ids: Sequence[np.ndarray] | None = None,
     batch_tokens: int = 4096,
     pad_id: int = 0,
@@ -99,9 +127,16 @@ def score_sequences(
 ) -> list[Scored]:
     """Score every sequence's response tokens with ``model`` (see module docstring).
 
-    ``at_ids[s]`` is ``[r_s, K']``: ids at which to read the log-probs of each
-    response row of sequence ``s``. ``on_batch(tokens)`` reports progress.
+    ``top_p < 1`` (with ``top_k``): an adaptive K, ``Scored.topk_count`` the kept
+    entries of each row (:func:`kept_counts`), the others padded with :data:`PAD_ID`
+    and :data:`PAD_LOGP`, the tail the log mass outside the kept ids. ``top_p >= 1``:
+    all K kept, no count. ``at_ids[s]`` is ``[r_s, K']``: ids at which to read the
+    log-probs of each response row of sequence ``s``. ``on_batch(tokens)`` reports
+    progress.
     """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+    adaptive = bool(top_k) and top_p < 1
     device = next(model.parameters()).device
     base, head = split_model(model)
     lengths = [len(s) for s in sequences]
@@ -128,7 +163,7 @@ def score_sequences(
         picked = hidden[rows_b, rows_p]
         if at_ids is not None:
             given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch]))
-        target_lp, tk_ids, tk_lp, given_lp, tails = [], [], [], [], []
+        target_lp, tk_ids, tk_lp, given_lp, tails, counts = [], [], [], [], [], []
         for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
             c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
             logp = torch.log_softmax(head.logits(picked[c0:c1]), dim=-1)
@@ -139,13 +174,22 @@ def score_sequences(
                 tk_lp.append(v)
             if at_ids is not None:
                 given_lp.append(logp.gather(-1, given[c0:c1].to(logp.device)))
-            if top_k:
+            if adaptive:  # the tail outside the kept ids: padding repeats the first id, which counts once
+                n = kept_counts(v, top_p)
+                counts.append(n)
+                kept = torch.arange(top_k, device=k.device) < n.to(k.device).unsqueeze(-1)
+                tails.append(tail_logmass_(logp, torch.where(kept, k, k[:, :1])))  # last: overwrites logp
+            elif top_k:
                 tails.append(tail_logmass_(logp, k))  # last: overwrites logp
         target_lp = torch.cat(target_lp).cpu().numpy()
         if top_k:
             tk_ids = torch.cat(tk_ids).cpu().numpy()
             tk_lp = torch.cat(tk_lp).cpu().numpy()
             tails = torch.cat(tails).cpu().numpy()
+        if adaptive:
+            counts = torch.cat(counts).cpu().numpy()
+            tk_ids = pad_past_count(tk_ids, counts, PAD_ID)
+            tk_lp = pad_past_count(tk_lp, counts, PAD_LOGP)
         if at_ids is not None:
             given_lp = torch.cat(given_lp).cpu().numpy()
         for (s0, s1), i in zip(spans, batch):
@@ -156,16 +200,20 @@ def score_sequences(
                 topk_logp=tk_lp[s0:s1] if top_k else None,
                 at_ids_logp=given_lp[s0:s1] if at_ids is not None else None,
                 tail_logp=tails[s0:s1] if top_k else None,
+                topk_count=counts[s0:s1] if adaptive else None,
             )
         if on_batch:
             on_batch(int(sum(lengths[i] for i in batch)))
     return results  # type: ignore[return-value]
 
 
-def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = False) -> dict[str, np.ndarray]:
+def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = False,
+                  at_counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A section's arrays from :func:`score_sequences`' results: target log-probs and sums, plus top-K
     and the tail log-mass outside it (``topk``, teacher sections: ``tail_logp``, see
-    ``store.format.DESCRIPTION["tail"]``) or the log-probs at given ids (``at_ids``, the reference section)."""
+    ``store.format.DESCRIPTION["tail"]``; ``topk_count`` where the top-K is adaptive, see ``"adaptive_k"``)
+    or the log-probs at given ids (``at_ids``, the reference section), with :data:`PAD_LOGP` past each row's
+    ``at_counts`` (the teacher's ``topk_count`` of the same rows, when it has one: padding, no id of its)."""
     def cat(values, width=None):
         if values:
             return np.concatenate(values)
@@ -179,6 +227,13 @@ def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = Fa
         arrays["topk_ids"] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
         arrays["topk_logp"] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
         arrays["tail_logp"] = cat([s.tail_logp for s in scored]).astype(np.float32)
+        adaptive = [s.topk_count is not None for s in scored]
+        if any(adaptive):
+            if not all(adaptive):
+                raise ValueError("scored sequences mix an adaptive and a fixed top-K")
+            arrays["topk_count"] = cat([s.topk_count for s in scored]).astype(np.uint16)
     if at_ids:
         arrays["topk_logp"] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
+        if at_counts is not None:
+            arrays["topk_logp"] = pad_past_count(arrays["topk_logp"], at_counts, PAD_LOGP)
     return arrays

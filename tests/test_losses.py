@@ -765,3 +765,154 @@ def test_chunked_token_terms_does_not_keep_logits_for_backward():
     assert (R, V) in saved_shapes
     (out["logp"].sum() + out["kd"].sum()).backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+# --------------------------------------------------------------------------
+# adaptive K (a store written with --top-p): per-row kept counts, padding past them
+# --------------------------------------------------------------------------
+
+KA, VA = 6, 40
+COUNTS = [1, 6, 3, 2, 1, 6, 4]  # kept entries per row: both extremes (1 and K) included
+
+
+def adaptive_teacher(seed=60):
+    """Float64 teacher rows with an adaptive K: (ids [R, KA] and log-probs [R, KA], padded past COUNTS with id 0 and
+    -500 as a store pads them; the kept ids and log-probs as plain lists; the exact tail outside the kept ids)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(COUNTS), VA, generator=g, dtype=torch.float64) * 2
+    logits[2, 0] += 8.0  # id 0 is a kept id of row 2: padding (id 0 too) must not be confused with it
+    logits[4, 7] += 12.0  # a confident row, k = 1: the tail holds ~1e-4
+    logp = torch.log_softmax(logits, -1)
+    top, ids = logp.topk(KA, dim=-1)
+    kept_ids, kept_logp, tails = [], [], []
+    for r, n in enumerate(COUNTS):
+        kept_ids.append(ids[r, :n].tolist())
+        kept_logp.append(top[r, :n].tolist())
+        tails.append(ref_logsumexp(x for v, x in enumerate(logp[r].tolist()) if v not in kept_ids[-1]))
+    count = torch.tensor(COUNTS)
+    keep = torch.arange(KA) < count[:, None]
+    padded_ids = torch.where(keep, ids, torch.zeros_like(ids))
+    padded_logp = torch.where(keep, top, torch.full_like(top, -500.0))
+    return padded_ids, padded_logp, torch.tensor(tails, dtype=torch.float64), count, kept_ids, kept_logp
+
+
+def test_kept_entries_and_kept_ids():
+    ids, _, _, count, kept_ids, _ = adaptive_teacher()
+    kept = L.kept_entries(count, KA)
+    for r, n in enumerate(COUNTS):
+        assert kept[r].tolist() == [j < n for j in range(KA)]
+        replaced = L.kept_ids(ids, kept)[r].tolist()
+        assert replaced[:n] == kept_ids[r] and replaced[n:] == [kept_ids[r][0]] * (KA - n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kd_with_counts_is_the_kl_over_kept_bins_and_the_exact_tail(dtype):
+    ids, top, tail, count, kept_ids, kept_logp = adaptive_teacher()
+    s = rand(len(COUNTS), VA, seed=61, scale=2)
+    s[0, kept_ids[0][0]] += 40.0  # row 0 (k = 1): a student with all but ~1e-16 of its mass on the kept id
+    x = s.to(dtype).requires_grad_(True)
+    out = L.kd_tail_kl(x, ids, top.to(dtype), tail.to(dtype), count)
+    grad, = torch.autograd.grad(out.sum(), x)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for r in range(len(COUNTS)):
+        row = x[r].detach().double().tolist()
+        expected = ref_kd(row, kept_ids[r], kept_logp[r], tail[r].item())  # n + 1 bins, literally
+        assert out[r].item() == pytest.approx(expected, rel=tol, abs=tol)
+        reference = ref_kd_grad(row, kept_ids[r], kept_logp[r], tail[r].item())
+        for v in range(VA):
+            assert grad[r, v].item() == pytest.approx(reference[v], abs=tol)
+    assert out[0].item() > 1.0  # row 0: the teacher's tail (~0.8) against the student's ~1e-16, not lost
+    # the padding takes no part: any ids and log-probs there give the same values and gradients
+    g = torch.Generator().manual_seed(62)
+    keep = L.kept_entries(count, KA)
+    noisy_ids = torch.where(keep, ids, torch.randint(0, VA, ids.shape, generator=g))
+    noisy_top = torch.where(keep, top, -torch.rand(top.shape, generator=g, dtype=torch.float64))
+    again = L.kd_tail_kl(x, noisy_ids, noisy_top.to(dtype), tail.to(dtype), count)
+    grad_again, = torch.autograd.grad(again.sum(), x)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    torch.testing.assert_close(grad_again, grad, rtol=0, atol=0)
+    # all K kept (counts = K) is today's KD
+    full = torch.full((len(COUNTS),), KA)
+    _, all_ids = torch.log_softmax(rand(len(COUNTS), VA, seed=63), -1).topk(KA, -1)
+    torch.testing.assert_close(L.kd_tail_kl(x, all_ids, top.to(dtype), tail.to(dtype), full),
+                               L.kd_tail_kl(x, all_ids, top.to(dtype), tail.to(dtype)), rtol=0, atol=0)
+
+
+def test_kd_with_counts_quantised_teacher_renormalises_the_kept_bins():
+    ids, top, tail, count, kept_ids, kept_logp = adaptive_teacher(seed=64)
+    q_top = torch.where(L.kept_entries(count, KA), torch.round(top * 128) / 128, top)  # padding stays at the floor
+    q_tail = torch.round(tail * 128) / 128
+    bins = L.teacher_kd_bins(q_top, q_tail, kept=L.kept_entries(count, KA))
+    s = rand(len(COUNTS), VA, seed=65, scale=2)
+    out = L.kd_tail_kl(s, ids, q_top, q_tail, count)
+    for r, n in enumerate(COUNTS):
+        stored = [math.exp(v) for v in q_top[r, :n].tolist()] + [math.exp(q_tail[r].item())]
+        total = math.fsum(stored)
+        for j in range(n):
+            assert bins[r, j].item() == pytest.approx(math.log(stored[j] / total), abs=1e-13)
+        assert all(b == -math.inf for b in bins[r, n:KA].tolist())
+        assert bins[r, KA].item() == pytest.approx(math.log(stored[-1] / total), abs=1e-13)
+        assert out[r].item() == pytest.approx(ref_kd(s[r].tolist(), kept_ids[r], q_top[r, :n].tolist(),
+                                                     q_tail[r].item()), abs=1e-12)
+
+
+def test_adpa_with_counts_ignores_the_padding():
+    ids, top, _, count, kept_ids, _ = adaptive_teacher(seed=66)
+    ref = torch.where(L.kept_entries(count, KA), top + rand(len(COUNTS), KA, seed=67), torch.zeros_like(top))
+    kept = L.kept_entries(count, KA)
+    s = rand(len(COUNTS), VA, seed=68, scale=2).requires_grad_(True)
+    for clip in (True, False):
+        adv = L.adpa_advantage(top, ref, beta=0.8, clip=clip, kept=kept)
+        out = L.adpa_token_loss(s, L.kept_ids(ids, kept), adv)
+        grad, = torch.autograd.grad(out.sum(), s)
+        for r, n in enumerate(COUNTS):
+            raw = [0.8 * (top[r, j].item() - ref[r, j].item()) for j in range(n)]
+            a = [min(max(x, 1e-8), 1 - 1e-8) for x in raw] if clip else raw
+            assert adv[r, :n].tolist() == pytest.approx(a, abs=1e-15)
+            assert adv[r, n:].tolist() == [0.0] * (KA - n)  # padding: no advantage at all, clipped or not
+            q = ref_softmax(s[r].tolist())
+            assert out[r].item() == pytest.approx(-math.fsum(q[i] * x for i, x in zip(kept_ids[r], a)), abs=1e-12)
+            # d/d logit_v of -sum_j q_j a_j = -q_v a_v + q_v sum_j q_j a_j (a_v = 0 off the kept ids)
+            mean = math.fsum(q[i] * x for i, x in zip(kept_ids[r], a))
+            for v in range(VA):
+                a_v = math.fsum(x for i, x in zip(kept_ids[r], a) if i == v)
+                assert grad[r, v].item() == pytest.approx(-q[v] * a_v + q[v] * mean, abs=1e-12)
+        # unclipped, the padding's log-probs (-500 against any reference) would be a huge negative advantage
+        assert (0.8 * (top - ref))[~kept].min() < -300
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4, 7])
+def test_chunked_token_terms_on_each_terms_own_rows(chunk_size):
+    """One pass, each term on its own rows (contiguous, scattered and absent within chunks): values on those rows
+    and gradients equal the unchunked functions on those rows alone; 0 and no gradient elsewhere."""
+    _, ids, tlp = make_teacher()
+    adv = L.adpa_advantage(tlp, rand(R, K, seed=70), clip=False)
+    tgt = ids[:, 1]
+    kd_rows = torch.tensor([True, True, True, False, False, True, False])
+    adpa_rows = torch.tensor([False, False, False, True, True, False, True])
+
+    def leaves():
+        return rand(R, H, seed=71).requires_grad_(True), rand(V, H, seed=72).requires_grad_(True)
+
+    h1, w1 = leaves()
+    logits = h1 @ w1.T
+    ref = {"logp": L.token_logprobs(logits, tgt),
+           "kd": L.kd_tail_kl(logits[kd_rows], ids[kd_rows], tlp[kd_rows]),
+           "adpa": L.adpa_token_loss(logits[adpa_rows], ids[adpa_rows], adv[adpa_rows])}
+    coef = rand(3, R, seed=73)
+    (coef[0] * ref["logp"]).sum().add((coef[1][kd_rows] * ref["kd"]).sum()).add(
+        (coef[2][adpa_rows] * ref["adpa"]).sum()).backward()
+
+    h2, w2 = leaves()
+    # signals on every row; rows a term does not compute hold values it would reject (ids out of range)
+    bad_ids = torch.where(kd_rows[:, None] | adpa_rows[:, None], ids, torch.full_like(ids, 10 ** 6))
+    out = L.chunked_token_terms(h2, lambda h: h @ w2.T, ["logp", "kd", "adpa"],
+                                {L.TARGET_IDS: tgt, L.TOPK_IDS: bad_ids, L.KD_TEACHER: L.teacher_kd_bins(tlp),
+                                 L.ADVANTAGE: adv}, chunk_size=chunk_size, rows={"kd": kd_rows, "adpa": adpa_rows})
+    torch.testing.assert_close(out["logp"], ref["logp"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(out["kd"][kd_rows], ref["kd"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(out["adpa"][adpa_rows], ref["adpa"], rtol=1e-13, atol=1e-13)
+    assert (out["kd"][~kd_rows] == 0).all() and (out["adpa"][~adpa_rows] == 0).all()
+    (coef[0] * out["logp"]).sum().add((coef[1] * out["kd"]).sum()).add((coef[2] * out["adpa"]).sum()).backward()
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-12, atol=1e-13)

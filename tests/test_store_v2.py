@@ -65,17 +65,23 @@ def renormalised(bins: np.ndarray) -> np.ndarray:
     return bins - (m + np.log(np.exp(bins - m).sum(1, keepdims=True)))
 
 
-def _teacher_section(base: dict, rows: dict, with_tail: bool) -> dict[str, np.ndarray]:
+def _teacher_section(base: dict, rows: dict, with_tail: bool, counts: bool = False) -> dict[str, np.ndarray]:
     targets = H.response_targets(base)
     target = np.full(targets.shape[0], -3.0, dtype=np.float32)
     arrays = {"topk_ids": rows["ids"], "topk_logp": rows["top"].astype(np.float32), "target_logp": target,
               "logp_sum": H._sequence_sums(base, target)}
     if with_tail:
         arrays["tail_logp"] = rows["tail"].astype(np.float32)
+    if counts:  # an adaptive K (format version 3): 1..K kept per row, padding past it (the tail left as is)
+        count = np.arange(rows["ids"].shape[0]) % rows["ids"].shape[1] + 1
+        keep = np.arange(rows["ids"].shape[1])[None, :] < count[:, None]
+        arrays.update(topk_count=count.astype(np.uint16), topk_ids=np.where(keep, rows["ids"], 0),
+                      topk_logp=np.where(keep, arrays["topk_logp"], np.float32(fmt.LOGP_FLOOR)))
     return arrays
 
 
-def write_tail_store(location: str, *, with_tail: bool = True, seed: int = 3) -> tuple[TeacherStore, dict]:
+def write_tail_store(location: str, *, with_tail: bool = True, seed: int = 3,
+                     counts: bool = False) -> tuple[TeacherStore, dict]:
     """Two parts of pairs with a confident teacher section (K = 8, vocabulary 1000); returns the exact rows."""
     store = H.create_store(location, num_examples={"train": 4}, examples_per_part=2)
     exact = {}
@@ -85,7 +91,8 @@ def write_tail_store(location: str, *, with_tail: bool = True, seed: int = 3) ->
         base = H._sequences(rng, range(start, stop), lambda ex: (fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED))
         store.write_section("train", part, fmt.SET_PAIRS, fmt.BASE, base)
         rows = confident_teacher(int(base["response_offsets"][-1]), H.VOCAB_SIZE, H.TOP_K, seed + part)
-        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER, _teacher_section(base, rows, with_tail))
+        store.write_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER,
+                            _teacher_section(base, rows, with_tail, counts))
         exact[part] = rows
     store.refresh_manifest()
     return store, exact
@@ -154,7 +161,7 @@ def test_plain_zarr_reads_the_real_values(tmp_path):
     store, exact = write_tail_store(str(tmp_path / "plain.zarr"))
     assert store_info(store)["teacher_tail"] == {"teacher_sections": 2, "with_tail_logp": 2}
     root = zarr.open_group(store.location, mode="r")
-    assert root.attrs["format"]["version"] == fmt.FORMAT_VERSION == 2
+    assert root.attrs["format"]["version"] == fmt.FORMAT_VERSION == 3  # version 3 (adaptive K) keeps all of this
     description = root.attrs["format_description"]
     assert "tail_logp" in description["arrays"]["teacher"] and "renormalise" in description["tail"]
     for part, rows in exact.items():
@@ -258,8 +265,8 @@ def test_version_1_store_still_streams_verifies_and_trains_kd(tmp_path):
     expected = torch.cat([top, tail[:, None]], 1)
     torch.testing.assert_close(bins.double(), expected - torch.logsumexp(expected, -1, keepdim=True),
                                rtol=0, atol=1e-5)
-    # a writer refuses to add version 2 sections to it; readers take it as it is
-    with pytest.raises(FormatMismatch, match="version 1.*writes version 2"):
+    # a writer refuses to add sections of its version (3) to it; readers take it as it is
+    with pytest.raises(FormatMismatch, match="version 1.*writes version 3"):
         TeacherStore.create(location, tokenizer=H.TOKENIZER, vocab_size=H.VOCAB_SIZE, examples_per_part=2)
 
 
@@ -282,13 +289,15 @@ def test_mixed_sets_tail_per_row(tmp_path):
     torch.testing.assert_close(bins[~has], losses.teacher_kd_bins(top[~has]))
 
 
-@pytest.mark.parametrize("version", [2, 1])
-def test_streamed_values_equal_zarr_across_many_chunks(tmp_path, monkeypatch, version):
+@pytest.mark.parametrize("version,counts", [(fmt.FORMAT_VERSION, False), (fmt.FORMAT_VERSION, True), (1, False)],
+                         ids=["this-writer", "this-writer-adaptive-k", "version-1"])
+def test_streamed_values_equal_zarr_across_many_chunks(tmp_path, monkeypatch, version, counts):
     """Chunks of a few rows: the stream decodes full chunks straight into place and the last one partly;
-    what it gives is, bit for bit, what zarr reads, for both versions' codecs and chunkings."""
+    what it gives is, bit for bit, what zarr reads, for both versions' codecs and chunkings (and the
+    adaptive K's counts)."""
     monkeypatch.setattr(fmt, "CHUNK_ROWS", {axis: 5 for axis in fmt.CHUNK_ROWS})
     location = str(tmp_path / f"chunks-v{version}.zarr")
-    store, _ = write_tail_store(location, with_tail=version == 2)
+    store, _ = write_tail_store(location, with_tail=version >= 2, counts=counts)
     if version == 1:
         as_version_1(location)
     store = TeacherStore.open(location)
@@ -304,7 +313,8 @@ def test_streamed_values_equal_zarr_across_many_chunks(tmp_path, monkeypatch, ve
     for part in range(store.num_parts("train")):
         base = store.read_section("train", part, fmt.SET_PAIRS)
         teacher = store.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
-        assert ("tail_logp" in teacher) == (version == 2)
+        assert ("tail_logp" in teacher) == (version >= 2)
+        assert ("topk_count" in teacher) == counts
         for s, ex in enumerate(base["example_index"].tolist()):
             seq = examples[ex].one(fmt.SET_PAIRS, int(base["role"][s]))
             t0, t1 = base["token_offsets"][s], base["token_offsets"][s + 1]

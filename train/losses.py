@@ -46,6 +46,8 @@ __all__ = [
     "token_logprobs",
     "kd_tail_kl",
     "teacher_kd_bins",
+    "kept_entries",
+    "kept_ids",
     "student_tail_logmass",
     "adpa_advantage",
     "adpa_token_loss",
@@ -188,10 +190,35 @@ def student_tail_logmass(student_logsoftmax: torch.Tensor, topk_ids: torch.Tenso
     return _LogSumExpOutside.apply(student_logsoftmax, topk_ids.long())
 
 
+def kept_entries(topk_count: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, K] bool: entry ``j`` of row ``r`` is one of the teacher's kept ids, ``j < topk_count[r]``.
+
+    A store written with an adaptive K (``precompute teacher --top-p P``, the store's
+    ``teacher/topk_count``) keeps the first ``topk_count[r]`` of the K entries of a row; the
+    others are padding (id 0, log-prob at the floor), not bins: every reader masks them.
+    Shapes: ``topk_count`` [R] integer; returns [R, k].
+    """
+    return torch.arange(k, device=topk_count.device) < topk_count.long().unsqueeze(-1)
+
+
+def kept_ids(topk_ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``topk_ids`` [R, K] with every entry outside ``kept`` [R, K] replaced by the row's first id.
+
+    What KD and ADPA gather the student at: a replaced entry repeats the first kept bin, whose
+    teacher bin is ``-inf`` there (:func:`teacher_kd_bins` with ``kept``: weight 0) and whose
+    advantage is 0 (:func:`adpa_advantage` with ``kept``), and the student's tail
+    (:func:`student_tail_logmass`, a logsumexp outside the ids, repeated ids counting once)
+    then excludes exactly the kept ids. Needs the first entry kept (counts are >= 1).
+    """
+    ids = topk_ids.long()
+    return torch.where(kept, ids, ids[..., :1])
+
+
 def teacher_kd_bins(
     topk_logp: torch.Tensor,
     tail_logp: Optional[torch.Tensor] = None,
     has_tail: Optional[torch.Tensor] = None,
+    kept: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The teacher's log-probs over the K+1 bins of KD (its top-K, then the tail), renormalised, [R, K+1].
 
@@ -205,10 +232,17 @@ def teacher_kd_bins(
     ``store.format.DESCRIPTION["tail"]``). A ``-inf`` entry stays ``-inf`` (a
     bin of teacher probability 0).
 
-    Shapes: ``topk_logp`` [R, K]; ``tail_logp`` [R]; ``has_tail`` [R] bool.
+    ``kept`` [R, K] bool (:func:`kept_entries`, stores with an adaptive K): entries
+    outside it are padding, not bins: they get ``-inf`` (probability 0) before
+    anything else, so a row's bins are its kept entries and its stored tail, which
+    holds the mass of every other id.
+
+    Shapes: ``topk_logp`` [R, K]; ``tail_logp`` [R]; ``has_tail`` [R] bool; ``kept`` [R, K] bool.
     Returns [R, K+1] in ``topk_logp``'s compute dtype (>= float32), detached.
     """
     t_k = _up(topk_logp).detach()
+    if kept is not None:
+        t_k = torch.where(kept.bool(), t_k, torch.full_like(t_k, float("-inf")))
     tail = _tail_logmass(t_k)
     if tail_logp is not None:
         stored = _up(tail_logp).to(t_k.dtype).detach()
@@ -273,6 +307,7 @@ def kd_tail_kl(
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor,
     tail_logp: Optional[torch.Tensor] = None,
+    topk_count: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Forward KL(teacher || student) over the teacher's top-K plus a tail bin.
 
@@ -297,17 +332,30 @@ def kd_tail_kl(
     over the same K+1 bins the result is >= 0 up to rounding (a truncated sum
     without the tail is not a KL and can go negative).
 
+    An adaptive K (``topk_count`` [R], the store's ``teacher/topk_count``): row ``r``
+    has ``topk_count[r]`` bins of the top-K and the tail, ``k' + 1`` bins in all; its
+    entries past the count are padding and take no part (:func:`kept_entries`,
+    :func:`kept_ids`): the student's tail is the mass outside the *kept* ids, the
+    teacher's tail the stored ``tail_logp`` (which the writer computed outside the
+    kept ids: the mass of the dropped entries is in it, exactly).
+
     Shapes: ``student_logits`` [R, V]; ``topk_ids`` [R, K] int64;
     ``topk_logp`` [R, K] teacher log-probs normalised over the *full*
-    vocabulary (not renormalised over the K); ``tail_logp`` [R] or None.
+    vocabulary (not renormalised over the K); ``tail_logp`` [R] or None;
+    ``topk_count`` [R] or None (every entry kept).
     Returns [R]; gradient flows to ``student_logits`` only (teacher detached).
     """
     ls = torch.log_softmax(_up(student_logits), dim=-1)
-    return _kd_from_logsoftmax(ls, topk_ids.long(), teacher_kd_bins(topk_logp, tail_logp))
+    ids, kept = topk_ids.long(), None
+    if topk_count is not None:
+        kept = kept_entries(topk_count, ids.shape[-1])
+        ids = kept_ids(ids, kept)
+    return _kd_from_logsoftmax(ls, ids, teacher_kd_bins(topk_logp, tail_logp, kept=kept))
 
 
 def adpa_advantage(
-    topk_logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 1.0, clip: bool = True
+    topk_logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 1.0, clip: bool = True,
+    kept: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """ADPA's token advantage at the teacher's top-K ids.
 
@@ -321,12 +369,18 @@ def adpa_advantage(
     ``1 - 1e-8`` rounds to 1.0). ``clip=False``: the paper's unclipped
     equation.
 
+    ``kept`` [R, K] bool (:func:`kept_entries`, a store with an adaptive K): the
+    advantage is 0 on every entry outside it (padding: no id of the teacher's, so
+    no term of the sum), clipped or not.
+
     Shapes: ``topk_logp``, ``ref_logp`` [R, K] (ref evaluated at the same
-    ids). Returns [R, K], detached (the advantage is a constant).
+    ids); ``kept`` [R, K] bool or None. Returns [R, K], detached (the advantage is a constant).
     """
     a = beta * (_up(topk_logp) - _up(ref_logp).to(_compute_dtype(topk_logp)))
     if clip:
         a = a.clamp(min=1e-8, max=1.0 - 1e-8)
+    if kept is not None:
+        a = torch.where(kept.bool(), a, torch.zeros_like(a))
     return a.detach()
 
 
@@ -738,6 +792,10 @@ LOGP, KD, ADPA = "logp", "kd", "adpa"
 TARGET_IDS = "target_ids"
 TOPK_IDS, TOPK_LOGP = "teacher/topk_ids", "teacher/topk_logp"
 TAIL_LOGP = "teacher/tail_logp"
+#: the kept entries of each row of a store written with an adaptive K (``--top-p``); absent: all K kept.
+#: Readers derive :data:`TOPK_IDS` with padding replaced (:func:`kept_ids`) and mask KD's teacher bins and
+#: ADPA's advantage with it (``train.methods.DERIVED_SIGNALS``)
+TOPK_COUNT = "teacher/topk_count"
 ADVANTAGE = "adpa/advantage"
 KD_TEACHER = "kd/teacher_bins"
 
@@ -769,12 +827,43 @@ def _row_signal(values: torch.Tensor) -> torch.Tensor:
     return values.detach() if values.is_floating_point() else values.long()
 
 
+def _chunk_selection(mask: Optional[torch.Tensor], lo: int, hi: int, device) -> object:
+    """Which rows of the chunk ``[lo, hi)`` a term computes: None (all), a slice (a contiguous run), an index
+    tensor (on ``device``), or ``()`` (none). ``mask``: [R] bool on the CPU, or None (every row)."""
+    if mask is None:
+        return None
+    local = mask[lo:hi]
+    index = local.nonzero().squeeze(1)
+    if index.numel() == local.numel():
+        return None
+    if index.numel() == 0:
+        return ()
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == index.numel():
+        return slice(first, last + 1)
+    return index.to(device)
+
+
+def _on_selection(selection, values: torch.Tensor) -> torch.Tensor:
+    return values if selection is None else values[selection]
+
+
+def _scatter_rows(selection, values: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] with ``values`` at the selected rows and 0 elsewhere (differentiable in ``values``)."""
+    if selection is None:
+        return values
+    if isinstance(selection, slice):
+        return F.pad(values, (selection.start, rows - selection.stop))
+    return values.new_zeros(rows).index_put((selection,), values)
+
+
 def chunked_token_terms(
     hidden: torch.Tensor,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
     names: Sequence[str],
     signals: Mapping[str, torch.Tensor],
     chunk_size: int = 1024,
+    rows: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """The :data:`TOKEN_TERMS` named ``names`` on every row, without materialising [R, V] logits.
 
@@ -787,14 +876,24 @@ def chunked_token_terms(
     :func:`token_logprobs`, ``"kd"`` :func:`kd_tail_kl`, ``"adpa"``
     :func:`adpa_token_loss`.
 
+    ``rows`` (optional): ``{name: [R] bool}``, the rows on which that term is
+    computed (a name not in it: every row). One pass over the chunks serves every
+    term, each on its own rows of each chunk, so the output layer (and, in
+    backward, the gradient of its weight) runs once per row whatever the terms;
+    a term's value is 0 on the other rows, with no gradient. Keep each term's rows
+    together along R (e.g. rows sorted by the set of terms they need): a term's
+    rows within a chunk are then a slice (a view of the log-softmax, no copy),
+    otherwise they are gathered.
+
     Each chunk runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
     so its [chunk, V] logits are recomputed in backward instead of stored;
     values and gradients equal the unchunked functions applied to
-    ``logits_of(hidden)``.
+    ``logits_of(hidden)`` (on each term's rows).
 
     Shapes: ``hidden`` [R, H]; ``signals``: at least every row signal the
     terms read (``TOKEN_TERMS[name].reads``), [R, ...] each, ids cast to
-    int64, the others detached. Returns ``{name: [R]}``.
+    int64, the others detached; a signal's values on rows that no term reading it
+    computes are never used. Returns ``{name: [R]}``.
     """
     unknown = [name for name in names if name not in TOKEN_TERMS]
     if unknown:
@@ -808,17 +907,32 @@ def chunked_token_terms(
     if missing:
         raise ValueError(f"{', '.join(names)} read the row signal(s) {', '.join(missing)}, which were not given")
     row_signals = [_row_signal(signals[signal]) for signal in reads]
+    masks = [None if rows is None or rows.get(name) is None else rows[name].detach().to("cpu", torch.bool)
+             for name in names]
+    for name, mask in zip(names, masks):
+        if mask is not None and mask.shape != (hidden.shape[0],):
+            raise ValueError(f"rows of {name!r}: shape {tuple(mask.shape)}, expected ({hidden.shape[0]},)")
 
-    def chunk_terms(hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def chunk_terms(selections, hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         log_softmax = torch.log_softmax(_up(logits_of(hidden_chunk)), dim=-1)  # [c, V], freed after this call
         by_name = dict(zip(reads, signal_chunks))
-        return tuple(term.per_row(log_softmax, *(by_name[signal] for signal in term.reads)) for term in terms)
+        out = []
+        for term, selection in zip(terms, selections):
+            if isinstance(selection, tuple):  # no row of this chunk
+                out.append(log_softmax.new_zeros(log_softmax.shape[0]))
+                continue
+            value = term.per_row(_on_selection(selection, log_softmax),
+                                 *(_on_selection(selection, by_name[signal]) for signal in term.reads))
+            out.append(_scatter_rows(selection, value, log_softmax.shape[0]))
+        return tuple(out)
 
     pieces: list[tuple[torch.Tensor, ...]] = []
     for lo in range(0, max(hidden.shape[0], 1), chunk_size):
-        chunk = (hidden[lo:lo + chunk_size], *(values[lo:lo + chunk_size] for values in row_signals))
+        hi = min(lo + chunk_size, hidden.shape[0])
+        selections = tuple(_chunk_selection(mask, lo, hi, hidden.device) for mask in masks)
+        chunk = (hidden[lo:hi], *(values[lo:hi] for values in row_signals))
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(chunk_terms, *chunk, use_reentrant=False))
+            pieces.append(checkpoint(chunk_terms, selections, *chunk, use_reentrant=False))
         else:
-            pieces.append(chunk_terms(*chunk))
+            pieces.append(chunk_terms(selections, *chunk))
     return {name: torch.cat([piece[i] for piece in pieces]) for i, name in enumerate(names)}

@@ -516,28 +516,57 @@ def token_requests(terms: list[Term]) -> tuple[TokenRequest, ...]:
 # --------------------------------------------------------------------------- the student forward
 
 
+def kept_rows(batch: Batch, rows: torch.Tensor) -> torch.Tensor | None:
+    """[n, K] bool: the teacher's kept top-K entries on response rows ``rows``, or None when every entry of every
+    row is kept.
+
+    A store written with an adaptive K (``precompute teacher --top-p``) holds ``teacher/topk_count``: row ``r``
+    keeps its first ``topk_count[r]`` entries, the rest is padding (:func:`train.losses.kept_entries`). Rows whose
+    section has no count (fixed K, older stores) keep all K.
+    """
+    if losses.TOPK_COUNT not in batch.response:
+        return None
+    k = batch.response[losses.TOPK_IDS].shape[1]
+    kept = losses.kept_entries(batch.response[losses.TOPK_COUNT][rows], k)
+    return kept | ~batch.has[losses.TOPK_COUNT][rows].unsqueeze(-1)
+
+
+def topk_ids_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[n, K] the teacher's top-K ids on response rows ``rows``, padding (entries past a row's kept count)
+    replaced by the row's first id (:func:`train.losses.kept_ids`): what KD and ADPA gather the student at."""
+    ids = _signal(batch, losses.TOPK_IDS, rows)
+    kept = kept_rows(batch, rows)
+    return ids if kept is None else losses.kept_ids(ids, kept)
+
+
 def adpa_advantage_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
     """[n, K] ADPA's advantage on response rows ``rows``: :func:`train.losses.adpa_advantage` of the
-    teacher's and the reference's top-K log-probs with ``adpa_beta``, clipped unless ``adpa_unclipped``."""
+    teacher's and the reference's top-K log-probs with ``adpa_beta``, clipped unless ``adpa_unclipped``;
+    0 on padded entries (:func:`kept_rows`)."""
     return losses.adpa_advantage(_signal(batch, f"{TEACHER}/topk_logp", rows),
                                  _signal(batch, f"{REFERENCE}/topk_logp", rows),
-                                 beta=settings.adpa_beta, clip=not settings.adpa_unclipped)
+                                 beta=settings.adpa_beta, clip=not settings.adpa_unclipped,
+                                 kept=kept_rows(batch, rows))
 
 
 def kd_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
     """[n, K+1] the teacher's KD bins on response rows ``rows``: :func:`train.losses.teacher_kd_bins` of the
     stored top-K log-probs and the stored exact tail ``teacher/tail_logp`` on rows whose store has it (format
-    version 2), the tail from the top-K on the others; renormalised over the K+1 bins."""
+    version >= 2), the tail from the top-K on the others; padded entries (:func:`kept_rows`) are ``-inf``;
+    renormalised over the bins."""
     topk_logp = _signal(batch, losses.TOPK_LOGP, rows)
+    kept = kept_rows(batch, rows)
     if losses.TAIL_LOGP not in batch.response:
-        return losses.teacher_kd_bins(topk_logp)
+        return losses.teacher_kd_bins(topk_logp, kept=kept)
     return losses.teacher_kd_bins(topk_logp, batch.response[losses.TAIL_LOGP][rows],
-                                  batch.has[losses.TAIL_LOGP][rows])
+                                  batch.has[losses.TAIL_LOGP][rows], kept=kept)
 
 
-#: row signals that are not store arrays, computed before the chunk loop: name -> (batch, rows, settings) -> [n, ...]
+#: row signals that are not store arrays as stored, computed before the chunk loop:
+#: name -> (batch, rows, settings) -> [n, ...]
 DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tensor]] = {
     losses.TARGET_IDS: lambda batch, rows, settings: batch.resp_target[rows],
+    losses.TOPK_IDS: topk_ids_rows,
     losses.ADVANTAGE: adpa_advantage_rows,
     losses.KD_TEACHER: kd_teacher_rows,
 }
@@ -553,7 +582,8 @@ def row_signals(batch: Batch, names, rows: torch.Tensor, settings: Settings) -> 
 def rows_by_need(wanted: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
     """Response rows grouped by the set of quantities they need: ``[(names, rows [n])]``, rows needing none left out.
 
-    ``wanted``: quantity -> [R] bool. One output-layer pass per group computes exactly its quantities.
+    ``wanted``: quantity -> [R] bool. :func:`student_outputs` runs its one output-layer pass over the groups'
+    rows in this order, so that each quantity's rows lie together.
     """
     names = list(wanted)
     need = torch.stack([wanted[name] for name in names], 1).long()  # [R, Q]
@@ -575,10 +605,14 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
        gets ``logp`` too (a gather of the same log-softmax: free);
     2. the decoder (:func:`lm.head.split_model`) runs only over the sequences that own
        such rows, trimmed to their longest length;
-    3. rows are grouped by the quantities they need (:func:`rows_by_need`); each
-       group's hidden states at ``resp_pos`` go through the output layer
-       (:meth:`lm.head.OutputLayer.logits`) in chunks, with the row signals its
-       quantities read (:func:`train.losses.chunked_token_terms`, :func:`row_signals`).
+    3. one output-layer pass over every such row, in chunks
+       (:func:`train.losses.chunked_token_terms`): the hidden states at ``resp_pos``, ordered
+       by the set of quantities they need (:func:`rows_by_need`), go through the output
+       layer (:meth:`lm.head.OutputLayer.logits`) once, and each quantity is computed on
+       its own rows of each chunk, with the row signals it reads (:func:`row_signals`, each
+       derived on the rows of the quantities that read it). Pair rows (KD) and generated
+       rows (ADPA) thus share the chunks: one pass, one gradient of the output weight
+       (with tied embeddings, the [V, H] matrix), not one per group of rows.
 
     Shapes: every output is [R] (R = batch.num_response_tokens), float32 (float64 for a
     float64 model).
@@ -603,13 +637,23 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     zeros = torch.zeros(R, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32, device=device)
     values = dict.fromkeys(wanted, zeros)
 
-    for names, rows in rows_by_need(wanted):
-        picked = hidden[position_in_run[batch.resp_seq[rows]], batch.resp_pos[rows]]
-        reads = {signal for name in names for signal in losses.TOKEN_TERMS[name].reads}
-        got = losses.chunked_token_terms(picked, output_layer.logits, names,
-                                         row_signals(batch, reads, rows, settings), chunk_size)
-        for name, value in got.items():
-            values[name] = values[name].index_put((rows,), value.to(zeros.dtype))
+    order = torch.cat([rows for _, rows in rows_by_need(wanted)])  # every row some quantity needs, grouped by need
+    names = [name for name in wanted if bool(wanted[name].any())]
+    rows_of = {name: wanted[name][order] for name in names}  # [n] bool each, along ``order``
+    signal_rows: dict[str, torch.Tensor] = {}
+    for name in names:
+        for signal in losses.TOKEN_TERMS[name].reads:
+            signal_rows[signal] = signal_rows.get(signal, torch.zeros_like(rows_of[name])) | rows_of[name]
+    signals = {}
+    for signal, need in signal_rows.items():
+        got = row_signals(batch, [signal], order[need], settings)[signal]
+        if not bool(need.all()):  # rows of other quantities: never read (zeros keep ids in range)
+            got = got.new_zeros((order.shape[0],) + got.shape[1:]).index_put((need.nonzero().squeeze(1),), got)
+        signals[signal] = got
+    picked = hidden[position_in_run[batch.resp_seq[order]], batch.resp_pos[order]]
+    got = losses.chunked_token_terms(picked, output_layer.logits, names, signals, chunk_size, rows=rows_of)
+    for name, value in got.items():
+        values[name] = zeros.index_put((order,), value.to(zeros.dtype))
     return StudentOutputs(values, wanted)
 
 
