@@ -17,7 +17,8 @@ import re
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["STORAGE_OPTION_CLI", "parse_storage_options", "redact_options", "redact_url", "is_url", "REDACTED"]
+__all__ = ["STORAGE_OPTION_CLI", "parse_storage_options", "redact_options", "redact_values", "without_redacted",
+           "secret_values", "redact_text", "redact_url", "is_url", "REDACTED"]
 
 REDACTED = "<redacted>"
 # option or query names that hold a secret (matched as words inside the name, case-insensitive)
@@ -25,24 +26,43 @@ _SECRET = re.compile(r"(key|secret|token|password|passwd|credential|session|auth
 
 
 def parse_storage_options(pairs: Iterable[str] | Mapping | None) -> dict:
-    """Repeated ``KEY=VALUE`` -> a dict of fsspec options (a mapping passes through).
+    """Repeated ``KEY=VALUE`` -> a dict of fsspec options (a mapping, e.g. from a YAML file, passes through).
 
-    ValueError naming the bad item for anything without ``=`` or with an empty key.
+    A value that reads as JSON keeps its type (``anon=true`` a bool, ``port=9000`` an int,
+    ``headers={...}`` a mapping); any other value is a string. ``click.BadParameter`` for an item
+    without ``=``, with an empty key, or whose value starts like a JSON object or list but is not
+    valid JSON. The message never repeats the value: it may be a credential.
     """
     if isinstance(pairs, Mapping):
         return dict(pairs)
+    if isinstance(pairs, (str, bytes)):
+        pairs = [pairs]
     options: dict[str, Any] = {}
-    for pair in pairs or ():
+    for number, pair in enumerate(pairs or (), start=1):
         key, sep, value = str(pair).partition("=")
-        if not sep or not key.strip():
-            import click
-
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--storage-option")
+        key = key.strip()
+        if not sep:
+            _bad(f"expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000; item {number} has no '='")
+        if not key:
+            _bad(f"expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000; item {number} has an empty KEY")
         try:  # numbers, booleans, null and JSON objects keep their type
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
+            options[key] = json.loads(value)
+        except ValueError as exc:
+            if value.lstrip()[:1] in ("{", "["):  # meant as JSON: a string would reach fsspec and fail obscurely
+                _bad(f"{key}: the value starts like JSON but is not valid JSON ({_json_problem(exc)}); "
+                     f"quote the whole item for the shell, e.g. '{key}={{\"name\": \"value\"}}'")
+            options[key] = value
     return options
+
+
+def _json_problem(exc: ValueError) -> str:
+    return f"{exc.msg} at character {exc.pos + 1}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+
+
+def _bad(message: str):
+    import click
+
+    raise click.BadParameter(message, param_hint="'--storage-option'")
 
 
 #: keywords of :func:`lm.options.setting` for a ``storage_options`` field: one declaration for every command
@@ -61,6 +81,61 @@ def redact_options(options: Mapping | None) -> dict:
         else:
             out[key] = REDACTED if _SECRET.search(str(key)) else value
     return out
+
+
+def redact_values(options: Mapping | None) -> dict:
+    """``options`` with every value replaced by :data:`REDACTED`, names kept (nested mappings too): how a
+    run records the options it was given (its ``config.yaml``, checkpoints), whatever their names."""
+    return {key: redact_values(value) if isinstance(value, Mapping) else REDACTED
+            for key, value in (options or {}).items()}
+
+
+def without_redacted(options: Mapping | None) -> dict:
+    """``options`` without the values :func:`redact_values` or :func:`redact_options` replaced (nested mappings
+    left empty are dropped): what of a recorded configuration can be used again."""
+    out = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, Mapping):
+            value = without_redacted(value)
+            if not value:
+                continue
+        elif value == REDACTED:
+            continue
+        out[key] = value
+    return out
+
+
+def secret_values(options: Mapping | None = None, locations: Iterable[str] = ()) -> set[str]:
+    """The values never to print: options with secret-looking names (nested too) and the passwords of
+    ``user:password@`` locations (for :func:`redact_text`)."""
+    found: set[str] = set()
+
+    def walk(given: Mapping, redacted: Mapping) -> None:
+        for key, value in given.items():
+            if isinstance(value, Mapping):
+                walk(value, redacted.get(key) or {})
+            elif redacted.get(key) == REDACTED and value not in (None, ""):
+                found.add(str(value))
+
+    walk(dict(options or {}), redact_options(options))
+    for location in locations:
+        if is_url(str(location)):
+            password = urlsplit(str(location)).password
+            if password:
+                found.add(password)
+    return found
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` (a message to print) with every secret value replaced by :data:`REDACTED` and any
+    ``user:password@`` of a URL removed."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, REDACTED)
+    return _USERINFO.sub("", text)
 
 
 def redact_url(location: str) -> str:

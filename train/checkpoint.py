@@ -65,8 +65,9 @@ import numpy as np
 import torch
 
 from lm import options
+from store.locations import redact_url
 
-from .config import LOSS_SETTINGS, TrainConfig, TrainError
+from .config import LOSS_SETTINGS, TrainConfig, TrainError, recorded_settings
 from .records import CONFIG_FILE, CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, temporary_path, write_atomically
 
 CHECKPOINT_DIR = "checkpoint"
@@ -184,7 +185,7 @@ def write_checkpoint(out: Path, model_state: dict, optimizer_state: dict, schedu
     """:func:`save_checkpoint` from states (of several processes: gathered on rank 0, with ``processes``)."""
     directory = out / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.asdict(config)
+    settings = recorded_settings(config)  # no credential: cache redacted, storage option values replaced
     if processes is not None:
         settings["world_size"] = processes["world_size"]
     state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
@@ -272,15 +273,23 @@ def check_processes(saved: dict, world: int) -> None:
 
 
 def check_resumable(saved: dict, config: TrainConfig) -> None:
-    """Refuse to resume with settings that change the trajectory (see TRAJECTORY_KEYS)."""
+    """Refuse to resume with settings that change the trajectory (see TRAJECTORY_KEYS).
+
+    ``cache`` is compared as recorded, without credentials (:func:`train.config.recorded_settings`);
+    ``storage_options`` are not compared: how the store is reached (its credentials among them) does
+    not change what it holds, and the resumed command's own options are the ones used.
+    """
     defaults = options.field_defaults(TrainConfig)  # for keys older runs did not have
     keys = [k for k in TRAJECTORY_KEYS if not (k == "epochs" and config.max_steps is not None)]
-    saved = {k: saved.get(k, defaults.get(k)) for k in keys}
-    differ = [k for k in keys if _comparable(saved[k]) != _comparable(getattr(config, k))]
+    saved = {k: _comparable(k, saved.get(k, defaults.get(k))) for k in keys}
+    now = {k: _comparable(k, getattr(config, k)) for k in keys}
+    differ = [k for k in keys if saved[k] != now[k]]
     if differ:
         raise TrainError("--resume: the checkpoint was made with other settings: " + ", ".join(
-            f"{k} {saved.get(k)!r} (now {getattr(config, k)!r})" for k in differ))
+            f"{k} {saved[k]!r} (now {now[k]!r})" for k in differ))
 
 
-def _comparable(value):
+def _comparable(key: str, value):
+    if key == "cache" and isinstance(value, str):
+        return redact_url(value)
     return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else value

@@ -30,6 +30,7 @@ import yaml
 
 from lm import options
 from lm.options import setting
+from store.locations import REDACTED, STORAGE_OPTION_CLI, redact_url, redact_values, without_redacted
 
 from . import methods
 from .methods import Settings
@@ -84,6 +85,7 @@ class TrainConfig(Settings):
     """``train student``: the loss settings it extends, and the run's own."""
 
     cache: str = setting(help="Teacher-signal store made by `precompute teacher` (required here or in --config).")
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
     method: str = setting("dckd+adpa", f"{', '.join(methods.METHODS)}, or a + combination (shared terms count once).")
     student: str | None = setting(None, "Student's initial model: dir (e.g. a finished run), embedded name, cached "
                                   "name [the student the store records, else the embedded student].")
@@ -135,6 +137,9 @@ class TrainConfig(Settings):
         ``parsed``: click's values by field name (defaults included); ``given``: the names
         set on the command line. A ``--method`` other than the file's drops the file's
         weights (they were its method's); ``--weight`` flags are added over the file's.
+        ``--storage-option`` flags are added over the file's ``storage_options``, of which the
+        values a run's ``config.yaml`` holds redacted are left out (:func:`recorded_settings`):
+        credentials come from the command line or the environment, never from a recorded file.
         """
         flags = options.from_cli(cls, parsed)
         from_file = read_config_file(file_path) if file_path else {}
@@ -142,11 +147,32 @@ class TrainConfig(Settings):
         file_weights = from_file.pop("weights", None) or {}
         if "method" in given and flags.method != from_file.get("method", flags.method):
             file_weights = {}
+        file_options = without_redacted(from_file.pop("storage_options", None))
+        if "cache" not in given and _redacted_url(from_file.get("cache")):
+            raise TrainError(f"{file_path}: cache {from_file['cache']} had a credential removed when it was "
+                             f"recorded: pass --cache (and its credentials as --storage-option or in the environment)")
         config = dataclasses.replace(flags, **{k: v for k, v in from_file.items() if k not in given},
-                                     weights={**file_weights, **flags.weights})
+                                     weights={**file_weights, **flags.weights},
+                                     storage_options={**file_options, **flags.storage_options})
         if not config.cache:
             raise TrainError("--cache is required (or `cache:` in --config)")
         return config
+
+
+def recorded_settings(config: "TrainConfig") -> dict:
+    """The options as a run writes them (``config.yaml``, ``checkpoint/config.json``, the checkpoint's state):
+    ``cache`` without a ``user:password@`` or secret-looking query values (:func:`store.locations.redact_url`)
+    and every ``storage_options`` value replaced by a marker, its name kept (they may be credentials)."""
+    settings = dataclasses.asdict(config)
+    settings["cache"] = redact_url(config.cache) if config.cache else config.cache
+    settings["storage_options"] = redact_values(config.storage_options)
+    return settings
+
+
+def _redacted_url(location) -> bool:
+    from urllib.parse import unquote
+
+    return isinstance(location, str) and REDACTED in unquote(location)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -205,6 +231,7 @@ class EvaluateConfig(Settings):
     model: str | None = setting(None, "Model to evaluate: a run's dir, embedded name, ... [embedded student].")
     cache: str = setting(help="Teacher-signal store with pairs/teacher and/or samples/teacher + teacher_mcq "
                          "for --split.")
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
     split: str = setting("test", "Held-out split to evaluate on.")
     initial: str | None = setting(None, "Initial model for the log-ratio accuracy [store pairs/student_init, else "
                                   "the store's student].")

@@ -13,12 +13,16 @@ Round 1 starts from ``--student``; round r from round r-1's model. The two
 ``train`` never imports ``precompute``); every step resumes where it stopped
 (complete parts are skipped, a training run with a checkpoint continues), so
 the same command after a kill goes on at the first unfinished step.
+``--storage-option`` values reach every step (the ``precompute`` processes on their
+command line, as the user gave them to this one: never through a file), and are
+recorded by none (:mod:`train.records`).
 See :mod:`precompute.rank` and ``docs/methods.md`` for what is the paper's and
 what is this project's reconstruction.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from pathlib import Path
 import click
 
 from lm.options import comma_list, setting
+from store.locations import STORAGE_OPTION_CLI
 
 from .config import TrainConfig, TrainError
 
@@ -67,6 +72,7 @@ class CycleAlignConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
     dtype: str = setting("auto", "auto, float32, bfloat16.")
     progress: bool = setting(True, "No progress bars.", flag="--no-progress")
+    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
 
     def round_dir(self, r: int) -> Path:
         return Path(self.out) / ROUND_DIR.format(r=r)
@@ -80,6 +86,15 @@ def _common(config: CycleAlignConfig) -> list[str]:
         args += ["--limit", str(config.limit)]
     if not config.progress:
         args.append("--no-progress")
+    return args + storage_args(config.storage_options)
+
+
+def storage_args(storage_options: dict) -> list[str]:
+    """``--storage-option KEY=VALUE`` for each option, each value as JSON: what
+    :func:`store.locations.parse_storage_options` reads back into the same option (type included)."""
+    args = []
+    for key, value in (storage_options or {}).items():
+        args += ["--storage-option", f"{key}={json.dumps(value)}"]
     return args
 
 
@@ -124,7 +139,8 @@ def run_rounds(config: CycleAlignConfig, train) -> list[Path]:
             train(TrainConfig(cache=str(samples), method=config.method, student=student, out=str(model_dir),
                               lr=config.lr, epochs=config.epochs, max_steps=config.max_steps,
                               batch_tokens=config.batch_tokens, seed=config.seed, device=config.device,
-                              dtype=config.dtype, resume=resume, progress=config.progress))
+                              dtype=config.dtype, resume=resume, progress=config.progress,
+                              storage_options=config.storage_options))
         models.append(model_dir)
         student = str(model_dir)
     return models

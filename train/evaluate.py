@@ -56,6 +56,7 @@ import torch
 
 from lm import chat
 from store import ExampleStream, Sequence, TeacherStore, check_complete
+from store.locations import redact_url
 
 from . import losses, methods
 from .batches import collate, token_budget_batches
@@ -135,7 +136,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     ``samples/teacher`` and ``samples/teacher_mcq``; refused when it has neither.
     """
     c = config
-    store = open_store(c.cache)
+    store = open_store(c.cache, c.storage_options)
     if store.num_parts(c.split) == 0:
         require_signals(store, c.split, PAIR_NEEDS, "evaluate")  # names the splits there are
     missing_pairs = missing_signals(store, c.split, PAIR_NEEDS)
@@ -170,7 +171,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         initial_from = "store pairs/student_init" + (f" ({recorded.name})" if recorded else "")
 
     student_pass = ModelPass.load(student.path, probe, store, c, precision)
-    result = {"model": student.name, "store": store.location, "split": c.split}
+    result = {"model": student.name, "store": redact_url(store.location), "split": c.split}
     if has_pairs:
         result.update(_pair_metrics(student_pass, init_sums if initial_info is not None else None))
         result["initial"] = initial_from

@@ -46,6 +46,7 @@ import torch
 from lm import chat, head, models
 from store import ExampleStream, ModelRecord, Sequence, StoreError, TeacherStore, check_complete
 from store import format as fmt
+from store.locations import redact_url
 from store.provenance import PASS_ENCODE
 
 from . import checkpoint, distributed, methods
@@ -87,11 +88,32 @@ class Plan:
 # --------------------------------------------------------------------------- the store and what it records
 
 
-def open_store(location: str) -> TeacherStore:
+def open_store(location: str, storage_options: dict | None = None) -> TeacherStore:
+    """The store at ``location`` (a path or an fsspec URL, reached with ``storage_options``, e.g. credentials).
+
+    TrainError naming the store for one that is not there or not readable, and for a server that
+    refuses access (HTTP 401/403, a permission error), saying how to pass credentials.
+    """
     try:
-        return TeacherStore.open(location)
+        return TeacherStore.open(location, storage_options=storage_options)
     except StoreError as exc:
         raise TrainError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - fsspec's and the HTTP clients' errors: one line naming the store
+        where = redact_url(location)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        status = getattr(exc, "status", None)
+        if status in (401, 403):  # aiohttp's (fsspec's http) answer: "403, message='Forbidden', url=..."
+            reason = f"HTTP {status} {getattr(exc, 'message', '') or ''}".strip()
+        if isinstance(exc, PermissionError) or status in (401, 403):
+            given = "the --storage-option values given" if storage_options else "no --storage-option"
+            raise TrainError(f"{where}: access refused ({reason}) with {given}: pass the store's credentials as "
+                             f"--storage-option KEY=VALUE (e.g. headers='{{\"Authorization\": \"Bearer ...\"}}' "
+                             f"for HTTP, key=... secret=... or profile=... for S3) or where the filesystem reads "
+                             f"them (environment, profiles)") from exc
+        if isinstance(exc, (OSError, ValueError, TypeError)) or type(exc).__module__.split(".")[0] in (
+                "aiohttp", "fsspec", "botocore", "s3fs", "gcsfs", "requests", "zarr"):
+            raise TrainError(f"{where}: cannot open the store ({type(exc).__name__}: {reason})") from exc
+        raise
 
 
 def recorded_model(store: TeacherStore, *steps: str) -> ModelRecord | None:
@@ -347,7 +369,7 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
     out = c.run_dir
     check_out(out)
 
-    store = open_store(c.cache)
+    store = open_store(c.cache, c.storage_options)
     needs = methods.needs_of(terms)
     require_signals(store, c.split, needs, f"method {c.method}")
 

@@ -8,7 +8,9 @@
   ``tensorboard/`` (:class:`TensorBoard`): ``train/loss``, ``train/terms/<term>``,
   ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``train/epoch``;
 - ``config.yaml``: the options, reusable as ``train student --config``, and under
-  ``resolved`` what they resolved to (:func:`resolved_config`);
+  ``resolved`` what they resolved to (:func:`resolved_config`); never a credential: the
+  store's location without one and every ``--storage-option`` value redacted
+  (:func:`train.config.recorded_settings`; give them again when reusing the file);
 - the model and tokenizer, loadable by ``AutoModelForCausalLM.from_pretrained`` (:func:`save_model`).
 
 Every file is written so that a kill at any moment leaves either its previous
@@ -24,7 +26,6 @@ over every process's batches (:class:`Meter` with ``reduce``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +36,9 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
-from .config import LOSS_SETTINGS
+from store.locations import redact_url
+
+from .config import LOSS_SETTINGS, recorded_settings
 
 if TYPE_CHECKING:
     from .preflight import Plan
@@ -169,14 +172,14 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def resolved_config(plan: "Plan") -> dict:
     """The options (reusable with ``--config``, one key each) and, under ``resolved``, what they resolved to."""
     c = plan.config
-    options = dataclasses.asdict(c)
+    options = recorded_settings(c)
     options["out"] = str(plan.out)
     options.pop("resume")
     options.pop("progress")
     return {
         **options,
         "resolved": {
-            "store": {"location": plan.store.location, "tokenizer": plan.store.tokenizer.to_dict(),
+            "store": {"location": redact_url(plan.store.location), "tokenizer": plan.store.tokenizer.to_dict(),
                       "teacher": plan.teacher.to_dict() if plan.teacher else None},
             "student": {"name": plan.student.name, "path": plan.student.path, "sha256": plan.student.weights_hash},
             "terms": {t.name: t.weight for t in plan.terms},
