@@ -365,7 +365,8 @@ def _resolve(spec: str | None, default: str) -> ModelInfo:
         path = Path(snapshot_download(spec, allow_patterns=patterns))
         return ModelInfo(spec, str(path), weights_hash(path), "hub")
     except Exception as exc:  # network, auth, missing repo: all mean "not found"
-        raise ModelNotFoundError(f"{hint}; hub lookup failed: {exc}") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelNotFoundError(f"{hint}; hub lookup failed: {first}") from exc  # one line: the hub's is several
 
 
 def model_dir(info: ModelInfo) -> Path:

@@ -20,9 +20,9 @@ from .teacher import TeacherConfig
 
 def _secrets(options: dict) -> set[str]:
     """What this command's options and $DISTILL_REUSE_FROM hold that must never be printed."""
-    from store.locations import parse_storage_options
+    from store.locations import parse_storage_options, secret_values
 
-    from .runs import reuse_locations, secrets_of
+    from .runs import reuse_locations
 
     given = {}
     for name in ("storage_options", "reuse_options"):
@@ -31,7 +31,7 @@ def _secrets(options: dict) -> set[str]:
         except click.ClickException:  # a malformed option: click reports it
             given[name] = {}
     locations = [str(options.get("out") or ""), *reuse_locations(options.get("reuse_from") or ())]
-    return secrets_of(given, locations)
+    return secret_values(given, locations)
 
 
 def _report(command: str, run, secrets: set[str] = frozenset()):
@@ -43,9 +43,9 @@ def _report(command: str, run, secrets: set[str] = frozenset()):
     from lm.chat import TokenizerMismatch
     from lm.models import ModelLoadError, ModelNotFoundError
     from store import StoreError
+    from store.locations import redact_text
 
     from .dataset import DataError
-    from .runs import redact_text
 
     def echo(text: str, err: bool = False) -> None:
         click.echo(redact_text(text, secrets), err=err)

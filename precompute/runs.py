@@ -13,7 +13,7 @@ up in the stores found at those locations and copies a matching section,
 verified, instead (:func:`store.copy.copy_section`); the summary counts the
 parts reused per location. Locations, storage options and anything else that
 may hold a credential reach the summary, the store and the terminal only
-redacted (:func:`redact_text` for error messages).
+redacted (:func:`store.locations.redact_text` for error messages).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import gc
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -36,7 +34,7 @@ from store import PassRecord, TeacherStore
 from store import format as fmt
 from store import keys
 from store.format import SectionRef
-from store.locations import REDACTED, is_url, parse_storage_options, redact_options, redact_url
+from store.locations import is_url, parse_storage_options, redact_url
 from store.provenance import PASS_ENCODE, TokenizerRecord
 
 from .dataset import Row, dataset_identity
@@ -363,37 +361,3 @@ class Reuse:
             if not (key and self.take(step, SectionRef(split, part, sequence_set, section), key)):
                 left.append((split, part))
         return left
-
-
-# --------------------------------------------------------------------------- secrets out of printed errors
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def secrets_of(storage_options: Mapping | None = None, locations: Iterable[str] = ()) -> set[str]:
-    """The values that must never be printed: options with secret-looking names (nested too) and the
-    passwords of ``user:password@`` locations."""
-    found: set[str] = set()
-
-    def walk(options: Mapping, redacted: Mapping) -> None:
-        for key, value in options.items():
-            if isinstance(value, Mapping):
-                walk(value, redacted.get(key) or {})
-            elif redacted.get(key) == REDACTED and value not in (None, ""):
-                found.add(str(value))
-
-    walk(dict(storage_options or {}), redact_options(storage_options))
-    for location in locations:
-        if is_url(location):
-            parts = urlsplit(location)
-            if parts.password:
-                found.add(parts.password)
-    return found
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every secret value replaced by a marker and any ``user:password@`` of a URL removed."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= 3:
-            text = text.replace(secret, REDACTED)
-    return _USERINFO.sub("", text)
