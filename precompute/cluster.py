@@ -91,7 +91,7 @@ Progress
     parts written, parts already complete, tokens and seconds, here the span
     from the step's first unit start to its last unit end over all workers.
 
-Adding a command (``precompute rank`` say): build the context as in one
+Adding a command (as :mod:`precompute.rank` does): build the context as in one
 process, :meth:`ClusterSession.install` it with an ``attach`` function, write a
 module-level unit function that takes ``(fingerprint, ...)``, opens
 ``with part_task(step, split, part) as outcome``, gets its context from

@@ -33,16 +33,33 @@ current student:
 Everything the black box was told and said (the exact messages sent, the raw
 reply, the parsed order, each try) is kept per group in the store, so a resumed
 or repeated run never asks twice and a teammate can audit it.
+
+``--cluster SPEC`` (:mod:`precompute.cluster`, as for ``teacher`` and
+``sample``): the coordinator does everything cheap as in one process (rows, the
+white box resolved, tokenizers compared, demonstrations, the pass records,
+``--reuse-from``), records each pass once, then submits one unit per part and
+step (:func:`_run_on_cluster`): the white box's sums of a part
+(:func:`white_box_part_on_worker`) and its rankings
+(:func:`judge_part_on_worker`), which waits for that part's sums only. Each
+worker builds its judge once per run and keeps it: an HTTP client
+(``--judge-concurrency`` requests in flight *per worker*) or a ``local:`` model,
+loaded once per worker like the white box (:func:`precompute.cluster.worker_model`).
+An HTTP judge's API key is read on the worker from the variable
+``--judge-api-key-env`` names, in the worker's own environment: the key never
+travels with the run (workers of ``local:N`` inherit the coordinator's
+environment; workers started by hand need it set where they start).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
 
@@ -60,8 +77,8 @@ from store.sequences import split_sequences
 
 from . import runs, scoring
 from .calibration import option_text
-from .dataset import load_splits
-from .judges import judge_identity, make_judge
+from .dataset import LoadedSplit, Row, load_splits
+from .judges import Judge, LocalJudge, judge_identity, make_judge
 
 __all__ = ["LABEL_RE", "RankingError", "parse_ranking", "agreement", "render_prompt", "Demo", "load_static_demos",
            "load_instruction", "RankConfig", "run_rank"]
@@ -290,7 +307,8 @@ class RankConfig:
     judge_model: str | None = setting(None, "Model name the HTTP judge serves (required for a URL judge).")
     judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key "
                                                        "(read at run time, never recorded).")
-    judge_concurrency: int = setting(4, "HTTP requests in flight at once.", type=click.IntRange(min=1))
+    judge_concurrency: int = setting(4, "HTTP requests in flight at once (per worker with --cluster).",
+                                     type=click.IntRange(min=1))
     judge_timeout: float = setting(60.0, "Seconds before an HTTP request counts as timed out.",
                                    type=click.FloatRange(min=0, min_open=True))
     judge_retries: int = setting(3, "HTTP retries with exponential backoff on 429, 5xx and timeouts, per request.",
@@ -318,6 +336,10 @@ class RankConfig:
     batch_tokens: int = setting(4096, "Padded tokens per white-box forward batch.", type=click.IntRange(min=64))
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
     dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
+    cluster: str | None = setting(None, "Rank the parts on a dask cluster: local:N (N worker processes here), "
+                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
+                                        "(a running scheduler); each worker reads the judge's API key from "
+                                        "its own environment [one process].")
     storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
     reuse_from: tuple[str, ...] = setting(factory=tuple, **runs.REUSE_FROM_CLI)
     reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
@@ -379,38 +401,129 @@ def _section_key(store: TeacherStore, name: str, record: PassRecord, split: str,
                             part_seed=part_seed)
 
 
-def _white_box_sums(store: TeacherStore, info, tokenizer, config: RankConfig, summary: runs.Summary,
-                    splits: Sequence[str], reuse: runs.Reuse) -> None:
-    """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
-    todo = [(split, part) for split in splits for part in range(store.num_parts(split))
-            if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT)]
-    record = summary.step_record(PASS_WHITE_BOX, sum(store.num_parts(s) for s in splits) - len(todo))
-    device = models.resolve_device(config.device)
-    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
-    white = PassRecord(ModelRecord(info.name, info.weights_hash), {
+@dataclass
+class RankContext:
+    """Everything ranking a part reads, decided before any model loads (on a cluster: shipped to the workers
+    once, without its store handle and rows; see :func:`portable_context`)."""
+
+    config: RankConfig
+    store: TeacherStore | None
+    rows: dict[str, LoadedSplit]
+    white_box: models.ModelInfo
+    tokenizer: object
+    instruction: str
+    demos: list[Demo]  # the static ones, then the dynamic ones
+    record: PassRecord  # samples/judge
+    white: PassRecord  # samples/student_init
+    device: str
+    dtype: str
+    judge_info: models.ModelInfo | None = None  # a local: judge's model, resolved once (cluster runs)
+    judge: Judge | None = field(default=None, repr=False)  # on a worker: built for its first part, then kept
+
+    def rows_of_part(self, split: str, part: int) -> list[Row]:
+        start, stop = self.store.part_range(split, part)
+        return [r for r in self.rows[split].rows if start <= r.index < stop]
+
+
+def prepare(config: RankConfig, summary: runs.Summary) -> RankContext:
+    """The store, rows, white box, tokenizer, prompt parts and pass records: everything cheap and checkable."""
+    c = config
+    store = runs.require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
+    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
+                       require_rows=True)
+    runs.check_samples_match(store, rows, c.out)
+    for split, loaded in rows.items():
+        summary.examples[split] = len(loaded.rows)
+        summary.skipped[split] = dict(loaded.skipped)
+    sampler = (store.pass_record("samples/base") or PassRecord()).model
+    white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
+    if sampler and not c.student and white_box.weights_hash != sampler.sha256:
+        raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
+                         f"weights there); pass the white box with --student")
+    tokenizer = models.load_tokenizer(white_box.path)
+    if chat.tokenizer_hash(tokenizer) != store.tokenizer.hash:
+        raise ValueError(f"--student {white_box.name}: its tokenizer differs from the store's ({store.tokenizer.name})")
+    instruction = load_instruction(c.instruction)
+    static = load_static_demos(c.static_demos)
+    dynamic = dynamic_demos(c.demos_from, c.demos, c.storage_options)
+    record = judge_record(c, instruction, static, dynamic, white_box)
+    diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
+    if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
+        raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
+                                 f"{diff}. Write the samples to another --out, or delete the store")
+    device = models.resolve_device(c.device)
+    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
+    white = PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
         "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length})
+    return RankContext(config=c, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
+                       instruction=instruction, demos=[*static, *dynamic], record=record, white=white,
+                       device=device, dtype=dtype)
 
-    def key_of(split: str, part: int) -> str | None:
-        return _section_key(store, PASS_WHITE_BOX, white, split, part)
 
-    def register() -> None:
-        store.register_pass(PASS_WHITE_BOX, white.to_dict(), may_replace=True)
+def white_box_key(ctx: RankContext, split: str, part: int) -> str | None:
+    return _section_key(ctx.store, PASS_WHITE_BOX, ctx.white, split, part)
 
-    todo = reuse.take_parts(PASS_WHITE_BOX, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, todo, key_of, register)
+
+def judge_key(ctx: RankContext, split: str, part: int, rows: Sequence[Row]) -> str | None:
+    """The content key of a part's rankings; ``rows``: the part's rows (their prompts are the questions)."""
+    return _section_key(ctx.store, PASS_JUDGE, ctx.record, split, part,
+                        prompts_sha256=runs.prompts_fingerprint(rows), part_seed=shuffle_seed(ctx.config.seed, part))
+
+
+def _register_white_box(ctx: RankContext) -> None:
+    ctx.store.register_pass(PASS_WHITE_BOX, ctx.white.to_dict(), may_replace=True)
+
+
+def _register_judge(ctx: RankContext) -> None:
+    ctx.store.register_pass(PASS_JUDGE, ctx.record.to_dict(), may_replace=True)
+
+
+def _todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse, name: str, section: str, key_of,
+          register) -> tuple[dict, list[tuple[str, int]]]:
+    """The step's summary record and its parts still to compute: not complete, and not reused (copied here)."""
+    todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
+            if not ctx.store.is_complete(split, part, fmt.SET_SAMPLES, section)]
+    step = summary.step_record(name, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+    return step, reuse.take_parts(name, fmt.SET_SAMPLES, section, todo, key_of, register)
+
+
+def _white_box_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+    return _todo(ctx, summary, reuse, PASS_WHITE_BOX, fmt.SECTION_STUDENT_INIT,
+                 lambda split, part: white_box_key(ctx, split, part), lambda: _register_white_box(ctx))
+
+
+def _judge_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+    """(On a cluster this runs before the white box's sums of this run exist: a part whose sums are computed
+    now has no key yet, and is ranked rather than reused.)"""
+    return _todo(ctx, summary, reuse, PASS_JUDGE, fmt.SECTION_JUDGE,
+                 lambda split, part: judge_key(ctx, split, part, ctx.rows_of_part(split, part)),
+                 lambda: _register_judge(ctx))
+
+
+def white_box_part(ctx: RankContext, split: str, part: int, model) -> tuple[dict, int]:
+    """The white box's sums over each response of one part: (the section's arrays, tokens scored)."""
+    seqs, prompts = split_sequences(ctx.store.read_section(split, part, fmt.SET_SAMPLES))
+    scored = scoring.score_sequences(model, seqs, prompts, batch_tokens=ctx.config.batch_tokens,
+                                     pad_id=chat.pad_id(ctx.tokenizer))
+    return scoring.scored_arrays(scored), sum(map(len, seqs))
+
+
+def _white_box_sums(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> None:
+    """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
+    record, todo = _white_box_todo(ctx, summary, reuse)
     if not todo:
         return
-    model, _, _ = models.load_model(info.path, device=device, dtype=dtype)
-    register()
+    model, _, _ = models.load_model(ctx.white_box.path, device=ctx.device, dtype=ctx.dtype)
+    _register_white_box(ctx)
     started = time.perf_counter()
     for split, part in todo:
-        seqs, prompts = split_sequences(store.read_section(split, part, fmt.SET_SAMPLES))
-        scored = scoring.score_sequences(model, seqs, prompts, batch_tokens=config.batch_tokens,
-                                         pad_id=chat.pad_id(tokenizer))
-        if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT,
-                               scoring.scored_arrays(scored), {keys.ATTR: key_of(split, part)}) is not None:
+        arrays, tokens = white_box_part(ctx, split, part, model)
+        if ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, arrays,
+                                   {keys.ATTR: white_box_key(ctx, split, part)}) is not None:
             record["parts_done"] += 1
-            record["tokens"] += sum(map(len, seqs))
+            record["tokens"] += tokens
     record["seconds"] = time.perf_counter() - started
+    model = None
     runs.free_memory()
 
 
@@ -486,78 +599,209 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
                     "agreement_lengths": agreement_lengths}
 
 
+def judge_part(ctx: RankContext, split: str, part: int, judge, rows: Sequence[Row], progress) -> tuple[dict, dict]:
+    """:func:`rank_part` of one part with its content key; ``rows``: the part's rows."""
+    arrays, attrs = rank_part(ctx.store, split, part, judge, ctx.tokenizer, ctx.instruction, ctx.demos,
+                              {r.index: r for r in rows}, ctx.config, progress)
+    attrs[keys.ATTR] = judge_key(ctx, split, part, rows)
+    return arrays, attrs
+
+
+def _judge_of(c: RankConfig, device: str, dtype: str) -> Judge:
+    """The judge ``--judge`` names (:func:`precompute.judges.make_judge`: a ``local:`` model loads on first use;
+    an HTTP client reads its key from this process's environment)."""
+    return make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
+                      concurrency=c.judge_concurrency, timeout=c.judge_timeout, retries=c.judge_retries,
+                      max_new_tokens=c.judge_max_tokens, device=device, dtype=dtype)
+
+
+def _new_totals() -> dict:
+    return {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
+
+
 def run_rank(config: RankConfig) -> runs.Summary:
     """``precompute rank``: white-box sums where missing, then the judge's rankings part by part."""
-    c = config
     started = time.perf_counter()
-    summary = runs.Summary(store=c.out)
-    store = runs.require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
-                       require_rows=True)
-    runs.check_samples_match(store, rows, c.out)
-    for split, loaded in rows.items():
-        summary.examples[split] = len(loaded.rows)
-        summary.skipped[split] = dict(loaded.skipped)
-    sampler = (store.pass_record("samples/base") or PassRecord()).model
-    white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
-    if sampler and not c.student and white_box.weights_hash != sampler.sha256:
-        raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
-                         f"weights there); pass the white box with --student")
-    tokenizer = models.load_tokenizer(white_box.path)
-    if chat.tokenizer_hash(tokenizer) != store.tokenizer.hash:
-        raise ValueError(f"--student {white_box.name}: its tokenizer differs from the store's ({store.tokenizer.name})")
-    instruction = load_instruction(c.instruction)
-    static = load_static_demos(c.static_demos)
-    dynamic = dynamic_demos(c.demos_from, c.demos, c.storage_options)
-    record = judge_record(c, instruction, static, dynamic, white_box)
-    diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
-    if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
-        raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
-                                 f"{diff}. Write the samples to another --out, or delete the store")
-
-    reuse = runs.Reuse.for_run(store, c, summary)
-    _white_box_sums(store, white_box, tokenizer, c, summary, list(rows), reuse)
-    todo = [(split, part) for split in rows for part in range(store.num_parts(split))
-            if not store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)]
-    step = summary.step_record(PASS_JUDGE, sum(store.num_parts(s) for s in rows) - len(todo))
-
-    def judge_key(split: str, part: int) -> str | None:
-        prompts = runs.prompts_fingerprint([r for r in rows[split].rows
-                                            if store.part_range(split, part)[0] <= r.index
-                                            < store.part_range(split, part)[1]])
-        return _section_key(store, PASS_JUDGE, record, split, part, prompts_sha256=prompts,
-                            part_seed=shuffle_seed(c.seed, part))
-
-    todo = reuse.take_parts(PASS_JUDGE, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, todo, judge_key,
-                            lambda: store.register_pass(PASS_JUDGE, record.to_dict(), may_replace=True))
-    totals: dict = {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
-    if todo:
-        judge = make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
-                           concurrency=c.judge_concurrency, timeout=c.judge_timeout, retries=c.judge_retries,
-                           max_new_tokens=c.judge_max_tokens, device=c.device, dtype=c.dtype)
-        store.register_pass(PASS_JUDGE, record.to_dict(), may_replace=True)
-        demos = static + dynamic
-        groups_todo = sum(int(store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
-                          for s, p in todo)
-        t0 = time.perf_counter()
-        with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not c.progress,
-                  dynamic_ncols=True) as bar:
-            for split, part in todo:
-                by_index = {r.index: r for r in rows[split].rows}
-                arrays, attrs = rank_part(store, split, part, judge, tokenizer, instruction, demos, by_index, c,
-                                          bar.update)
-                attrs[keys.ATTR] = judge_key(split, part)
-                if store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs) is None:
-                    step["parts_skipped"] += 1
-                    continue
-                step["parts_done"] += 1
-                step["tokens"] += attrs["judge_cost"]["prompt_tokens"] + attrs["judge_cost"]["completion_tokens"]
-                _add_totals(totals, attrs)
-        step["seconds"] = time.perf_counter() - t0
-        judge.close()
+    summary = runs.Summary(store=config.out)
+    if config.cluster:
+        ctx, totals = _run_on_cluster(config, summary)
+    else:
+        ctx = prepare(config, summary)
+        reuse = runs.Reuse.for_run(ctx.store, config, summary)
+        _white_box_sums(ctx, summary, reuse)
+        totals = _rank_parts(ctx, summary, reuse)
     summary.notes.extend(describe_totals(totals))
     summary.seconds = time.perf_counter() - started
-    return runs.finish_summary(store, list(rows), summary)
+    return runs.finish_summary(ctx.store, list(ctx.rows), summary)
+
+
+def _rank_parts(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> dict:
+    """The judge's rankings of the parts that lack them, in this process; returns the totals of the run."""
+    c = ctx.config
+    step, todo = _judge_todo(ctx, summary, reuse)
+    totals = _new_totals()
+    if not todo:
+        return totals
+    judge = _judge_of(c, c.device, c.dtype)
+    _register_judge(ctx)
+    groups_todo = sum(int(ctx.store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
+                      for s, p in todo)
+    t0 = time.perf_counter()
+    with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not c.progress,
+              dynamic_ncols=True) as bar:
+        for split, part in todo:
+            arrays, attrs = judge_part(ctx, split, part, judge, ctx.rows_of_part(split, part), bar.update)
+            if ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs) is None:
+                step["parts_skipped"] += 1
+                continue
+            step["parts_done"] += 1
+            step["tokens"] += attrs["judge_cost"]["prompt_tokens"] + attrs["judge_cost"]["completion_tokens"]
+            _add_totals(totals, attrs)
+    step["seconds"] = time.perf_counter() - t0
+    judge.close()
+    return totals
+
+
+# --------------------------------------------------------------------------- on a cluster (--cluster)
+
+def _run_on_cluster(config: RankConfig, summary: runs.Summary) -> tuple[RankContext, dict]:
+    """Each part of each step a unit of work on a dask cluster (module docstring, :mod:`precompute.cluster`).
+
+    The coordinator reuses what ``--reuse-from`` holds, records each pass once,
+    then submits the parts: the white box's sums first (priority), each part's
+    rankings after that part's sums only. Returns the context and the totals of
+    the groups ranked in this run.
+    """
+    from . import cluster
+
+    totals = _new_totals()
+    with cluster.ClusterSession(config.cluster) as session:
+        device, dtype = session.resolve(config.device, config.dtype)
+        ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
+        _judge_of(ctx.config, ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
+        reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+        white_step, white_todo = _white_box_todo(ctx, summary, reuse)  # reused here, not submitted
+        judge_step, judge_todo = _judge_todo(ctx, summary, reuse)
+        if white_todo:
+            _register_white_box(ctx)
+        if judge_todo:
+            _register_judge(ctx)
+            _warn_of_workers_without_key(session, ctx.config)
+        if white_todo or judge_todo:
+            fingerprint = session.install(attach_context, portable_context(ctx))
+            units = [cluster.Unit(PASS_WHITE_BOX, split, part, white_box_part_on_worker, (fingerprint, split, part),
+                                  priority=2) for split, part in white_todo]
+            summing = set(white_todo)
+            units += [cluster.Unit(PASS_JUDGE, split, part, judge_part_on_worker,
+                                   (fingerprint, split, part, ctx.rows_of_part(split, part)),
+                                   after=((PASS_WHITE_BOX, split, part),) if (split, part) in summing else (),
+                                   priority=1) for split, part in judge_todo]
+            results = session.run(units, desc="rank parts", progress=ctx.config.progress)
+            cluster.tally(results, {PASS_WHITE_BOX: white_step, PASS_JUDGE: judge_step})
+            for unit, outcome in results:
+                if unit.step == PASS_JUDGE and outcome["written"]:
+                    _add_totals(totals, outcome["totals"])
+        summary.notes.append(f"  cluster {config.cluster}: {session.workers} worker(s)")
+    return ctx, totals
+
+
+def _has_environment_variable(name: str) -> bool:
+    """On a worker: whether ``name`` is set in its environment (its value never leaves the worker)."""
+    return bool(os.environ.get(name))
+
+
+def _warn_of_workers_without_key(session, config: RankConfig) -> None:
+    """An HTTP judge's key is read on each worker; say which workers lack the variable the coordinator has."""
+    name = config.judge_api_key_env
+    if not config.judge.startswith(("http://", "https://")) or not os.environ.get(name):
+        return  # a server that needs no key (none here either)
+    lacking = sorted(address for address, has in session.client.run(_has_environment_variable, name).items()
+                     if not has)
+    if lacking:
+        session.echo(f"warning: ${name} is set here but not on worker(s) {', '.join(lacking)}: they call the judge "
+                     f"without a key; set it in the workers' environment (the key never travels with the run)")
+
+
+def portable_context(ctx: RankContext) -> RankContext:
+    """What the workers get once per run: the context without its store handle, rows, reuse and demonstration
+    locations (which may hold credentials: the coordinator alone reads them); never the API key, which each
+    worker reads from its own environment."""
+    config = dataclasses.replace(ctx.config, reuse_from=(), reuse_options={}, demos_from=None)
+    local = config.judge.startswith("local:")
+    return dataclasses.replace(ctx, config=config, store=None, rows={}, judge=None,
+                               judge_info=models.resolve_model(config.judge[len("local:"):]) if local else None)
+
+
+def attach_context(portable: RankContext) -> RankContext:
+    """On a worker: the portable context with the store opened there (same location)."""
+    c = portable.config
+    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+
+
+class _WorkerLocalJudge(LocalJudge):
+    """A ``local:`` judge on a worker: its model is the worker's kept model (:func:`precompute.cluster.worker_model`),
+    loaded once per worker and placed on the worker's own GPU."""
+
+    def __init__(self, info: models.ModelInfo, *, device: str, dtype: str, max_new_tokens: int):
+        super().__init__(info.path, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+        self.info = info
+
+    def _load(self):
+        from . import cluster
+
+        if self._tokenizer is None:
+            here = cluster.local_model(self.info)
+            self._tokenizer, self._path = models.load_tokenizer(here.path), models.model_dir(here)
+        return cluster.worker_model(self.info, device=self.device, dtype=self.dtype), self._tokenizer
+
+    def close(self) -> None:  # the model is the worker's (released when the run ends)
+        self._tokenizer = None
+
+
+def worker_judge(ctx: RankContext) -> Judge:
+    """On a worker: the run's judge, built for its first part and kept (one HTTP client, or one local model)."""
+    if ctx.judge is None:
+        c = ctx.config
+        if ctx.judge_info is not None:
+            ctx.judge = _WorkerLocalJudge(ctx.judge_info, device=ctx.device, dtype=ctx.dtype,
+                                          max_new_tokens=c.judge_max_tokens)
+        else:  # the key: from this worker's environment
+            ctx.judge = _judge_of(c, ctx.device, ctx.dtype)
+    return ctx.judge
+
+
+def white_box_part_on_worker(fingerprint: str, split: str, part: int) -> dict:
+    """On a worker: the white box's sums of one part, written into the store (a unit of :func:`_run_on_cluster`)."""
+    from . import cluster
+
+    ctx = cluster.worker_context(fingerprint)
+    with cluster.part_task(PASS_WHITE_BOX, split, part) as outcome:
+        if ctx.store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT):
+            return outcome  # done before, or by a worker that died after writing it
+        model = cluster.worker_model(ctx.white_box, device=ctx.device, dtype=ctx.dtype)
+        arrays, tokens = white_box_part(ctx, split, part, model)
+        written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, arrays,
+                                          {keys.ATTR: white_box_key(ctx, split, part)})
+        outcome.update(computed=True, written=written is not None, tokens=tokens)
+    return outcome
+
+
+def judge_part_on_worker(fingerprint: str, split: str, part: int, rows: list, *_after) -> dict:
+    """On a worker: the judge's rankings of one part and their agreement, written into the store (a unit of
+    :func:`_run_on_cluster`); the outcome carries the part's totals for the summary."""
+    from . import cluster
+
+    ctx = cluster.worker_context(fingerprint)
+    with cluster.part_task(PASS_JUDGE, split, part) as outcome:
+        if ctx.store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE):
+            return outcome
+        arrays, attrs = judge_part(ctx, split, part, worker_judge(ctx), rows, None)
+        written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs)
+        cost = attrs["judge_cost"]
+        outcome.update(computed=True, written=written is not None,
+                       tokens=cost["prompt_tokens"] + cost["completion_tokens"], groups=attrs["groups"],
+                       totals={k: attrs[k] for k in ("groups", "outcomes", "judge_cost", "agreement_lengths")})
+    return outcome
 
 
 def _add_totals(totals: dict, attrs: dict) -> None:
