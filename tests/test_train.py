@@ -158,7 +158,7 @@ def test_cli_run_directory_loads_and_holds_metrics_curves_config(tiny_store, tin
     import yaml
 
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["resolved"]["terms"] == {"sft": 1.0, "kd_chosen": 0.1, "kd_rejected": 0.2}
+    assert config["resolved"]["terms"] == {"sft": 1.0, "kd_chosen": 1.0, "kd_rejected": 0.2}
     assert config["resolved"]["student"]["path"] == str(tiny_models[1])
 
     # the staged ADPA+: a finished run is a --student for the next stage; config.yaml is a --config
@@ -173,8 +173,8 @@ def test_cli_run_directory_loads_and_holds_metrics_curves_config(tiny_store, tin
 
 def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_models):
     terms = methods.resolve_terms("dckd+adpa+dpo+simpo")
-    # shared sft counts once, with the released weights
-    assert {t.name: t.weight for t in terms} == {"sft": 1.0, "kd_chosen": 0.1, "kd_rejected": 0.1, "adpa": 1.6,
+    # shared sft counts once, with the default weights (DCKD's KD at 1, not the released 0.1: train.methods)
+    assert {t.name: t.weight for t in terms} == {"sft": 1.0, "kd_chosen": 1.0, "kd_rejected": 1.0, "adpa": 1.6,
                                                  "dpo": 1.0, "simpo": 1.0}
     settings = methods.Settings()
     batch = fixed_batch(tiny_store, methods.needs_of(terms))
@@ -206,7 +206,7 @@ def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_mode
 
     for name, value in expected.items():
         assert float(parts[name].detach()) == pytest.approx(float(value), rel=1e-9, abs=1e-9), name
-    hand_total = (1 * expected["sft"] + 0.1 * expected["kd_chosen"] + 0.1 * expected["kd_rejected"]
+    hand_total = (1 * expected["sft"] + 1 * expected["kd_chosen"] + 1 * expected["kd_rejected"]
                   + 1.6 * expected["adpa"] + expected["dpo"] + expected["simpo"])
     assert float(total.detach()) == pytest.approx(float(hand_total), rel=1e-9)
 
@@ -222,7 +222,7 @@ def test_trainer_terms_equal_a_full_vocabulary_computation(tiny_store, tiny_mode
     adpa = losses.adpa_token_loss(rows, batch.response["teacher/topk_ids"], advantage)
     sums = torch.stack([logp[batch.resp_seq == s].sum() for s in range(batch.num_sequences)])
     means = torch.stack([logp[batch.resp_seq == s].mean() for s in range(batch.num_sequences)])
-    full = (-logp[chosen].mean() + 0.1 * kd[chosen].mean() + 0.1 * kd[rejected].mean() + 1.6 * adpa[generated].mean()
+    full = (-logp[chosen].mean() + kd[chosen].mean() + kd[rejected].mean() + 1.6 * adpa[generated].mean()
             + losses.dpo_loss(sums[c_seq], sums[r_seq], ref[c_seq], ref[r_seq], 0.1).mean()
             + losses.simpo_loss(means[c_seq], means[r_seq], 2.0, 0.5).mean())
     full.backward()
@@ -274,6 +274,47 @@ def test_evaluate_reports_agreement_with_the_teachers_preference(tiny_store, tin
             prefers += mean[(e, fmt.ROLE_CHOSEN)] > mean[(e, fmt.ROLE_REJECTED)]
             pairs += 1
     assert report["pairs"] == pairs and report["teacher_prefers_chosen"] == pytest.approx(prefers / pairs)
+
+
+def test_a_students_agreement_with_the_teacher_is_the_share_of_pairs_it_orders_as_the_teacher(tiny_store,
+                                                                                                tiny_models):
+    """teacher_agreement of another model = the fraction of pairs where sign(mean log-prob chosen - rejected)
+    of the model equals the teacher's (stored sums / lengths), ties one half; the model's side computed here
+    with a plain forward over each stored sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from store import format as fmt
+
+    student = str(tiny_models[1])
+    result = CliRunner().invoke(main, ["evaluate", "--model", student, "--cache", str(tiny_store), "--split", "train",
+                                       "--json", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64).eval()
+    store = TeacherStore.open(str(tiny_store))
+    agree = pairs = 0.0
+    for part in range(store.num_parts("train")):
+        base = store.read_section("train", part, fmt.SET_PAIRS)
+        teacher = store.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)["logp_sum"]
+        model_mean, teacher_mean = {}, {}
+        for i, (e, role, n) in enumerate(zip(base["example_index"], base["role"], base["response_length"])):
+            lo, hi = int(base["token_offsets"][i]), int(base["token_offsets"][i + 1])
+            ids = torch.from_numpy(base["input_ids"][lo:hi].astype("int64"))
+            mask = torch.from_numpy(base["loss_mask"][lo:hi])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1)
+            token_logp = logp.gather(1, ids[1:, None])[:, 0][mask[1:]]
+            assert token_logp.numel() == int(n)
+            model_mean[(int(e), int(role))] = float(token_logp.sum()) / int(n)
+            teacher_mean[(int(e), int(role))] = float(teacher[i]) / int(n)
+        for e in {e for e, _ in model_mean}:
+            m = model_mean[(e, fmt.ROLE_CHOSEN)] - model_mean[(e, fmt.ROLE_REJECTED)]
+            t = teacher_mean[(e, fmt.ROLE_CHOSEN)] - teacher_mean[(e, fmt.ROLE_REJECTED)]
+            agree += 0.5 if m == 0 or t == 0 else float((m > 0) == (t > 0))
+            pairs += 1
+    assert report["pairs"] == pairs
+    assert report["teacher_agreement"] == pytest.approx(agree / pairs)  # these two random models: 0 (the teacher: 1)
 
 
 def test_evaluate_writes_the_models_greedy_and_sampled_answers(tiny_store, tiny_models, tmp_path):

@@ -226,7 +226,7 @@ def test_pad_plus_sft_trains_both_terms_on_examples_with_pairs_and_groups(pad_st
     assert set(records[-1]["terms"]) == {"pad", "sft"}
     # dckd+pad: DCKD's three terms and PAD's, each reading its own set
     combined = methods.resolve_terms("dckd+pad", {"pad": 2.0})
-    assert {t.name: t.weight for t in combined} == {"sft": 1.0, "kd_chosen": 0.1, "kd_rejected": 0.1, "pad": 2.0}
+    assert {t.name: t.weight for t in combined} == {"sft": 1.0, "kd_chosen": 1.0, "kd_rejected": 1.0, "pad": 2.0}
     assert methods.needs_of(combined) == {"pairs": ["teacher"], "samples": ["teacher", "teacher_mcq"]}
     train(TrainConfig(cache=str(store_path), method="dckd+pad", out=str(tmp_path / "dckd_pad"), max_steps=2,
                       batch_tokens=600, device="cpu", dtype="float32", progress=False))
