@@ -301,3 +301,22 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+class FolderServer:
+    """A static HTTP server on loopback over ``folder`` (``handler``: a ``SimpleHTTPRequestHandler`` subclass,
+    e.g. one that records or refuses requests), in a daemon thread; ``url``, ``close()``."""
+
+    def __init__(self, folder, handler=None):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(handler or SimpleHTTPRequestHandler, directory=str(folder)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

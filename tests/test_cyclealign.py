@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from precompute.rank import STATUS_RANKED, dynamic_demos, run_rank, RankConfig
-from precompute.sample import SampleConfig, run_sample
 from store import TeacherStore
 from store import format as fmt
+from tests import tiny
 from tests.judge_server import JudgeServer
 from train import losses, methods
 from train.cyclealign import CycleAlignConfig, run_rounds, trained
@@ -69,12 +69,7 @@ def test_ranking_losses_equal_their_equations(ranks, scale):
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory, tiny_models, tiny_dataset):
-    _, student = tiny_models
-    out = tmp_path_factory.mktemp("cyclealign") / "round.zarr"
-    run_sample(SampleConfig(out=str(out), model=str(student), dataset=str(tiny_dataset), splits=("train",), n=4,
-                            keep=4, max_new_tokens=10, examples_per_part=4, device="cpu", dtype="float32",
-                            progress=False))
-    return out
+    return tiny.sampled_store(tmp_path_factory.mktemp("cyclealign") / "round.zarr", tiny_models[1], tiny_dataset)
 
 
 def _rank_config(out, server, tiny_dataset, **overrides):

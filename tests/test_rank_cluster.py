@@ -23,9 +23,8 @@ from precompute import cluster as cl
 from precompute import runs
 from precompute.cli import main as precompute_cli
 from precompute.rank import PASS_JUDGE, PASS_WHITE_BOX, RankConfig, run_rank
-from precompute.sample import SampleConfig, run_sample
 from store import TeacherStore
-from tests import store_helpers
+from tests import store_helpers, tiny
 from tests.judge_server import JudgeServer
 
 PARTS = [("train", 0), ("train", 1), ("train", 2)]  # the 10 train rows of tiny_dataset, 4 per part
@@ -64,12 +63,7 @@ def judge():
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory, tiny_models, tiny_dataset):
-    _, student = tiny_models
-    out = tmp_path_factory.mktemp("rank-cluster") / "sampled.zarr"
-    run_sample(SampleConfig(out=str(out), model=str(student), dataset=str(tiny_dataset), splits=("train",), n=4,
-                            keep=4, max_new_tokens=10, examples_per_part=4, device="cpu", dtype="float32",
-                            progress=False))
-    return out
+    return tiny.sampled_store(tmp_path_factory.mktemp("rank-cluster") / "sampled.zarr", tiny_models[1], tiny_dataset)
 
 
 def _config(out, tiny_dataset, judge_spec: str, **overrides) -> RankConfig:

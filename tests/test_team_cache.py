@@ -9,10 +9,8 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -120,13 +118,11 @@ def test_a_killed_copy_never_reads_complete_and_resumes(tmp_path):
 
 # -- read-only everywhere: a store served over plain HTTP, a store on a read-only mount ----------------
 
-class _Recording:
+class _Recording(H.FolderServer):
     """A plain static HTTP server on loopback over a folder, recording the methods it was asked."""
 
     def __init__(self, folder):
-        import functools
-        import threading
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import SimpleHTTPRequestHandler
 
         self.methods = []
         recording = self
@@ -139,13 +135,7 @@ class _Recording:
                 recording.methods.append(self.command)
                 super().send_response(code, message)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(folder, Handler)
 
 
 def _read_everything(location, tiny_models, tmp_path):

@@ -9,14 +9,12 @@ secret, byte for byte.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
-import threading
 import time
 import uuid
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import click
@@ -25,10 +23,11 @@ import yaml
 from click.testing import CliRunner
 
 from store.locations import REDACTED, parse_storage_options
+from tests.store_helpers import FolderServer
 from train.cli import main as train_cli
 
 
-class _Guarded:
+class _Guarded(FolderServer):
     """A static HTTP server on loopback over a folder that serves only requests carrying ``Authorization: Bearer
     TOKEN`` (403 otherwise), and records what it served and refused."""
 
@@ -49,13 +48,7 @@ class _Guarded:
                 guard.served += 1
                 return super().send_head()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(folder, Handler)
 
 
 @pytest.fixture

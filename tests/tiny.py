@@ -251,3 +251,13 @@ def write_digit_pairs(path: Path, n: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def sampled_store(out: Path, student: Path, dataset: Path) -> Path:
+    """``precompute sample`` of 4 answers per train prompt of ``dataset`` by ``student`` into ``out`` (the groups
+    the ranking tests rank)."""
+    from precompute.sample import SampleConfig, run_sample
+
+    run_sample(SampleConfig(out=str(out), model=str(student), dataset=str(dataset), splits=("train",), n=4, keep=4,
+                            max_new_tokens=10, examples_per_part=4, device="cpu", dtype="float32", progress=False))
+    return out
