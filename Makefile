@@ -7,7 +7,7 @@ STAMP := .install.stamp
 STORE ?= store/adpa.zarr
 RUN ?= runs/dckd_adpa
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench efficacy clean
 
 $(STAMP): pyproject.toml
 	# the CPU wheel of torch first: an open range would pull several GB of CUDA packages
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/store_stream.py
 	$(PYTHON) benchmarks/precompute_throughput.py
 	$(PYTHON) benchmarks/train_step.py
+
+# every method on a task whose preference a rule checks (about 18 min on 2 CPU cores)
+efficacy: $(STAMP)
+	$(PYTHON) benchmarks/efficacy.py --out runs/efficacy
 
 clean:
 	rm -rf $(STAMP) store/*.zarr runs
