@@ -17,18 +17,10 @@ from click.testing import CliRunner
 
 from train.cli import main
 from train.config import TrainError
+from tests.refusals import one_line as refusal
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--method", "dckd", "--max-steps", "1", "--batch-tokens", "300", "--device", "cpu", "--no-progress"]
-
-
-def refusal(result, command="student") -> str:
-    """The one line a refusal ends in (progress bars of a model load may come before it)."""
-    lines = result.stderr.strip().splitlines()
-    ours = [line for line in lines if line.startswith(f"train {command}:")]
-    assert result.exit_code == 2 and len(ours) == 1 and lines[-1] == ours[0], result.output
-    assert "Traceback" not in result.output and not result.stdout
-    return ours[0]
 
 
 @pytest.fixture(scope="module")

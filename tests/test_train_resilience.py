@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from train import checkpoint, records
 from train.cli import main
 from train.trainer import TrainConfig, TrainError, train
+from tests.refusals import one_line
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 6, 2  # checkpoints at steps 2, 4 and 6 (the last); one epoch is 9 steps at 200 tokens a batch
@@ -135,15 +136,6 @@ def assert_same_run(out, straight):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-7), mine["step"]
         assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12)
     assert not [p for p in Path(out).rglob("*") if p.name.endswith(".tmp") or p.name == ".model.partial"]
-
-
-def one_line(result, command="student") -> str:
-    """The refusal: exit status 2, stderr ending in one line of the command's (progress bars may come before)."""
-    lines = result.stderr.strip().splitlines()
-    ours = [line for line in lines if line.startswith(f"train {command}:")]
-    assert result.exit_code == 2 and len(ours) == 1 and lines[-1] == ours[0], result.output
-    assert "Traceback" not in result.output and not result.stdout
-    return ours[0]
 
 
 # (file killed in, which write or rename of it, how) -> what goes on: "afresh" (no checkpoint yet: the same
