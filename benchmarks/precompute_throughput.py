@@ -30,7 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,15 +74,20 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    @torch.inference_mode()
-    def bare() -> float:
-        t0 = time.perf_counter()
+    def padded_batches():
+        """(ids, mask, lengths, prompts, batch) of every batch of every part, in the pass's order."""
         for base in parts:
-            seqs, _ = split_sequences(base)
+            seqs, prompts = split_sequences(base)
             lengths = [len(s) for s in seqs]
             for batch in passes.token_budget_order(lengths, args.batch_tokens):
                 ids, mask = passes.right_padded([seqs[i] for i in batch], pad, device)
-                model(input_ids=ids, attention_mask=mask).logits
+                yield ids, mask, lengths, prompts, batch
+
+    @torch.inference_mode()
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for ids, mask, *_ in padded_batches():
+            model(input_ids=ids, attention_mask=mask).logits
         sync()
         return time.perf_counter() - t0
 
@@ -93,18 +97,14 @@ def main() -> None:
     def tight() -> float:
         """The decoder, then the output layer's linear map on the response rows only (the pass's chunks)."""
         t0 = time.perf_counter()
-        for base in parts:
-            seqs, prompts = split_sequences(base)
-            lengths = [len(s) for s in seqs]
-            for batch in passes.token_budget_order(lengths, args.batch_tokens):
-                ids, mask = passes.right_padded([seqs[i] for i in batch], pad, device)
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                rows_b = torch.cat([torch.full((lengths[i] - prompts[i],), b, dtype=torch.long)
-                                    for b, i in enumerate(batch)]).to(hidden.device)
-                rows_p = torch.cat([torch.arange(prompts[i] - 1, lengths[i] - 1) for i in batch]).to(hidden.device)
-                picked = hidden[rows_b, rows_p]
-                for c0 in range(0, picked.shape[0], passes.HEAD_CHUNK_ROWS):
-                    output_layer.module(picked[c0:c0 + passes.HEAD_CHUNK_ROWS])
+        for ids, mask, lengths, prompts, batch in padded_batches():
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows_b = torch.cat([torch.full((lengths[i] - prompts[i],), b, dtype=torch.long)
+                                for b, i in enumerate(batch)]).to(hidden.device)
+            rows_p = torch.cat([torch.arange(prompts[i] - 1, lengths[i] - 1) for i in batch]).to(hidden.device)
+            picked = hidden[rows_b, rows_p]
+            for c0 in range(0, picked.shape[0], passes.HEAD_CHUNK_ROWS):
+                output_layer.module(picked[c0:c0 + passes.HEAD_CHUNK_ROWS])
         sync()
         return time.perf_counter() - t0
 
