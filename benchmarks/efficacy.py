@@ -49,7 +49,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -137,7 +137,6 @@ class Options:
     setup: Setup
     png: Path | None
     task_seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- running the commands
@@ -281,7 +280,6 @@ class Benchmark:
             self.run(["precompute", "teacher", "--out", self.pad_store, "--teacher", teacher, "--student", student,
                       "--dataset", self.prefs, "--split", "train", "--passes", "pad,dpo_ref", "--max-length",
                       s.max_length, *COMMON], what="build")
-            self.pad_note = _last_lines(self.run.logs, "precompute-sample", "train samples")
         say(f"models and stores built in {time.perf_counter() - t0:.0f} s")
 
     def train(self, args: list, out: Path, *, what: str) -> Path:
@@ -380,13 +378,6 @@ class Benchmark:
             finals.append(results[-1])
             rounds.append(results)
         return finals, rounds
-
-
-def _last_lines(logs: Path, stem: str, marker: str) -> str:
-    found = sorted(logs.glob(f"*-{stem}.out"))
-    if not found:
-        return ""
-    return "\n".join(line for line in found[-1].read_text().splitlines() if marker in line)
 
 
 # --------------------------------------------------------------------------- printing
