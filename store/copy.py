@@ -121,7 +121,7 @@ def copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, at
         files = _array_files(source, ref, names)
     files = [f for f in files if any(f.startswith(f"{ref.path}/{name}/") for name in names)]
     if make_parents:
-        _ensure_part_group(target, to.split, to.part)
+        target.ensure_part_group(to.split, to.part)
     for name in names:  # an earlier copy's leftovers of this section's arrays go first
         leftover = _join(target._root, f"{to.path}/{name}")
         if target.fs.exists(leftover):
@@ -170,19 +170,6 @@ def _array_files(source: TeacherStore, ref: SectionRef, names: list[str]) -> lis
         files.append(meta)
         files.extend(source.chunk_keys(f"{ref.path}/{name}", tuple(document["shape"]), chunks))
     return files
-
-
-def _ensure_part_group(target: TeacherStore, split: str, part: int) -> None:
-    """The part's group in ``target`` (and its split's), with the example range, as a writer makes it."""
-    import zarr
-
-    from .format import part_name
-
-    start, stop = target.part_range(split, part)
-    with _quiet():
-        group = zarr.open_group(target._zstore, path=f"{split}/{part_name(part)}", mode="a", zarr_format=3)
-        if "example_start" not in group.attrs:
-            group.attrs.update({"example_start": start, "example_stop": stop})
 
 
 def _read_arrays_of(store: TeacherStore, ref: SectionRef, names: list[str]) -> dict:

@@ -476,11 +476,7 @@ class TeacherStore:
         start, stop = self.part_range(split, part)
         names = [spec.name for spec, *_rest in prepared]
         final_attrs = {**dict(attrs or {}), "rows": rows, "example_start": start, "example_stop": stop}
-        with _quiet():
-            part_group = zarr.open_group(self._zstore, path=f"{split}/{fmt.part_name(part)}", mode="a",
-                                         zarr_format=3)
-            if "example_start" not in part_group.attrs:
-                part_group.attrs.update({"example_start": start, "example_stop": stop})
+        self.ensure_part_group(split, part)
         if not self.is_local:
             return self._write_in_place(ref, prepared, names, final_attrs)
         staging = self._staging_dir() / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -490,6 +486,15 @@ class TeacherStore:
             return checksums if self._move_into_place(ref, staging) else None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def ensure_part_group(self, split: str, part: int) -> None:
+        """The part's group (and its split's), with the example range; other writers may make it at the
+        same instant."""
+        start, stop = self.part_range(split, part)
+        with _quiet():
+            group = _open_or_create_group(self._zstore, f"{split}/{fmt.part_name(part)}")
+            if "example_start" not in group.attrs:
+                group.attrs.update({"example_start": start, "example_stop": stop})
 
     def _write_in_place(self, ref: SectionRef, prepared: list, names: list[str], final_attrs: dict) -> dict:
         """Remote stores (no rename): write where the section belongs, marking it complete last."""
@@ -676,6 +681,19 @@ def _cat_or_error(fs, path: str):
         return fs.cat_file(path)
     except Exception as exc:  # noqa: BLE001 - absent or unreadable: the caller treats both as no group
         return exc
+
+
+def _open_or_create_group(zstore, path: str, tries: int = 5):
+    """The group at ``path``, created when absent. Independent writers of one store may create the same
+    part group at the same instant: the one that loses the race opens the winner's group."""
+    for attempt in range(tries):
+        try:
+            return zarr.open_group(zstore, path=path, mode="a", zarr_format=3)
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))  # the winner's metadata is being written: open it next time
+    raise AssertionError("unreachable")
 
 
 def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict) -> dict:

@@ -253,6 +253,14 @@ def writer_process(location: str, jobs: list[tuple[str, int]], seed: int = 0, ba
         write_parts(store, split, [part], seed=seed)
 
 
+def part_group_process(location: str, parts: list[tuple[str, int]], barrier) -> None:
+    """Body of a writer that only makes part groups, each at the same instant as the others (spawned)."""
+    store = create_store(location)
+    for split, part in parts:
+        barrier.wait(timeout=60)
+        store.ensure_part_group(split, part)
+
+
 def free_port() -> int:
     import socket
 

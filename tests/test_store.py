@@ -17,6 +17,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from store.teacher_store import STAGING_SUFFIX
@@ -113,6 +114,25 @@ def test_concurrent_writers_in_separate_processes(tmp_path, reference_store, ref
         b = reference_store.read_section(split, part, sequence_set, section)
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_writers_making_the_same_part_group_at_one_instant_all_succeed(tmp_path):
+    """Independent writers start a part together: each creates its group; the losers open the winner's."""
+    location = str(tmp_path / "race.zarr")
+    H.create_store(location)
+    store = TeacherStore.open(location)
+    parts = [(split, part) for split in store.splits() for part in range(store.num_parts(split))]
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    workers = [ctx.Process(target=H.part_group_process, args=(location, parts, barrier)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    for split, part in parts:
+        group = zarr.open_group(location, path=f"{split}/{fmt.part_name(part)}", mode="r")
+        assert (group.attrs["example_start"], group.attrs["example_stop"]) == store.part_range(split, part)
 
 
 # -- a writer killed in the middle of a section ---------------------------------------------------
