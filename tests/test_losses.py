@@ -767,6 +767,72 @@ def test_chunked_token_terms_does_not_keep_logits_for_backward():
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
 
 
+def extreme_rows(dtype):
+    """Student logits [R, V] with every extreme of the chunked pass's backward, the teacher's ids, log-probs and
+    exact tail: a saturated row (logits of 1e4), a student near-certain of a teacher id (its tail ~ -1e4, so
+    exp(-tail) is beyond even float64's range), a flat row, a teacher with an empty tail, ordinary rows."""
+    _, ids, tlp = make_teacher()
+    logits = rand(R, V, seed=80, scale=3)
+    logits[0] = rand(V, seed=81, scale=1e4)
+    logits[1, ids[1, 0]] += 1e4
+    logits[2] = rand(V, seed=82, scale=1e-3)
+    tail = torch.log1p(-tlp.exp().sum(-1))
+    tail[3] = -math.inf
+    return logits.to(dtype), ids, tlp, tail
+
+
+def test_chunked_kd_value_and_gradient_at_the_extremes_match_the_literal():
+    logits, ids, tlp, tail = extreme_rows(torch.float64)
+    x = logits.clone().requires_grad_(True)
+    out = L.chunked_token_terms(x, lambda h: h, ["kd"], {L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp, tail)},
+                                chunk_size=3)["kd"]
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    for r in range(R):
+        row, k_ids, t_row = logits[r].tolist(), ids[r].tolist(), tlp[r].tolist()
+        assert out[r].item() == pytest.approx(ref_kd(row, k_ids, t_row, tail[r].item()), rel=1e-9, abs=1e-12)
+        reference = ref_kd_grad(row, k_ids, t_row, tail[r].item())
+        for v in range(V):
+            assert grad[r, v].item() == pytest.approx(reference[v], abs=1e-12), (r, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_terms_gradient_equals_autograds_at_the_extremes(dtype):
+    """logp, kd and adpa in one pass over the extreme rows, targets inside and outside the teacher's ids, some ids
+    repeated: the chunked pass's own backward equals autograd through the unchunked functions (in float64), and is
+    as close as autograd's to float64 truth in float32 and bf16 (at logits of 1e4, float32's log-softmax itself
+    is off by ~1e-5 on the near-certain row, in either path)."""
+    logits, ids, tlp, tail = extreme_rows(dtype)
+    ids = ids.clone()
+    ids[5, 2] = ids[5, 1]  # a repeated id: its gradient entries add up
+    tgt = torch.where(torch.arange(R) % 2 == 0, ids[:, 0], (ids[:, 0] + 1) % V)
+    tgt[1] = (ids[1] + 1).max() % V if bool((ids[1] + 1 != ids[1, 0]).all()) else tgt[1]
+    adv = L.adpa_advantage(tlp, rand(R, K, seed=83), clip=False)
+    bins = L.teacher_kd_bins(tlp, tail)
+    coef = rand(3, R, seed=84)
+
+    def unchunked(x):
+        x = x.clone().requires_grad_(True)
+        values = [L.token_logprobs(x, tgt), L.kd_tail_kl(x, ids, tlp, tail), L.adpa_token_loss(x, ids, adv)]
+        return values, torch.autograd.grad(sum((c.to(v.dtype) * v).sum() for c, v in zip(coef, values)), x)[0]
+
+    ref, grad1 = unchunked(logits)
+    x2 = logits.clone().requires_grad_(True)
+    out = L.chunked_token_terms(x2, lambda h: h, ["logp", "kd", "adpa"],
+                                {L.TARGET_IDS: tgt, L.TOPK_IDS: ids, L.KD_TEACHER: bins, L.ADVANTAGE: adv}, chunk_size=4)
+    (grad2,) = torch.autograd.grad(sum((c * out[name]).sum() for c, name in zip(coef, ["logp", "kd", "adpa"])), x2)
+    assert torch.isfinite(grad2).all()
+    if dtype == torch.float64:
+        for name, value in zip(["logp", "kd", "adpa"], ref):
+            torch.testing.assert_close(out[name], value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad2, grad1, rtol=1e-12, atol=1e-12)
+        return
+    for name, value in zip(["logp", "kd", "adpa"], ref):
+        torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-5)
+    truth = unchunked(logits.double())[1]
+    autograd_error, chunked_error = (grad1.double() - truth).abs().max(), (grad2.double() - truth).abs().max()
+    assert chunked_error <= 4 * autograd_error + 1e-7, (chunked_error, autograd_error)
+
+
 # --------------------------------------------------------------------------
 # adaptive K (a store written with --top-p): per-row kept counts, padding past them
 # --------------------------------------------------------------------------

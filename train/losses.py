@@ -134,13 +134,27 @@ def _target_logp(student_logsoftmax: torch.Tensor, target_ids: torch.Tensor) -> 
     return student_logsoftmax.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
 
 
-#: rows of the [rows, V] temporary that :class:`_LogSumExpOutside` fills at a time (about 64 MB in float32)
-_TAIL_BLOCK_ELEMENTS = 1 << 24
+#: elements of the [rows, V] temporary that :func:`_logsumexp_outside` fills at a time (2 MiB in float32): a
+#: block this small stays in the allocator's heap and the CPU's cache; at [200, 49152] float32 the tail costs
+#: 8.7 ms in blocks of 8 rows, 31 ms in one block (measured on 2 cores)
+_TAIL_BLOCK_ELEMENTS = 1 << 19
 
 
 def _outside(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """A copy of ``log_probs`` [r, V] with ``-inf`` at each row's ``ids`` [r, K] (repeated ids are fine)."""
     return log_probs.scatter(-1, ids, float("-inf"))
+
+
+def _logsumexp_outside(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[r] ``logsumexp`` of each row of ``log_probs`` [r, V] over the ids not in its ``ids`` [r, K], without
+    gradient; the masked copy is made a block of rows at a time (:data:`_TAIL_BLOCK_ELEMENTS`)."""
+    rows, vocab = log_probs.shape
+    out = torch.empty(rows, dtype=log_probs.dtype, device=log_probs.device)
+    block = max(1, _TAIL_BLOCK_ELEMENTS // max(1, vocab))
+    with torch.no_grad():
+        for lo in range(0, rows, block):
+            out[lo:lo + block] = torch.logsumexp(_outside(log_probs[lo:lo + block], ids[lo:lo + block]), dim=-1)
+    return out
 
 
 class _LogSumExpOutside(torch.autograd.Function):
@@ -153,11 +167,7 @@ class _LogSumExpOutside(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows, vocab = log_probs.shape
-        out = torch.empty(rows, dtype=log_probs.dtype, device=log_probs.device)
-        block = max(1, _TAIL_BLOCK_ELEMENTS // max(1, vocab))
-        for lo in range(0, rows, block):
-            out[lo:lo + block] = torch.logsumexp(_outside(log_probs[lo:lo + block], ids[lo:lo + block]), dim=-1)
+        out = _logsumexp_outside(log_probs, ids)
         ctx.save_for_backward(log_probs, ids, out)
         return out
 
@@ -268,9 +278,14 @@ def _kd_from_logsoftmax(
     student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor
 ) -> torch.Tensor:
     """KD tail-bucket KL from a precomputed student log-softmax [R, V] and :func:`teacher_kd_bins`; see kd_tail_kl."""
-    s_all, t_all = _tail_bucket_bins(student_logsoftmax, topk_ids, teacher_bins)
+    return _kl_of_bins(*_tail_bucket_bins(student_logsoftmax, topk_ids, teacher_bins))
+
+
+def _kl_of_bins(s_all: torch.Tensor, t_all: torch.Tensor) -> torch.Tensor:
+    """[R] ``sum_j p_j (t_j - s_j)`` with ``p = exp(t_all)``: the KL of the teacher's bins ``t_all`` to the
+    student's ``s_all`` (log-probs, [R, K+1] each). ``p log(p / q) -> 0`` where ``p == 0`` (a ``-inf``
+    teacher bin; a student tail of ``-inf`` when K = V), its gradient 0 too."""
     p = t_all.exp()
-    # p log(p / q) -> 0 where p == 0 (a -inf teacher bin; a student tail of -inf when K = V), gradient 0 too
     return torch.where(p > 0, p * (t_all - s_all), torch.zeros_like(p)).sum(-1)
 
 
@@ -801,24 +816,72 @@ KD_TEACHER = "kd/teacher_bins"
 
 
 @dataclass(frozen=True)
+class LogSoftmaxGradient:
+    """``d value[r] / d log_softmax[r, v]`` of a per-token term on its rows, times the gradient of each row's value,
+    in the two shapes the terms have (the rest of the vocabulary gets nothing):
+
+    - ``at``: pairs ``(ids [c, k], values [c, k])``: ``values[r, j]`` at ``ids[r, j]`` (repeated ids add up);
+    - ``tail``: ``(ids [c, k], coef [c], logmass [c])``: ``coef[r] * exp(log_softmax[r, v] - logmass[r])`` at every
+      ``v`` outside ``ids[r]``, where ``logmass[r]`` is the logsumexp of the row outside them (a tail bin's
+      gradient: :class:`_LogSumExpOutside`); these add up to ``coef[r]``.
+    """
+
+    at: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    tail: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
 class TokenTerm:
     """A per-token quantity computed from the student's log-softmax rows.
 
     ``per_row(log_softmax, *signals) -> [c]`` is a pure function of the student's
     log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``,
-    passed in that order, each ``[c, ...]`` on the same rows.
+    passed in that order, each ``[c, ...]`` on the same rows; autograd differentiates it.
+
+    ``with_gradient(log_softmax, *signals) -> (value [c], gradient)`` computes the same value without
+    autograd, and ``gradient(grad_value [c]) -> LogSoftmaxGradient`` its derivative: what
+    :func:`chunked_token_terms` uses, so that every term of a chunk writes into one [c, V] gradient
+    (the tests hold the two to each other).
     """
 
     reads: tuple[str, ...]
     per_row: Callable[..., torch.Tensor]
+    with_gradient: Callable[..., tuple[torch.Tensor, Callable[[torch.Tensor], LogSoftmaxGradient]]]
+
+
+def _logp_with_gradient(ls: torch.Tensor, target_ids: torch.Tensor):
+    """:func:`_target_logp` and its gradient: 1 at the target."""
+    ids = target_ids.unsqueeze(-1)
+    return ls.gather(-1, ids).squeeze(-1), lambda grad: LogSoftmaxGradient(at=((ids, grad.unsqueeze(-1)),))
+
+
+def _kd_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor):
+    """:func:`_kd_from_logsoftmax` and its gradient: ``-p_k`` at the K ids, ``-p_tail`` spread over the tail
+    in proportion to the student's probabilities there."""
+    tail = _logsumexp_outside(ls, topk_ids)
+    t_all = teacher_bins.to(ls.dtype)
+    value = _kl_of_bins(torch.cat([ls.gather(-1, topk_ids), tail.unsqueeze(-1)], dim=-1), t_all)
+    p = t_all.exp()
+
+    def gradient(grad: torch.Tensor) -> LogSoftmaxGradient:
+        minus_p = -p * grad.unsqueeze(-1)
+        return LogSoftmaxGradient(at=((topk_ids, minus_p[:, :-1]),), tail=(topk_ids, minus_p[:, -1], tail))
+
+    return value, gradient
+
+
+def _adpa_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor):
+    """:func:`_adpa_from_logsoftmax` and its gradient: ``-q_k A_k`` at the K ids."""
+    weighted = ls.gather(-1, topk_ids).exp() * advantage.to(ls.dtype)
+    return -weighted.sum(-1), lambda grad: LogSoftmaxGradient(at=((topk_ids, -weighted * grad.unsqueeze(-1)),))
 
 
 #: what :func:`chunked_token_terms` can compute; adding a per-token loss is one
-#: function of (log-softmax rows, signals) and one entry here
+#: function of (log-softmax rows, signals), its gradient, and one entry here
 TOKEN_TERMS: dict[str, TokenTerm] = {
-    LOGP: TokenTerm((TARGET_IDS,), _target_logp),  # token_logprobs
-    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax),  # kd_tail_kl
-    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax),  # adpa_token_loss
+    LOGP: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs
+    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax, _kd_with_gradient),  # kd_tail_kl
+    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax, _adpa_with_gradient),  # adpa_token_loss
 }
 
 
@@ -848,13 +911,110 @@ def _on_selection(selection, values: torch.Tensor) -> torch.Tensor:
     return values if selection is None else values[selection]
 
 
-def _scatter_rows(selection, values: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows] with ``values`` at the selected rows and 0 elsewhere (differentiable in ``values``)."""
+def _selection_index(selection, rows: int, device) -> torch.Tensor:
+    """The selected rows of a chunk of ``rows`` as an index tensor (``selection`` as :func:`_chunk_selection` gives)."""
     if selection is None:
-        return values
+        return torch.arange(rows, device=device)
     if isinstance(selection, slice):
-        return F.pad(values, (selection.start, rows - selection.stop))
-    return values.new_zeros(rows).index_put((selection,), values)
+        return torch.arange(selection.start, selection.stop, device=device)
+    return selection
+
+
+class _ChunkPlan:
+    """The terms of one chunk and the rows of each: shared by the chunk's forward and by the checkpoint's
+    recomputation of it, which takes the values (and what their gradients need) from the first forward
+    instead of computing them again; it only needs the log-softmax back."""
+
+    def __init__(self, terms: Sequence[TokenTerm], selections: tuple):
+        self.terms, self.selections = terms, selections
+        self.done: Optional[list] = None  # [(value [c], row index, gradient)], after the first forward
+
+    def evaluate(self, ls: torch.Tensor, by_name: Mapping[str, torch.Tensor]) -> list:
+        rows, done = ls.shape[0], []
+        for term, selection in zip(self.terms, self.selections):
+            if isinstance(selection, tuple):  # no row of this chunk
+                done.append((ls.new_zeros(rows), None, None))
+                continue
+            value, gradient = term.with_gradient(_on_selection(selection, ls),
+                                                 *(_on_selection(selection, by_name[signal]) for signal in term.reads))
+            index = _selection_index(selection, rows, ls.device)
+            full = value if selection is None else ls.new_zeros(rows).index_copy_(0, index, value)
+            done.append((full, index, gradient))
+        return done
+
+
+#: beyond this, ``exp(log|coef| - logmass)`` of a tail bin leaves the rest of the row's scale below float64's
+#: precision (and exp itself near its range)
+_LOG_SCALE_EXACT = 600.0
+
+
+class _TermsOfLogits(torch.autograd.Function):
+    """The per-token terms of a chunk of logits [c, V], with one [c, V] gradient written in place.
+
+    With ``g = d(sum of the terms, each times its gradient) / d log_softmax`` (every term's
+    :class:`LogSoftmaxGradient`) and ``p = softmax(logits)``, the gradient of the logits is
+    ``g - p * sum(g)`` per row. Outside the ids of the terms, ``g`` is 0 or (on a row with a tail
+    bin) ``coef * exp(ls - logmass)``, so there the gradient is ``p * scale`` with one scale per row:
+    ``-sum(g)``, plus ``coef * exp(-logmass)`` on a tail row (``sum(g)`` is known without a pass over
+    the vocabulary: a tail's entries add up to ``coef``). The backward therefore makes one pass,
+    ``exp(ls + log|scale|) * sign(scale)`` (in log space: a near-certain student's tail has
+    ``exp(-logmass)`` far beyond float range, its product with ``p`` is not), written into the saved
+    log-softmax itself, then sets the tail row's ids and adds each term's entries. Autograd would
+    instead build a zero-filled [c, V] gradient for every gather and slice and add them up.
+
+    Only for :func:`chunked_token_terms`, under its checkpoint: the log-softmax the backward
+    overwrites is the checkpoint's recomputation, made anew for each backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, plan: _ChunkPlan, reads: tuple, *signal_chunks: torch.Tensor):
+        ls = torch.log_softmax(logits, dim=-1)
+        first = plan.done is None
+        if first:
+            plan.done = plan.evaluate(ls, dict(zip(reads, signal_chunks)))
+        ctx.plan = plan
+        ctx.save_for_backward(ls)
+        # the recomputation's outputs are thrown away; fresh tensors leave the first forward's ones alone
+        return tuple(value if first else value.clone() for value, _, _ in plan.done)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        (ls,) = ctx.saved_tensors
+        total = torch.zeros(ls.shape[0], dtype=torch.float64, device=ls.device)  # sum_v g[r, v]
+        entries, tail = [], None
+        for (_value, index, gradient), grad in zip(ctx.plan.done, grads):
+            if gradient is None or grad is None:
+                continue
+            parts = gradient(grad.index_select(0, index).to(ls.dtype))
+            for ids, values in parts.at:
+                entries.append((index, ids, values))
+                total.index_add_(0, index, values.sum(-1).to(torch.float64))
+            if parts.tail is not None:
+                if tail is not None:
+                    raise ValueError("two per-token terms with a tail bin in one pass; compute them separately")
+                ids, coef, logmass = parts.tail
+                coef = torch.where(torch.isfinite(logmass), coef, torch.zeros_like(coef))  # no tail: nothing
+                total.index_add_(0, index, coef.to(torch.float64))
+                tail = (index, ids, coef, logmass)
+        log_scale, sign = total.abs().log(), -total.sign()
+        if tail is not None:
+            index, ids, coef, logmass = tail
+            coef64 = coef.to(torch.float64)
+            log_tail = torch.where(coef64 != 0, coef64.abs().log() - logmass.to(torch.float64),
+                                   torch.full_like(coef64, float("-inf")))
+            exact = coef64.sign() * log_tail.clamp(max=_LOG_SCALE_EXACT).exp() - total[index]
+            big = log_tail > _LOG_SCALE_EXACT
+            log_scale[index] = torch.where(big, log_tail, exact.abs().log())
+            sign[index] = torch.where(big, coef64.sign(), exact.sign())
+            at_ids = ls.index_select(0, index).gather(-1, ids)  # before ls becomes the gradient
+        grad_logits = ls.add_(log_scale.to(ls.dtype).unsqueeze(-1)).exp_().mul_(sign.to(ls.dtype).unsqueeze(-1))
+        if tail is not None:  # the tail's ids are not the tail's: only -p * sum(g) there
+            rows = index.unsqueeze(-1).expand_as(ids)
+            grad_logits.index_put_((rows, ids), -at_ids.exp() * total[index].to(ls.dtype).unsqueeze(-1))
+        for index, ids, values in entries:
+            grad_logits.index_put_((index.unsqueeze(-1).expand_as(ids), ids), values.to(ls.dtype), accumulate=True)
+        return (grad_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def chunked_token_terms(
@@ -913,26 +1073,16 @@ def chunked_token_terms(
         if mask is not None and mask.shape != (hidden.shape[0],):
             raise ValueError(f"rows of {name!r}: shape {tuple(mask.shape)}, expected ({hidden.shape[0]},)")
 
-    def chunk_terms(selections, hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        log_softmax = torch.log_softmax(_up(logits_of(hidden_chunk)), dim=-1)  # [c, V], freed after this call
-        by_name = dict(zip(reads, signal_chunks))
-        out = []
-        for term, selection in zip(terms, selections):
-            if isinstance(selection, tuple):  # no row of this chunk
-                out.append(log_softmax.new_zeros(log_softmax.shape[0]))
-                continue
-            value = term.per_row(_on_selection(selection, log_softmax),
-                                 *(_on_selection(selection, by_name[signal]) for signal in term.reads))
-            out.append(_scatter_rows(selection, value, log_softmax.shape[0]))
-        return tuple(out)
+    def chunk_terms(plan: _ChunkPlan, hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple:
+        return _TermsOfLogits.apply(_up(logits_of(hidden_chunk)), plan, tuple(reads), *signal_chunks)
 
     pieces: list[tuple[torch.Tensor, ...]] = []
     for lo in range(0, max(hidden.shape[0], 1), chunk_size):
         hi = min(lo + chunk_size, hidden.shape[0])
-        selections = tuple(_chunk_selection(mask, lo, hi, hidden.device) for mask in masks)
+        plan = _ChunkPlan(terms, tuple(_chunk_selection(mask, lo, hi, hidden.device) for mask in masks))
         chunk = (hidden[lo:hi], *(values[lo:hi] for values in row_signals))
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(chunk_terms, selections, *chunk, use_reentrant=False))
+            pieces.append(checkpoint(chunk_terms, plan, *chunk, use_reentrant=False))
         else:
-            pieces.append(chunk_terms(selections, *chunk))
+            pieces.append(chunk_terms(plan, *chunk))
     return {name: torch.cat([piece[i] for piece in pieces]) for i, name in enumerate(names)}
