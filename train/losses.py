@@ -1046,9 +1046,11 @@ def chunked_token_terms(
     otherwise they are gathered.
 
     Each chunk runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
-    so its [chunk, V] logits are recomputed in backward instead of stored;
-    values and gradients equal the unchunked functions applied to
-    ``logits_of(hidden)`` (on each term's rows).
+    so its [chunk, V] logits are recomputed in backward instead of stored (the
+    terms' values are not: the recomputation takes them from the first forward);
+    the backward is :class:`_TermsOfLogits`' own, one [chunk, V] gradient for
+    every term (each term's ``with_gradient``). Values and gradients equal the
+    unchunked functions applied to ``logits_of(hidden)`` (on each term's rows).
 
     Shapes: ``hidden`` [R, H]; ``signals``: at least every row signal the
     terms read (``TOKEN_TERMS[name].reads``), [R, ...] each, ids cast to
