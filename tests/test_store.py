@@ -88,19 +88,24 @@ def test_round_trip_every_array(reference_store):
 # -- concurrent writers ---------------------------------------------------------------------------
 
 
+def spawned_together(target, argses: list[tuple]) -> list[int]:
+    """Exit codes of ``target(*args, barrier)`` run in one spawned process per ``args``, sharing a barrier."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(argses))
+    workers = [ctx.Process(target=target, args=(*args, barrier)) for args in argses]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    return [w.exitcode for w in workers]
+
+
 def test_concurrent_writers_in_separate_processes(tmp_path, reference_store, reference_sums):
     location = str(tmp_path / "concurrent.zarr")
     H.create_store(location)
     store = TeacherStore.open(location)
     jobs = [(split, part) for split in store.splits() for part in range(store.num_parts(split))]
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    workers = [ctx.Process(target=H.writer_process, args=(location, jobs[i::3], 0, barrier)) for i in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert spawned_together(H.writer_process, [(location, jobs[i::3], 0) for i in range(3)]) == [0, 0, 0]
     store = TeacherStore.open(location, mode="a")
     store.refresh_manifest()
     sums = H.all_checksums(store)
@@ -122,14 +127,7 @@ def test_writers_making_the_same_part_group_at_one_instant_all_succeed(tmp_path)
     H.create_store(location)
     store = TeacherStore.open(location)
     parts = [(split, part) for split in store.splits() for part in range(store.num_parts(split))]
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(4)
-    workers = [ctx.Process(target=H.part_group_process, args=(location, parts, barrier)) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert spawned_together(H.part_group_process, [(location, parts)] * 4) == [0, 0, 0, 0]
     for split, part in parts:
         group = zarr.open_group(location, path=f"{split}/{fmt.part_name(part)}", mode="r")
         assert (group.attrs["example_start"], group.attrs["example_stop"]) == store.part_range(split, part)
