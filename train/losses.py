@@ -832,27 +832,25 @@ class LogSoftmaxGradient:
 
 @dataclass(frozen=True)
 class TokenTerm:
-    """A per-token quantity computed from the student's log-softmax rows.
+    """A per-token quantity computed from the student's log-softmax rows, with its gradient.
 
-    ``per_row(log_softmax, *signals) -> [c]`` is a pure function of the student's
-    log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``,
-    passed in that order, each ``[c, ...]`` on the same rows; autograd differentiates it.
-
-    ``with_gradient(log_softmax, *signals) -> (value [c], gradient)`` computes the same value without
-    autograd, and ``gradient(grad_value [c]) -> LogSoftmaxGradient`` its derivative: what
-    :func:`chunked_token_terms` uses, so that every term of a chunk writes into one [c, V] gradient
-    (the tests hold the two to each other).
+    ``with_gradient(log_softmax, *signals) -> (value [c], gradient)``: the value is a pure function of
+    the student's log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``,
+    passed in that order, each ``[c, ...]`` on the same rows, computed without autograd;
+    ``gradient(grad_value [c]) -> LogSoftmaxGradient`` is its derivative. :func:`chunked_token_terms`
+    uses both, so that every term of a chunk writes into one [c, V] gradient. Each term's public,
+    autograd function (``token_logprobs``, ``kd_tail_kl``, ``adpa_token_loss``) is the reference the
+    tests hold it to.
     """
 
     reads: tuple[str, ...]
-    per_row: Callable[..., torch.Tensor]
     with_gradient: Callable[..., tuple[torch.Tensor, Callable[[torch.Tensor], LogSoftmaxGradient]]]
 
 
 def _logp_with_gradient(ls: torch.Tensor, target_ids: torch.Tensor):
     """:func:`_target_logp` and its gradient: 1 at the target."""
-    ids = target_ids.unsqueeze(-1)
-    return ls.gather(-1, ids).squeeze(-1), lambda grad: LogSoftmaxGradient(at=((ids, grad.unsqueeze(-1)),))
+    return _target_logp(ls, target_ids), lambda grad: LogSoftmaxGradient(at=((target_ids.unsqueeze(-1),
+                                                                               grad.unsqueeze(-1)),))
 
 
 def _kd_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor):
@@ -879,9 +877,9 @@ def _adpa_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, advantage: tor
 #: what :func:`chunked_token_terms` can compute; adding a per-token loss is one
 #: function of (log-softmax rows, signals), its gradient, and one entry here
 TOKEN_TERMS: dict[str, TokenTerm] = {
-    LOGP: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs
-    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax, _kd_with_gradient),  # kd_tail_kl
-    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax, _adpa_with_gradient),  # adpa_token_loss
+    LOGP: TokenTerm((TARGET_IDS,), _logp_with_gradient),  # token_logprobs
+    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_with_gradient),  # kd_tail_kl
+    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_with_gradient),  # adpa_token_loss
 }
 
 
@@ -1032,7 +1030,7 @@ def chunked_token_terms(
     ``logits_of(hidden_chunk)`` (the output layer, e.g.
     :meth:`lm.head.OutputLayer.logits`, soft-capping and scale included), one
     log-softmax (upcast to >= fp32; the output layer itself runs in the
-    inputs' dtype), and from it each named term's ``per_row``: ``"logp"`` is
+    inputs' dtype), and from it each named term's value (``TokenTerm.with_gradient``): ``"logp"`` is
     :func:`token_logprobs`, ``"kd"`` :func:`kd_tail_kl`, ``"adpa"``
     :func:`adpa_token_loss`.
 
