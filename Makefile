@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs, then runs the main job on the embedded defaults
 #   make test   installs, then runs the test suite
+# (make docs builds the documentation site from docs/ and mkdocs.yml)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
+DOCS_STAMP := .docs.stamp
 STORE ?= store/adpa.zarr
 RUN ?= runs/dckd_adpa
 
-.PHONY: install demo test bench efficacy clean
+.PHONY: install demo test docs bench efficacy clean
 
 $(STAMP): pyproject.toml
 	# the CPU wheel of torch first: an open range would pull several GB of CUDA packages
@@ -19,6 +21,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# after the main install, so that torch stays the CPU wheel it put first
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 demo: $(STAMP)
 	precompute teacher --out $(STORE)
 	train evaluate --model smollm2-120m-student-drop12-15 --cache $(STORE) --split test
@@ -27,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+# the site into site/; strict: a broken link, anchor, included README section or API reference fails it
+docs: $(DOCS_STAMP)
+	$(PYTHON) -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/store_size.py
@@ -39,4 +50,4 @@ efficacy: $(STAMP)
 	$(PYTHON) benchmarks/efficacy.py --out runs/efficacy
 
 clean:
-	rm -rf $(STAMP) store/*.zarr runs
+	rm -rf $(STAMP) $(DOCS_STAMP) site store/*.zarr runs
