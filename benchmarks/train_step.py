@@ -264,7 +264,8 @@ def sft_every_response(batch) -> list[methods.Term]:
         return methods.token_mean(-out.logp, out.computed[methods.LOGP])
 
     requests = tuple(methods.TokenRequest(methods.LOGP, sequence_set, None) for sequence_set in sets)
-    return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll)]
+    every_token = methods.Unit("every response token", lambda batch: int(batch.num_response_tokens))
+    return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll, every_token)]
 
 
 def outputs_per_group(model, batch, requests, settings, chunk_size=1024):

@@ -241,15 +241,16 @@ CASES = {"dckd+adpa+dpo+simpo": "tiny_store", "pad+pad_dpo+pad_simpo": "groups_s
 
 
 def test_every_term_of_every_method_has_a_denominator():
-    names = {t.name for terms in methods.METHODS.values() for t in terms}
-    assert names == set(distributed.TERM_COUNTS)  # a new term needs its entry there for several processes
+    every = [t for terms in methods.METHODS.values() for t in terms]
+    names = {t.name for t in every}
+    assert all(isinstance(t.unit, methods.Unit) and callable(t.unit.count) for t in every)  # what it is a mean over
     assert names == {t.name for method in CASES for t in methods.resolve_terms(method)}  # and a case here
 
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_each_terms_denominator_makes_the_halves_the_whole(method, request, tiny_models):
-    """The exactness of several processes rests on TERM_COUNTS: term(whole) = sum over parts of share * term(part),
-    with uneven parts; checked on every term of METHODS, in float64."""
+    """The exactness of several processes rests on each term's unit (Term.unit): term(whole) = sum over parts of
+    share * term(part), with uneven parts; checked on every term of METHODS, in float64."""
     from lm import models
 
     store_path = request.getfixturevalue(CASES[method])

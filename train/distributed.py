@@ -52,8 +52,7 @@ communication on the last batch of each optimizer step.
 Exactly the one-process gradient. A term is a mean over its own units in the
 batch: response tokens (SFT, KD, ADPA, CycleAlign's SFT on the best), pairs (DPO,
 SimPO) or groups (PAD and its baselines; CycleAlign's RRHF and PRO: the groups
-with a pseudo-label) (:data:`TERM_COUNTS`, one entry per term of
-:data:`train.methods.METHODS`; a term it lacks is refused on several processes).
+with a pseudo-label): each term's own :class:`train.methods.Unit`.
 Before each forward the processes sum, per term, the number of units in their
 batches (one all-reduce of a few numbers); process ``r`` then backpropagates
 ``W * sum_t weight_t * term_t * n_rt / N_t`` (``n_rt`` its units, ``N_t`` everyone's,
@@ -390,68 +389,9 @@ class RankStream(ExampleStream):
 # --------------------------------------------------------------------------- each term's units
 
 
-def _rows(sequence_set: str, role: int | None) -> Callable[[Batch], int]:
-    return lambda batch: int(methods.response_rows(batch, sequence_set, role).sum())
-
-
-def _pairs(batch: Batch) -> int:
-    return int(batch.sequences_where(methods.PAIRS, methods.CHOSEN).sum())
-
-
-def _groups(batch: Batch) -> int:
-    return sum(int(group.shape[0]) for group in methods.sample_groups(batch))
-
-
-def _labelled(batch: Batch):
-    """(sequence indices [G, n], agreed ranks [G, n]) of the groups with a pseudo-label (two or more agreed
-    responses), per group size: the groups CycleAlign's terms are means over."""
-    for index in methods.sample_groups(batch):
-        ranks = methods.agreed_ranks(batch, index)
-        labelled = (ranks >= 0).sum(-1) >= 2
-        yield index[labelled], ranks[labelled]
-
-
-def _labelled_groups(batch: Batch) -> int:
-    return sum(int(index.shape[0]) for index, _ in _labelled(batch))
-
-
-def _best_rows(batch: Batch) -> int:
-    """Response rows of the top response of each labelled group (``sft_best``'s tokens)."""
-    best = torch.zeros(batch.num_sequences, dtype=torch.bool, device=batch.resp_seq.device)
-    for index, ranks in _labelled(batch):
-        best[index[ranks == 0]] = True
-    return int(best[batch.resp_seq].sum())
-
-
-#: what each term of :data:`train.methods.METHODS` is a mean over, counted in a batch: its denominator
-TERM_COUNTS: dict[str, Callable[[Batch], int]] = {
-    "sft": _rows(methods.PAIRS, methods.CHOSEN),
-    "kd_chosen": _rows(methods.PAIRS, methods.CHOSEN),
-    "kd_rejected": _rows(methods.PAIRS, methods.REJECTED),
-    "adpa": _rows(methods.GENERATED, methods.GENERATED_ROLE),
-    "dpo": _pairs,
-    "simpo": _pairs,
-    "pad": _groups,
-    "pad_dpo": _groups,
-    "pad_simpo": _groups,
-    "rrhf": _labelled_groups,
-    "pro": _labelled_groups,
-    "sft_best": _best_rows,
-}
-
-
-def check_terms(terms: list[methods.Term]) -> None:
-    """Refuse, for several processes, a term whose denominator :data:`TERM_COUNTS` does not know."""
-    unknown = [t.name for t in terms if t.name not in TERM_COUNTS]
-    if unknown:
-        raise TrainError(f"term(s) {', '.join(unknown)}: what their means are over is not known to "
-                         f"train.distributed.TERM_COUNTS, so several processes cannot make the one-process "
-                         f"gradient; train on one process, or add them there")
-
-
 def term_counts(batch: Batch, terms: list[methods.Term]) -> list[int]:
-    """Each term's units in ``batch`` (:data:`TERM_COUNTS`), in the order of ``terms``."""
-    return [TERM_COUNTS[t.name](batch) for t in terms]
+    """Each term's units in ``batch`` (its :class:`train.methods.Unit`), in the order of ``terms``."""
+    return [t.unit.count(batch) for t in terms]
 
 
 def shares(counts: list[int], totals: list[float]) -> list[float]:
@@ -531,7 +471,6 @@ class Engine:
                         if first.setdefault(id(p), name) != name]
         if context.world == 1:
             return
-        check_terms(terms)
         loss = StudentLoss(student, terms, settings, chunk_size)
         if context.parallel == "fsdp":
             self.notes += fully_shard_student(loss, context)
@@ -647,6 +586,6 @@ def filler_source(store: TeacherStore, split: str, needs, pad_id: int) -> Callab
     return make
 
 
-__all__ = ["Shard", "Context", "LaunchSettings", "RankStream", "StudentLoss", "Engine", "TERM_COUNTS", "setup",
+__all__ = ["Shard", "Context", "LaunchSettings", "RankStream", "StudentLoss", "Engine", "setup",
            "shard_from_env", "is_main_process", "launch_settings", "rank_parts", "shared_parts", "term_counts",
-           "check_terms", "filler_source"]
+           "filler_source"]

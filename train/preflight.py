@@ -360,8 +360,6 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
         terms = methods.resolve_terms(c.method, c.weights)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
-    if shard.world > 1:
-        distributed.check_terms(terms)
     launched_dtype = context.launch.dtype if c.dtype == "auto" else None  # accelerate's mixed_precision: bf16
     device, dtype = resolve_precision(context.device, launched_dtype or c.dtype)
     if dtype == torch.float16:
