@@ -69,9 +69,9 @@ def write_atomically(path: Path, text: str) -> None:
 class Meter:
     """Sums between two log records: each optimizer step's loss and terms, tokens read, time.
 
-    ``reduce``: on several processes, sums a list of numbers over them (every process
-    calls :meth:`record` at the same steps); each process adds its batches' shares of
-    the global means, so the reduced sums are the global means.
+    ``reduce``: sums a list of numbers over the run's processes (:meth:`train.distributed.Context.sum`,
+    the identity on one; every process calls :meth:`record` at the same steps); each process adds its
+    batches' shares of the global means, so the reduced sums are the global means.
     """
 
     def __init__(self, term_names: list[str], reduce=None):
