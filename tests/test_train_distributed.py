@@ -306,18 +306,18 @@ STEP_WORKER = textwrap.dedent("""
                 ctx = distributed.Context(shard=context.shard, device="cpu",
                                           launch=distributed.LaunchSettings(fsdp=parallel == "fsdp"))
                 model = models.load_model(student, device="cpu")[0].train()
-                student = distributed.ParallelStudent(ctx, model, terms, settings, 7,
-                                                      distributed.filler_source(store, "train", needs, 0))
+                parallel_student = distributed.ParallelStudent(ctx, model, terms, settings, 7,
+                                                               distributed.filler_source(store, "train", needs, 0))
                 meter = records.Meter([t.name for t in terms], reduce=ctx.sum)
                 for i, examples in enumerate(mine):  # the trainer's batch of a step of 2
                     batch = collate(examples) if examples else None
-                    with student.accumulating(sync=i == 1):
-                        loss, parts = student.loss(batch)
-                        student.backward(loss / 2)
+                    with parallel_student.accumulating(sync=i == 1):
+                        loss, parts = parallel_student.loss(batch)
+                        parallel_student.backward(loss / 2)
                     meter.add_batch(loss, parts, int(batch.attention_mask.sum()) if batch else 0, 1 / 2)
                 meter.steps = 1
                 record = meter.record(step=1)
-                norm = student.clip(1e9)
+                norm = parallel_student.clip(1e9)
                 grads = {}
                 for name, p in model.named_parameters():
                     g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

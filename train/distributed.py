@@ -313,19 +313,20 @@ def setup(device: str, fsdp_flag: bool = False) -> Iterator[Context]:
     """The run's :class:`Context`: a process group from the environment on several processes (module docstring)."""
     shard = shard_from_env()
     launch = launch_settings(fsdp_flag)
-    local_rank = int(os.environ.get("LOCAL_RANK", shard.rank) or 0) if shard.world > 1 else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", shard.rank) or 0)
     context = Context(shard=shard, local_rank=local_rank, device=process_device(device, shard, local_rank),
                       launch=launch)
-    if shard.world > 1 and not torch.distributed.is_initialized():
-        cuda = context.device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(context.device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                                             rank=shard.rank, world_size=shard.world)
-        context.owns_group = True
-    elif shard.world > 1 and torch.distributed.get_world_size() != shard.world:
-        raise TrainError(f"WORLD_SIZE={shard.world} but the process group already started has "
-                         f"{torch.distributed.get_world_size()} processes")
+    if shard.world > 1:  # a world of one needs no group: its collectives are the identity
+        if not torch.distributed.is_initialized():
+            cuda = context.device.startswith("cuda")
+            if cuda:
+                torch.cuda.set_device(context.device)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                                                 rank=shard.rank, world_size=shard.world)
+            context.owns_group = True
+        elif torch.distributed.get_world_size() != shard.world:
+            raise TrainError(f"WORLD_SIZE={shard.world} but the process group already started has "
+                             f"{torch.distributed.get_world_size()} processes")
     try:
         yield context
     finally:

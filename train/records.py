@@ -171,8 +171,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 def resolved_config(plan: "Plan") -> dict:
     """The options (reusable with ``--config``, one key each) and, under ``resolved``, what they resolved to."""
-    c = plan.config
-    options = recorded_settings(c)
+    config = plan.config
+    options = recorded_settings(config)
     options["out"] = str(plan.out)
     options.pop("resume")
     options.pop("progress")
@@ -200,9 +200,9 @@ def resolved_config(plan: "Plan") -> dict:
 def processes(plan: "Plan") -> dict:
     """How many processes train, how (ddp, fsdp; none for one), the batches of each one's share per epoch, and
     the most padded tokens one optimizer step takes: processes x grad_accum x batch_tokens."""
-    c, world = plan.config, plan.shard.world
+    config, world = plan.config, plan.shard.world
     return {"world_size": world, "parallel": plan.parallel, "batches_per_rank": plan.rank_batches,
-            "step_tokens": world * c.grad_accum * c.batch_tokens}
+            "step_tokens": world * config.grad_accum * config.batch_tokens}
 
 
 def save_config(plan: "Plan") -> None:
