@@ -20,12 +20,9 @@ pairs) train on the examples that have every set the combination reads.
 
 Defaults are the released values (``docs/methods.md``) except DCKD's KD weights:
 ``w_sft = 1, w_kd_chosen = w_kd_rejected = 1`` where the released recipe has 0.1
-(``--weight kd_chosen=0.1 --weight kd_rejected=0.1`` reproduces it). Measured with
-``benchmarks/efficacy.py`` (README, "Which method works"): with SFT on the dataset's
-chosen answers at 1 and KD at 0.1, the SFT term learns the *labels*, which are noisy
-relative to the teacher (on real data too: the embedded teacher ranks HH-RLHF's
-chosen answer first in 43% of held-out pairs), and dilutes the teacher's signal;
-KD at 1 raised the preferred rate of dckd and of dckd+adpa in every seed. ADPA ``w_sft = 1,
+(``--weight kd_chosen=0.1 --weight kd_rejected=0.1`` reproduces it). The SFT term on the
+dataset's labels, which are noisy relative to the teacher, dilutes the teacher's
+signal at KD 0.1 (the measurement: the documentation, "Which method works"). ADPA ``w_sft = 1,
 w_adpa = 1.6`` with the released code's clipped advantage ("Advantage-Guided
 Distillation for Preference Alignment in Small Language Models"); SimPO beta
 2.0, gamma 0.5 (Meng et al. 2024, "SimPO"). DPO: beta 0.1 (the DPO paper's,
@@ -51,15 +48,10 @@ Rewards, PAD (Gu et al., "Preference-Aligned Distillation"; ``docs/methods.md``)
   so one store serves every alpha.
 
 Defaults: beta 10 (released). alpha 0.5, not the released 0 (pure calibration):
-measured on the embedded demo store (SmolLM2-135M-Instruct judging the 120M
-student's samples, 15 groups of 4), the teacher's order-averaged pairwise
-judgements are 0.5 +- 0.015 (it answers by position, P(option A) ~ 0.92 either
-way), so ``s_mcq`` varies by 0.02 nats within a group against 0.86 for
-``avglogp_T``. With alpha = 0 the teacher's distribution over the 24 orderings is
-nearly uniform (entropy 3.12 of ln 24 = 3.18): noise to distil. alpha = 0.5 keeps
-the calibration term (it counts with a teacher whose judgements carry signal) and
-on the demo store ranks every group as alpha = 1 does, with a softer
-distribution (entropy 1.19 against 0.66). ``--pad-alpha 0`` reproduces the release.
+the embedded teacher's pairwise judgements carry almost no signal, so at alpha = 0
+its distribution over orderings is noise to distil, while alpha = 0.5 keeps the
+calibration term for a teacher whose judgements do (the measurement: the
+documentation's PAD page). ``--pad-alpha 0`` reproduces the release.
 
 ``pad``: PPD (Jensen-Shannon divergence between the student's and the teacher's
 Plackett-Luce distributions over orderings) or VPD (``-log P_S(teacher's order)``),
@@ -507,8 +499,6 @@ PASS_OF = {
     f"{GENERATED}/{fmt.BASE}": "adpa", f"{GENERATED}/{TEACHER}": "adpa", f"{GENERATED}/{REFERENCE}": "adpa",
     f"{SAMPLES}/{TEACHER}": "pad", f"{SAMPLES}/{TEACHER_MCQ}": "pad", f"{SAMPLES}/{STUDENT_INIT}": "dpo_ref",
 }
-#: store signals written by ``precompute rank`` (CycleAlign) rather than by a teacher pass
-RANKED = {f"{SAMPLES}/{JUDGE}"}
 #: store signals written by ``precompute sample`` rather than by a teacher pass
 SAMPLED = {f"{SAMPLES}/{fmt.BASE}"}
 
