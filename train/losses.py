@@ -91,7 +91,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _up(t: torch.Tensor) -> torch.Tensor:
+def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Upcast a floating tensor to at least float32."""
     return t.to(_compute_dtype(t))
 
@@ -250,12 +250,12 @@ def teacher_kd_bins(
     Shapes: ``topk_logp`` [R, K]; ``tail_logp`` [R]; ``has_tail`` [R] bool; ``kept`` [R, K] bool.
     Returns [R, K+1] in ``topk_logp``'s compute dtype (>= float32), detached.
     """
-    teacher_topk = _up(topk_logp).detach()
+    teacher_topk = _upcast(topk_logp).detach()
     if kept is not None:
         teacher_topk = torch.where(kept.bool(), teacher_topk, torch.full_like(teacher_topk, float("-inf")))
     tail = _tail_logmass(teacher_topk)
     if tail_logp is not None:
-        stored = _up(tail_logp).to(teacher_topk.dtype).detach()
+        stored = _upcast(tail_logp).to(teacher_topk.dtype).detach()
         tail = stored if has_tail is None else torch.where(has_tail.bool(), stored, tail)
     bins = torch.cat([teacher_topk, tail.unsqueeze(-1)], dim=-1)
     return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
@@ -295,7 +295,7 @@ def _adpa_from_logsoftmax(
 ) -> torch.Tensor:
     """ADPA token loss from a precomputed student log-softmax [R, V]; see adpa_token_loss."""
     student_topk_probs = student_logsoftmax.gather(-1, topk_ids).exp()  # [R, K]
-    return -(student_topk_probs * _up(advantage).to(student_topk_probs.dtype).detach()).sum(-1)
+    return -(student_topk_probs * _upcast(advantage).to(student_topk_probs.dtype).detach()).sum(-1)
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def token_logprobs(student_logits: torch.Tensor, target_ids: torch.Tensor) -> to
     ``target_ids`` [R] int64 in ``[0, V)``. Returns [R]. No masking: rows are
     response tokens already; ``-mean`` of this over a response is SFT's NLL.
     """
-    return _target_logp(torch.log_softmax(_up(student_logits), dim=-1), target_ids.long())
+    return _target_logp(torch.log_softmax(_upcast(student_logits), dim=-1), target_ids.long())
 
 
 def kd_tail_kl(
@@ -359,7 +359,7 @@ def kd_tail_kl(
     ``topk_count`` [R] or None (every entry kept).
     Returns [R]; gradient flows to ``student_logits`` only (teacher detached).
     """
-    student_logsoftmax = torch.log_softmax(_up(student_logits), dim=-1)
+    student_logsoftmax = torch.log_softmax(_upcast(student_logits), dim=-1)
     ids, kept = topk_ids.long(), None
     if topk_count is not None:
         kept = kept_entries(topk_count, ids.shape[-1])
@@ -390,7 +390,7 @@ def adpa_advantage(
     Shapes: ``topk_logp``, ``ref_logp`` [R, K] (ref evaluated at the same
     ids); ``kept`` [R, K] bool or None. Returns [R, K], detached (the advantage is a constant).
     """
-    advantage = beta * (_up(topk_logp) - _up(ref_logp).to(_compute_dtype(topk_logp)))
+    advantage = beta * (_upcast(topk_logp) - _upcast(ref_logp).to(_compute_dtype(topk_logp)))
     if clip:
         advantage = advantage.clamp(min=1e-8, max=1.0 - 1e-8)
     if kept is not None:
@@ -411,7 +411,7 @@ def adpa_token_loss(
     ``advantage`` [R, K] (see :func:`adpa_advantage`; detached here).
     ``q`` is the full-vocabulary softmax gathered at ``topk_ids``. Returns [R].
     """
-    return _adpa_from_logsoftmax(torch.log_softmax(_up(student_logits), dim=-1), topk_ids.long(), advantage)
+    return _adpa_from_logsoftmax(torch.log_softmax(_upcast(student_logits), dim=-1), topk_ids.long(), advantage)
 
 
 # --------------------------------------------------------------------------
@@ -438,9 +438,9 @@ def dpo_loss(
 
     Shapes: all four [B]. Returns [B]; reference terms detached.
     """
-    pc, pr = _up(policy_chosen_logps), _up(policy_rejected_logps)
-    rc = _up(ref_chosen_logps).to(pc.dtype).detach()
-    rr = _up(ref_rejected_logps).to(pc.dtype).detach()
+    pc, pr = _upcast(policy_chosen_logps), _upcast(policy_rejected_logps)
+    rc = _upcast(ref_chosen_logps).to(pc.dtype).detach()
+    rr = _upcast(ref_rejected_logps).to(pc.dtype).detach()
     margin = (pc - rc) - (pr - rr)
     return -F.logsigmoid(beta * margin)
 
@@ -468,8 +468,8 @@ def simpo_loss(
 
     Shapes: both [B]. Returns [B].
     """
-    chosen = _up(chosen_avg_logps)
-    rejected = _up(rejected_avg_logps).to(chosen.dtype)
+    chosen = _upcast(chosen_avg_logps)
+    rejected = _upcast(rejected_avg_logps).to(chosen.dtype)
     return -F.logsigmoid(beta * chosen - beta * rejected - gamma)
 
 
@@ -489,7 +489,7 @@ def sequence_sums(
     a sequence with no (unmasked) tokens sums to 0. Differentiable
     (``index_add``).
     """
-    values = _up(token_values)
+    values = _upcast(token_values)
     if mask is not None:
         values = torch.where(mask.bool(), values, torch.zeros_like(values))
     out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
@@ -572,7 +572,7 @@ def plackett_luce_log_probs(rewards: torch.Tensor) -> torch.Tensor:
     lexicographic order of :func:`permutations_tensor`; ``exp`` of each row
     sums to 1. Exact for n <= 6; raises ValueError for n > 6.
     """
-    r = _up(rewards)
+    r = _upcast(rewards)
     perms = permutations_tensor(r.shape[-1], device=r.device)  # [P, n]
     ordered = r[:, perms]  # [G, P, n]
     return _pl_log_prob_of(ordered)
@@ -620,7 +620,7 @@ def pad_vpd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -
     Shapes: both [G, n]. Teacher detached. Returns [G].
     """
     order = torch.argsort(teacher_rewards.detach(), dim=-1, descending=True, stable=True)
-    return -_pl_log_prob_of(_up(student_rewards).gather(-1, order))
+    return -_pl_log_prob_of(_upcast(student_rewards).gather(-1, order))
 
 
 # --------------------------------------------------------------------------
@@ -642,10 +642,10 @@ def rrhf_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     (0 for a group with fewer than two ranked responses). Differentiable in
     ``scores``.
     """
-    p = _up(scores)
-    r = ranks.to(p.device)
-    ranked = r >= 0
-    above = (r[:, :, None] < r[:, None, :]) & ranked[:, :, None] & ranked[:, None, :]  # [G, i, j]: i above j
+    p = _upcast(scores)
+    ranks = ranks.to(p.device)
+    ranked = ranks >= 0
+    above = (ranks[:, :, None] < ranks[:, None, :]) & ranked[:, :, None] & ranked[:, None, :]  # [G, i, j]: i above j
     violation = torch.relu(p[:, None, :] - p[:, :, None])  # [G, i, j]: max(0, p_j - p_i)
     return torch.where(above, violation, torch.zeros_like(violation)).sum((-1, -2))
 
@@ -664,13 +664,13 @@ def pro_loss(scores: torch.Tensor, ranks: torch.Tensor, temperature: float = 1.0
 
     Shapes: ``scores`` [G, n], ``ranks`` [G, n] integer. Returns [G] (0 with fewer than two ranked).
     """
-    p = _up(scores) / temperature
-    r = ranks.to(p.device)
-    big = r.max().clamp(min=0) + 1 if r.numel() else torch.tensor(1, device=p.device)
-    order = torch.argsort(torch.where(r >= 0, r, big + torch.arange(r.shape[-1], device=p.device)), dim=-1,
-                          stable=True)
+    p = _upcast(scores) / temperature
+    ranks = ranks.to(p.device)
+    big = ranks.max().clamp(min=0) + 1 if ranks.numel() else torch.tensor(1, device=p.device)
+    order = torch.argsort(torch.where(ranks >= 0, ranks, big + torch.arange(ranks.shape[-1], device=p.device)),
+                          dim=-1, stable=True)
     ordered = p.gather(-1, order)
-    kept = (r >= 0).gather(-1, order)
+    kept = (ranks >= 0).gather(-1, order)
     masked = torch.where(kept, ordered, torch.full_like(ordered, float("-inf")))
     suffix = torch.logcumsumexp(masked.flip(-1), dim=-1).flip(-1)
     terms = torch.where(kept, ordered - suffix, torch.zeros_like(ordered))
@@ -757,7 +757,7 @@ def pad_teacher_rewards(
     term whose weight is exactly 0 is skipped, so e.g. alpha = 0 does not
     turn a -inf/NaN ``mean_logp`` into NaN.
     """
-    mean_logp, mcq_score = _up(mean_logp), _up(mcq_score)
+    mean_logp, mcq_score = _upcast(mean_logp), _upcast(mcq_score)
     if alpha == 0:
         inner = mcq_score
     elif alpha == 1:
@@ -780,7 +780,7 @@ def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     over j)``; the diagonal is ignored (may hold anything, even NaN). If both
     option orders were asked, average them before calling. Returns [G, n].
     """
-    p = _up(pair_probs)
+    p = _upcast(pair_probs)
     n = p.shape[-1]
     if n < 2:
         raise ValueError(f"mcq_score needs n >= 2 responses, got {n}")
@@ -1120,7 +1120,7 @@ def chunked_token_terms(
             raise ValueError(f"rows of {name!r}: shape {tuple(mask.shape)}, expected ({hidden.shape[0]},)")
 
     def chunk_terms(plan: _ChunkPlan, hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple:
-        return _TermsOfLogits.apply(_up(logits_of(hidden_chunk)), plan, tuple(reads), *signal_chunks)
+        return _TermsOfLogits.apply(_upcast(logits_of(hidden_chunk)), plan, tuple(reads), *signal_chunks)
 
     pieces: list[tuple[torch.Tensor, ...]] = []
     for lo in range(0, max(hidden.shape[0], 1), chunk_size):
