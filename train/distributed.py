@@ -28,7 +28,9 @@ Wrapping. The student's forward does not go through ``model(...)``:
 chosen rows in checkpointed chunks. So the module that is wrapped is
 :class:`StudentLoss`, whose ``forward(batch)`` is :func:`train.methods.method_loss`
 on the student it holds: DDP's reducer and FSDP's unshard/reshard hooks see the
-whole loss computation.
+whole loss computation. :class:`ParallelStudent` holds it (unwrapped on one process)
+and gives the trainer's loop its forward, backward, gradient accumulation, clipping
+and checkpoint states, the same calls for one process and several.
 
 - DDP (default): ``DistributedDataParallel(StudentLoss(student))``, buffers not
   broadcast (the student's are constants), gradients as bucket views.
