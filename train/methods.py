@@ -2,11 +2,16 @@
 
 A *term* is one weighted piece of a training loss: a name, a default weight,
 the store signals it reads (``{set: [sections]}``), the per-token quantities it
-needs from the student's forward pass, and a pure function
-``(batch, outputs, settings) -> scalar``. A *method* is a list of terms, and a
-combination such as ``dckd+adpa`` is the union of its methods' terms; the
-loss is always ``sum_term weight * term``. Nothing in the trainer branches on a
-method's name.
+needs from the student's forward pass, a pure function
+``(batch, outputs, settings) -> scalar``, and the :class:`Unit` that function is a
+mean over (response tokens, pairs, groups: what lets several processes make the
+one-process mean). A *method* is a list of terms, and a combination such as
+``dckd+adpa`` is the union of its methods' terms; the loss is always
+``sum_term weight * term``. Nothing in the trainer branches on a method's name.
+
+A new per-token loss: its function of the student's log-softmax rows and its entry
+in :data:`train.losses.TOKEN_TERMS` (autograd differentiates it), then a term of it
+(:func:`token_mean_term`) and its method in :data:`METHODS`.
 
 Combining: a term that two methods share (SFT on the chosen response is in both
 ``dckd`` and ``adpa``) counts ONCE, so ``dckd+adpa`` is
