@@ -57,7 +57,7 @@ the teacher and the frozen reference/initial model it must hold.
 
 Several processes (``train student`` under ``torchrun`` / ``accelerate launch``,
 :mod:`train.distributed`): the last rows give the time per example of a
-``dckd+adpa`` step (:meth:`train.distributed.Engine.micro_step`, clipping, AdamW)
+``dckd+adpa`` step (:class:`train.distributed.ParallelStudent`'s forward and backward, clipping, AdamW)
 made by one process with every core, by one process with one core's share, and by
 ``--processes N`` processes (DDP over gloo on the CPU, NCCL on N GPUs) with the
 cores shared out, each process with the same batch of ``--examples`` examples
@@ -264,7 +264,8 @@ def sft_every_response(batch) -> list[methods.Term]:
         return methods.token_mean(-out.logp, out.computed[methods.LOGP])
 
     requests = tuple(methods.TokenRequest(methods.LOGP, sequence_set, None) for sequence_set in sets)
-    return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll)]
+    every_token = methods.Unit("every response token", lambda batch: int(batch.num_response_tokens))
+    return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll, every_token)]
 
 
 def outputs_per_group(model, batch, requests, settings, chunk_size=1024):
@@ -485,18 +486,21 @@ def data_parallel_worker(args) -> None:
                                                   default=models.EMBEDDED_STUDENT)
         student.train()
         pad_id = chat.pad_id(tokenizer)
-        engine = distributed.Engine(context, student, terms, methods.Settings(), 1024, torch.float32,
-                                    distributed.filler_source(store, "train", needs, pad_id))
-        optimizer = torch.optim.AdamW(engine.parameters(), lr=1e-7)
-        meter = records.Meter([t.name for t in terms], reduce=context.sum if context.world > 1 else None)
+        parallel = distributed.ParallelStudent(context, student, terms, methods.Settings(), 1024,
+                                               distributed.filler_source(store, "train", needs, pad_id))
+        optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-7)
+        meter = records.Meter([t.name for t in terms], reduce=context.sum)
         batch = collate(examples, pad_id).to(device)  # the same batch in every process: timing only
 
         def step() -> float:
             if context.world > 1:
                 torch.distributed.barrier()
             t0 = time.perf_counter()
-            engine.micro_step(batch, 1, True, meter)
-            engine.clip(1.0)
+            with parallel.accumulating(sync=True):  # the trainer's step of one batch
+                loss, parts = parallel.loss(batch)
+                parallel.backward(loss)
+            meter.add_batch(loss, parts, int(batch.attention_mask.sum()), 1.0)
+            parallel.clip(1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.startswith("cuda"):

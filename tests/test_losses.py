@@ -833,6 +833,40 @@ def test_chunked_terms_gradient_equals_autograds_at_the_extremes(dtype):
     assert chunked_error <= 4 * autograd_error + 1e-7, (chunked_error, autograd_error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(L.TOKEN_TERMS))
+def test_each_analytic_gradient_equals_autograds_of_its_value(name, dtype):
+    """Every per-token term with its gradient written out (``with_gradient``) against autograd's gradient of its
+    ``value`` (``analytic=False``), on the extreme rows, each term on scattered rows of its own and alone in its
+    pass: the same values and gradients (float64: to 1e-12; float32: as close to float64 truth as autograd's)."""
+    term = L.TOKEN_TERMS[name]
+    assert term.with_gradient is not None  # the three terms of today keep their analytic gradients (speed)
+    logits, ids, tlp, tail = extreme_rows(dtype)
+    ids = ids.clone()
+    ids[5, 2] = ids[5, 1]  # a repeated id
+    signals = {L.TARGET_IDS: torch.where(torch.arange(R) % 2 == 0, ids[:, 0], (ids[:, 0] + 1) % V),
+               L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp, tail),
+               L.ADVANTAGE: L.adpa_advantage(tlp, rand(R, K, seed=85), clip=False)}
+    rows = {name: torch.tensor([True, True, False, True, True, False, True])}
+    coef = rand(R, seed=86)
+
+    def chunked(x, analytic):
+        x = x.clone().requires_grad_(True)
+        out = L.chunked_token_terms(x, lambda h: h, [name], signals, chunk_size=3, rows=rows,
+                                    analytic=analytic)[name]
+        return out, torch.autograd.grad((coef.to(out.dtype) * out).sum(), x)[0]
+
+    (fast, fast_grad), (slow, slow_grad) = chunked(logits, True), chunked(logits, False)
+    assert torch.isfinite(fast_grad).all() and torch.isfinite(slow_grad).all()
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    if dtype == torch.float64:
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-12, atol=1e-12)
+        return
+    truth = chunked(logits.double(), False)[1]
+    autograd_error, analytic_error = (slow_grad.double() - truth).abs().max(), (fast_grad.double() - truth).abs().max()
+    assert analytic_error <= 4 * autograd_error + 1e-7, (analytic_error, autograd_error)
+
+
 # --------------------------------------------------------------------------
 # adaptive K (a store written with --top-p): per-row kept counts, padding past them
 # --------------------------------------------------------------------------

@@ -241,15 +241,16 @@ CASES = {"dckd+adpa+dpo+simpo": "tiny_store", "pad+pad_dpo+pad_simpo": "groups_s
 
 
 def test_every_term_of_every_method_has_a_denominator():
-    names = {t.name for terms in methods.METHODS.values() for t in terms}
-    assert names == set(distributed.TERM_COUNTS)  # a new term needs its entry there for several processes
+    every = [t for terms in methods.METHODS.values() for t in terms]
+    names = {t.name for t in every}
+    assert all(isinstance(t.unit, methods.Unit) and callable(t.unit.count) for t in every)  # what it is a mean over
     assert names == {t.name for method in CASES for t in methods.resolve_terms(method)}  # and a case here
 
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_each_terms_denominator_makes_the_halves_the_whole(method, request, tiny_models):
-    """The exactness of several processes rests on TERM_COUNTS: term(whole) = sum over parts of share * term(part),
-    with uneven parts; checked on every term of METHODS, in float64."""
+    """The exactness of several processes rests on each term's unit (Term.unit): term(whole) = sum over parts of
+    share * term(part), with uneven parts; checked on every term of METHODS, in float64."""
     from lm import models
 
     store_path = request.getfixturevalue(CASES[method])
@@ -305,14 +306,18 @@ STEP_WORKER = textwrap.dedent("""
                 ctx = distributed.Context(shard=context.shard, device="cpu",
                                           launch=distributed.LaunchSettings(fsdp=parallel == "fsdp"))
                 model = models.load_model(student, device="cpu")[0].train()
-                engine = distributed.Engine(ctx, model, terms, settings, 7, torch.float32,
-                                            distributed.filler_source(store, "train", needs, 0))
+                parallel_student = distributed.ParallelStudent(ctx, model, terms, settings, 7,
+                                                               distributed.filler_source(store, "train", needs, 0))
                 meter = records.Meter([t.name for t in terms], reduce=ctx.sum)
-                for i, examples in enumerate(mine):
-                    engine.micro_step(collate(examples) if examples else None, 2, i == 1, meter)
+                for i, examples in enumerate(mine):  # the trainer's batch of a step of 2
+                    batch = collate(examples) if examples else None
+                    with parallel_student.accumulating(sync=i == 1):
+                        loss, parts = parallel_student.loss(batch)
+                        parallel_student.backward(loss / 2)
+                    meter.add_batch(loss, parts, int(batch.attention_mask.sum()) if batch else 0, 1 / 2)
                 meter.steps = 1
                 record = meter.record(step=1)
-                norm = engine.clip(1e9)
+                norm = parallel_student.clip(1e9)
                 grads = {}
                 for name, p in model.named_parameters():
                     g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

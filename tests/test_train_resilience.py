@@ -248,7 +248,7 @@ def test_numpy_rng_state_kept_as_data_and_older_array_form_still_loads(tiny_stor
     state["rng"]["numpy"] = expected  # how checkpoints kept it before: a tuple holding a uint32 array
     torch.save(state, state_file)
     np.random.seed(0)
-    checkpoint._set_rng_state(checkpoint.read_state(state_file)["rng"])
+    checkpoint.set_rng_state(checkpoint.read_state(state_file)["rng"])
     restored = np.random.get_state()
     assert restored[0] == expected[0] and restored[2:] == expected[2:]
     np.testing.assert_array_equal(restored[1], expected[1])

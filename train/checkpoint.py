@@ -13,7 +13,7 @@ Several processes (:mod:`train.distributed`): rank 0 writes the checkpoint, with
 full model and optimizer states (gathered under FSDP; the optimizer's by parameter
 name) and, under ``processes``, the number of processes and each one's examples
 consumed in the epoch and RNG state (:func:`process_states`). Every process reads it
-and takes its own position (:func:`load_process_checkpoint`); a run of another
+and takes its own position (:func:`resume`); a run of another
 number of processes is refused (:func:`check_processes`), its shares would differ.
 ``config.json`` records the number of processes as ``world_size`` (absent: one).
 
@@ -141,7 +141,8 @@ def saved_config(out: Path) -> dict:
         return read_state(state_path(out), mmap=True)["config"]
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's RNG states (torch, numpy, Python, CUDA), as a checkpoint keeps them (plain data)."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
@@ -151,7 +152,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Set this process's RNG states from :func:`rng_state`'s (or an older checkpoint's, numpy's as an array)."""
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
@@ -163,16 +165,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, position: Position, config: TrainConfig) -> Path:
-    """Write ``out/checkpoint/state.pt`` atomically (temporary file, then rename), its ``config.json`` first."""
-    return write_checkpoint(out, model.state_dict(), optimizer.state_dict(), scheduler, position, config)
-
-
-def rng_state() -> dict:
-    """This process's RNG states (torch, numpy, Python, CUDA), as a checkpoint keeps them (plain data)."""
-    return _rng_state()
-
-
 def process_states(examples: list[int], rngs: list[dict]) -> dict:
     """What a checkpoint of several processes adds (``state["processes"]``): their number, and per process (in
     rank order) the examples it consumed in the epoch and its RNG state; the optimizer state is by name."""
@@ -182,14 +174,18 @@ def process_states(examples: list[int], rngs: list[dict]) -> dict:
 
 def write_checkpoint(out: Path, model_state: dict, optimizer_state: dict, scheduler, position: Position,
                      config: TrainConfig, processes: dict | None = None) -> Path:
-    """:func:`save_checkpoint` from states (of several processes: gathered on rank 0, with ``processes``)."""
+    """Write ``out/checkpoint/state.pt`` atomically (temporary file, then rename), its ``config.json`` first.
+
+    The model's and the optimizer's states are whole (of several processes: gathered on rank 0, with
+    ``processes``, :func:`process_states`; of one process: None, and its RNG state is taken here).
+    """
     directory = out / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     settings = recorded_settings(config)  # no credential: cache redacted, storage option values replaced
     if processes is not None:
         settings["world_size"] = processes["world_size"]
     state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-             "position": dataclasses.asdict(position), "rng": processes["rng"][0] if processes else _rng_state(),
+             "position": dataclasses.asdict(position), "rng": processes["rng"][0] if processes else rng_state(),
              "config": settings}
     if processes is not None:
         state["processes"] = processes
@@ -231,34 +227,34 @@ def read_state(path: Path, *, mmap: bool = False) -> dict:
     return state
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig) -> Position:
-    state = read_state(state_path(out))
-    check_resumable(state["config"], config)
-    check_processes(state["config"], 1)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return Position(**state["position"])
+@dataclass
+class Resumed:
+    """A checkpoint as one process of a run takes it up: the full states, and this process's position and RNG state."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    position: Position
 
 
-def load_process_checkpoint(out: Path, load_states, scheduler, config: TrainConfig, rank: int,
-                            world: int) -> Position:
-    """Resume process ``rank`` of ``world`` from the checkpoint in ``out``: its position and RNG state.
+def resume(out: Path, config: TrainConfig, shard) -> Resumed:
+    """The checkpoint in ``out`` for process ``shard.rank`` of ``shard.world`` (:class:`train.distributed.Shard`),
+    refused when its settings (:func:`check_resumable`) or its number of processes (:func:`check_processes`)
+    differ from this run's.
 
-    ``load_states(model_state, optimizer_state)`` loads the full states into the
-    student and optimizer as this process holds them (:meth:`train.distributed.Engine.load_states`).
+    A checkpoint of one process holds its position and RNG state at the top; one of several, each process's
+    examples consumed in the epoch and RNG state under ``processes`` (the rest of the position is shared).
+    Several processes read the same file: memory-mapped, so that they share its pages.
     """
-    state = read_state(state_path(out), mmap=True)
+    state = read_state(state_path(out), mmap=shard.world > 1)
     check_resumable(state["config"], config)
-    check_processes(state["config"], world)
-    processes = state.get("processes")
-    if not isinstance(processes, dict) or len(processes.get("examples", ())) != world:
-        raise TrainError(f"{state_path(out)}: not a checkpoint of {world} processes (it lacks their positions)")
-    load_states(state["model"], state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(processes["rng"][rank])
-    return Position(**{**state["position"], "examples": int(processes["examples"][rank])})
+    check_processes(state["config"], shard.world)
+    processes = state.get("processes") or {"examples": [state["position"]["examples"]], "rng": [state["rng"]]}
+    if not isinstance(processes, dict) or len(processes.get("examples", ())) != shard.world:
+        raise TrainError(f"{state_path(out)}: not a checkpoint of {shard.world} processes (it lacks their positions)")
+    position = Position(**{**state["position"], "examples": int(processes["examples"][shard.rank])})
+    return Resumed(state["model"], state["optimizer"], state["scheduler"], processes["rng"][shard.rank], position)
 
 
 def check_processes(saved: dict, world: int) -> None:

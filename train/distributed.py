@@ -2,8 +2,9 @@
 
 Nothing to add to the command: a launcher sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and :func:`setup` reads them.
-Without them (``WORLD_SIZE`` unset or 1) the run is the one-process run, unchanged:
-no process group, no wrapper, the trainer's own loop as before.
+Without them (``WORLD_SIZE`` unset or 1) the run is a world of one process: no
+process group, no wrapper, every collective the identity. The trainer's loop is the
+same either way: what differs lives in :class:`ParallelStudent` and :class:`Context`.
 
 Process group. ``torch.distributed.init_process_group`` from the environment
 (``env://``): backend ``nccl`` when the device is CUDA, ``gloo`` on the CPU. Each
@@ -27,7 +28,9 @@ Wrapping. The student's forward does not go through ``model(...)``:
 chosen rows in checkpointed chunks. So the module that is wrapped is
 :class:`StudentLoss`, whose ``forward(batch)`` is :func:`train.methods.method_loss`
 on the student it holds: DDP's reducer and FSDP's unshard/reshard hooks see the
-whole loss computation.
+whole loss computation. :class:`ParallelStudent` holds it (unwrapped on one process)
+and gives the trainer's loop its forward, backward, gradient accumulation, clipping
+and checkpoint states, the same calls for one process and several.
 
 - DDP (default): ``DistributedDataParallel(StudentLoss(student))``, buffers not
   broadcast (the student's are constants), gradients as bucket views.
@@ -52,8 +55,7 @@ communication on the last batch of each optimizer step.
 Exactly the one-process gradient. A term is a mean over its own units in the
 batch: response tokens (SFT, KD, ADPA, CycleAlign's SFT on the best), pairs (DPO,
 SimPO) or groups (PAD and its baselines; CycleAlign's RRHF and PRO: the groups
-with a pseudo-label) (:data:`TERM_COUNTS`, one entry per term of
-:data:`train.methods.METHODS`; a term it lacks is refused on several processes).
+with a pseudo-label): each term's own :class:`train.methods.Unit`.
 Before each forward the processes sum, per term, the number of units in their
 batches (one all-reduce of a few numbers); process ``r`` then backpropagates
 ``W * sum_t weight_t * term_t * n_rt / N_t`` (``n_rt`` its units, ``N_t`` everyone's,
@@ -79,7 +81,7 @@ counts every process's batches per epoch (each process counts them all, from the
 base arrays, in the same order as training: no communication);
 an epoch lasts as many batches as the longest share (``ceil(longest / grad_accum)``
 optimizer steps), and a process whose share is done runs its remaining batches of
-the epoch as zero-weight batches (:meth:`Engine.micro_step`: one fixed example,
+the epoch as zero-weight batches (:meth:`ParallelStudent.loss`: one fixed example,
 no unit counted, loss times 0), so that every process makes the same
 collective calls. No example is dropped or repeated.
 
@@ -109,7 +111,7 @@ import torch
 
 from store import Example, ExampleStream, TeacherStore
 
-from . import methods
+from . import checkpoint, methods
 from .batches import Batch, collate
 from .config import TrainError
 
@@ -313,19 +315,20 @@ def setup(device: str, fsdp_flag: bool = False) -> Iterator[Context]:
     """The run's :class:`Context`: a process group from the environment on several processes (module docstring)."""
     shard = shard_from_env()
     launch = launch_settings(fsdp_flag)
-    local_rank = int(os.environ.get("LOCAL_RANK", shard.rank) or 0) if shard.world > 1 else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", shard.rank) or 0)
     context = Context(shard=shard, local_rank=local_rank, device=process_device(device, shard, local_rank),
                       launch=launch)
-    if shard.world > 1 and not torch.distributed.is_initialized():
-        cuda = context.device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(context.device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                                             rank=shard.rank, world_size=shard.world)
-        context.owns_group = True
-    elif shard.world > 1 and torch.distributed.get_world_size() != shard.world:
-        raise TrainError(f"WORLD_SIZE={shard.world} but the process group already started has "
-                         f"{torch.distributed.get_world_size()} processes")
+    if shard.world > 1:  # a world of one needs no group: its collectives are the identity
+        if not torch.distributed.is_initialized():
+            cuda = context.device.startswith("cuda")
+            if cuda:
+                torch.cuda.set_device(context.device)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                                                 rank=shard.rank, world_size=shard.world)
+            context.owns_group = True
+        elif torch.distributed.get_world_size() != shard.world:
+            raise TrainError(f"WORLD_SIZE={shard.world} but the process group already started has "
+                             f"{torch.distributed.get_world_size()} processes")
     try:
         yield context
     finally:
@@ -337,15 +340,14 @@ def setup(device: str, fsdp_flag: bool = False) -> Iterator[Context]:
 
 def shared_parts(order: list[int], world: int) -> list[int]:
     """The parts of ``order`` (an epoch's part order) that every process reads and splits by example: the last
-    ``len(order) mod world``; the others are dealt whole."""
-    return order[len(order) - len(order) % world:] if world > 1 else []
+    ``len(order) mod world`` (none for one process); the others are dealt whole."""
+    return order[len(order) - len(order) % world:]
 
 
 def rank_parts(order: list[int], shard: Shard) -> list[int]:
     """The parts process ``shard.rank`` reads in an epoch whose part order is ``order``: its whole parts (every
-    ``world``-th of the dealt ones, from its rank), then the shared parts (:func:`shared_parts`)."""
-    if shard.world == 1:
-        return list(order)
+    ``world``-th of the dealt ones, from its rank), then the shared parts (:func:`shared_parts`). One process:
+    ``order``."""
     dealt = len(order) - len(order) % shard.world
     return order[shard.rank:dealt:shard.world] + shared_parts(order, shard.world)
 
@@ -372,9 +374,6 @@ class RankStream(ExampleStream):
         return rank_parts(self.epoch_order(epoch), self.shard)
 
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Example]:
-        if self.shard.world == 1:
-            yield from super().iterate(epoch, skip)
-            return
         ranges = [self.store.part_range(self.split, part) for part in shared_parts(self.epoch_order(epoch),
                                                                                   self.shard.world)]
         kept = 0
@@ -390,68 +389,9 @@ class RankStream(ExampleStream):
 # --------------------------------------------------------------------------- each term's units
 
 
-def _rows(sequence_set: str, role: int | None) -> Callable[[Batch], int]:
-    return lambda batch: int(methods.response_rows(batch, sequence_set, role).sum())
-
-
-def _pairs(batch: Batch) -> int:
-    return int(batch.sequences_where(methods.PAIRS, methods.CHOSEN).sum())
-
-
-def _groups(batch: Batch) -> int:
-    return sum(int(group.shape[0]) for group in methods.sample_groups(batch))
-
-
-def _labelled(batch: Batch):
-    """(sequence indices [G, n], agreed ranks [G, n]) of the groups with a pseudo-label (two or more agreed
-    responses), per group size: the groups CycleAlign's terms are means over."""
-    for index in methods.sample_groups(batch):
-        ranks = methods.agreed_ranks(batch, index)
-        labelled = (ranks >= 0).sum(-1) >= 2
-        yield index[labelled], ranks[labelled]
-
-
-def _labelled_groups(batch: Batch) -> int:
-    return sum(int(index.shape[0]) for index, _ in _labelled(batch))
-
-
-def _best_rows(batch: Batch) -> int:
-    """Response rows of the top response of each labelled group (``sft_best``'s tokens)."""
-    best = torch.zeros(batch.num_sequences, dtype=torch.bool, device=batch.resp_seq.device)
-    for index, ranks in _labelled(batch):
-        best[index[ranks == 0]] = True
-    return int(best[batch.resp_seq].sum())
-
-
-#: what each term of :data:`train.methods.METHODS` is a mean over, counted in a batch: its denominator
-TERM_COUNTS: dict[str, Callable[[Batch], int]] = {
-    "sft": _rows(methods.PAIRS, methods.CHOSEN),
-    "kd_chosen": _rows(methods.PAIRS, methods.CHOSEN),
-    "kd_rejected": _rows(methods.PAIRS, methods.REJECTED),
-    "adpa": _rows(methods.GENERATED, methods.GENERATED_ROLE),
-    "dpo": _pairs,
-    "simpo": _pairs,
-    "pad": _groups,
-    "pad_dpo": _groups,
-    "pad_simpo": _groups,
-    "rrhf": _labelled_groups,
-    "pro": _labelled_groups,
-    "sft_best": _best_rows,
-}
-
-
-def check_terms(terms: list[methods.Term]) -> None:
-    """Refuse, for several processes, a term whose denominator :data:`TERM_COUNTS` does not know."""
-    unknown = [t.name for t in terms if t.name not in TERM_COUNTS]
-    if unknown:
-        raise TrainError(f"term(s) {', '.join(unknown)}: what their means are over is not known to "
-                         f"train.distributed.TERM_COUNTS, so several processes cannot make the one-process "
-                         f"gradient; train on one process, or add them there")
-
-
 def term_counts(batch: Batch, terms: list[methods.Term]) -> list[int]:
-    """Each term's units in ``batch`` (:data:`TERM_COUNTS`), in the order of ``terms``."""
-    return [TERM_COUNTS[t.name](batch) for t in terms]
+    """Each term's units in ``batch`` (its :class:`train.methods.Unit`), in the order of ``terms``."""
+    return [t.unit.count(batch) for t in terms]
 
 
 def shares(counts: list[int], totals: list[float]) -> list[float]:
@@ -509,34 +449,38 @@ def fully_shard_student(loss: StudentLoss, context: Context) -> list[str]:
     return notes
 
 
-class Engine:
-    """The student as this run trains it, and one batch of an optimizer step (:meth:`micro_step`).
+class ParallelStudent:
+    """The student as the run's processes train it together, one process or several: the loop's one code path.
 
-    One process: :func:`train.methods.method_loss` on the student, ``loss / batches in
-    the step`` backpropagated, exactly as the one-process trainer always did. Several:
-    the student wrapped (:class:`StudentLoss`, DDP or FSDP), each term weighted by this
-    process's share of its units (module docstring, "Exactly the one-process gradient").
+    - :meth:`loss` (the forward): :func:`train.methods.method_loss` on this process's batch through
+      :class:`StudentLoss` (wrapped by DDP or FSDP on several processes), each term weighted by this
+      process's share of the step's units of that term (module docstring, "Exactly the one-process
+      gradient"; 1 on one process), so that the processes' losses add up to the loss of the union of
+      their batches. A process without a batch (its share of the epoch is done), or whose batch has
+      no row any term reads, runs a zero-weight batch (:meth:`filler`), so that every process makes
+      the same collective calls;
+    - :meth:`backward`: backpropagates it, times the number of processes, whose gradients DDP and FSDP
+      average;
+    - :meth:`accumulating`: the context of one batch of an optimizer step, in which the gradients are
+      communicated on the step's last batch only;
+    - :meth:`clip`; :meth:`state` and :meth:`load_state`, the full states a checkpoint holds;
+      :meth:`weights`, the model's weights to save.
     """
 
     def __init__(self, context: Context, student: torch.nn.Module, terms: list[methods.Term], settings,
-                 chunk_size: int, dtype: torch.dtype, filler: Callable[[], Batch] | None = None):
-        self.context, self.student, self.terms, self.settings = context, student, terms, settings
-        self.chunk_size, self.dtype, self._filler_source, self._filler = chunk_size, dtype, filler, None
+                 chunk_size: int, filler: Callable[[], Batch]):
+        self.context, self.student, self.terms = context, student, terms
+        self._filler_source, self._filler = filler, None
         self.notes: list[str] = []
-        self.module = None
         # names under which a parameter is seen a second time (a tied output layer): a gathered state dict holds
         # them as copies, which the saved model leaves out as the one-process save does
         first: dict[int, str] = {}
         self.aliases = [name for name, p in student.named_parameters(remove_duplicate=False)
                         if first.setdefault(id(p), name) != name]
-        if context.world == 1:
-            return
-        check_terms(terms)
-        loss = StudentLoss(student, terms, settings, chunk_size)
+        self.module = StudentLoss(student, terms, settings, chunk_size)
         if context.parallel == "fsdp":
-            self.notes += fully_shard_student(loss, context)
-            self.module = loss
-        else:
+            self.notes += fully_shard_student(self.module, context)
+        elif context.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             cuda = context.device.startswith("cuda")
@@ -544,53 +488,43 @@ class Engine:
             quiet_buffers = ({"forward_sync_buffers": False}
                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                              else {"broadcast_buffers": False})
-            self.module = DistributedDataParallel(loss, device_ids=[context.device] if cuda else None,
+            self.module = DistributedDataParallel(self.module, device_ids=[context.device] if cuda else None,
                                                   gradient_as_bucket_view=True, **quiet_buffers)
 
     def parameters(self):
         return self.student.parameters()
 
-    def _sync(self, sync: bool):
-        """The context of a batch: gradients communicated (``sync``) or kept for the step's last batch."""
-        if self.context.parallel == "ddp":
-            return nullcontext() if sync else self.module.no_sync()
+    def accumulating(self, sync: bool):
+        """The context of one batch's forward and backward: its gradients communicated (``sync``, the step's last
+        batch) or kept for the step's last batch (DDP ``no_sync``, FSDP ``set_requires_gradient_sync(False)``)."""
+        if self.context.parallel == "ddp" and not sync:
+            return self.module.no_sync()
         if self.context.parallel == "fsdp":
             self.module.set_requires_gradient_sync(sync)
         return nullcontext()
 
     def filler(self) -> Batch:
-        """The zero-weight batch of a process whose share of the epoch is done: one fixed example."""
+        """The zero-weight batch: the split's first example, fixed."""
         if self._filler is None:
             self._filler = self._filler_source().to(self.context.device)
         return self._filler
 
-    def micro_step(self, batch: Batch | None, in_step: int, sync: bool, meter) -> None:
-        """Forward and backward of one batch (None: a zero-weight one) of an optimizer step of ``in_step`` batches;
-        ``sync``: the step's last batch. Adds the batch's loss, terms and tokens to ``meter``."""
-        device = self.context.device
-        if self.context.world == 1:
-            with methods.autocast_for(device, self.dtype):
-                loss, parts = methods.method_loss(self.student, batch, self.terms, self.settings, self.chunk_size)
-            if loss.requires_grad:
-                (loss / in_step).backward()
-            meter.add_batch(loss, parts, int(batch.attention_mask.sum()), 1 / in_step)
-            return
-
+    def loss(self, batch: Batch | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(sum_t weight_t * share_t * term_t, {term name: share_t * term_t})`` on ``batch`` (None: this process
+        has none), with ``share_t`` this process's share of the step's units of term ``t``: the forward."""
         # a batch none of whose response rows a term reads cannot move the student: run as a zero-weight one
         real = batch is not None and has_rows(batch, self.terms)
         counts = term_counts(batch, self.terms) if real else [0] * len(self.terms)
-        totals = self.context.sum(counts)
-        mine = shares(counts, totals)
-        with self._sync(sync):
-            with methods.autocast_for(device, self.dtype):
-                _, parts = self.module(batch if real else self.filler())
-            objective = sum(parts[t.name] * (t.weight * share) for t, share in zip(self.terms, mine))
-            objective = objective * (self.context.world / in_step)
-            objective.backward()
-        contributions = {t.name: parts[t.name].detach() * share for t, share in zip(self.terms, mine)}
-        loss = sum(t.weight * contributions[t.name] for t in self.terms)
-        tokens = int(batch.attention_mask.sum()) if batch is not None else 0
-        meter.add_batch(loss, contributions, tokens, 1 / in_step)
+        mine = shares(counts, self.context.sum(counts))
+        _, parts = self.module(batch if real else self.filler())
+        contributions = {t.name: parts[t.name] * share for t, share in zip(self.terms, mine)}
+        return sum(t.weight * contributions[t.name] for t in self.terms), contributions
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (:meth:`loss`, divided by the step's batches): DDP and FSDP average the
+        processes' gradients, and the step's is their sum, so it is multiplied by the number of processes."""
+        if loss.requires_grad:
+            (loss * self.context.world).backward()
 
     def clip(self, max_norm: float) -> float:
         """Clip the (communicated) gradients to ``max_norm``; their norm before clipping."""
@@ -601,38 +535,48 @@ class Engine:
 
     # ----------------------------------------------------------------------- whole states, for rank 0
 
-    def model_state(self) -> dict | None:
-        """The student's full state dict on rank 0 (gathered under FSDP), None on the others."""
+    def state(self, optimizer, examples: int) -> dict | None:
+        """What a checkpoint holds of the processes, on rank 0 (None on the others): the student's and the
+        optimizer's full states (gathered under FSDP; the optimizer's by parameter name on several processes)
+        and ``processes`` (:func:`train.checkpoint.process_states`: each process's ``examples`` consumed in the
+        epoch and RNG state; None on one process, whose checkpoint keeps its RNG state at the top)."""
         if self.context.world == 1:
-            return self.student.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return {"model": self.student.state_dict(), "optimizer": optimizer.state_dict(), "processes": None}
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
 
-        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.context.main else None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.student, options=options)
+        optimizer_state = get_optimizer_state_dict(self.student, optimizer, options=options)
+        gathered = self.context.gather((examples, checkpoint.rng_state()))
+        if not self.context.main:
+            return None
+        processes = checkpoint.process_states([n for n, _ in gathered], [rng for _, rng in gathered])
+        return {"model": model_state, "optimizer": optimizer_state, "processes": processes}
 
-    def model_weights(self) -> dict | None:
-        """The weights to save as the model, gathered from the shards on rank 0 (FSDP), tied copies left out."""
-        state = self.model_state()
-        return None if state is None else {k: v for k, v in state.items() if k not in self.aliases}
-
-    def optimizer_state(self, optimizer) -> dict | None:
-        """The optimizer's full state on rank 0, by parameter name on several processes; None on the others."""
+    def load_state(self, model_state: dict, optimizer_state: dict, optimizer) -> None:
+        """Load full states (every process holds them: :func:`train.checkpoint.resume`) into the student, sharded
+        where it is, and into the optimizer."""
         if self.context.world == 1:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(self.student, optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.context.main else None
-
-    def load_states(self, model_state: dict, optimizer, optimizer_state: dict) -> None:
-        """Load full states (every process holds them) into the student, sharded where it is, and the optimizer."""
+            self.student.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+            return
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.student, model_state, options=options)
         set_optimizer_state_dict(self.student, optimizer, optimizer_state, options=options)
+
+    def weights(self) -> dict | None:
+        """The weights to save as the model when the student's own are not whole on rank 0: under FSDP, gathered
+        from the shards (every process takes part; rank 0 gets them, tied copies left out); else None."""
+        if self.context.parallel != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in state.items() if k not in self.aliases} if self.context.main else None
 
 
 def filler_source(store: TeacherStore, split: str, needs, pad_id: int) -> Callable[[], Batch]:
@@ -647,6 +591,6 @@ def filler_source(store: TeacherStore, split: str, needs, pad_id: int) -> Callab
     return make
 
 
-__all__ = ["Shard", "Context", "LaunchSettings", "RankStream", "StudentLoss", "Engine", "TERM_COUNTS", "setup",
+__all__ = ["Shard", "Context", "LaunchSettings", "RankStream", "StudentLoss", "ParallelStudent", "setup",
            "shard_from_env", "is_main_process", "launch_settings", "rank_parts", "shared_parts", "term_counts",
-           "check_terms", "filler_source"]
+           "filler_source"]

@@ -135,32 +135,31 @@ def evaluate(config: EvaluateConfig) -> dict:
     Pair metrics when the split has ``pairs/teacher``, group metrics when it has
     ``samples/teacher`` and ``samples/teacher_mcq``; refused when it has neither.
     """
-    c = config
-    store = open_store(c.cache, c.storage_options)
-    if store.num_parts(c.split) == 0:
-        require_signals(store, c.split, PAIR_NEEDS, "evaluate")  # names the splits there are
-    missing_pairs = missing_signals(store, c.split, PAIR_NEEDS)
-    missing_groups = missing_signals(store, c.split, GROUP_NEEDS)
+    store = open_store(config.cache, config.storage_options)
+    if store.num_parts(config.split) == 0:
+        require_signals(store, config.split, PAIR_NEEDS, "evaluate")  # names the splits there are
+    missing_pairs = missing_signals(store, config.split, PAIR_NEEDS)
+    missing_groups = missing_signals(store, config.split, GROUP_NEEDS)
     has_pairs, has_groups = not missing_pairs, not missing_groups
     if not has_pairs and not has_groups:
         raise TrainError(f"evaluate needs pairs/teacher (pair metrics) or samples/teacher and samples/teacher_mcq "
-                         f"(group rankings) for split {c.split}; {store.location} has neither complete. Compute "
+                         f"(group rankings) for split {config.split}; {store.location} has neither complete. Compute "
                          f"pairs with: {commands_for(store, missing_pairs)}; or groups with: "
                          f"{commands_for(store, missing_groups)}")
-    precision = resolve_precision(c.device, c.dtype)
-    stored_init = not check_complete(store, c.split, {methods.PAIRS: [methods.STUDENT_INIT]})
+    precision = resolve_precision(config.device, config.dtype)
+    stored_init = not check_complete(store, config.split, {methods.PAIRS: [methods.STUDENT_INIT]})
     recorded = recorded_student(store)
-    student = resolve_model(c.model)
+    student = resolve_model(config.model)
     check_tokenizer(store, student)
     initial_info = None
-    if has_pairs and (c.initial or not stored_init):
-        initial_info = resolve_model(c.initial or (recorded.name if recorded else None))
+    if has_pairs and (config.initial or not stored_init):
+        initial_info = resolve_model(config.initial or (recorded.name if recorded else None))
         check_tokenizer(store, initial_info)
-    probe = first_sequence(store, c.split, PAIR_NEEDS if has_pairs else GROUP_NEEDS)
+    probe = first_sequence(store, config.split, PAIR_NEEDS if has_pairs else GROUP_NEEDS)
 
     init_sums: dict[int, tuple[float, float]] = {}
     if initial_info is not None:  # one forward pass of the initial model, then it is freed
-        initial_pass = ModelPass.load(initial_info.path, probe, store, c, precision)
+        initial_pass = ModelPass.load(initial_info.path, probe, store, config, precision)
         for batch, outputs in initial_pass.outputs({methods.PAIRS: []}, _PAIR_LOGP):
             for ex, chosen, rejected, _, _ in zip(*_pair_sums(batch, outputs)):
                 init_sums[ex] = (float(chosen), float(rejected))
@@ -170,20 +169,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     else:
         initial_from = "store pairs/student_init" + (f" ({recorded.name})" if recorded else "")
 
-    student_pass = ModelPass.load(student.path, probe, store, c, precision)
-    result = {"model": student.name, "store": redact_url(store.location), "split": c.split}
+    student_pass = ModelPass.load(student.path, probe, store, config, precision)
+    result = {"model": student.name, "store": redact_url(store.location), "split": config.split}
     if has_pairs:
         result.update(_pair_metrics(student_pass, init_sums if initial_info is not None else None))
         result["initial"] = initial_from
     if has_groups:
         result.update(_group_metrics(student_pass))
-    if c.generations:
+    if config.generations:
         from .generations import write_generations
 
-        result["generations"] = c.generations
+        result["generations"] = config.generations
         result["generated_prompts"] = write_generations(
-            student_pass.model, student_pass.tokenizer, store, c.split, c.generations, samples=c.samples,
-            temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=c.seed)
+            student_pass.model, student_pass.tokenizer, store, config.split, config.generations,
+            samples=config.samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+            seed=config.seed)
     return result
 
 

@@ -91,7 +91,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _up(t: torch.Tensor) -> torch.Tensor:
+def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Upcast a floating tensor to at least float32."""
     return t.to(_compute_dtype(t))
 
@@ -250,14 +250,14 @@ def teacher_kd_bins(
     Shapes: ``topk_logp`` [R, K]; ``tail_logp`` [R]; ``has_tail`` [R] bool; ``kept`` [R, K] bool.
     Returns [R, K+1] in ``topk_logp``'s compute dtype (>= float32), detached.
     """
-    t_k = _up(topk_logp).detach()
+    teacher_topk = _upcast(topk_logp).detach()
     if kept is not None:
-        t_k = torch.where(kept.bool(), t_k, torch.full_like(t_k, float("-inf")))
-    tail = _tail_logmass(t_k)
+        teacher_topk = torch.where(kept.bool(), teacher_topk, torch.full_like(teacher_topk, float("-inf")))
+    tail = _tail_logmass(teacher_topk)
     if tail_logp is not None:
-        stored = _up(tail_logp).to(t_k.dtype).detach()
+        stored = _upcast(tail_logp).to(teacher_topk.dtype).detach()
         tail = stored if has_tail is None else torch.where(has_tail.bool(), stored, tail)
-    bins = torch.cat([t_k, tail.unsqueeze(-1)], dim=-1)
+    bins = torch.cat([teacher_topk, tail.unsqueeze(-1)], dim=-1)
     return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
 
 
@@ -269,9 +269,9 @@ def _tail_bucket_bins(
     ``teacher_bins`` is :func:`teacher_kd_bins`' output (a constant: detached here).
     The student's tail is :func:`student_tail_logmass`; see kd_tail_kl.
     """
-    s_k = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
-    s_all = torch.cat([s_k, student_tail_logmass(student_logsoftmax, topk_ids).unsqueeze(-1)], dim=-1)
-    return s_all, teacher_bins.to(s_all.dtype).detach()
+    student_topk = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
+    student_bins = torch.cat([student_topk, student_tail_logmass(student_logsoftmax, topk_ids).unsqueeze(-1)], dim=-1)
+    return student_bins, teacher_bins.to(student_bins.dtype).detach()
 
 
 def _kd_from_logsoftmax(
@@ -281,21 +281,21 @@ def _kd_from_logsoftmax(
     return _kl_of_bins(*_tail_bucket_bins(student_logsoftmax, topk_ids, teacher_bins))
 
 
-def _kl_of_bins(s_all: torch.Tensor, t_all: torch.Tensor) -> torch.Tensor:
-    """[R] ``sum_j p_j (t_j - s_j)`` with ``p = exp(t_all)``: the KL of the teacher's bins ``t_all`` to the
-    student's ``s_all`` (log-probs, [R, K+1] each). ``p log(p / q) -> 0`` where ``p == 0`` (a ``-inf``
-    teacher bin; a student tail of ``-inf`` when K = V), its gradient 0 too."""
-    p = t_all.exp()
-    return torch.where(p > 0, p * (t_all - s_all), torch.zeros_like(p)).sum(-1)
+def _kl_of_bins(student_bins: torch.Tensor, teacher_bins: torch.Tensor) -> torch.Tensor:
+    """[R] ``sum_j p_j (t_j - s_j)`` with ``t = teacher_bins``, ``s = student_bins`` (log-probs, [R, K+1] each)
+    and ``p = exp(t)``: the KL of the teacher's bins to the student's. ``p log(p / q) -> 0`` where ``p == 0``
+    (a ``-inf`` teacher bin; a student tail of ``-inf`` when K = V), its gradient 0 too."""
+    teacher_probs = teacher_bins.exp()
+    return torch.where(teacher_probs > 0, teacher_probs * (teacher_bins - student_bins),
+                       torch.zeros_like(teacher_probs)).sum(-1)
 
 
 def _adpa_from_logsoftmax(
     student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor
 ) -> torch.Tensor:
     """ADPA token loss from a precomputed student log-softmax [R, V]; see adpa_token_loss."""
-    q_k = student_logsoftmax.gather(-1, topk_ids).exp()  # [R, K]
-    a = _up(advantage).to(q_k.dtype).detach()
-    return -(q_k * a).sum(-1)
+    student_topk_probs = student_logsoftmax.gather(-1, topk_ids).exp()  # [R, K]
+    return -(student_topk_probs * _upcast(advantage).to(student_topk_probs.dtype).detach()).sum(-1)
 
 
 # --------------------------------------------------------------------------
@@ -313,8 +313,7 @@ def token_logprobs(student_logits: torch.Tensor, target_ids: torch.Tensor) -> to
     ``target_ids`` [R] int64 in ``[0, V)``. Returns [R]. No masking: rows are
     response tokens already; ``-mean`` of this over a response is SFT's NLL.
     """
-    ls = torch.log_softmax(_up(student_logits), dim=-1)
-    return _target_logp(ls, target_ids.long())
+    return _target_logp(torch.log_softmax(_upcast(student_logits), dim=-1), target_ids.long())
 
 
 def kd_tail_kl(
@@ -360,12 +359,12 @@ def kd_tail_kl(
     ``topk_count`` [R] or None (every entry kept).
     Returns [R]; gradient flows to ``student_logits`` only (teacher detached).
     """
-    ls = torch.log_softmax(_up(student_logits), dim=-1)
+    student_logsoftmax = torch.log_softmax(_upcast(student_logits), dim=-1)
     ids, kept = topk_ids.long(), None
     if topk_count is not None:
         kept = kept_entries(topk_count, ids.shape[-1])
         ids = kept_ids(ids, kept)
-    return _kd_from_logsoftmax(ls, ids, teacher_kd_bins(topk_logp, tail_logp, kept=kept))
+    return _kd_from_logsoftmax(student_logsoftmax, ids, teacher_kd_bins(topk_logp, tail_logp, kept=kept))
 
 
 def adpa_advantage(
@@ -391,12 +390,12 @@ def adpa_advantage(
     Shapes: ``topk_logp``, ``ref_logp`` [R, K] (ref evaluated at the same
     ids); ``kept`` [R, K] bool or None. Returns [R, K], detached (the advantage is a constant).
     """
-    a = beta * (_up(topk_logp) - _up(ref_logp).to(_compute_dtype(topk_logp)))
+    advantage = beta * (_upcast(topk_logp) - _upcast(ref_logp).to(_compute_dtype(topk_logp)))
     if clip:
-        a = a.clamp(min=1e-8, max=1.0 - 1e-8)
+        advantage = advantage.clamp(min=1e-8, max=1.0 - 1e-8)
     if kept is not None:
-        a = torch.where(kept.bool(), a, torch.zeros_like(a))
-    return a.detach()
+        advantage = torch.where(kept.bool(), advantage, torch.zeros_like(advantage))
+    return advantage.detach()
 
 
 def adpa_token_loss(
@@ -412,8 +411,7 @@ def adpa_token_loss(
     ``advantage`` [R, K] (see :func:`adpa_advantage`; detached here).
     ``q`` is the full-vocabulary softmax gathered at ``topk_ids``. Returns [R].
     """
-    ls = torch.log_softmax(_up(student_logits), dim=-1)
-    return _adpa_from_logsoftmax(ls, topk_ids.long(), advantage)
+    return _adpa_from_logsoftmax(torch.log_softmax(_upcast(student_logits), dim=-1), topk_ids.long(), advantage)
 
 
 # --------------------------------------------------------------------------
@@ -440,9 +438,9 @@ def dpo_loss(
 
     Shapes: all four [B]. Returns [B]; reference terms detached.
     """
-    pc, pr = _up(policy_chosen_logps), _up(policy_rejected_logps)
-    rc = _up(ref_chosen_logps).to(pc.dtype).detach()
-    rr = _up(ref_rejected_logps).to(pc.dtype).detach()
+    pc, pr = _upcast(policy_chosen_logps), _upcast(policy_rejected_logps)
+    rc = _upcast(ref_chosen_logps).to(pc.dtype).detach()
+    rr = _upcast(ref_rejected_logps).to(pc.dtype).detach()
     margin = (pc - rc) - (pr - rr)
     return -F.logsigmoid(beta * margin)
 
@@ -470,9 +468,9 @@ def simpo_loss(
 
     Shapes: both [B]. Returns [B].
     """
-    c = _up(chosen_avg_logps)
-    r = _up(rejected_avg_logps).to(c.dtype)
-    return -F.logsigmoid(beta * c - beta * r - gamma)
+    chosen = _upcast(chosen_avg_logps)
+    rejected = _upcast(rejected_avg_logps).to(chosen.dtype)
+    return -F.logsigmoid(beta * chosen - beta * rejected - gamma)
 
 
 def sequence_sums(
@@ -491,11 +489,11 @@ def sequence_sums(
     a sequence with no (unmasked) tokens sums to 0. Differentiable
     (``index_add``).
     """
-    v = _up(token_values)
+    values = _upcast(token_values)
     if mask is not None:
-        v = torch.where(mask.bool(), v, torch.zeros_like(v))
-    out = torch.zeros(num_sequences, dtype=v.dtype, device=v.device)
-    return out.index_add(0, seq_index.long(), v)
+        values = torch.where(mask.bool(), values, torch.zeros_like(values))
+    out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
+    return out.index_add(0, seq_index.long(), values)
 
 
 def sequence_means(
@@ -574,7 +572,7 @@ def plackett_luce_log_probs(rewards: torch.Tensor) -> torch.Tensor:
     lexicographic order of :func:`permutations_tensor`; ``exp`` of each row
     sums to 1. Exact for n <= 6; raises ValueError for n > 6.
     """
-    r = _up(rewards)
+    r = _upcast(rewards)
     perms = permutations_tensor(r.shape[-1], device=r.device)  # [P, n]
     ordered = r[:, perms]  # [G, P, n]
     return _pl_log_prob_of(ordered)
@@ -599,12 +597,12 @@ def pad_ppd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -
     Shapes: ``student_rewards``, ``teacher_rewards`` [G, n], n <= 6 (use
     :func:`pad_loss` for larger n). Teacher side detached. Returns [G].
     """
-    ls = plackett_luce_log_probs(student_rewards)  # [G, P]
-    lt = plackett_luce_log_probs(teacher_rewards.detach()).to(ls.dtype)  # [G, P]
-    lm = torch.logaddexp(ls, lt) - _LN2
-    kl_s = (ls.exp() * (ls - lm)).sum(-1)
-    kl_t = (lt.exp() * (lt - lm)).sum(-1)
-    return 0.5 * kl_s + 0.5 * kl_t
+    log_student = plackett_luce_log_probs(student_rewards)  # [G, P]
+    log_teacher = plackett_luce_log_probs(teacher_rewards.detach()).to(log_student.dtype)  # [G, P]
+    log_mixture = torch.logaddexp(log_student, log_teacher) - _LN2
+    kl_student = (log_student.exp() * (log_student - log_mixture)).sum(-1)
+    kl_teacher = (log_teacher.exp() * (log_teacher - log_mixture)).sum(-1)
+    return 0.5 * kl_student + 0.5 * kl_teacher
 
 
 def pad_vpd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -> torch.Tensor:
@@ -621,9 +619,8 @@ def pad_vpd_loss(student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -
 
     Shapes: both [G, n]. Teacher detached. Returns [G].
     """
-    s = _up(student_rewards)
     order = torch.argsort(teacher_rewards.detach(), dim=-1, descending=True, stable=True)
-    return -_pl_log_prob_of(s.gather(-1, order))
+    return -_pl_log_prob_of(_upcast(student_rewards).gather(-1, order))
 
 
 # --------------------------------------------------------------------------
@@ -645,10 +642,10 @@ def rrhf_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     (0 for a group with fewer than two ranked responses). Differentiable in
     ``scores``.
     """
-    p = _up(scores)
-    r = ranks.to(p.device)
-    ranked = r >= 0
-    above = (r[:, :, None] < r[:, None, :]) & ranked[:, :, None] & ranked[:, None, :]  # [G, i, j]: i above j
+    p = _upcast(scores)
+    ranks = ranks.to(p.device)
+    ranked = ranks >= 0
+    above = (ranks[:, :, None] < ranks[:, None, :]) & ranked[:, :, None] & ranked[:, None, :]  # [G, i, j]: i above j
     violation = torch.relu(p[:, None, :] - p[:, :, None])  # [G, i, j]: max(0, p_j - p_i)
     return torch.where(above, violation, torch.zeros_like(violation)).sum((-1, -2))
 
@@ -667,13 +664,13 @@ def pro_loss(scores: torch.Tensor, ranks: torch.Tensor, temperature: float = 1.0
 
     Shapes: ``scores`` [G, n], ``ranks`` [G, n] integer. Returns [G] (0 with fewer than two ranked).
     """
-    p = _up(scores) / temperature
-    r = ranks.to(p.device)
-    big = r.max().clamp(min=0) + 1 if r.numel() else torch.tensor(1, device=p.device)
-    order = torch.argsort(torch.where(r >= 0, r, big + torch.arange(r.shape[-1], device=p.device)), dim=-1,
-                          stable=True)
+    p = _upcast(scores) / temperature
+    ranks = ranks.to(p.device)
+    big = ranks.max().clamp(min=0) + 1 if ranks.numel() else torch.tensor(1, device=p.device)
+    order = torch.argsort(torch.where(ranks >= 0, ranks, big + torch.arange(ranks.shape[-1], device=p.device)),
+                          dim=-1, stable=True)
     ordered = p.gather(-1, order)
-    kept = (r >= 0).gather(-1, order)
+    kept = (ranks >= 0).gather(-1, order)
     masked = torch.where(kept, ordered, torch.full_like(ordered, float("-inf")))
     suffix = torch.logcumsumexp(masked.flip(-1), dim=-1).flip(-1)
     terms = torch.where(kept, ordered - suffix, torch.zeros_like(ordered))
@@ -736,15 +733,15 @@ def pad_loss(
     G, n = student_rewards.shape
     if n <= max_group:
         return exact(student_rewards, teacher_rewards)
-    t = teacher_rewards.detach()
-    order = torch.argsort(t, dim=-1, descending=True, stable=True)  # [G, n]
+    teacher = teacher_rewards.detach()
+    order = torch.argsort(teacher, dim=-1, descending=True, stable=True)  # [G, n]
     starts = torch.tensor(_window_starts(n, max_group), device=order.device)
     positions = starts[:, None] + torch.arange(max_group, device=order.device)  # [W, m]
     W = positions.shape[0]
-    idx = order[:, positions]  # [G, W, m] response indices
-    s_sub = student_rewards.gather(-1, idx.reshape(G, -1)).reshape(G * W, max_group)
-    t_sub = t.gather(-1, idx.reshape(G, -1)).reshape(G * W, max_group)
-    return exact(s_sub, t_sub).reshape(G, W).mean(-1)
+    members = order[:, positions].reshape(G, -1)  # [G, W * m] response indices, window by window
+    student_windows = student_rewards.gather(-1, members).reshape(G * W, max_group)
+    teacher_windows = teacher.gather(-1, members).reshape(G * W, max_group)
+    return exact(student_windows, teacher_windows).reshape(G, W).mean(-1)
 
 
 def pad_teacher_rewards(
@@ -760,13 +757,13 @@ def pad_teacher_rewards(
     term whose weight is exactly 0 is skipped, so e.g. alpha = 0 does not
     turn a -inf/NaN ``mean_logp`` into NaN.
     """
-    ml, mc = _up(mean_logp), _up(mcq_score)
+    mean_logp, mcq_score = _upcast(mean_logp), _upcast(mcq_score)
     if alpha == 0:
-        inner = mc
+        inner = mcq_score
     elif alpha == 1:
-        inner = ml
+        inner = mean_logp
     else:
-        inner = alpha * ml + (1.0 - alpha) * mc.to(ml.dtype)
+        inner = alpha * mean_logp + (1.0 - alpha) * mcq_score.to(mean_logp.dtype)
     return beta * inner
 
 
@@ -783,7 +780,7 @@ def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     over j)``; the diagonal is ignored (may hold anything, even NaN). If both
     option orders were asked, average them before calling. Returns [G, n].
     """
-    p = _up(pair_probs)
+    p = _upcast(pair_probs)
     n = p.shape[-1]
     if n < 2:
         raise ValueError(f"mcq_score needs n >= 2 responses, got {n}")
@@ -814,11 +811,10 @@ TOPK_COUNT = "teacher/topk_count"
 ADVANTAGE = "adpa/advantage"
 KD_TEACHER = "kd/teacher_bins"
 
-
 @dataclass(frozen=True)
 class LogSoftmaxGradient:
     """``d value[r] / d log_softmax[r, v]`` of a per-token term on its rows, times the gradient of each row's value,
-    in the two shapes the terms have (the rest of the vocabulary gets nothing):
+    in the two shapes the analytic gradients have (the rest of the vocabulary gets nothing):
 
     - ``at``: pairs ``(ids [c, k], values [c, k])``: ``values[r, j]`` at ``ids[r, j]`` (repeated ids add up);
     - ``tail``: ``(ids [c, k], coef [c], logmass [c])``: ``coef[r] * exp(log_softmax[r, v] - logmass[r])`` at every
@@ -830,56 +826,64 @@ class LogSoftmaxGradient:
     tail: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
+#: an analytic gradient: ``(log_softmax [c, V], *signals) -> (value [c], gradient)``, where
+#: ``gradient(grad_value [c]) -> LogSoftmaxGradient``
+AnalyticGradient = Callable[..., tuple[torch.Tensor, Callable[[torch.Tensor], LogSoftmaxGradient]]]
+
+
 @dataclass(frozen=True)
 class TokenTerm:
-    """A per-token quantity computed from the student's log-softmax rows, with its gradient.
+    """A per-token quantity of the student's log-softmax rows.
 
-    ``with_gradient(log_softmax, *signals) -> (value [c], gradient)``: the value is a pure function of
-    the student's log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``,
-    passed in that order, each ``[c, ...]`` on the same rows, computed without autograd;
-    ``gradient(grad_value [c]) -> LogSoftmaxGradient`` is its derivative. :func:`chunked_token_terms`
-    uses both, so that every term of a chunk writes into one [c, V] gradient. Each term's public,
-    autograd function (``token_logprobs``, ``kd_tail_kl``, ``adpa_token_loss``) is the reference the
-    tests hold it to.
+    ``value(log_softmax, *signals) -> [c]`` computes it with torch operations from the student's
+    log-softmax rows ``[c, V]`` (>= float32) and the row signals named by ``reads``, passed in that
+    order, each ``[c, ...]`` on the same rows. :func:`chunked_token_terms` differentiates it with
+    autograd, chunk by chunk: a new per-token loss needs nothing more.
+
+    ``with_gradient`` (optional, a speed-up): the value and its derivative written out
+    (:data:`AnalyticGradient`), so that every such term of a chunk writes into one [c, V]
+    gradient instead of autograd's zero-filled [c, V] tensor per gather. The tests hold each one
+    to autograd's gradient of ``value`` (``chunked_token_terms(..., analytic=False)``).
     """
 
     reads: tuple[str, ...]
-    with_gradient: Callable[..., tuple[torch.Tensor, Callable[[torch.Tensor], LogSoftmaxGradient]]]
+    value: Callable[..., torch.Tensor]
+    with_gradient: Optional[AnalyticGradient] = None
 
 
-def _logp_with_gradient(ls: torch.Tensor, target_ids: torch.Tensor):
+def _logp_with_gradient(log_probs: torch.Tensor, target_ids: torch.Tensor):
     """:func:`_target_logp` and its gradient: 1 at the target."""
-    return _target_logp(ls, target_ids), lambda grad: LogSoftmaxGradient(at=((target_ids.unsqueeze(-1),
-                                                                               grad.unsqueeze(-1)),))
+    return _target_logp(log_probs, target_ids), lambda grad: LogSoftmaxGradient(
+        at=((target_ids.unsqueeze(-1), grad.unsqueeze(-1)),))
 
 
-def _kd_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor):
+def _kd_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor):
     """:func:`_kd_from_logsoftmax` and its gradient: ``-p_k`` at the K ids, ``-p_tail`` spread over the tail
     in proportion to the student's probabilities there."""
-    tail = _logsumexp_outside(ls, topk_ids)
-    t_all = teacher_bins.to(ls.dtype)
-    value = _kl_of_bins(torch.cat([ls.gather(-1, topk_ids), tail.unsqueeze(-1)], dim=-1), t_all)
-    p = t_all.exp()
+    tail = _logsumexp_outside(log_probs, topk_ids)
+    teacher = teacher_bins.to(log_probs.dtype)
+    value = _kl_of_bins(torch.cat([log_probs.gather(-1, topk_ids), tail.unsqueeze(-1)], dim=-1), teacher)
+    teacher_probs = teacher.exp()
 
     def gradient(grad: torch.Tensor) -> LogSoftmaxGradient:
-        minus_p = -p * grad.unsqueeze(-1)
+        minus_p = -teacher_probs * grad.unsqueeze(-1)
         return LogSoftmaxGradient(at=((topk_ids, minus_p[:, :-1]),), tail=(topk_ids, minus_p[:, -1], tail))
 
     return value, gradient
 
 
-def _adpa_with_gradient(ls: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor):
+def _adpa_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor):
     """:func:`_adpa_from_logsoftmax` and its gradient: ``-q_k A_k`` at the K ids."""
-    weighted = ls.gather(-1, topk_ids).exp() * advantage.to(ls.dtype)
+    weighted = log_probs.gather(-1, topk_ids).exp() * advantage.to(log_probs.dtype)
     return -weighted.sum(-1), lambda grad: LogSoftmaxGradient(at=((topk_ids, -weighted * grad.unsqueeze(-1)),))
 
 
-#: what :func:`chunked_token_terms` can compute; adding a per-token loss is one
-#: function of (log-softmax rows, signals), its gradient, and one entry here
+#: what :func:`chunked_token_terms` can compute. A per-token loss is a function of (log-softmax rows, row signals)
+#: and an entry here; the three below also have their gradient written out (``with_gradient``), for speed
 TOKEN_TERMS: dict[str, TokenTerm] = {
-    LOGP: TokenTerm((TARGET_IDS,), _logp_with_gradient),  # token_logprobs
-    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_with_gradient),  # kd_tail_kl
-    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_with_gradient),  # adpa_token_loss
+    LOGP: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs
+    KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax, _kd_with_gradient),  # kd_tail_kl
+    ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax, _adpa_with_gradient),  # adpa_token_loss
 }
 
 
@@ -918,27 +922,53 @@ def _selection_index(selection, rows: int, device) -> torch.Tensor:
     return selection
 
 
+@dataclass
+class _Evaluated:
+    """One term on one chunk, after the chunk's first forward: its value on every row of the chunk (0 off its rows),
+    its rows as an index, and what its gradient needs: the analytic gradient, or (autograd) the term's signals on
+    its rows, to differentiate ``value`` again in backward."""
+
+    value: torch.Tensor
+    index: Optional[torch.Tensor] = None  # None: no row of this chunk
+    gradient: Optional[Callable[[torch.Tensor], LogSoftmaxGradient]] = None
+    signals: tuple[torch.Tensor, ...] = ()
+
+
 class _ChunkPlan:
     """The terms of one chunk and the rows of each: shared by the chunk's forward and by the checkpoint's
     recomputation of it, which takes the values (and what their gradients need) from the first forward
     instead of computing them again; it only needs the log-softmax back."""
 
-    def __init__(self, terms: Sequence[TokenTerm], selections: tuple):
-        self.terms, self.selections = terms, selections
-        self.done: Optional[list] = None  # [(value [c], row index, gradient)], after the first forward
+    def __init__(self, terms: Sequence[TokenTerm], selections: tuple, analytic: bool = True):
+        self.terms, self.selections, self.analytic = terms, selections, analytic
+        self.done: Optional[list[_Evaluated]] = None  # after the first forward
 
-    def evaluate(self, ls: torch.Tensor, by_name: Mapping[str, torch.Tensor]) -> list:
-        rows, done = ls.shape[0], []
+    def evaluate(self, log_probs: torch.Tensor, by_name: Mapping[str, torch.Tensor]) -> list[_Evaluated]:
+        rows, done = log_probs.shape[0], []
         for term, selection in zip(self.terms, self.selections):
             if isinstance(selection, tuple):  # no row of this chunk
-                done.append((ls.new_zeros(rows), None, None))
+                done.append(_Evaluated(log_probs.new_zeros(rows)))
                 continue
-            value, gradient = term.with_gradient(_on_selection(selection, ls),
-                                                 *(_on_selection(selection, by_name[signal]) for signal in term.reads))
-            index = _selection_index(selection, rows, ls.device)
-            full = value if selection is None else ls.new_zeros(rows).index_copy_(0, index, value)
-            done.append((full, index, gradient))
+            selected = _on_selection(selection, log_probs)
+            signals = tuple(_on_selection(selection, by_name[signal]) for signal in term.reads)
+            index = _selection_index(selection, rows, log_probs.device)
+            if self.analytic and term.with_gradient is not None:
+                value, gradient = term.with_gradient(selected, *signals)
+                evaluated = _Evaluated(value, index, gradient=gradient)
+            else:
+                evaluated = _Evaluated(term.value(selected, *signals), index, signals=signals)
+            if selection is not None:
+                evaluated.value = log_probs.new_zeros(rows).index_copy_(0, index, evaluated.value.to(log_probs.dtype))
+            done.append(evaluated)
         return done
+
+
+def _autograd_gradient(term: TokenTerm, log_probs: torch.Tensor, signals: tuple, grad: torch.Tensor) -> torch.Tensor:
+    """[c, V] ``d sum(grad * term.value(log_probs, *signals)) / d log_probs``, by autograd."""
+    with torch.enable_grad():
+        leaf = log_probs.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(term.value(leaf, *signals), leaf, grad, allow_unused=True)
+    return torch.zeros_like(leaf) if gradient is None else gradient
 
 
 #: beyond this, ``exp(log|coef| - logmass)`` of a tail bin leaves the rest of the row's scale below float64's
@@ -949,16 +979,18 @@ _LOG_SCALE_EXACT = 600.0
 class _TermsOfLogits(torch.autograd.Function):
     """The per-token terms of a chunk of logits [c, V], with one [c, V] gradient written in place.
 
-    With ``g = d(sum of the terms, each times its gradient) / d log_softmax`` (every term's
-    :class:`LogSoftmaxGradient`) and ``p = softmax(logits)``, the gradient of the logits is
-    ``g - p * sum(g)`` per row. Outside the ids of the terms, ``g`` is 0 or (on a row with a tail
-    bin) ``coef * exp(ls - logmass)``, so there the gradient is ``p * scale`` with one scale per row:
+    With ``g = d(sum of the terms, each times its gradient) / d log_softmax`` and ``p = softmax(logits)``,
+    the gradient of the logits is ``g - p * sum(g)`` per row. A term without an analytic gradient adds
+    autograd's ``d value / d log_softmax`` ([c, V], :func:`_autograd_gradient`) to ``g``. The analytic
+    ones (:class:`LogSoftmaxGradient`) are 0 outside the ids of the terms or (on a row with a tail
+    bin) ``coef * exp(log_softmax - logmass)``, so there their gradient is ``p * scale`` with one scale per row:
     ``-sum(g)``, plus ``coef * exp(-logmass)`` on a tail row (``sum(g)`` is known without a pass over
     the vocabulary: a tail's entries add up to ``coef``). The backward therefore makes one pass,
-    ``exp(ls + log|scale|) * sign(scale)`` (in log space: a near-certain student's tail has
+    ``exp(log_softmax + log|scale|) * sign(scale)`` (in log space: a near-certain student's tail has
     ``exp(-logmass)`` far beyond float range, its product with ``p`` is not), written into the saved
-    log-softmax itself, then sets the tail row's ids and adds each term's entries. Autograd would
-    instead build a zero-filled [c, V] gradient for every gather and slice and add them up.
+    log-softmax itself, then sets the tail row's ids, adds each analytic term's entries and each
+    autograd term's gradient. Autograd alone would build a zero-filled [c, V] gradient for every
+    gather and slice and add them up.
 
     Only for :func:`chunked_token_terms`, under its checkpoint: the log-softmax the backward
     overwrites is the checkpoint's recomputation, made anew for each backward.
@@ -966,25 +998,33 @@ class _TermsOfLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, plan: _ChunkPlan, reads: tuple, *signal_chunks: torch.Tensor):
-        ls = torch.log_softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
         first = plan.done is None
         if first:
-            plan.done = plan.evaluate(ls, dict(zip(reads, signal_chunks)))
+            plan.done = plan.evaluate(log_probs, dict(zip(reads, signal_chunks)))
         ctx.plan = plan
-        ctx.save_for_backward(ls)
+        ctx.save_for_backward(log_probs)
         # the recomputation's outputs are thrown away; fresh tensors leave the first forward's ones alone
-        return tuple(value if first else value.clone() for value, _, _ in plan.done)
+        return tuple(term.value if first else term.value.clone() for term in plan.done)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor):
-        (ls,) = ctx.saved_tensors
-        total = torch.zeros(ls.shape[0], dtype=torch.float64, device=ls.device)  # sum_v g[r, v]
-        entries, tail = [], None
-        for (_value, index, gradient), grad in zip(ctx.plan.done, grads):
-            if gradient is None or grad is None:
+        (log_probs,) = ctx.saved_tensors
+        total = torch.zeros(log_probs.shape[0], dtype=torch.float64, device=log_probs.device)  # sum_v g[r, v]
+        entries, tail, dense = [], None, []
+        plan = ctx.plan
+        for term, selection, evaluated, grad in zip(plan.terms, plan.selections, plan.done, grads):
+            index = evaluated.index
+            if index is None or grad is None:
                 continue
-            parts = gradient(grad.index_select(0, index).to(ls.dtype))
+            grad = grad.index_select(0, index).to(log_probs.dtype)
+            if evaluated.gradient is None:  # autograd's, before the log-softmax becomes the gradient
+                gradient = _autograd_gradient(term, _on_selection(selection, log_probs), evaluated.signals, grad)
+                dense.append((index, gradient))
+                total.index_add_(0, index, gradient.sum(-1).to(torch.float64))
+                continue
+            parts = evaluated.gradient(grad)
             for ids, values in parts.at:
                 entries.append((index, ids, values))
                 total.index_add_(0, index, values.sum(-1).to(torch.float64))
@@ -1005,13 +1045,16 @@ class _TermsOfLogits(torch.autograd.Function):
             big = log_tail > _LOG_SCALE_EXACT
             log_scale[index] = torch.where(big, log_tail, exact.abs().log())
             sign[index] = torch.where(big, coef64.sign(), exact.sign())
-            at_ids = ls.index_select(0, index).gather(-1, ids)  # before ls becomes the gradient
-        grad_logits = ls.add_(log_scale.to(ls.dtype).unsqueeze(-1)).exp_().mul_(sign.to(ls.dtype).unsqueeze(-1))
+            at_ids = log_probs.index_select(0, index).gather(-1, ids)  # before log_probs becomes the gradient
+        dtype = log_probs.dtype
+        grad_logits = log_probs.add_(log_scale.to(dtype).unsqueeze(-1)).exp_().mul_(sign.to(dtype).unsqueeze(-1))
         if tail is not None:  # the tail's ids are not the tail's: only -p * sum(g) there
             rows = index.unsqueeze(-1).expand_as(ids)
-            grad_logits.index_put_((rows, ids), -at_ids.exp() * total[index].to(ls.dtype).unsqueeze(-1))
+            grad_logits.index_put_((rows, ids), -at_ids.exp() * total[index].to(dtype).unsqueeze(-1))
         for index, ids, values in entries:
-            grad_logits.index_put_((index.unsqueeze(-1).expand_as(ids), ids), values.to(ls.dtype), accumulate=True)
+            grad_logits.index_put_((index.unsqueeze(-1).expand_as(ids), ids), values.to(dtype), accumulate=True)
+        for index, gradient in dense:
+            grad_logits.index_add_(0, index, gradient.to(dtype))
         return (grad_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
@@ -1022,6 +1065,7 @@ def chunked_token_terms(
     signals: Mapping[str, torch.Tensor],
     chunk_size: int = 1024,
     rows: Optional[Mapping[str, torch.Tensor]] = None,
+    analytic: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The :data:`TOKEN_TERMS` named ``names`` on every row, without materialising [R, V] logits.
 
@@ -1030,7 +1074,7 @@ def chunked_token_terms(
     ``logits_of(hidden_chunk)`` (the output layer, e.g.
     :meth:`lm.head.OutputLayer.logits`, soft-capping and scale included), one
     log-softmax (upcast to >= fp32; the output layer itself runs in the
-    inputs' dtype), and from it each named term's value (``TokenTerm.with_gradient``): ``"logp"`` is
+    inputs' dtype), and from it each named term's value (``TokenTerm.value``): ``"logp"`` is
     :func:`token_logprobs`, ``"kd"`` :func:`kd_tail_kl`, ``"adpa"``
     :func:`adpa_token_loss`.
 
@@ -1047,8 +1091,10 @@ def chunked_token_terms(
     so its [chunk, V] logits are recomputed in backward instead of stored (the
     terms' values are not: the recomputation takes them from the first forward);
     the backward is :class:`_TermsOfLogits`' own, one [chunk, V] gradient for
-    every term (each term's ``with_gradient``). Values and gradients equal the
-    unchunked functions applied to ``logits_of(hidden)`` (on each term's rows).
+    every term: each term's ``with_gradient`` where it has one, autograd's gradient of its
+    ``value`` otherwise (every term, with ``analytic=False``: the reference the tests hold
+    the analytic gradients to). Values and gradients equal the unchunked functions applied
+    to ``logits_of(hidden)`` (on each term's rows).
 
     Shapes: ``hidden`` [R, H]; ``signals``: at least every row signal the
     terms read (``TOKEN_TERMS[name].reads``), [R, ...] each, ids cast to
@@ -1074,12 +1120,12 @@ def chunked_token_terms(
             raise ValueError(f"rows of {name!r}: shape {tuple(mask.shape)}, expected ({hidden.shape[0]},)")
 
     def chunk_terms(plan: _ChunkPlan, hidden_chunk: torch.Tensor, *signal_chunks: torch.Tensor) -> tuple:
-        return _TermsOfLogits.apply(_up(logits_of(hidden_chunk)), plan, tuple(reads), *signal_chunks)
+        return _TermsOfLogits.apply(_upcast(logits_of(hidden_chunk)), plan, tuple(reads), *signal_chunks)
 
     pieces: list[tuple[torch.Tensor, ...]] = []
     for lo in range(0, max(hidden.shape[0], 1), chunk_size):
         hi = min(lo + chunk_size, hidden.shape[0])
-        plan = _ChunkPlan(terms, tuple(_chunk_selection(mask, lo, hi, hidden.device) for mask in masks))
+        plan = _ChunkPlan(terms, tuple(_chunk_selection(mask, lo, hi, hidden.device) for mask in masks), analytic)
         chunk = (hidden[lo:hi], *(values[lo:hi] for values in row_signals))
         if torch.is_grad_enabled():
             pieces.append(checkpoint(chunk_terms, plan, *chunk, use_reentrant=False))

@@ -2,11 +2,16 @@
 
 A *term* is one weighted piece of a training loss: a name, a default weight,
 the store signals it reads (``{set: [sections]}``), the per-token quantities it
-needs from the student's forward pass, and a pure function
-``(batch, outputs, settings) -> scalar``. A *method* is a list of terms, and a
-combination such as ``dckd+adpa`` is the union of its methods' terms; the
-loss is always ``sum_term weight * term``. Nothing in the trainer branches on a
-method's name.
+needs from the student's forward pass, a pure function
+``(batch, outputs, settings) -> scalar``, and the :class:`Unit` that function is a
+mean over (response tokens, pairs, groups: what lets several processes make the
+one-process mean). A *method* is a list of terms, and a combination such as
+``dckd+adpa`` is the union of its methods' terms; the loss is always
+``sum_term weight * term``. Nothing in the trainer branches on a method's name.
+
+A new per-token loss: its function of the student's log-softmax rows and its entry
+in :data:`train.losses.TOKEN_TERMS` (autograd differentiates it), then a term of it
+(:func:`token_mean_term`) and its method in :data:`METHODS`.
 
 Combining: a term that two methods share (SFT on the chosen response is in both
 ``dckd`` and ``adpa``) counts ONCE, so ``dckd+adpa`` is
@@ -20,12 +25,9 @@ pairs) train on the examples that have every set the combination reads.
 
 Defaults are the released values (``docs/methods.md``) except DCKD's KD weights:
 ``w_sft = 1, w_kd_chosen = w_kd_rejected = 1`` where the released recipe has 0.1
-(``--weight kd_chosen=0.1 --weight kd_rejected=0.1`` reproduces it). Measured with
-``benchmarks/efficacy.py`` (README, "Which method works"): with SFT on the dataset's
-chosen answers at 1 and KD at 0.1, the SFT term learns the *labels*, which are noisy
-relative to the teacher (on real data too: the embedded teacher ranks HH-RLHF's
-chosen answer first in 43% of held-out pairs), and dilutes the teacher's signal;
-KD at 1 raised the preferred rate of dckd and of dckd+adpa in every seed. ADPA ``w_sft = 1,
+(``--weight kd_chosen=0.1 --weight kd_rejected=0.1`` reproduces it). The SFT term on the
+dataset's labels, which are noisy relative to the teacher, dilutes the teacher's
+signal at KD 0.1 (the measurement: the documentation, "Which method works"). ADPA ``w_sft = 1,
 w_adpa = 1.6`` with the released code's clipped advantage ("Advantage-Guided
 Distillation for Preference Alignment in Small Language Models"); SimPO beta
 2.0, gamma 0.5 (Meng et al. 2024, "SimPO"). DPO: beta 0.1 (the DPO paper's,
@@ -51,15 +53,10 @@ Rewards, PAD (Gu et al., "Preference-Aligned Distillation"; ``docs/methods.md``)
   so one store serves every alpha.
 
 Defaults: beta 10 (released). alpha 0.5, not the released 0 (pure calibration):
-measured on the embedded demo store (SmolLM2-135M-Instruct judging the 120M
-student's samples, 15 groups of 4), the teacher's order-averaged pairwise
-judgements are 0.5 +- 0.015 (it answers by position, P(option A) ~ 0.92 either
-way), so ``s_mcq`` varies by 0.02 nats within a group against 0.86 for
-``avglogp_T``. With alpha = 0 the teacher's distribution over the 24 orderings is
-nearly uniform (entropy 3.12 of ln 24 = 3.18): noise to distil. alpha = 0.5 keeps
-the calibration term (it counts with a teacher whose judgements carry signal) and
-on the demo store ranks every group as alpha = 1 does, with a softer
-distribution (entropy 1.19 against 0.66). ``--pad-alpha 0`` reproduces the release.
+the embedded teacher's pairwise judgements carry almost no signal, so at alpha = 0
+its distribution over orderings is noise to distil, while alpha = 0.5 keeps the
+calibration term for a teacher whose judgements do (the measurement: the
+documentation's PAD page). ``--pad-alpha 0`` reproduces the release.
 
 ``pad``: PPD (Jensen-Shannon divergence between the student's and the teacher's
 Plackett-Luce distributions over orderings) or VPD (``-log P_S(teacher's order)``),
@@ -172,12 +169,29 @@ LossFn = Callable[[Batch, StudentOutputs, Settings], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Unit:
+    """What a term is a mean over (``what``: response tokens, pairs, groups) and ``count(batch)``, how many of
+    them a batch holds: the term's denominator.
+
+    On several processes (:mod:`train.distributed`) each process's value of a term is weighted by its
+    share of the term's units in the step, which makes the mean over the union of their batches exactly.
+    A term's unit must be what its loss divides by (tests/test_train_distributed.py checks every term).
+    """
+
+    what: str
+    count: Callable[[Batch], int]
+
+
+@dataclass(frozen=True)
 class Term:
+    """One weighted piece of a method's loss (module docstring)."""
+
     name: str
     weight: float
     needs: Mapping[str, tuple[str, ...]]  # store signals: set -> sections (base arrays always)
     tokens: tuple[TokenRequest, ...]  # per-token quantities the forward must produce
     loss: LossFn
+    unit: Unit  # what ``loss`` is a mean over
 
 
 # --------------------------------------------------------------------------- helpers
@@ -280,6 +294,45 @@ def _group_mean(values: list[torch.Tensor], out: StudentOutputs) -> torch.Tensor
     return torch.cat(values).mean()
 
 
+def agreed_ranks(batch: Batch, index: torch.Tensor) -> torch.Tensor:
+    """[G, n] each response's place in its group's agreed ranking (``samples/judge/agreed_rank``), -1 outside it."""
+    return _scalar(batch, f"{JUDGE}/agreed_rank", index).round().long()
+
+
+def labelled_groups(batch: Batch):
+    """(sequence indices [G, n], agreed ranks [G, n]) of the groups with a pseudo-label (two or more agreed
+    responses), per group size (possibly empty): the groups CycleAlign's terms are means over."""
+    for index in sample_groups(batch):
+        ranks = agreed_ranks(batch, index)
+        labelled = (ranks >= 0).sum(-1) >= 2
+        yield index[labelled], ranks[labelled]
+
+
+def best_rows(batch: Batch) -> torch.Tensor:
+    """[R] bool: the response rows of the top response of each group with a pseudo-label (``sft_best``'s tokens)."""
+    best = torch.zeros(batch.num_sequences, dtype=torch.bool, device=batch.resp_seq.device)
+    for index, ranks in labelled_groups(batch):
+        best[index[ranks == 0]] = True
+    return best[batch.resp_seq]
+
+
+# --------------------------------------------------------------------------- what the terms are means over
+
+
+def over_tokens(sequence_set: str, role: int | None) -> Unit:
+    """The response tokens of the sequences of ``sequence_set`` with ``role`` (None: any role)."""
+    return Unit(f"response tokens of {sequence_set} role {role}",
+                lambda batch: int(response_rows(batch, sequence_set, role).sum()))
+
+
+OVER_PAIRS = Unit("chosen/rejected pairs", lambda batch: int(batch.sequences_where(PAIRS, CHOSEN).sum()))
+OVER_GROUPS = Unit("groups of samples", lambda batch: sum(int(index.shape[0]) for index in sample_groups(batch)))
+OVER_LABELLED_GROUPS = Unit("groups with a pseudo-label",
+                            lambda batch: sum(int(index.shape[0]) for index, _ in labelled_groups(batch)))
+OVER_BEST_TOKENS = Unit("response tokens of each labelled group's top response",
+                        lambda batch: int(best_rows(batch).sum()))
+
+
 # --------------------------------------------------------------------------- the terms
 
 
@@ -290,32 +343,6 @@ def sft_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Ten
     Preference Alignment in Small Language Models"; ``docs/methods.md``).
     """
     return token_mean(-out.logp, response_rows(batch, PAIRS, CHOSEN))
-
-
-def kd_chosen_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
-    """KD(y_w): mean over chosen-response tokens of KL(p_T || q_theta) over the teacher's top-K + a tail bin.
-
-    Source: ADPA repository ``get_kl_loss`` with TRL's tail bucket; DCKD's first KL
-    constraint (ADPA paper; ``docs/methods.md``). Per token: :func:`train.losses.kd_tail_kl`.
-    """
-    return token_mean(out.kd, response_rows(batch, PAIRS, CHOSEN))
-
-
-def kd_rejected_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
-    """KD(y_l): the same tail-bucket KL on the rejected response's tokens (DCKD's second constraint)."""
-    return token_mean(out.kd, response_rows(batch, PAIRS, REJECTED))
-
-
-def adpa_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
-    """L_ADPA = - mean_t sum_k pi_theta(topk_ids[t,k] | s_t) A[t,k] over the student's generated answers.
-
-    ``A = adpa_beta * (teacher/topk_logp - reference/topk_logp)``, clipped into
-    [1e-8, 1 - 1e-8] unless ``adpa_unclipped`` (ADPA paper, "Advantage-Guided
-    Distillation for Preference Alignment in Small Language Models", equation of
-    L_ADPA; clip from the released code; ``docs/methods.md``). The advantage is
-    :func:`adpa_advantage_rows`; per token: :func:`train.losses.adpa_token_loss`.
-    """
-    return token_mean(out.adpa, response_rows(batch, GENERATED, GENERATED_ROLE))
 
 
 def dpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
@@ -385,20 +412,13 @@ def pad_simpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> tor
     return _group_mean(values, out)
 
 
-def agreed_ranks(batch: Batch, index: torch.Tensor) -> torch.Tensor:
-    """[G, n] each response's place in its group's agreed ranking (``samples/judge/agreed_rank``), -1 outside it."""
-    return _scalar(batch, f"{JUDGE}/agreed_rank", index).round().long()
-
-
 def _ranked_groups(batch: Batch, out: StudentOutputs):
-    """(sequence indices [G, n], student scores [G, n], agreed ranks [G, n]) per group size, groups with a
-    pseudo-label only (two or more agreed responses)."""
+    """(student scores [G, n], agreed ranks [G, n]) per group size, groups with a pseudo-label only
+    (:func:`labelled_groups`)."""
     means = losses.sequence_means(out.logp, batch.resp_seq, batch.num_sequences, out.computed[LOGP])
-    for index in sample_groups(batch):
-        ranks = agreed_ranks(batch, index)
-        labelled = (ranks >= 0).sum(-1) >= 2
-        if bool(labelled.any()):
-            yield index[labelled], means[index[labelled]], ranks[labelled]
+    for index, ranks in labelled_groups(batch):
+        if index.shape[0]:
+            yield means[index], ranks
 
 
 def rrhf_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
@@ -407,47 +427,61 @@ def rrhf_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Te
     CycleAlign's training loss in this project's reconstruction (docs/methods.md): the scores are the
     student's mean token log-probs, the ranking is the agreement of black box and white box.
     """
-    values = [losses.rrhf_loss(scores, ranks) for _, scores, ranks in _ranked_groups(batch, out)]
+    values = [losses.rrhf_loss(scores, ranks) for scores, ranks in _ranked_groups(batch, out)]
     return _group_mean(values, out)
 
 
 def pro_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
     """PRO's listwise loss on the agreed rankings, mean over groups with a pseudo-label
     (:func:`train.losses.pro_loss`, ``pro_temperature``)."""
-    values = [losses.pro_loss(scores, ranks, settings.pro_temperature)
-              for _, scores, ranks in _ranked_groups(batch, out)]
+    values = [losses.pro_loss(scores, ranks, settings.pro_temperature) for scores, ranks in _ranked_groups(batch, out)]
     return _group_mean(values, out)
 
 
 def sft_best_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
     """SFT on the top of each agreed ranking: - mean over their tokens of log pi_theta (RRHF's and PRO's SFT
     term; without it RRHF degenerates)."""
-    rows = torch.zeros(batch.num_response_tokens, dtype=torch.bool, device=out.logp.device)
-    for index, _, ranks in _ranked_groups(batch, out):
-        best = torch.zeros(batch.num_sequences, dtype=torch.bool, device=rows.device)
-        best[index[ranks == 0]] = True
-        rows |= best[batch.resp_seq]
-    return token_mean(-out.logp, rows)
+    return token_mean(-out.logp, best_rows(batch))
 
 
-SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term)
-KD_CHOSEN = Term("kd_chosen", 1.0, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, CHOSEN),), kd_chosen_term)
-KD_REJECTED = Term("kd_rejected", 1.0, {PAIRS: (TEACHER,)}, (TokenRequest(KD, PAIRS, REJECTED),),
-                   kd_rejected_term)
-ADPA_TERM = Term("adpa", 1.6, {GENERATED: (TEACHER, REFERENCE)},
-                 (TokenRequest(ADPA, GENERATED, GENERATED_ROLE),), adpa_term)
-DPO = Term("dpo", 1.0, {PAIRS: (STUDENT_INIT,)},
-           (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, REJECTED)), dpo_term)
-SIMPO = Term("simpo", 1.0, {PAIRS: ()},
-             (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, REJECTED)), simpo_term)
+def token_mean_term(name: str, weight: float, quantity: str, sequence_set: str, role: int | None,
+                    needs: Mapping[str, tuple[str, ...]]) -> Term:
+    """A term that is the mean of the per-token quantity ``quantity`` (a :data:`train.losses.TOKEN_TERMS` name)
+    over every response token of the sequences of ``sequence_set`` with ``role`` in the batch: KD's and ADPA's
+    form, and what a new per-token loss needs (its function and entry in :data:`train.losses.TOKEN_TERMS`,
+    this, and its line in :data:`METHODS`)."""
+
+    def loss(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+        return token_mean(out.values[quantity], response_rows(batch, sequence_set, role))
+
+    return Term(name, weight, needs, (TokenRequest(quantity, sequence_set, role),), loss,
+                over_tokens(sequence_set, role))
+
+
+SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term, over_tokens(PAIRS, CHOSEN))
+# KD(y_w), KD(y_l): the tail-bucket KL(p_T || q_theta) over the teacher's top-K and a tail bin
+# (:func:`train.losses.kd_tail_kl`; the ADPA repository's ``get_kl_loss`` with TRL's tail bucket), on the
+# chosen and the rejected response: DCKD's two KL constraints (ADPA paper; ``docs/methods.md``)
+KD_CHOSEN = token_mean_term("kd_chosen", 1.0, KD, PAIRS, CHOSEN, {PAIRS: (TEACHER,)})
+KD_REJECTED = token_mean_term("kd_rejected", 1.0, KD, PAIRS, REJECTED, {PAIRS: (TEACHER,)})
+# L_ADPA = - mean_t sum_k pi_theta(topk_ids[t,k] | s_t) A[t,k] over the student's generated answers, with
+# A = adpa_beta * (teacher/topk_logp - reference/topk_logp) clipped into [1e-8, 1 - 1e-8] unless adpa_unclipped
+# (ADPA paper, "Advantage-Guided Distillation for Preference Alignment in Small Language Models"; clip from the
+# released code; ``docs/methods.md``); the advantage is :func:`adpa_advantage_rows`, per token
+# :func:`train.losses.adpa_token_loss`
+ADPA_TERM = token_mean_term("adpa", 1.6, ADPA, GENERATED, GENERATED_ROLE, {GENERATED: (TEACHER, REFERENCE)})
+_BOTH_RESPONSES = (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, REJECTED))
+DPO = Term("dpo", 1.0, {PAIRS: (STUDENT_INIT,)}, _BOTH_RESPONSES, dpo_term, OVER_PAIRS)
+SIMPO = Term("simpo", 1.0, {PAIRS: ()}, _BOTH_RESPONSES, simpo_term, OVER_PAIRS)
 _ALL_SAMPLES = (TokenRequest(LOGP, SAMPLES, None),)
 # teacher_mcq is needed for alpha < 1 and teacher for alpha > 0; `--passes pad` writes both
-PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term)
-PAD_DPO = Term("pad_dpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ, STUDENT_INIT)}, _ALL_SAMPLES, pad_dpo_term)
-PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term)
-RRHF = Term("rrhf", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, rrhf_term)
-PRO = Term("pro", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, pro_term)
-SFT_BEST = Term("sft_best", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, sft_best_term)
+PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term, OVER_GROUPS)
+PAD_DPO = Term("pad_dpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ, STUDENT_INIT)}, _ALL_SAMPLES, pad_dpo_term,
+               OVER_GROUPS)
+PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term, OVER_GROUPS)
+RRHF = Term("rrhf", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, rrhf_term, OVER_LABELLED_GROUPS)
+PRO = Term("pro", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, pro_term, OVER_LABELLED_GROUPS)
+SFT_BEST = Term("sft_best", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, sft_best_term, OVER_BEST_TOKENS)
 
 METHODS: dict[str, tuple[Term, ...]] = {
     "sft": (SFT,),
@@ -470,8 +504,6 @@ PASS_OF = {
     f"{GENERATED}/{fmt.BASE}": "adpa", f"{GENERATED}/{TEACHER}": "adpa", f"{GENERATED}/{REFERENCE}": "adpa",
     f"{SAMPLES}/{TEACHER}": "pad", f"{SAMPLES}/{TEACHER_MCQ}": "pad", f"{SAMPLES}/{STUDENT_INIT}": "dpo_ref",
 }
-#: store signals written by ``precompute rank`` (CycleAlign) rather than by a teacher pass
-RANKED = {f"{SAMPLES}/{JUDGE}"}
 #: store signals written by ``precompute sample`` rather than by a teacher pass
 SAMPLED = {f"{SAMPLES}/{fmt.BASE}"}
 

@@ -353,49 +353,46 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
     ``context``: the processes of the run (:func:`train.distributed.setup`): this
     process's share, its device, the launcher's settings; None: one process.
     """
-    c = config
-    context = context or distributed.Context(device=c.device)
+    context = context or distributed.Context(device=config.device)
     shard = context.shard
     try:
-        terms = methods.resolve_terms(c.method, c.weights)
+        terms = methods.resolve_terms(config.method, config.weights)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
-    if shard.world > 1:
-        distributed.check_terms(terms)
-    launched_dtype = context.launch.dtype if c.dtype == "auto" else None  # accelerate's mixed_precision: bf16
-    device, dtype = resolve_precision(context.device, launched_dtype or c.dtype)
+    launched_dtype = context.launch.dtype if config.dtype == "auto" else None  # accelerate's mixed_precision: bf16
+    device, dtype = resolve_precision(context.device, launched_dtype or config.dtype)
     if dtype == torch.float16:
         raise TrainError("--dtype float16 is not supported (it needs loss scaling): use bfloat16 or float32")
-    out = c.run_dir
+    out = config.run_dir
     check_out(out)
 
-    store = open_store(c.cache, c.storage_options)
+    store = open_store(config.cache, config.storage_options)
     needs = methods.needs_of(terms)
-    require_signals(store, c.split, needs, f"method {c.method}")
+    require_signals(store, config.split, needs, f"method {config.method}")
 
-    notes = check_run_directory(out, c.resume)
-    if c.resume:
+    notes = check_run_directory(out, config.resume)
+    if config.resume:
         saved = checkpoint.saved_config(out)
-        checkpoint.check_resumable(saved, c)
+        checkpoint.check_resumable(saved, config)
         checkpoint.check_processes(saved, shard.world)
-    if shard.world == 1 and (c.fsdp or context.launch.fsdp):
+    if shard.world == 1 and (config.fsdp or context.launch.fsdp):
         notes.append("note: FSDP shards over several processes; one process trains the whole student (no FSDP)")
     notes += list(context.launch.notes)
 
-    student, student_notes = resolve_student(c, store, terms)
+    student, student_notes = resolve_student(config, store, terms)
     notes += student_notes
     check_tokenizer(store, student)
 
-    probe = first_sequence(store, c.split, needs)
-    shares = epochs_for(c, lambda epoch: count_shares(store, c.split, needs, c.batch_tokens, c.seed, epoch,
-                                                      shard.world))
+    probe = first_sequence(store, config.split, needs)
+    shares = epochs_for(config, lambda epoch: count_shares(store, config.split, needs, config.batch_tokens,
+                                                           config.seed, epoch, shard.world))
     batches = [max(per_rank) for per_rank in shares]
-    total = sum(math.ceil(n / c.grad_accum) for n in batches)
-    if c.max_steps is not None:
-        total = c.max_steps  # the epochs counted make at least that many
-    return Plan(config=c, store=store, terms=terms, needs=needs, student=student, teacher=recorded_teacher(store),
-                device=device, dtype=dtype, out=out, batches_per_epoch=batches, total_steps=total,
-                warmup_steps=math.ceil(c.warmup_ratio * total), probe=probe, notes=notes, shard=shard,
+    total = sum(math.ceil(n / config.grad_accum) for n in batches)
+    if config.max_steps is not None:
+        total = config.max_steps  # the epochs counted make at least that many
+    return Plan(config=config, store=store, terms=terms, needs=needs, student=student,
+                teacher=recorded_teacher(store), device=device, dtype=dtype, out=out, batches_per_epoch=batches,
+                total_steps=total, warmup_steps=math.ceil(config.warmup_ratio * total), probe=probe, notes=notes, shard=shard,
                 rank_batches=shares, parallel=context.parallel)
 
 

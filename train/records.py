@@ -69,9 +69,9 @@ def write_atomically(path: Path, text: str) -> None:
 class Meter:
     """Sums between two log records: each optimizer step's loss and terms, tokens read, time.
 
-    ``reduce``: on several processes, sums a list of numbers over them (every process
-    calls :meth:`record` at the same steps); each process adds its batches' shares of
-    the global means, so the reduced sums are the global means.
+    ``reduce``: sums a list of numbers over the run's processes (:meth:`train.distributed.Context.sum`,
+    the identity on one; every process calls :meth:`record` at the same steps); each process adds its
+    batches' shares of the global means, so the reduced sums are the global means.
     """
 
     def __init__(self, term_names: list[str], reduce=None):
@@ -171,8 +171,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 def resolved_config(plan: "Plan") -> dict:
     """The options (reusable with ``--config``, one key each) and, under ``resolved``, what they resolved to."""
-    c = plan.config
-    options = recorded_settings(c)
+    config = plan.config
+    options = recorded_settings(config)
     options["out"] = str(plan.out)
     options.pop("resume")
     options.pop("progress")
@@ -200,9 +200,9 @@ def resolved_config(plan: "Plan") -> dict:
 def processes(plan: "Plan") -> dict:
     """How many processes train, how (ddp, fsdp; none for one), the batches of each one's share per epoch, and
     the most padded tokens one optimizer step takes: processes x grad_accum x batch_tokens."""
-    c, world = plan.config, plan.shard.world
+    config, world = plan.config, plan.shard.world
     return {"world_size": world, "parallel": plan.parallel, "batches_per_rank": plan.rank_batches,
-            "step_tokens": world * c.grad_accum * c.batch_tokens}
+            "step_tokens": world * config.grad_accum * config.batch_tokens}
 
 
 def save_config(plan: "Plan") -> None:

@@ -3,10 +3,11 @@
 1. :func:`train.preflight.prepare`: everything checked before the student loads
    (store, terms, signals, student, tokenizer, batches per epoch);
 2. load the student (float32 weights, its decoder/output split checked on a real
-   sequence), AdamW, the schedule;
-3. per epoch: stream examples -> token-budget batches -> collate -> the method's loss
-   (a weighted sum of terms, :func:`train.methods.method_loss`) -> backward; every
-   ``grad_accum`` batches: clip, AdamW step, schedule step -> log
+   sequence) as the run's processes train it (:class:`train.distributed.ParallelStudent`,
+   one process or several), AdamW, the schedule;
+3. per epoch: stream examples -> token-budget batches -> collate -> forward and the
+   method's loss (a weighted sum of terms, :func:`train.methods.method_loss`) ->
+   backward; every ``grad_accum`` batches: clip, AdamW step, schedule step -> log
    (:mod:`train.records`) -> checkpoint (:mod:`train.checkpoint`).
 
 Epochs: ``--epochs`` of them, or with ``--max-steps N`` exactly N optimizer steps,
@@ -27,7 +28,9 @@ the i-th batches of all processes together are the step's i-th batch, each
 term a mean over all of them (the one-process gradient of that union, exactly);
 every process runs the longest share's number of batches per epoch (zero weight
 once its share is done), so all make the same steps. DDP by default, FSDP with
-``--fsdp``; only rank 0 writes and prints.
+``--fsdp``; only rank 0 writes and prints (:mod:`train.output`). The loop is the
+same for one process and several: what differs lives in
+:class:`train.distributed.ParallelStudent` and :mod:`train.output`.
 
 Schedule: linear warmup over ``ceil(warmup_ratio * total)`` steps, factor
 ``(s + 1) / (warmup + 1)``, then cosine from 1 towards 0 over the remaining
@@ -41,11 +44,8 @@ under ``torch.autocast``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +53,11 @@ import torch
 
 from lm import chat
 
-from . import checkpoint, distributed, preflight, records
+from . import checkpoint, distributed, methods, preflight, records
 from .batches import collate, token_budget_batches
-from .checkpoint import Position, load_checkpoint, save_checkpoint
+from .checkpoint import Position
 from .config import TrainConfig, TrainError
+from .output import output_for
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -85,129 +86,96 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
 
 
 def _train(config: TrainConfig, context: distributed.Context, stop_after: int | None) -> Path:
-    from tqdm.auto import tqdm
-
-    main = context.main  # the process that prints and writes
     plan = context.agree(lambda: preflight.prepare(config, context))
-    c, out = plan.config, plan.out
+    config, out = plan.config, plan.out
     context.device = plan.device  # as pre-flight resolved it ("auto")
-    say = (lambda message: print(message, file=sys.stderr)) if main else (lambda message: None)
+    output = output_for(plan, context)  # rank 0 prints and writes; the other processes do not
     for note in plan.notes:
-        say(note)
-    torch.manual_seed(c.seed)
-    np.random.seed(c.seed)
-    random.seed(c.seed)
+        output.note(note)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
     model, tokenizer = context.agree(lambda: preflight.load_student(plan.student.path, context.load_device,
                                                                     plan.probe))
     model.train()
     pad_id = chat.pad_id(tokenizer)
-    engine = distributed.Engine(context, model, plan.terms, c, c.chunk_size, plan.dtype,
-                                distributed.filler_source(plan.store, c.split, plan.needs, pad_id))
-    for note in engine.notes:
-        say(note)
-    optimizer = torch.optim.AdamW(engine.parameters(), lr=c.lr, weight_decay=c.weight_decay)  # sharded under FSDP
+    student = distributed.ParallelStudent(context, model, plan.terms, config, config.chunk_size,
+                                          distributed.filler_source(plan.store, config.split, plan.needs, pad_id))
+    for note in student.notes:
+        output.note(note)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps))
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     position = Position()
-    if c.resume:
-        if context.world == 1:
-            position = load_checkpoint(out, model, optimizer, scheduler, c)
-        else:
-            position = checkpoint.load_process_checkpoint(
-                out, lambda model_state, optimizer_state: engine.load_states(model_state, optimizer, optimizer_state),
-                scheduler, c, context.shard.rank, context.world)
-        if main:
-            records.truncate_metrics(out / records.METRICS_FILE, position.step)
-        if position.step >= plan.total_steps:
-            say(f"note: the checkpoint in {out} is the run's last (step {position.step}); writing its model")
-    elif main:
-        checkpoint.discard_unfinished(out)  # what a run stopped before its first checkpoint left (preflight's note)
-    if main:
-        records.save_config(plan)
+    if config.resume:
+        saved = checkpoint.resume(out, config, context.shard)  # this process's position and RNG state in it
+        student.load_state(saved.model, saved.optimizer, optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        checkpoint.set_rng_state(saved.rng)
+        position = saved.position
+    output.start(position)
 
     def save() -> None:
-        """A checkpoint of where every process stands (gathered states, written by rank 0)."""
-        if context.world == 1:
-            save_checkpoint(out, model, optimizer, scheduler, position, c)
-            return
-        model_state, optimizer_state = engine.model_state(), engine.optimizer_state(optimizer)
-        gathered = context.gather((position.examples, checkpoint.rng_state()))
-        if main:
-            processes = checkpoint.process_states([n for n, _ in gathered], [rng for _, rng in gathered])
-            checkpoint.write_checkpoint(out, model_state, optimizer_state, scheduler, position, c, processes)
+        """A checkpoint of where every process stands."""
+        output.save_checkpoint(student.state(optimizer, position.examples), scheduler, position)
 
-    stream = distributed.RankStream(plan.store, c.split, plan.needs, seed=c.seed, shard=plan.shard)
+    stream = distributed.RankStream(plan.store, config.split, plan.needs, seed=config.seed, shard=plan.shard)
     started_at, saved_at, stopped = position.step, position.step, False
-    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum if context.world > 1 else None)
-    bar = tqdm(total=plan.total_steps, initial=position.step, desc=f"train {c.method}", unit="step",
-               disable=not (c.progress and main), dynamic_ncols=True)
+    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum)
     epochs = len(plan.batches_per_epoch)
-    with contextlib.ExitStack() as closing:
-        metrics = (closing.enter_context(open(out / records.METRICS_FILE, "a" if c.resume else "w")) if main
-                   else None)
-        board = None
-        if main and c.report_to == "tensorboard":
-            board = records.TensorBoard(out, purge_step=position.step + 1 if c.resume else None)
-            closing.callback(board.close)
+    with output.recording(position):
         while not stopped and position.step < plan.total_steps and position.epoch < epochs:
             epoch_batches = plan.batches_per_epoch[position.epoch]  # every process runs as many
-            mine = plan.my_batches[position.epoch]  # of them, this process's share makes these; zero weight after
+            mine = plan.my_batches[position.epoch]  # of them, this process's share makes these; none after
             examples = stream.iterate(position.epoch, skip=position.examples)
-            batches = token_budget_batches(examples, c.batch_tokens)
+            batches = token_budget_batches(examples, config.batch_tokens)
             while position.batches < epoch_batches:
-                step_start = position.batches - position.batches % c.grad_accum
-                in_step = min(c.grad_accum, epoch_batches - step_start)  # batches in this optimizer step
+                step_start = position.batches - position.batches % config.grad_accum
+                in_step = min(config.grad_accum, epoch_batches - step_start)  # batches in this optimizer step
                 batch_examples = next(batches, None) if position.batches < mine else None
                 if batch_examples is None and position.batches < mine:
-                    raise TrainError(f"{c.cache}: epoch {position.epoch} gave {position.batches} batches, {mine} "
-                                     f"were counted; was the store changed during training?")
+                    raise TrainError(f"{config.cache}: epoch {position.epoch} gave {position.batches} batches, "
+                                     f"{mine} were counted; was the store changed during training?")
                 batch = collate(batch_examples, pad_id).to(plan.device) if batch_examples else None
                 last_of_step = position.batches + 1 - step_start == in_step
-                engine.micro_step(batch, in_step, last_of_step, meter)
+                with student.accumulating(sync=last_of_step):  # the gradients meet on the step's last batch
+                    with methods.autocast_for(plan.device, plan.dtype):
+                        loss, terms = student.loss(batch)  # forward: each term a mean over the step's units
+                    student.backward(loss / in_step)
+                tokens = int(batch.attention_mask.sum()) if batch is not None else 0
+                meter.add_batch(loss, terms, tokens, 1 / in_step)
                 position.examples += len(batch_examples or ())
                 position.batches += 1
                 if not last_of_step:
                     continue  # accumulate
 
-                grad_norm = engine.clip(c.max_grad_norm)
+                grad_norm = student.clip(config.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
                 meter.steps += 1
-                bar.update(1)
+                output.step()
 
                 last = position.step >= plan.total_steps
-                if position.step % c.log_every == 0 or position.step == 1 or last:
-                    record = meter.record(step=position.step, epoch=position.epoch, lr=lr, grad_norm=grad_norm)
-                    if main:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        if board is not None:
-                            board.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if position.step % config.log_every == 0 or position.step == 1 or last:
+                    output.log(meter.record(step=position.step, epoch=position.epoch, lr=lr, grad_norm=grad_norm))
                 stopped = stop_after is not None and position.step - started_at >= stop_after
-                if (c.save_every and position.step % c.save_every == 0) or stopped:
+                if (config.save_every and position.step % config.save_every == 0) or stopped:
                     save()
                     saved_at = position.step
                 if last or stopped:
                     break
             if position.batches >= epoch_batches:  # the epoch ran to its end
                 if next(batches, None) is not None:
-                    raise TrainError(f"{c.cache}: epoch {position.epoch} gave more than the {mine} batches "
+                    raise TrainError(f"{config.cache}: epoch {position.epoch} gave more than the {mine} batches "
                                      f"counted; was the store changed during training?")
                 position = Position(step=position.step, epoch=position.epoch + 1)
-    bar.close()
 
     if not stopped:
         if position.step != saved_at:  # else the last checkpoint (saved now, or the one resumed) is at the end
             save()
-        weights = engine.model_weights() if context.parallel == "fsdp" else None  # gathered from the shards
-        if main:
-            records.save_model(out, model, tokenizer, state_dict=weights)
-    if main:
-        records.plot_losses(out / records.METRICS_FILE, out / records.CURVES_FILE)
+        output.save_model(model, tokenizer, student.weights())
+    output.finish()
     return out
