@@ -84,7 +84,7 @@ def store_summary(location: str, storage_options: Mapping | None = None) -> dict
                 done += fmt.group_path(split, part, sequence_set, section) in manifest
         passes[name] = {"model": record.model.name if record.model else None,
                         "sections_complete": done, "sections_expected": expected}
-    teacher = next((r.model for n, r in records.items() if n.endswith("/teacher") and r.model), None)
+    teacher = next((r.model for n, r in records.items() if n.endswith("/" + fmt.SECTION_TEACHER) and r.model), None)
     dataset = store.dataset() or next((store.dataset(s) for s in store.splits() if store.dataset(s)), None)
     try:
         size = int(store.fs.du(store._root))

@@ -27,7 +27,7 @@ def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | 
     for ref in teacher_parts:
         group = store._group(ref)
         try:
-            return int(group["topk_ids"].shape[1]), "topk_ids width"
+            return int(group[fmt.ARRAY_TOPK_IDS].shape[1]), f"{fmt.ARRAY_TOPK_IDS} width"
         except Exception:  # a damaged section: try the next one
             continue
     return None, "no teacher section"
@@ -69,7 +69,7 @@ def store_info(store: TeacherStore) -> dict:
             counted[(ref.split, ref.sequence_set)]["parts_complete"][ref.section] += 1
             if ref.section == fmt.SECTION_TEACHER:
                 teacher_parts.append(ref)
-                with_tail += "tail_logp" in (section_attrs.get("checksums") or {})
+                with_tail += fmt.ARRAY_TAIL_LOGP in (section_attrs.get("checksums") or {})
             continue
         entry = counted.setdefault((ref.split, ref.sequence_set), {
             "examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0,
@@ -84,8 +84,9 @@ def store_info(store: TeacherStore) -> dict:
         if fmt.AXIS_RESPONSE in rows:
             entry["response_tokens"] += int(rows[fmt.AXIS_RESPONSE])
         else:  # written before base sections recorded their response rows
-            offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE, ["response_offsets"])
-            entry["response_tokens"] += int(offsets["response_offsets"][-1])
+            offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE,
+                                         [fmt.ARRAY_RESPONSE_OFFSETS])
+            entry["response_tokens"] += int(offsets[fmt.ARRAY_RESPONSE_OFFSETS][-1])
     total_response = 0
     sizes = store.file_sizes()  # one listing for every split and the total
     for split in store.splits():

@@ -354,9 +354,10 @@ def _read_part(store: TeacherStore, requests: list[tuple],
 
 def _base_names(sequence_set: str, sections: Seq[str]) -> list[str]:
     """The base arrays :func:`load_part` uses (not every base array is needed to build examples)."""
-    names = ["example_index", "role", "prompt_length", "token_offsets", "response_offsets", "input_ids"]
+    names = [fmt.ARRAY_EXAMPLE_INDEX, fmt.ARRAY_ROLE, fmt.ARRAY_PROMPT_LENGTH, fmt.ARRAY_TOKEN_OFFSETS,
+             fmt.ARRAY_RESPONSE_OFFSETS, fmt.ARRAY_INPUT_IDS]
     if sequence_set == fmt.SET_SAMPLES and fmt.SECTION_TEACHER_MCQ in sections:
-        names.append("group_example_index")
+        names.append(fmt.ARRAY_GROUP_EXAMPLE_INDEX)
     return names
 
 
@@ -380,9 +381,9 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
         base = next(results)
         signals = {sec: next(results) for sec in sections}
         # plain Python lists: indexing them is much cheaper than numpy scalars
-        tok_off = base["token_offsets"].tolist()
-        resp_off = base["response_offsets"].tolist()
-        example_index = base["example_index"].tolist()
+        tok_off = base[fmt.ARRAY_TOKEN_OFFSETS].tolist()
+        resp_off = base[fmt.ARRAY_RESPONSE_OFFSETS].tolist()
+        example_index = base[fmt.ARRAY_EXAMPLE_INDEX].tolist()
         response_names, response_slices, sequence_arrays, pair_arrays = [], [], [], []
         tok_spans = list(zip(tok_off, tok_off[1:]))
         resp_spans = list(zip(resp_off, resp_off[1:]))
@@ -390,7 +391,7 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
             for spec in fmt.arrays_of(sequence_set, sec):
                 if spec.name not in signals[sec]:
                     continue  # an optional array this section lacks
-                name, values = f"{sec}/{spec.name}", signals[sec][spec.name]
+                name, values = fmt.signal_name(sec, spec.name), signals[sec][spec.name]
                 if spec.axis == fmt.AXIS_RESPONSE:
                     # each sequence gets a copy of its rows, array by array (no view keeps the part alive)
                     response_names.append(name)
@@ -399,15 +400,15 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
                     sequence_arrays.append((name, values.astype(np.float64).tolist()))
                 elif spec.axis == fmt.AXIS_PAIR:
                     pair_arrays.append((name, values))
-        input_ids = base["input_ids"]
+        input_ids = base[fmt.ARRAY_INPUT_IDS]
         sequence_ids = [input_ids[t0:t1].copy() for t0, t1 in tok_spans]
         responses = ([dict(zip(response_names, rows)) for rows in zip(*response_slices)] if response_names
                      else [{} for _ in example_index])
         scalars = ([dict(zip([n for n, _ in sequence_arrays], row)) for row in zip(*(v for _, v in sequence_arrays))]
                    if sequence_arrays else [{} for _ in example_index])
         for ex, role, ids, prompt_length, response, scalar in zip(
-                example_index, base["role"].tolist(), sequence_ids, base["prompt_length"].tolist(), responses,
-                scalars):
+                example_index, base[fmt.ARRAY_ROLE].tolist(), sequence_ids, base[fmt.ARRAY_PROMPT_LENGTH].tolist(),
+                responses, scalars):
             seq = Sequence(example_index=ex, sequence_set=sequence_set, role=role, input_ids=ids,
                            prompt_length=prompt_length, response=response, scalars=scalar)
             bucket = per_example.get(ex)
@@ -418,8 +419,8 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
                 bucket.append(seq)
                 present[ex].add(sequence_set)
         if sequence_set == fmt.SET_SAMPLES and pair_arrays:
-            offsets = signals[fmt.SECTION_TEACHER_MCQ]["group_pair_offsets"].tolist()
-            for g, ex in enumerate(base["group_example_index"].tolist()):
+            offsets = signals[fmt.SECTION_TEACHER_MCQ][fmt.ARRAY_GROUP_PAIR_OFFSETS].tolist()
+            for g, ex in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()):
                 p0, p1 = offsets[g], offsets[g + 1]
                 groups[ex] = {name: values[p0:p1].copy() for name, values in pair_arrays}
     wanted = set(needs)
