@@ -391,6 +391,12 @@ class SectionRef:
     def path(self) -> str:
         return group_path(self.split, self.part, self.sequence_set, self.section)
 
+    @classmethod
+    def from_path(cls, path: str) -> "SectionRef":
+        """The section at ``path`` (``<split>/part-NNNNN/<set>[/<section>]``, as :attr:`path` gives)."""
+        split, part, sequence_set, *section = path.split("/")
+        return cls(split, part_index(part), sequence_set, section[0] if section else BASE)
+
     def __str__(self) -> str:
         return self.path
 

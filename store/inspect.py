@@ -12,12 +12,13 @@ import json
 from typing import Any, Mapping
 
 from . import format as fmt
-from .teacher_store import SectionRef, TeacherStore
+from .format import SectionRef
+from .reader import StoreReader
 
 __all__ = ["store_info", "format_info"]
 
 
-def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | None, str]:
+def _top_k(store: StoreReader, teacher_parts: list[SectionRef]) -> tuple[int | None, str]:
     """K from the teacher passes' records (a pass of a teacher section first), else from the data."""
     records = store.passes()
     names = sorted(records, key=lambda n: (n.split("/")[-1] != fmt.SECTION_TEACHER, n))
@@ -25,7 +26,7 @@ def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | 
         if records[name].top_k is not None:
             return records[name].top_k, f"pass {name!r}"
     for ref in teacher_parts:
-        group = store._group(ref)
+        group = store.files.open_group(ref.path)
         try:
             return int(group[fmt.ARRAY_TOPK_IDS].shape[1]), f"{fmt.ARRAY_TOPK_IDS} width"
         except Exception:  # a damaged section: try the next one
@@ -33,7 +34,7 @@ def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | 
     return None, "no teacher section"
 
 
-def store_info(store: TeacherStore) -> dict:
+def store_info(store: StoreReader) -> dict:
     """A JSON-serialisable summary of ``store`` (see the module docstring)."""
     attrs = store.attrs
     info: dict[str, Any] = {
@@ -88,7 +89,7 @@ def store_info(store: TeacherStore) -> dict:
                                          [fmt.ARRAY_RESPONSE_OFFSETS])
             entry["response_tokens"] += int(offsets[fmt.ARRAY_RESPONSE_OFFSETS][-1])
     total_response = 0
-    sizes = store.file_sizes()  # one listing for every split and the total
+    sizes = store.files.sizes()  # one listing for every split and the total
     for split in store.splits():
         num_parts = store.num_parts(split)
         sets = {sequence_set: {**counted[(split, sequence_set)], "parts_total": num_parts}

@@ -12,7 +12,7 @@ epoch and mixes examples through a fixed-size buffer, so memory is bounded by
 
 Parts are read by ``_read_part``: for the plain chunk layouts this project
 writes (regular chunks along rows, the codecs of :mod:`store.format`, either
-version) it fetches a part's chunk files in one ``fs.cat`` and decodes them
+version) it fetches a part's chunk files at once (``store.files.read_many``) and decodes them
 with numcodecs, which takes much less CPU than zarr's asynchronous codec
 pipeline and gives the same bytes; the quantised log-probs' delta and scale
 filters are undone in one vectorised pass (:class:`_FastLogp`). Anything else
@@ -30,7 +30,9 @@ from typing import Iterator, Mapping, Sequence as Seq
 import numpy as np
 
 from . import format as fmt
-from .teacher_store import IncompleteSection, SectionRef, StoreError, TeacherStore
+from .errors import IncompleteSection, StoreError
+from .format import SectionRef
+from .reader import StoreReader
 
 Needs = Mapping[str, Seq[str]]  # sequence set -> sections wanted, e.g. {"pairs": ["teacher"]}
 
@@ -276,17 +278,16 @@ def _thread_scratch() -> _Scratch:
     return scratch
 
 
-def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
+def _read_direct(store: StoreReader, jobs: list[tuple[SectionRef, list[str]]],
                  scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
     """Like ``store.read_sections`` but decoding chunk files directly; raises _Unsupported to fall back.
 
     With ``scratch`` the arrays live in its buffers (see :meth:`_ArrayLayout.decode`)."""
     import json
 
-    root, fs = store._root, store.fs
-    group_paths = [f"{root}/{ref.path}/zarr.json" for ref, _ in jobs]
-    array_paths = [f"{root}/{ref.path}/{name}/zarr.json" for ref, names in jobs for name in names]
-    meta = fs.cat(group_paths + array_paths, on_error="return")
+    group_paths = [f"{ref.path}/zarr.json" for ref, _ in jobs]
+    array_paths = [f"{ref.path}/{name}/zarr.json" for ref, names in jobs for name in names]
+    meta = store.files.read_many(group_paths + array_paths)  # one request for every file
     for (ref, _), path in zip(jobs, group_paths):
         group = meta.get(path)
         if isinstance(group, BaseException) or group is None:
@@ -298,11 +299,11 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
         if not complete:
             raise IncompleteSection(f"{store.location}: {ref} is missing or not complete")
     layouts = {}
-    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{root}/{ref.path}/{name}")])
+    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{ref.path}/{name}")])
             for ref, names in jobs]
     for ref, names in jobs:
         for name in names:
-            path = f"{root}/{ref.path}/{name}/zarr.json"
+            path = f"{ref.path}/{name}/zarr.json"
             blob = meta.get(path)
             if isinstance(blob, BaseException) or blob is None:
                 raise _Unsupported("array metadata missing: let zarr report it")
@@ -310,10 +311,10 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
                 layouts[(ref.path, name)] = _ArrayLayout(json.loads(blob))
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise _Unsupported(f"unreadable metadata: {exc}")
-    chunk_paths = {key: [f"{root}/{key[0]}/{key[1]}/{layout.chunk_key(i)}" for i in range(layout.num_chunks)]
+    chunk_paths = {key: [f"{key[0]}/{key[1]}/{layout.chunk_key(i)}" for i in range(layout.num_chunks)]
                    for key, layout in layouts.items()}
     wanted = [path for paths in chunk_paths.values() for path in paths]
-    blobs = fs.cat(wanted, on_error="return") if wanted else {}
+    blobs = store.files.read_many(wanted)
     if any(isinstance(blobs.get(path), BaseException) or blobs.get(path) is None for path in wanted):
         raise _Unsupported("a chunk file is missing: let zarr decide (fill value)")
     out = []
@@ -339,7 +340,7 @@ def _present(meta: dict, array_path: str) -> bool:
     return blob is not None and not isinstance(blob, BaseException)
 
 
-def _read_part(store: TeacherStore, requests: list[tuple],
+def _read_part(store: StoreReader, requests: list[tuple],
                scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
     """``store.read_sections(requests)``, decoded directly from chunk files where the layout allows.
 
@@ -361,7 +362,7 @@ def _base_names(sequence_set: str, sections: Seq[str]) -> list[str]:
     return names
 
 
-def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[Example]:
+def load_part(store: StoreReader, split: str, part: int, needs: Needs) -> list[Example]:
     """All examples of one part that have every requested set, in example order.
 
     Each :class:`Sequence` owns copies of its slices (not views into the part), so
@@ -431,7 +432,7 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
     ]
 
 
-def check_complete(store: TeacherStore, split: str, needs: Needs) -> list[str]:
+def check_complete(store: StoreReader, split: str, needs: Needs) -> list[str]:
     """Names of the (part, set, section) a read of ``needs`` would miss; empty when all there."""
     missing = []
     for sequence_set, sections in needs.items():
@@ -449,7 +450,7 @@ class ExampleStream:
     order. ``skip`` drops that many examples from the start (resuming).
     """
 
-    def __init__(self, store: TeacherStore, split: str, needs: Needs, *, shuffle: bool = True,
+    def __init__(self, store: StoreReader, split: str, needs: Needs, *, shuffle: bool = True,
                  seed: int = 0, buffer_examples: int = 512):
         self.store, self.split, self.needs = store, split, {k: list(v) for k, v in needs.items()}
         self.shuffle, self.seed, self.buffer_examples = shuffle, seed, max(1, buffer_examples)
@@ -500,7 +501,7 @@ class ExampleStream:
 class ExampleReader:
     """Random access by example index, keeping the last few parts in memory."""
 
-    def __init__(self, store: TeacherStore, split: str, needs: Needs, cache_parts: int = 2):
+    def __init__(self, store: StoreReader, split: str, needs: Needs, cache_parts: int = 2):
         self.store, self.split, self.needs = store, split, {k: list(v) for k, v in needs.items()}
         self._cache: OrderedDict[int, dict[int, Example]] = OrderedDict()
         self._cache_parts = cache_parts
