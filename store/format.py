@@ -374,10 +374,10 @@ def group_path(split: str, part: int, sequence_set: str, section: str = BASE) ->
 def array_checksum(values: np.ndarray) -> str:
     """sha256 of an array's decoded values: dtype, shape and little-endian C-order bytes."""
     values = np.ascontiguousarray(values)
-    h = hashlib.sha256()
-    h.update(f"{values.dtype.str}|{values.shape}".encode())
-    h.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
-    return h.hexdigest()
+    sha = hashlib.sha256()
+    sha.update(f"{values.dtype.str}|{values.shape}".encode())
+    sha.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+    return sha.hexdigest()
 
 
 @dataclass(frozen=True)

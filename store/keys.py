@@ -87,12 +87,12 @@ def rows_digest(rows: Iterable[Mapping]) -> str:
 
 def ids_digest(sequences: Iterable[tuple[int, Sequence[int]]]) -> str:
     """sha256 of ``(example index, token ids)`` pairs, in the order given (ids as little-endian int64)."""
-    h = hashlib.sha256()
+    sha = hashlib.sha256()
     for index, ids in sequences:
         values = np.asarray(ids, dtype="<i8")
-        h.update(f"{int(index)}:{values.shape[0]}|".encode())
-        h.update(values.tobytes())
-    return h.hexdigest()
+        sha.update(f"{int(index)}:{values.shape[0]}|".encode())
+        sha.update(values.tobytes())
+    return sha.hexdigest()
 
 
 def _key(kind: str, layout_: Mapping, example_range: Sequence[int], inputs: Mapping) -> str:

@@ -80,13 +80,6 @@ class Example:
     def num_response_tokens(self) -> int:
         return sum(s.response_length for s in self.sequences)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(s.input_ids.shape[0]) for s in self.sequences)
-
-
-def _section_names(sequence_set: str, section: str) -> list[str]:
-    return [s.name for s in fmt.arrays_of(sequence_set, section)]
 
 
 class _Unsupported(Exception):
@@ -371,7 +364,7 @@ def load_part(store: StoreReader, split: str, part: int, needs: Needs) -> list[E
     requests = []
     for sequence_set, sections in needs.items():
         requests.append((split, part, sequence_set, fmt.BASE, _base_names(sequence_set, sections)))
-        requests.extend((split, part, sequence_set, sec) for sec in sections)
+        requests.extend((split, part, sequence_set, section) for section in sections)
     # one read for the whole part, into this thread's reused buffers: everything kept below is a copy
     results = iter(_read_part(store, requests, _thread_scratch()))
 
@@ -380,55 +373,55 @@ def load_part(store: StoreReader, split: str, part: int, needs: Needs) -> list[E
     present: dict[int, set[str]] = {}
     for sequence_set, sections in needs.items():
         base = next(results)
-        signals = {sec: next(results) for sec in sections}
+        signals = {section: next(results) for section in sections}
         # plain Python lists: indexing them is much cheaper than numpy scalars
-        tok_off = base[fmt.ARRAY_TOKEN_OFFSETS].tolist()
-        resp_off = base[fmt.ARRAY_RESPONSE_OFFSETS].tolist()
+        token_offsets = base[fmt.ARRAY_TOKEN_OFFSETS].tolist()
+        response_offsets = base[fmt.ARRAY_RESPONSE_OFFSETS].tolist()
         example_index = base[fmt.ARRAY_EXAMPLE_INDEX].tolist()
         response_names, response_slices, sequence_arrays, pair_arrays = [], [], [], []
-        tok_spans = list(zip(tok_off, tok_off[1:]))
-        resp_spans = list(zip(resp_off, resp_off[1:]))
-        for sec in sections:
-            for spec in fmt.arrays_of(sequence_set, sec):
-                if spec.name not in signals[sec]:
+        token_spans = list(zip(token_offsets, token_offsets[1:]))
+        response_spans = list(zip(response_offsets, response_offsets[1:]))
+        for section in sections:
+            for spec in fmt.arrays_of(sequence_set, section):
+                if spec.name not in signals[section]:
                     continue  # an optional array this section lacks
-                name, values = fmt.signal_name(sec, spec.name), signals[sec][spec.name]
+                name, values = fmt.signal_name(section, spec.name), signals[section][spec.name]
                 if spec.axis == fmt.AXIS_RESPONSE:
                     # each sequence gets a copy of its rows, array by array (no view keeps the part alive)
                     response_names.append(name)
-                    response_slices.append([values[r0:r1].copy() for r0, r1 in resp_spans])
+                    response_slices.append([values[start:stop].copy() for start, stop in response_spans])
                 elif spec.axis == fmt.AXIS_SEQUENCE:
                     sequence_arrays.append((name, values.astype(np.float64).tolist()))
                 elif spec.axis == fmt.AXIS_PAIR:
                     pair_arrays.append((name, values))
         input_ids = base[fmt.ARRAY_INPUT_IDS]
-        sequence_ids = [input_ids[t0:t1].copy() for t0, t1 in tok_spans]
+        sequence_ids = [input_ids[start:stop].copy() for start, stop in token_spans]
         responses = ([dict(zip(response_names, rows)) for rows in zip(*response_slices)] if response_names
                      else [{} for _ in example_index])
         scalars = ([dict(zip([n for n, _ in sequence_arrays], row)) for row in zip(*(v for _, v in sequence_arrays))]
                    if sequence_arrays else [{} for _ in example_index])
-        for ex, role, ids, prompt_length, response, scalar in zip(
+        for example, role, ids, prompt_length, response, scalar in zip(
                 example_index, base[fmt.ARRAY_ROLE].tolist(), sequence_ids, base[fmt.ARRAY_PROMPT_LENGTH].tolist(),
                 responses, scalars):
-            seq = Sequence(example_index=ex, sequence_set=sequence_set, role=role, input_ids=ids,
-                           prompt_length=prompt_length, response=response, scalars=scalar)
-            bucket = per_example.get(ex)
+            sequence = Sequence(example_index=example, sequence_set=sequence_set, role=role, input_ids=ids,
+                                prompt_length=prompt_length, response=response, scalars=scalar)
+            bucket = per_example.get(example)
             if bucket is None:
-                per_example[ex] = [seq]
-                present[ex] = {sequence_set}
+                per_example[example] = [sequence]
+                present[example] = {sequence_set}
             else:
-                bucket.append(seq)
-                present[ex].add(sequence_set)
+                bucket.append(sequence)
+                present[example].add(sequence_set)
         if sequence_set == fmt.SET_SAMPLES and pair_arrays:
             offsets = signals[fmt.SECTION_TEACHER_MCQ][fmt.ARRAY_GROUP_PAIR_OFFSETS].tolist()
-            for g, ex in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()):
-                p0, p1 = offsets[g], offsets[g + 1]
-                groups[ex] = {name: values[p0:p1].copy() for name, values in pair_arrays}
+            for g, example in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()):
+                start, stop = offsets[g], offsets[g + 1]
+                groups[example] = {name: values[start:stop].copy() for name, values in pair_arrays}
     wanted = set(needs)
     return [
-        Example(split, ex, per_example[ex], groups.get(ex, {}))
-        for ex in sorted(per_example)
-        if present[ex] >= wanted
+        Example(split, example, per_example[example], groups.get(example, {}))
+        for example in sorted(per_example)
+        if present[example] >= wanted
     ]
 
 

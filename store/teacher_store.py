@@ -467,22 +467,23 @@ def _check_offsets(ref: SectionRef, arrays: Mapping[str, np.ndarray]) -> int:
     """Check a set's CSR offsets against its lengths; returns the number of response rows."""
     prompt = np.asarray(arrays[fmt.ARRAY_PROMPT_LENGTH], dtype=np.int64)
     response = np.asarray(arrays[fmt.ARRAY_RESPONSE_LENGTH], dtype=np.int64)
-    tok_off = np.asarray(arrays[fmt.ARRAY_TOKEN_OFFSETS], dtype=np.int64)
-    resp_off = np.asarray(arrays[fmt.ARRAY_RESPONSE_OFFSETS], dtype=np.int64)
+    token_offsets = np.asarray(arrays[fmt.ARRAY_TOKEN_OFFSETS], dtype=np.int64)
+    response_offsets = np.asarray(arrays[fmt.ARRAY_RESPONSE_OFFSETS], dtype=np.int64)
     tokens = np.asarray(arrays[fmt.ARRAY_INPUT_IDS]).shape[0]
-    if tok_off.shape[0] == 0 or resp_off.shape[0] == 0:
+    if token_offsets.shape[0] == 0 or response_offsets.shape[0] == 0:
         raise StoreError(f"{ref}: offsets need one entry more than there are sequences (a leading 0)")
-    if tok_off[0] != 0 or tok_off[-1] != tokens or not np.array_equal(np.diff(tok_off), prompt + response):
+    if (token_offsets[0] != 0 or token_offsets[-1] != tokens
+            or not np.array_equal(np.diff(token_offsets), prompt + response)):
         raise StoreError(f"{ref}/token_offsets: must start at 0, step by prompt_length + response_length "
                          f"and end at the {tokens} tokens of input_ids")
-    if resp_off[0] != 0 or not np.array_equal(np.diff(resp_off), response):
+    if response_offsets[0] != 0 or not np.array_equal(np.diff(response_offsets), response):
         raise StoreError(f"{ref}/response_offsets: must start at 0 and step by response_length")
     if fmt.ARRAY_GROUP_OFFSETS in arrays:
-        grp_off = np.asarray(arrays[fmt.ARRAY_GROUP_OFFSETS], dtype=np.int64)
-        if grp_off[0] != 0 or grp_off[-1] != prompt.shape[0] or np.any(np.diff(grp_off) < 0):
+        group_offsets = np.asarray(arrays[fmt.ARRAY_GROUP_OFFSETS], dtype=np.int64)
+        if group_offsets[0] != 0 or group_offsets[-1] != prompt.shape[0] or np.any(np.diff(group_offsets) < 0):
             raise StoreError(f"{ref}/group_offsets: must start at 0, never decrease and end at the "
                              f"{prompt.shape[0]} sequences")
-    return int(resp_off[-1])
+    return int(response_offsets[-1])
 
 
 def _fsync_file(path: str) -> None:
