@@ -179,8 +179,7 @@ LOGP_FLOOR = -500.0  # log-probs are clamped here before quantising (uint16 rang
 KL_BOUND_WITH_TAIL = LOGP_MAX_ABS_ERROR ** 2 / 2
 
 #: Blosc settings of the large arrays (version 2): zstd at Blosc level 7 (zstd level 13) with a byte
-#: shuffle. Measured against numcodecs shuffle + zstd 9 (version 1) by benchmarks/store_size.py: the
-#: same size within 1%, and the shuffle runs inside Blosc (SIMD) when decoding.
+#: shuffle, which runs inside Blosc when decoding (benchmarks/store_size.py compares them with version 1's).
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 7
 
