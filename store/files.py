@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import fsspec
 import zarr
 
+from .errors import StoreError
 from .locations import is_url
 
 __all__ = ["StoreFiles", "quiet_zarr"]
@@ -106,6 +107,7 @@ class StoreFiles:
 
     def write(self, relative: str, data: bytes) -> None:
         """Write one file (its folders made as needed on a local file system)."""
+        self._require_writable()
         full = self.path(relative)
         if self.is_local:
             self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
@@ -113,7 +115,12 @@ class StoreFiles:
 
     def remove(self, relative: str) -> None:
         """Remove the file or the folder (with everything in it) at ``relative``."""
+        self._require_writable()
         self.fs.rm(self.path(relative), recursive=True)
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.location}: opened read-only")
 
     def open_group(self, relative: str) -> zarr.Group | None:
         """The zarr group at ``relative``, opened read-only; None where there is no readable group."""
