@@ -117,7 +117,7 @@ def main_cuda(args) -> None:
         summary = run_teacher(_config(args, out, "cuda", "auto", "auto"))
         step = summary.steps[0]
         store = TeacherStore.open(out)
-        dtype = store.pass_record("pairs/teacher").settings["dtype"]
+        dtype = store.pass_record(fmt.PASS_PAIRS_TEACHER).settings["dtype"]
         bases = [store.read_section("train", p, fmt.SET_PAIRS) for p in range(store.num_parts("train"))]
     model, tokenizer, info = models.load_model(args.teacher, device="cuda:0", dtype=dtype)
     pad = tokenizer.pad_token_id

@@ -315,10 +315,10 @@ def mcq_step(ctx, step, split: str, part: int, model, progress):
     setup, tokenizer = ctx.mcq, ctx.tokenizer
     base = ctx.store.read_section(split, part, fmt.SET_SAMPLES)
     seqs, prompt_lengths = split_sequences(base)
-    group_offsets = base["group_offsets"]
+    group_offsets = base[fmt.ARRAY_GROUP_OFFSETS]
     rows = {r.index: r for r in ctx.rows_of_part(split, part, prompts=True)}
     asks, sizes, cut = [], [], 0
-    for g, example in enumerate(base["group_example_index"]):
+    for g, example in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX]):
         first, stop = int(group_offsets[g]), int(group_offsets[g + 1])
         question, was_cut = cut_question(tokenizer, last_user_message(rows[int(example)].prompt),
                                          setup.question_budget)
@@ -329,7 +329,7 @@ def mcq_step(ctx, step, split: str, part: int, model, progress):
                 text = setup.template.render(question, options[a], options[b])
                 asks.append(chat.encode_prompt(tokenizer, [{"role": "user", "content": text}]))
         sizes.append(stop - first)
-    part_tokens = int(base["token_offsets"][-1])
+    part_tokens = int(base[fmt.ARRAY_TOKEN_OFFSETS][-1])
     done = [0, 0]  # asks done, progress reported (in the sample set's tokens, the bar's unit)
 
     def on_batch(n_asks):
@@ -354,10 +354,10 @@ def mcq_step(ctx, step, split: str, part: int, model, progress):
         stats = add_stats(stats, ask_stats(letter_logp[at:at + 2 * u], a_first, a_second))
         at += 2 * u
     arrays = {
-        "pair_index": np.concatenate(pair_index) if pair_index else np.zeros((0, 2), np.int32),
-        "pair_prob": (np.concatenate(pair_prob) if pair_prob else np.zeros((0, 2))).astype(np.float32),
-        "group_pair_offsets": np.asarray(pair_offsets, dtype=np.int64),
-        "mcq_score": (np.concatenate(scores) if scores else np.zeros(0)).astype(np.float32),
+        fmt.ARRAY_PAIR_INDEX: np.concatenate(pair_index) if pair_index else np.zeros((0, 2), np.int32),
+        fmt.ARRAY_PAIR_PROB: (np.concatenate(pair_prob) if pair_prob else np.zeros((0, 2))).astype(np.float32),
+        fmt.ARRAY_GROUP_PAIR_OFFSETS: np.asarray(pair_offsets, dtype=np.int64),
+        fmt.ARRAY_MCQ_SCORE: (np.concatenate(scores) if scores else np.zeros(0)).astype(np.float32),
     }
     return StepResult(arrays, int(sum(map(len, asks))), {"calibration": stats, "questions_cut": int(cut)},
                       groups=len(sizes))

@@ -293,8 +293,8 @@ def agree(result: GroupRanking, mean_logp: Sequence[float]) -> int:
 
 # --------------------------------------------------------------------------- the command
 
-PASS_JUDGE = "samples/judge"
-PASS_WHITE_BOX = "samples/student_init"
+PASS_JUDGE = fmt.PASS_SAMPLES_JUDGE
+PASS_WHITE_BOX = fmt.PASS_SAMPLES_STUDENT_INIT
 
 
 @dataclass
@@ -363,13 +363,15 @@ def dynamic_demos(location: str | None, count: int, storage_options: dict | None
     for split in store.splits():
         for part in store.complete_parts(split, fmt.SET_SAMPLES, fmt.SECTION_JUDGE):
             judged = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)
-            base = store.read_section(split, part, fmt.SET_SAMPLES, fmt.BASE, ["group_offsets", "group_example_index"])
+            base = store.read_section(split, part, fmt.SET_SAMPLES, fmt.BASE,
+                                      [fmt.ARRAY_GROUP_OFFSETS, fmt.ARRAY_GROUP_EXAMPLE_INDEX])
             audits = _audits(judged)
-            for g, example in enumerate(base["group_example_index"].tolist()):
-                if judged["group_status"][g] != STATUS_RANKED:
+            for g, example in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()):
+                if judged[fmt.ARRAY_GROUP_STATUS][g] != STATUS_RANKED:
                     continue
-                s0, s1 = int(base["group_offsets"][g]), int(base["group_offsets"][g + 1])
-                agreed = [(int(r), s - s0) for s, r in zip(range(s0, s1), judged["agreed_rank"][s0:s1]) if r >= 0]
+                s0, s1 = int(base[fmt.ARRAY_GROUP_OFFSETS][g]), int(base[fmt.ARRAY_GROUP_OFFSETS][g + 1])
+                agreed = [(int(r), s - s0) for s, r in zip(range(s0, s1), judged[fmt.ARRAY_AGREED_RANK][s0:s1])
+                          if r >= 0]
                 record = audits[g]
                 responses = [record["responses"][position] for _, position in sorted(agreed)]
                 found.append((-len(agreed), store.splits().index(split), example,
@@ -378,7 +380,7 @@ def dynamic_demos(location: str | None, count: int, storage_options: dict | None
 
 
 def _audits(judged: dict) -> list[dict]:
-    offsets, raw = judged["group_audit_offsets"], judged["audit_json"].tobytes()
+    offsets, raw = judged[fmt.ARRAY_GROUP_AUDIT_OFFSETS], judged[fmt.ARRAY_AUDIT_JSON].tobytes()
     return [json.loads(raw[offsets[g]:offsets[g + 1]].decode("utf-8")) for g in range(len(offsets) - 1)]
 
 
@@ -394,7 +396,7 @@ def _section_key(store: TeacherStore, name: str, record: PassRecord, split: str,
         white = store.section_attrs(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT)
         if not (white and white.get("complete")):
             return None
-        reads[PASS_WHITE_BOX] = {"logp_sum": white["checksums"]["logp_sum"]}
+        reads[PASS_WHITE_BOX] = {fmt.ARRAY_LOGP_SUM: white["checksums"][fmt.ARRAY_LOGP_SUM]}
     return keys.section_key(name, layout=store.key_layout(), example_range=store.part_range(split, part),
                             model_sha256=record.model.sha256 if record.model else None, settings=record.settings,
                             base_checksums=base["checksums"], reads=reads, prompts_sha256=prompts_sha256,
@@ -435,7 +437,7 @@ def prepare(config: RankConfig, summary: runs.Summary) -> RankContext:
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
-    sampler = (store.pass_record("samples/base") or PassRecord()).model
+    sampler = (store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()).model
     white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
     if sampler and not c.student and white_box.weights_hash != sampler.sha256:
         raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
@@ -454,7 +456,7 @@ def prepare(config: RankConfig, summary: runs.Summary) -> RankContext:
     device = models.resolve_device(c.device)
     dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
     white = PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
-        "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length})
+        "dtype": dtype, "max_length": (store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()).max_length})
     return RankContext(config=c, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
                        instruction=instruction, demos=[*static, *dynamic], record=record, white=white,
                        device=device, dtype=dtype)
@@ -550,9 +552,10 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
               demos: Sequence[Demo], rows_by_index: dict, config: RankConfig, progress) -> tuple[dict, dict]:
     """Rank every group of one part: (the judge section's arrays, its attributes)."""
     base = store.read_section(split, part, fmt.SET_SAMPLES)
-    sums = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ["logp_sum"])["logp_sum"]
+    sums = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT,
+                              [fmt.ARRAY_LOGP_SUM])[fmt.ARRAY_LOGP_SUM]
     seqs, prompt_lengths = split_sequences(base)
-    offsets, examples = base["group_offsets"], base["group_example_index"].tolist()
+    offsets, examples = base[fmt.ARRAY_GROUP_OFFSETS], base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()
     groups, spans = [], []
     for g, example in enumerate(examples):
         s0, s1 = int(offsets[g]), int(offsets[g + 1])
@@ -587,10 +590,10 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
                              "judge_order": result.judge_order, "agreed_order": result.agreed},
                             ensure_ascii=False).encode("utf-8")
         audit_offsets.append(len(audit))
-    arrays = {"judge_rank": judge_rank, "white_rank": white_rank, "agreed_rank": agreed_rank,
-              "group_status": np.asarray(status, np.int8), "group_tries": np.asarray(tries, np.int8),
-              "group_audit_offsets": np.asarray(audit_offsets, np.int64),
-              "audit_json": np.frombuffer(bytes(audit), dtype=np.uint8)}
+    arrays = {fmt.ARRAY_JUDGE_RANK: judge_rank, fmt.ARRAY_WHITE_RANK: white_rank, fmt.ARRAY_AGREED_RANK: agreed_rank,
+              fmt.ARRAY_GROUP_STATUS: np.asarray(status, np.int8), fmt.ARRAY_GROUP_TRIES: np.asarray(tries, np.int8),
+              fmt.ARRAY_GROUP_AUDIT_OFFSETS: np.asarray(audit_offsets, np.int64),
+              fmt.ARRAY_AUDIT_JSON: np.frombuffer(bytes(audit), dtype=np.uint8)}
     cost = {"requests": sum(len(r.tries) for r in results),
             "prompt_tokens": sum(t.get("prompt_tokens", 0) for r in results for t in r.tries),
             "completion_tokens": sum(t.get("completion_tokens", 0) for r in results for t in r.tries)}

@@ -70,7 +70,7 @@ from . import runs
 from .dataset import LoadedSplit, dataset_identity, load_splits
 
 DROP_DUPLICATES = "duplicate_responses"
-PASS_SAMPLES = "samples/base"
+PASS_SAMPLES = fmt.PASS_SAMPLES_BASE
 
 
 # --------------------------------------------------------------------------- selection

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lm.head import split_model
+from store import format as fmt
 from store.format import LOGP_FLOOR
 
 HEAD_CHUNK_ROWS = 1024
@@ -220,20 +221,20 @@ def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = Fa
         return np.zeros((0,) if width is None else (0, width), dtype=np.float32)
 
     arrays = {
-        "target_logp": cat([s.target_logp for s in scored]).astype(np.float32),
-        "logp_sum": np.array([s.logp_sum for s in scored], dtype=np.float32),
+        fmt.ARRAY_TARGET_LOGP: cat([s.target_logp for s in scored]).astype(np.float32),
+        fmt.ARRAY_LOGP_SUM: np.array([s.logp_sum for s in scored], dtype=np.float32),
     }
     if topk:
-        arrays["topk_ids"] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
-        arrays["topk_logp"] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
-        arrays["tail_logp"] = cat([s.tail_logp for s in scored]).astype(np.float32)
+        arrays[fmt.ARRAY_TOPK_IDS] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
+        arrays[fmt.ARRAY_TOPK_LOGP] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
+        arrays[fmt.ARRAY_TAIL_LOGP] = cat([s.tail_logp for s in scored]).astype(np.float32)
         adaptive = [s.topk_count is not None for s in scored]
         if any(adaptive):
             if not all(adaptive):
                 raise ValueError("scored sequences mix an adaptive and a fixed top-K")
-            arrays["topk_count"] = cat([s.topk_count for s in scored]).astype(np.uint16)
+            arrays[fmt.ARRAY_TOPK_COUNT] = cat([s.topk_count for s in scored]).astype(np.uint16)
     if at_ids:
-        arrays["topk_logp"] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
+        arrays[fmt.ARRAY_TOPK_LOGP] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
         if at_counts is not None:
-            arrays["topk_logp"] = pad_past_count(arrays["topk_logp"], at_counts, PAD_LOGP)
+            arrays[fmt.ARRAY_TOPK_LOGP] = pad_past_count(arrays[fmt.ARRAY_TOPK_LOGP], at_counts, PAD_LOGP)
     return arrays

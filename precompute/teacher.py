@@ -198,14 +198,14 @@ def reference_step(ctx: TeacherContext, step: Step, split: str, part: int, model
     """The reference model's log-probs at the teacher's top-K ids of the same rows (ADPA)."""
     base = ctx.store.read_section(split, part, fmt.SET_GENERATED)
     teacher = ctx.store.read_section(split, part, fmt.SET_GENERATED, fmt.SECTION_TEACHER,
-                                     ["topk_ids", "topk_count"])  # topk_count: only where the top-K is adaptive
-    teacher_ids = teacher["topk_ids"]
+                                     [fmt.ARRAY_TOPK_IDS, fmt.ARRAY_TOPK_COUNT])  # the count: only where K adapts
+    teacher_ids = teacher[fmt.ARRAY_TOPK_IDS]
     seqs, prompts = split_sequences(base)
-    off = base["response_offsets"]
+    off = base[fmt.ARRAY_RESPONSE_OFFSETS]
     at = [teacher_ids[off[s]:off[s + 1]] for s in range(len(seqs))]
     scored = scoring.score_sequences(model, seqs, prompts, at_ids=at, batch_tokens=ctx.config.batch_tokens,
                                      pad_id=ctx.pad_id, on_batch=progress)
-    return StepResult(scoring.scored_arrays(scored, at_ids=True, at_counts=teacher.get("topk_count")),
+    return StepResult(scoring.scored_arrays(scored, at_ids=True, at_counts=teacher.get(fmt.ARRAY_TOPK_COUNT)),
                       sum(map(len, seqs)))
 
 
@@ -234,19 +234,19 @@ def _groups(ctx: TeacherContext, split: str, part: int) -> int:
 
 
 STEPS = {step.name: step for step in (
-    Step("pairs/student_init", fmt.SET_PAIRS, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
-    Step("samples/student_init", fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
-    Step("generated/base", fmt.SET_GENERATED, fmt.BASE, ROLE_STUDENT, generate_step),
-    Step("pairs/teacher", fmt.SET_PAIRS, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
-    Step("samples/teacher", fmt.SET_SAMPLES, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
-    Step("samples/teacher_mcq", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ, ROLE_TEACHER, calibration.mcq_step),
-    Step("generated/teacher", fmt.SET_GENERATED, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
-    Step("generated/reference", fmt.SET_GENERATED, fmt.SECTION_REFERENCE, ROLE_REFERENCE, reference_step),
+    Step(fmt.PASS_PAIRS_STUDENT_INIT, fmt.SET_PAIRS, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
+    Step(fmt.PASS_SAMPLES_STUDENT_INIT, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT, ROLE_STUDENT, sums_step),
+    Step(fmt.PASS_GENERATED_BASE, fmt.SET_GENERATED, fmt.BASE, ROLE_STUDENT, generate_step),
+    Step(fmt.PASS_PAIRS_TEACHER, fmt.SET_PAIRS, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step(fmt.PASS_SAMPLES_TEACHER, fmt.SET_SAMPLES, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step(fmt.PASS_SAMPLES_TEACHER_MCQ, fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ, ROLE_TEACHER, calibration.mcq_step),
+    Step(fmt.PASS_GENERATED_TEACHER, fmt.SET_GENERATED, fmt.SECTION_TEACHER, ROLE_TEACHER, topk_step),
+    Step(fmt.PASS_GENERATED_REFERENCE, fmt.SET_GENERATED, fmt.SECTION_REFERENCE, ROLE_REFERENCE, reference_step),
 )}
 #: what a step reads of the same part besides its set's base: the step that writes it
-READS = {"generated/teacher": "generated/base", "generated/reference": "generated/teacher"}
+READS = {fmt.PASS_GENERATED_TEACHER: fmt.PASS_GENERATED_BASE, fmt.PASS_GENERATED_REFERENCE: fmt.PASS_GENERATED_TEACHER}
 #: the arrays of another section of the same part a step reads, whose checksums enter its content key
-KEY_READS = {"generated/reference": ("generated/teacher", ("topk_ids", "topk_count"))}
+KEY_READS = {fmt.PASS_GENERATED_REFERENCE: (fmt.PASS_GENERATED_TEACHER, (fmt.ARRAY_TOPK_IDS, fmt.ARRAY_TOPK_COUNT))}
 
 
 def plan_steps(ctx: TeacherContext) -> list[Step]:
@@ -254,17 +254,17 @@ def plan_steps(ctx: TeacherContext) -> list[Step]:
     passes = ctx.config.passes
     names: list[str] = []
     if PASS_DPO_REF in passes:
-        names.append("pairs/student_init")
+        names.append(fmt.PASS_PAIRS_STUDENT_INIT)
         if _has_samples(ctx):  # DPO reference sums for the groups too (pad_dpo)
-            names.append("samples/student_init")
+            names.append(fmt.PASS_SAMPLES_STUDENT_INIT)
     if PASS_ADPA in passes:
-        names.append("generated/base")
+        names.append(fmt.PASS_GENERATED_BASE)
     if PASS_PAIRS in passes:
-        names.append("pairs/teacher")
+        names.append(fmt.PASS_PAIRS_TEACHER)
     if PASS_PAD in passes:
-        names.extend(["samples/teacher", "samples/teacher_mcq"])
+        names.extend([fmt.PASS_SAMPLES_TEACHER, fmt.PASS_SAMPLES_TEACHER_MCQ])
     if PASS_ADPA in passes:
-        names.extend(["generated/teacher", "generated/reference"])
+        names.extend([fmt.PASS_GENERATED_TEACHER, fmt.PASS_GENERATED_REFERENCE])
     return [STEPS[name] for name in names]
 
 
@@ -366,7 +366,7 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
                 f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}` (the pad pass "
                 f"scores the groups it writes)")
         samples_store = runs.require_samples(c.out, c.splits, c.storage_options, make=make)
-        samples_record = samples_store.pass_record("samples/base") or PassRecord()
+        samples_record = samples_store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()
         mcq_template = calibration.load_template(c.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
         prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
@@ -460,7 +460,7 @@ def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
         for part, seqs in enumerate(seqs_of_part):
             if not ctx.store.is_complete(split, part, fmt.SET_PAIRS):
                 key = pairs_base_key(ctx, split, part)
-                if not (ctx.reuse and ctx.reuse.take("pairs/base", SectionRef(split, part, fmt.SET_PAIRS), key)):
+                if not (ctx.reuse and ctx.reuse.take(fmt.PASS_PAIRS_BASE, SectionRef(split, part, fmt.SET_PAIRS), key)):
                     ctx.store.write_section(split, part, fmt.SET_PAIRS, fmt.BASE, base_arrays(seqs), {keys.ATTR: key})
 
 

@@ -25,7 +25,8 @@ from .format import SectionRef
 from .keys import ATTR
 from .locations import is_url, redact_url
 from .provenance import PASS_ENCODE, read_passes
-from .teacher_store import StoreError, TeacherStore
+from .errors import StoreError
+from .reader import StoreReader
 
 __all__ = ["find_stores", "store_summary", "format_listing", "KeyedSection", "SectionIndex"]
 
@@ -68,7 +69,7 @@ def find_stores(location: str, storage_options: Mapping | None = None, max_depth
 
 def store_summary(location: str, storage_options: Mapping | None = None) -> dict:
     """What ``store ls`` prints of one store (see the module docstring)."""
-    store = TeacherStore.open(location, storage_options=storage_options)
+    store = StoreReader.open(location, storage_options=storage_options)
     attrs = store.attrs
     manifest = attrs.get("manifest") or {}
     records = read_passes(attrs)
@@ -84,10 +85,10 @@ def store_summary(location: str, storage_options: Mapping | None = None) -> dict
                 done += fmt.group_path(split, part, sequence_set, section) in manifest
         passes[name] = {"model": record.model.name if record.model else None,
                         "sections_complete": done, "sections_expected": expected}
-    teacher = next((r.model for n, r in records.items() if n.endswith("/teacher") and r.model), None)
+    teacher = next((r.model for n, r in records.items() if n.endswith("/" + fmt.SECTION_TEACHER) and r.model), None)
     dataset = store.dataset() or next((store.dataset(s) for s in store.splits() if store.dataset(s)), None)
     try:
-        size = int(store.fs.du(store._root))
+        size = int(store.files.fs.du(store.files.root))
     except (OSError, NotImplementedError):
         size = None
     return {
@@ -128,7 +129,7 @@ def format_listing(summaries: list[dict]) -> str:
 class KeyedSection:
     """A section a store lists under a content key (its root ``content_keys``)."""
 
-    store: TeacherStore
+    store: StoreReader
     ref: SectionRef
 
     def attrs(self, key: str) -> dict | None:
@@ -144,11 +145,6 @@ def same_location(a: str, b: str) -> bool:
         return redact_url(a).rstrip("/") == redact_url(b).rstrip("/")
     strip = (lambda p: p[len("file://"):] if p.startswith("file://") else p)
     return os.path.realpath(strip(a)) == os.path.realpath(strip(b))
-
-
-def _section_ref(path: str) -> SectionRef:
-    split, part, sequence_set, *section = path.split("/")
-    return SectionRef(split, fmt.part_index(part), sequence_set, section[0] if section else fmt.BASE)
 
 
 @dataclass
@@ -186,12 +182,12 @@ class SectionIndex:
                     continue
                 seen["stores"] += 1
                 try:
-                    store = TeacherStore.open(found, storage_options=options)
+                    store = StoreReader.open(found, storage_options=options)
                     if store.key_layout() != dict(self.layout):
                         continue
                     for path, key in (store.attrs.get("content_keys") or {}).items():
                         if key not in self.sections:
-                            self.sections[key] = KeyedSection(store, _section_ref(path))
+                            self.sections[key] = KeyedSection(store, SectionRef.from_path(path))
                             seen["sections"] += 1
                 except (StoreError, OSError, KeyError, ValueError) as exc:
                     seen["problems"].append(f"{redact_url(found)} cannot be read ({type(exc).__name__})")

@@ -40,7 +40,7 @@ def _clear_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from .teacher_store import StoreError
+        from .errors import StoreError
 
         try:
             return command(*args, **kwargs)

@@ -19,23 +19,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
+from .errors import StoreError
+from .files import quiet_zarr
 from .format import SectionRef, array_checksum
 from .locations import redact_url
-from .teacher_store import StoreError, TeacherStore, _quiet
+from .reader import StoreReader
+from .teacher_store import TeacherStore
 
 __all__ = ["copy_store", "copy_section"]
-
-
-def _join(root: str, path: str) -> str:
-    return f"{root.rstrip('/')}/{path}" if path else root.rstrip("/")
-
-
-def _put(store: TeacherStore, path: str, data: bytes) -> None:
-    """Write one file of ``store`` (folders made as needed on a local file system)."""
-    full = _join(store._root, path)
-    if store.is_local:
-        store.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-    store.fs.pipe_file(full, data)
 
 
 def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_options: Mapping | None = None,
@@ -44,20 +35,18 @@ def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_op
 
     ``progress(section path, copied)`` is called once per complete section of the source.
     """
-    source = TeacherStore.open(src, storage_options=src_options)
+    source = StoreReader.open(src, storage_options=src_options)
     target = TeacherStore(dst, mode="a", storage_options=dst_options)
     if target.exists():
         _check_same_store(source, target)
     else:
-        target._refuse_foreign_location()
-        root = json.loads(source.fs.cat_file(_join(source._root, "zarr.json")))
+        target.refuse_foreign_location()
+        root = json.loads(source.files.read("zarr.json"))
         root["attributes"] = {**root["attributes"], "manifest": {},
                               "copied_from": redact_url(source.location)}
-        _put(target, "zarr.json", json.dumps(root, indent=2).encode())
-        target._attrs_cache = None
-    src_files = sorted(source.fs.find(source._root))
-    prefix = source._root.rstrip("/") + "/"
-    relative = [f[len(prefix):] for f in src_files if f.startswith(prefix)]
+        target.files.write("zarr.json", json.dumps(root, indent=2).encode())
+        target.refresh_attrs()
+    relative = source.files.list()
     groups = [f for f in relative if f.endswith("/zarr.json") and f.count("/") in (1, 2)]  # splits and parts
     _copy_files(source, target, groups, threads)
 
@@ -74,8 +63,7 @@ def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_op
             copied += 1
             if progress:
                 progress(ref.path, True)
-    target._attrs_cache = None
-    target.refresh_manifest()
+    target.refresh_manifest()  # reads the root attributes afresh
     problems = set(source.attrs.get("manifest") or {}) - set(target.attrs.get("manifest") or {})
     if problems:
         raise StoreError(f"{redact_url(dst)}: after the copy, {len(problems)} section(s) of the source's manifest "
@@ -83,7 +71,7 @@ def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_op
     return {"copied": copied, "skipped": skipped}
 
 
-def _check_same_store(source: TeacherStore, target: TeacherStore) -> None:
+def _check_same_store(source: StoreReader, target: TeacherStore) -> None:
     """Resuming into an existing destination: it must be a copy of the same store."""
     differ = [k for k in ("format", "tokenizer", "created_at") if source.attrs.get(k) != target.attrs.get(k)]
     if differ:
@@ -91,20 +79,20 @@ def _check_same_store(source: TeacherStore, target: TeacherStore) -> None:
                          f"{redact_url(source.location)}); copy to a new location")
 
 
-def _copy_files(source: TeacherStore, target: TeacherStore, paths: list[str], threads: int) -> None:
+def _copy_files(source: StoreReader, target: TeacherStore, paths: list[str], threads: int) -> None:
     def one(path: str) -> None:
-        _put(target, path, source.fs.cat_file(_join(source._root, path)))
+        target.files.write(path, source.files.read(path))
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(one, paths))
 
 
-def _copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, attrs: dict, relative: list[str],
+def _copy_section(source: StoreReader, target: TeacherStore, ref: SectionRef, attrs: dict, relative: list[str],
                   pool: ThreadPoolExecutor) -> None:
     copy_section(source, target, ref, attrs, files=relative, pool=pool)
 
 
-def copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, attrs: dict, *,
+def copy_section(source: StoreReader, target: TeacherStore, ref: SectionRef, attrs: dict, *,
                  to: SectionRef | None = None, extra_attrs: Mapping | None = None, make_parents: bool = False,
                  files: list[str] | None = None, pool: ThreadPoolExecutor | None = None) -> None:
     """Copy the complete section ``ref`` of ``source`` (its group attributes ``attrs``) to ``to`` (default: the
@@ -122,16 +110,12 @@ def copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, at
     files = [f for f in files if any(f.startswith(f"{ref.path}/{name}/") for name in names)]
     if make_parents:
         target.ensure_part_group(to.split, to.part)
-    for name in names:  # an earlier copy's leftovers of this section's arrays go first
-        leftover = _join(target._root, f"{to.path}/{name}")
-        if target.fs.exists(leftover):
-            target.fs.rm(leftover, recursive=True)
-    group_meta = _join(target._root, f"{to.path}/zarr.json")
-    if target.fs.exists(group_meta):
-        target.fs.rm_file(group_meta)
+    for leftover in [f"{to.path}/{name}" for name in names] + [f"{to.path}/zarr.json"]:
+        if target.files.exists(leftover):  # an earlier copy's arrays go first, and the group's metadata
+            target.files.remove(leftover)
 
     def one(path: str) -> None:
-        _put(target, to.path + path[len(ref.path):], source.fs.cat_file(_join(source._root, path)))
+        target.files.write(to.path + path[len(ref.path):], source.files.read(path))
 
     if pool is None:
         with ThreadPoolExecutor(max_workers=8) as own:
@@ -143,39 +127,42 @@ def copy_section(source: TeacherStore, target: TeacherStore, ref: SectionRef, at
     if wrong:
         raise StoreError(f"{redact_url(target.location)}: {to.path}/{wrong[0]} arrived with another checksum than "
                          f"the source's; the section is left incomplete (run the copy again)")
-    meta = source.fs.cat_file(_join(source._root, f"{ref.path}/zarr.json"))
+    meta = source.files.read(f"{ref.path}/zarr.json")
     if extra_attrs:
         document = json.loads(meta)
         document["attributes"] = {**(document.get("attributes") or {}), **dict(extra_attrs)}
         meta = json.dumps(document, indent=2).encode()
-    _put(target, f"{to.path}/zarr.json", meta)
+    target.files.write(f"{to.path}/zarr.json", meta)
 
 
-def _array_files(source: TeacherStore, ref: SectionRef, names: list[str]) -> list[str]:
+def _array_files(source: StoreReader, ref: SectionRef, names: list[str]) -> list[str]:
     """The files of a section's arrays, from each array's metadata (its chunk grid), without listing folders:
     a static HTTP server without directory listings serves them as well. Listed where the metadata names
     a chunk key encoding other than this writer's."""
     metas = [f"{ref.path}/{name}/zarr.json" for name in names]
-    fetched = source.fs.cat([_join(source._root, m) for m in metas])
+    fetched = source.files.read_many(metas)
     files = []
     for name, meta in zip(names, metas):
-        document = json.loads(fetched[_join(source._root, meta)])
+        document = json.loads(_or_raise(fetched[meta]))
         encoding = document.get("chunk_key_encoding") or {}
         if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
-            prefix = source._root.rstrip("/") + "/"
-            listed = source.fs.find(_join(source._root, f"{ref.path}/{name}"))
-            files.extend(f[len(prefix):] for f in listed if f.startswith(prefix))
+            files.extend(source.files.list(f"{ref.path}/{name}"))
             continue
         chunks = tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
         files.append(meta)
-        files.extend(source.chunk_keys(f"{ref.path}/{name}", tuple(document["shape"]), chunks))
+        files.extend(source.files.chunk_keys(f"{ref.path}/{name}", tuple(document["shape"]), chunks))
     return files
+
+
+def _or_raise(fetched):
+    """A file read with ``read_many``: its bytes, or the error reading it raised, raised here."""
+    if isinstance(fetched, BaseException):
+        raise fetched
+    return fetched
 
 
 def _read_arrays_of(store: TeacherStore, ref: SectionRef, names: list[str]) -> dict:
     """Decode a section's arrays without its group metadata (not there yet: it comes last)."""
-    import zarr
-
-    with _quiet():
-        return {name: zarr.open_array(store._zstore, path=f"{ref.path}/{name}", mode="r")[...] for name in names}
+    with quiet_zarr():
+        return {name: store.files.open_array(f"{ref.path}/{name}")[...] for name in names}
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import format as fmt
-from .teacher_store import TeacherStore
+from .reader import StoreReader
 
 __all__ = ["export_hdf5", "encode_attr", "decode_attr"]
 
@@ -66,7 +66,7 @@ def _dataset(group, name: str, values: np.ndarray) -> None:
                          compression="gzip", compression_opts=4, shuffle=values.dtype.itemsize > 1)
 
 
-def export_hdf5(store: TeacherStore, out_path: str, *,
+def export_hdf5(store: StoreReader, out_path: str, *,
                 progress: Callable[[str], None] | None = None) -> dict:
     """Write every complete section of ``store`` to the HDF5 file ``out_path``.
 

@@ -12,12 +12,13 @@ import json
 from typing import Any, Mapping
 
 from . import format as fmt
-from .teacher_store import SectionRef, TeacherStore
+from .format import SectionRef
+from .reader import StoreReader
 
 __all__ = ["store_info", "format_info"]
 
 
-def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | None, str]:
+def _top_k(store: StoreReader, teacher_parts: list[SectionRef]) -> tuple[int | None, str]:
     """K from the teacher passes' records (a pass of a teacher section first), else from the data."""
     records = store.passes()
     names = sorted(records, key=lambda n: (n.split("/")[-1] != fmt.SECTION_TEACHER, n))
@@ -25,15 +26,15 @@ def _top_k(store: TeacherStore, teacher_parts: list[SectionRef]) -> tuple[int | 
         if records[name].top_k is not None:
             return records[name].top_k, f"pass {name!r}"
     for ref in teacher_parts:
-        group = store._group(ref)
+        group = store.files.open_group(ref.path)
         try:
-            return int(group["topk_ids"].shape[1]), "topk_ids width"
+            return int(group[fmt.ARRAY_TOPK_IDS].shape[1]), f"{fmt.ARRAY_TOPK_IDS} width"
         except Exception:  # a damaged section: try the next one
             continue
     return None, "no teacher section"
 
 
-def store_info(store: TeacherStore) -> dict:
+def store_info(store: StoreReader) -> dict:
     """A JSON-serialisable summary of ``store`` (see the module docstring)."""
     attrs = store.attrs
     info: dict[str, Any] = {
@@ -69,7 +70,7 @@ def store_info(store: TeacherStore) -> dict:
             counted[(ref.split, ref.sequence_set)]["parts_complete"][ref.section] += 1
             if ref.section == fmt.SECTION_TEACHER:
                 teacher_parts.append(ref)
-                with_tail += "tail_logp" in (section_attrs.get("checksums") or {})
+                with_tail += fmt.ARRAY_TAIL_LOGP in (section_attrs.get("checksums") or {})
             continue
         entry = counted.setdefault((ref.split, ref.sequence_set), {
             "examples": 0, "sequences": 0, "response_tokens": 0, "tokens": 0,
@@ -84,10 +85,11 @@ def store_info(store: TeacherStore) -> dict:
         if fmt.AXIS_RESPONSE in rows:
             entry["response_tokens"] += int(rows[fmt.AXIS_RESPONSE])
         else:  # written before base sections recorded their response rows
-            offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE, ["response_offsets"])
-            entry["response_tokens"] += int(offsets["response_offsets"][-1])
+            offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE,
+                                         [fmt.ARRAY_RESPONSE_OFFSETS])
+            entry["response_tokens"] += int(offsets[fmt.ARRAY_RESPONSE_OFFSETS][-1])
     total_response = 0
-    sizes = store.file_sizes()  # one listing for every split and the total
+    sizes = store.files.sizes()  # one listing for every split and the total
     for split in store.splits():
         num_parts = store.num_parts(split)
         sets = {sequence_set: {**counted[(split, sequence_set)], "parts_total": num_parts}
@@ -203,48 +205,50 @@ def format_info(info: Mapping) -> str:
     out.append("")
     out.append("datasets")
     rows = []
-    for split, s in info.get("splits", {}).items():
-        ds = s.get("dataset") or {}
-        fingerprint = ds.get("fingerprint", "-") if isinstance(ds, Mapping) else "-"
-        rest = ", ".join(f"{k}={v}" for k, v in ds.items() if k not in ("name", "fingerprint")) \
-            if isinstance(ds, Mapping) else str(ds)
-        rows.append([split, str(ds.get("name", "-") if isinstance(ds, Mapping) else ds), str(fingerprint),
-                     rest or "-"])
+    for split, split_info in info.get("splits", {}).items():
+        dataset = split_info.get("dataset") or {}
+        fingerprint = dataset.get("fingerprint", "-") if isinstance(dataset, Mapping) else "-"
+        rest = ", ".join(f"{k}={v}" for k, v in dataset.items() if k not in ("name", "fingerprint")) \
+            if isinstance(dataset, Mapping) else str(dataset)
+        rows.append([split, str(dataset.get("name", "-") if isinstance(dataset, Mapping) else dataset),
+                     str(fingerprint), rest or "-"])
     out += _table(["split", "dataset", "fingerprint", "other"], rows) if rows else ["  (no splits)"]
 
     out.append("")
     out.append("contents (complete parts only; '(split)' counts examples declared for the split)")
     rows = []
-    for split, s in info.get("splits", {}).items():
-        for sequence_set, c in s["sets"].items():
-            rows.append([split, sequence_set, f"{c['examples']:,}", f"{c['sequences']:,}",
-                         f"{c['response_tokens']:,}", f"{c['tokens']:,}"])
-        rows.append([split, "(split)", f"{s['num_examples']:,}", f"{s['sequences']:,}",
-                     f"{s['response_tokens']:,}", f"{s['tokens']:,}"])
+    for split, split_info in info.get("splits", {}).items():
+        for sequence_set, counts in split_info["sets"].items():
+            rows.append([split, sequence_set, f"{counts['examples']:,}", f"{counts['sequences']:,}",
+                         f"{counts['response_tokens']:,}", f"{counts['tokens']:,}"])
+        rows.append([split, "(split)", f"{split_info['num_examples']:,}", f"{split_info['sequences']:,}",
+                     f"{split_info['response_tokens']:,}", f"{split_info['tokens']:,}"])
     out += _table(["split", "set", "examples", "sequences", "response tokens", "tokens"], rows) \
         if rows else ["  (nothing written)"]
 
     out.append("")
     out.append("parts complete / total")
     # a section is shown for a set once any part of that set (in any split) has it
-    used = {(sequence_set, sec) for s in info.get("splits", {}).values() for sequence_set, c in s["sets"].items()
-            for sec, n in c["parts_complete"].items() if n > 0}
-    sections = [fmt.BASE] + [sec for sec in fmt.SECTIONS if any(sec == u[1] for u in used)]
+    used = {(sequence_set, section) for split_info in info.get("splits", {}).values()
+            for sequence_set, counts in split_info["sets"].items()
+            for section, n in counts["parts_complete"].items() if n > 0}
+    sections = [fmt.BASE] + [section for section in fmt.SECTIONS if any(section == s for _, s in used)]
     rows = []
-    for split, s in info.get("splits", {}).items():
-        if not s["sets"]:
-            rows.append([split, "-"] + [f"0/{s['num_parts']}"] + ["-"] * (len(sections) - 1))
-        for sequence_set, c in s["sets"].items():
+    for split, split_info in info.get("splits", {}).items():
+        if not split_info["sets"]:
+            rows.append([split, "-"] + [f"0/{split_info['num_parts']}"] + ["-"] * (len(sections) - 1))
+        for sequence_set, counts in split_info["sets"].items():
             rows.append([split, sequence_set] + [
-                f"{c['parts_complete'].get(sec, 0)}/{c['parts_total']}"
-                if sec == fmt.BASE or (sequence_set, sec) in used else "-"
-                for sec in sections])
+                f"{counts['parts_complete'].get(section, 0)}/{counts['parts_total']}"
+                if section == fmt.BASE or (sequence_set, section) in used else "-"
+                for section in sections])
     out += _table(["split", "set"] + sections, rows)
 
     out.append("")
     out.append("bytes on disk by split")
-    rows = [[split, f"{s['bytes_on_disk']:,}",
-             "-" if s["bytes_per_response_token"] is None else f"{s['bytes_per_response_token']:.1f}"]
-            for split, s in info.get("splits", {}).items()]
+    rows = [[split, f"{split_info['bytes_on_disk']:,}",
+             "-" if split_info["bytes_per_response_token"] is None
+             else f"{split_info['bytes_per_response_token']:.1f}"]
+            for split, split_info in info.get("splits", {}).items()]
     out += _table(["split", "bytes", "bytes/response token"], rows)
     return "\n".join(out)

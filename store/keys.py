@@ -16,10 +16,11 @@ section is computed *on* by the checksums the store already holds for it (a
 teacher section depends on its base's checksums, which were written or reused
 before it).
 
-This module is the one definition of what goes into each kind of key
-(:data:`KEY_INPUTS` says it in words and is repeated in the store's format
-description; the functions below are the code). It imports nothing of the
-project, so that the format module can quote it.
+This module is the one definition of what goes into each kind of key: the
+functions below are the code, and :data:`store.format.KEY_INPUTS` (imported
+here as :data:`KEY_INPUTS`) says it in words, in the format's description that
+every store carries. The words live in the format module so that it imports
+nothing of the project.
 
 Canonical form: a key is the sha256 hex of the UTF-8 JSON (keys sorted, no
 spaces, no NaN) of ``{"key_version", "kind", "layout", "example_range",
@@ -36,6 +37,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import format as fmt
+from .format import DESCRIPTIVE_SETTINGS, KEY_INPUTS
+
 __all__ = ["KEY_VERSION", "ATTR", "REUSED_ATTR", "KEY_INPUTS", "DESCRIPTIVE_SETTINGS", "digest", "layout",
            "key_settings", "rows_digest", "ids_digest", "pairs_base_key", "generated_base_key",
            "samples_base_key", "section_key"]
@@ -46,43 +50,6 @@ KEY_VERSION = 1
 ATTR = "content_key"
 #: the section attribute a reused section gets: the (redacted) store and section it was copied from
 REUSED_ATTR = "reused_from"
-
-#: settings of a pass record that say where something came from, not what it is (a sha256 or the
-#: weights' hash beside them says that); dotted names reach into nested settings
-DESCRIPTIVE_SETTINGS = ("dataset", "reference_is", "template.source", "dynamic_demos.from")
-
-KEY_INPUTS = {
-    "every key": (
-        "sha256 hex of canonical JSON (sorted keys, no spaces) of {key_version, kind, layout: {format_version, "
-        "token_id_dtype, tokenizer_sha256}, example_range: [start, stop) of the part, inputs}; a pass record's "
-        "settings enter as written, without the model's name and without "
-        + ", ".join(DESCRIPTIVE_SETTINGS) + " (names of where something came from)"
-    ),
-    "pairs/base": (
-        "inputs: encode settings (max_length, chat_template_sha256, tokenizer_sha256) and rows_sha256, the "
-        "sha256 of every row of the part that survived loading: [index, prompt messages, chosen, rejected]"
-    ),
-    "generated/base": (
-        "inputs: model_sha256 of the generating model (the student), the pass settings (decoding, "
-        "max_new_tokens, max_length, dtype, ...), end_of_turn_ids, and prompt_ids_sha256 of every row's "
-        "prompt token ids as generation sees them (chat template, cut from the left to its budget)"
-    ),
-    "samples/base": (
-        "inputs: model_sha256 of the sampling model, the pass settings (n, temperature, top_p, keep, seed, "
-        "max_new_tokens, max_length, dtype, selection, ...), part_seed (the seed this part draws with), "
-        "device kind (cpu, cuda) and generation_batch (they change the random draws), end_of_turn_ids, "
-        "prompts_sha256 (the rows' prompt messages) and prompt_ids_sha256 (their token ids as sampled)"
-    ),
-    "sections": (
-        "teacher, student_init, reference, teacher_mcq, judge: model_sha256 of the model that computed it, "
-        "the pass settings (top_k, dtype, max_length, the MCQ template's sha256 and letters, the judge's "
-        "identity and prompts, ...), base_checksums (every array checksum of the set's base: the token ids "
-        "it was computed on), reads (checksums of other sections it reads: the reference reads "
-        "generated/teacher topk_ids, the judge samples/student_init logp_sum), and where they matter "
-        "prompts_sha256 (teacher_mcq and judge show the rows' prompt text) and part_seed (judge)"
-    ),
-}
-
 
 def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
@@ -120,12 +87,12 @@ def rows_digest(rows: Iterable[Mapping]) -> str:
 
 def ids_digest(sequences: Iterable[tuple[int, Sequence[int]]]) -> str:
     """sha256 of ``(example index, token ids)`` pairs, in the order given (ids as little-endian int64)."""
-    h = hashlib.sha256()
+    sha = hashlib.sha256()
     for index, ids in sequences:
         values = np.asarray(ids, dtype="<i8")
-        h.update(f"{int(index)}:{values.shape[0]}|".encode())
-        h.update(values.tobytes())
-    return h.hexdigest()
+        sha.update(f"{int(index)}:{values.shape[0]}|".encode())
+        sha.update(values.tobytes())
+    return sha.hexdigest()
 
 
 def _key(kind: str, layout_: Mapping, example_range: Sequence[int], inputs: Mapping) -> str:
@@ -137,14 +104,14 @@ def _key(kind: str, layout_: Mapping, example_range: Sequence[int], inputs: Mapp
 def pairs_base_key(*, layout: Mapping, example_range: Sequence[int], encode: Mapping,
                    rows: Iterable[Mapping]) -> str:
     """The dataset's chosen and rejected of one part, tokenised (``pairs`` base)."""
-    return _key("pairs/base", layout, example_range,
+    return _key(fmt.PASS_PAIRS_BASE, layout, example_range,
                 {"encode": key_settings(encode), "rows_sha256": rows_digest(rows)})
 
 
 def generated_base_key(*, layout: Mapping, example_range: Sequence[int], model_sha256: str, settings: Mapping,
                        eot_ids: Sequence[int], prompt_ids: Iterable[tuple[int, Sequence[int]]]) -> str:
     """The generating model's answers to one part's prompts (``generated`` base)."""
-    return _key("generated/base", layout, example_range, {
+    return _key(fmt.PASS_GENERATED_BASE, layout, example_range, {
         "model_sha256": model_sha256, "settings": key_settings(settings),
         "end_of_turn_ids": [int(i) for i in eot_ids], "prompt_ids_sha256": ids_digest(prompt_ids)})
 
@@ -153,7 +120,7 @@ def samples_base_key(*, layout: Mapping, example_range: Sequence[int], model_sha
                      part_seed: int, device: str, generation_batch: int, eot_ids: Sequence[int],
                      prompts_sha256: str, prompt_ids: Iterable[tuple[int, Sequence[int]]]) -> str:
     """One part's groups of sampled responses (``samples`` base)."""
-    return _key("samples/base", layout, example_range, {
+    return _key(fmt.PASS_SAMPLES_BASE, layout, example_range, {
         "model_sha256": model_sha256, "settings": key_settings(settings), "part_seed": int(part_seed),
         "device": str(device).split(":", 1)[0], "generation_batch": int(generation_batch),
         "end_of_turn_ids": [int(i) for i in eot_ids], "prompts_sha256": prompts_sha256,

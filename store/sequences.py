@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import format as fmt
+
 __all__ = ["base_arrays", "split_sequences"]
 
 
@@ -24,33 +26,34 @@ def base_arrays(sequences: Sequence[tuple[int, int, np.ndarray, int]], *,
     set; the groups' sequences must be consecutive in ``sequences``.
     """
     lengths = np.array([len(ids) for _, _, ids, _ in sequences], dtype=np.int64)
-    prompt = np.array([p for _, _, _, p in sequences], dtype=np.int32)
-    response = (lengths - prompt).astype(np.int32)
+    prompt_lengths = np.array([p for _, _, _, p in sequences], dtype=np.int32)
+    response_lengths = (lengths - prompt_lengths).astype(np.int32)
     ids = (np.concatenate([np.asarray(s[2], dtype=np.int64) for s in sequences]) if len(sequences)
            else np.zeros(0, np.int64))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    mask = np.zeros(int(lengths.sum()), dtype=bool)
-    for s, p in enumerate(prompt):
-        mask[offsets[s] + p: offsets[s + 1]] = True
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    loss_mask = np.zeros(int(lengths.sum()), dtype=bool)
+    for s, prompt_length in enumerate(prompt_lengths):
+        loss_mask[token_offsets[s] + prompt_length: token_offsets[s + 1]] = True
     arrays = {
-        "example_index": np.array([e for e, _, _, _ in sequences], dtype=np.int64),
-        "role": np.array([r for _, r, _, _ in sequences], dtype=np.int8),
-        "prompt_length": prompt,
-        "response_length": response,
-        "token_offsets": offsets,
-        "response_offsets": np.concatenate([[0], np.cumsum(response)]).astype(np.int64),
-        "input_ids": ids,
-        "loss_mask": mask,
+        fmt.ARRAY_EXAMPLE_INDEX: np.array([e for e, _, _, _ in sequences], dtype=np.int64),
+        fmt.ARRAY_ROLE: np.array([r for _, r, _, _ in sequences], dtype=np.int8),
+        fmt.ARRAY_PROMPT_LENGTH: prompt_lengths,
+        fmt.ARRAY_RESPONSE_LENGTH: response_lengths,
+        fmt.ARRAY_TOKEN_OFFSETS: token_offsets,
+        fmt.ARRAY_RESPONSE_OFFSETS: np.concatenate([[0], np.cumsum(response_lengths)]).astype(np.int64),
+        fmt.ARRAY_INPUT_IDS: ids,
+        fmt.ARRAY_LOSS_MASK: loss_mask,
     }
     if groups is not None:
         sizes = np.array([n for _, n in groups], dtype=np.int64)
-        arrays["group_offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        arrays["group_example_index"] = np.array([e for e, _ in groups], dtype=np.int64)
+        arrays[fmt.ARRAY_GROUP_OFFSETS] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        arrays[fmt.ARRAY_GROUP_EXAMPLE_INDEX] = np.array([e for e, _ in groups], dtype=np.int64)
     return arrays
 
 
 def split_sequences(base: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
     """(token ids of each sequence, prompt length of each) from a set's base arrays."""
-    off = base["token_offsets"]
-    ids = base["input_ids"]
-    return [ids[off[s]:off[s + 1]] for s in range(len(off) - 1)], [int(p) for p in base["prompt_length"]]
+    offsets = base[fmt.ARRAY_TOKEN_OFFSETS]
+    ids = base[fmt.ARRAY_INPUT_IDS]
+    return ([ids[offsets[s]:offsets[s + 1]] for s in range(len(offsets) - 1)],
+            [int(p) for p in base[fmt.ARRAY_PROMPT_LENGTH]])

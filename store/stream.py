@@ -12,7 +12,7 @@ epoch and mixes examples through a fixed-size buffer, so memory is bounded by
 
 Parts are read by ``_read_part``: for the plain chunk layouts this project
 writes (regular chunks along rows, the codecs of :mod:`store.format`, either
-version) it fetches a part's chunk files in one ``fs.cat`` and decodes them
+version) it fetches a part's chunk files at once (``store.files.read_many``) and decodes them
 with numcodecs, which takes much less CPU than zarr's asynchronous codec
 pipeline and gives the same bytes; the quantised log-probs' delta and scale
 filters are undone in one vectorised pass (:class:`_FastLogp`). Anything else
@@ -30,7 +30,9 @@ from typing import Iterator, Mapping, Sequence as Seq
 import numpy as np
 
 from . import format as fmt
-from .teacher_store import IncompleteSection, SectionRef, StoreError, TeacherStore
+from .errors import IncompleteSection, StoreError
+from .format import SectionRef
+from .reader import StoreReader
 
 Needs = Mapping[str, Seq[str]]  # sequence set -> sections wanted, e.g. {"pairs": ["teacher"]}
 
@@ -78,13 +80,6 @@ class Example:
     def num_response_tokens(self) -> int:
         return sum(s.response_length for s in self.sequences)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(s.input_ids.shape[0]) for s in self.sequences)
-
-
-def _section_names(sequence_set: str, section: str) -> list[str]:
-    return [s.name for s in fmt.arrays_of(sequence_set, section)]
 
 
 class _Unsupported(Exception):
@@ -119,7 +114,7 @@ class _FastScale:
     """numcodecs' FixedScaleOffset decode for a power-of-two scale, in float32.
 
     ``q / scale + offset`` is exact in float32 then (q < 2**24), so the result is
-    bit for bit numcodecs' (which computes in float64 and casts), four times faster.
+    bit for bit numcodecs' (which computes in float64 and casts), in less time.
     """
 
     @staticmethod
@@ -276,17 +271,16 @@ def _thread_scratch() -> _Scratch:
     return scratch
 
 
-def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
+def _read_direct(store: StoreReader, jobs: list[tuple[SectionRef, list[str]]],
                  scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
     """Like ``store.read_sections`` but decoding chunk files directly; raises _Unsupported to fall back.
 
     With ``scratch`` the arrays live in its buffers (see :meth:`_ArrayLayout.decode`)."""
     import json
 
-    root, fs = store._root, store.fs
-    group_paths = [f"{root}/{ref.path}/zarr.json" for ref, _ in jobs]
-    array_paths = [f"{root}/{ref.path}/{name}/zarr.json" for ref, names in jobs for name in names]
-    meta = fs.cat(group_paths + array_paths, on_error="return")
+    group_paths = [f"{ref.path}/zarr.json" for ref, _ in jobs]
+    array_paths = [f"{ref.path}/{name}/zarr.json" for ref, names in jobs for name in names]
+    meta = store.files.read_many(group_paths + array_paths)  # one request for every file
     for (ref, _), path in zip(jobs, group_paths):
         group = meta.get(path)
         if isinstance(group, BaseException) or group is None:
@@ -298,11 +292,11 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
         if not complete:
             raise IncompleteSection(f"{store.location}: {ref} is missing or not complete")
     layouts = {}
-    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{root}/{ref.path}/{name}")])
+    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{ref.path}/{name}")])
             for ref, names in jobs]
     for ref, names in jobs:
         for name in names:
-            path = f"{root}/{ref.path}/{name}/zarr.json"
+            path = f"{ref.path}/{name}/zarr.json"
             blob = meta.get(path)
             if isinstance(blob, BaseException) or blob is None:
                 raise _Unsupported("array metadata missing: let zarr report it")
@@ -310,10 +304,10 @@ def _read_direct(store: TeacherStore, jobs: list[tuple[SectionRef, list[str]]],
                 layouts[(ref.path, name)] = _ArrayLayout(json.loads(blob))
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise _Unsupported(f"unreadable metadata: {exc}")
-    chunk_paths = {key: [f"{root}/{key[0]}/{key[1]}/{layout.chunk_key(i)}" for i in range(layout.num_chunks)]
+    chunk_paths = {key: [f"{key[0]}/{key[1]}/{layout.chunk_key(i)}" for i in range(layout.num_chunks)]
                    for key, layout in layouts.items()}
     wanted = [path for paths in chunk_paths.values() for path in paths]
-    blobs = fs.cat(wanted, on_error="return") if wanted else {}
+    blobs = store.files.read_many(wanted)
     if any(isinstance(blobs.get(path), BaseException) or blobs.get(path) is None for path in wanted):
         raise _Unsupported("a chunk file is missing: let zarr decide (fill value)")
     out = []
@@ -339,7 +333,7 @@ def _present(meta: dict, array_path: str) -> bool:
     return blob is not None and not isinstance(blob, BaseException)
 
 
-def _read_part(store: TeacherStore, requests: list[tuple],
+def _read_part(store: StoreReader, requests: list[tuple],
                scratch: _Scratch | None = None) -> list[dict[str, np.ndarray]]:
     """``store.read_sections(requests)``, decoded directly from chunk files where the layout allows.
 
@@ -354,13 +348,14 @@ def _read_part(store: TeacherStore, requests: list[tuple],
 
 def _base_names(sequence_set: str, sections: Seq[str]) -> list[str]:
     """The base arrays :func:`load_part` uses (not every base array is needed to build examples)."""
-    names = ["example_index", "role", "prompt_length", "token_offsets", "response_offsets", "input_ids"]
+    names = [fmt.ARRAY_EXAMPLE_INDEX, fmt.ARRAY_ROLE, fmt.ARRAY_PROMPT_LENGTH, fmt.ARRAY_TOKEN_OFFSETS,
+             fmt.ARRAY_RESPONSE_OFFSETS, fmt.ARRAY_INPUT_IDS]
     if sequence_set == fmt.SET_SAMPLES and fmt.SECTION_TEACHER_MCQ in sections:
-        names.append("group_example_index")
+        names.append(fmt.ARRAY_GROUP_EXAMPLE_INDEX)
     return names
 
 
-def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[Example]:
+def load_part(store: StoreReader, split: str, part: int, needs: Needs) -> list[Example]:
     """All examples of one part that have every requested set, in example order.
 
     Each :class:`Sequence` owns copies of its slices (not views into the part), so
@@ -369,7 +364,7 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
     requests = []
     for sequence_set, sections in needs.items():
         requests.append((split, part, sequence_set, fmt.BASE, _base_names(sequence_set, sections)))
-        requests.extend((split, part, sequence_set, sec) for sec in sections)
+        requests.extend((split, part, sequence_set, section) for section in sections)
     # one read for the whole part, into this thread's reused buffers: everything kept below is a copy
     results = iter(_read_part(store, requests, _thread_scratch()))
 
@@ -378,59 +373,59 @@ def load_part(store: TeacherStore, split: str, part: int, needs: Needs) -> list[
     present: dict[int, set[str]] = {}
     for sequence_set, sections in needs.items():
         base = next(results)
-        signals = {sec: next(results) for sec in sections}
+        signals = {section: next(results) for section in sections}
         # plain Python lists: indexing them is much cheaper than numpy scalars
-        tok_off = base["token_offsets"].tolist()
-        resp_off = base["response_offsets"].tolist()
-        example_index = base["example_index"].tolist()
+        token_offsets = base[fmt.ARRAY_TOKEN_OFFSETS].tolist()
+        response_offsets = base[fmt.ARRAY_RESPONSE_OFFSETS].tolist()
+        example_index = base[fmt.ARRAY_EXAMPLE_INDEX].tolist()
         response_names, response_slices, sequence_arrays, pair_arrays = [], [], [], []
-        tok_spans = list(zip(tok_off, tok_off[1:]))
-        resp_spans = list(zip(resp_off, resp_off[1:]))
-        for sec in sections:
-            for spec in fmt.arrays_of(sequence_set, sec):
-                if spec.name not in signals[sec]:
+        token_spans = list(zip(token_offsets, token_offsets[1:]))
+        response_spans = list(zip(response_offsets, response_offsets[1:]))
+        for section in sections:
+            for spec in fmt.arrays_of(sequence_set, section):
+                if spec.name not in signals[section]:
                     continue  # an optional array this section lacks
-                name, values = f"{sec}/{spec.name}", signals[sec][spec.name]
+                name, values = fmt.signal_name(section, spec.name), signals[section][spec.name]
                 if spec.axis == fmt.AXIS_RESPONSE:
                     # each sequence gets a copy of its rows, array by array (no view keeps the part alive)
                     response_names.append(name)
-                    response_slices.append([values[r0:r1].copy() for r0, r1 in resp_spans])
+                    response_slices.append([values[start:stop].copy() for start, stop in response_spans])
                 elif spec.axis == fmt.AXIS_SEQUENCE:
                     sequence_arrays.append((name, values.astype(np.float64).tolist()))
                 elif spec.axis == fmt.AXIS_PAIR:
                     pair_arrays.append((name, values))
-        input_ids = base["input_ids"]
-        sequence_ids = [input_ids[t0:t1].copy() for t0, t1 in tok_spans]
+        input_ids = base[fmt.ARRAY_INPUT_IDS]
+        sequence_ids = [input_ids[start:stop].copy() for start, stop in token_spans]
         responses = ([dict(zip(response_names, rows)) for rows in zip(*response_slices)] if response_names
                      else [{} for _ in example_index])
         scalars = ([dict(zip([n for n, _ in sequence_arrays], row)) for row in zip(*(v for _, v in sequence_arrays))]
                    if sequence_arrays else [{} for _ in example_index])
-        for ex, role, ids, prompt_length, response, scalar in zip(
-                example_index, base["role"].tolist(), sequence_ids, base["prompt_length"].tolist(), responses,
-                scalars):
-            seq = Sequence(example_index=ex, sequence_set=sequence_set, role=role, input_ids=ids,
-                           prompt_length=prompt_length, response=response, scalars=scalar)
-            bucket = per_example.get(ex)
+        for example, role, ids, prompt_length, response, scalar in zip(
+                example_index, base[fmt.ARRAY_ROLE].tolist(), sequence_ids, base[fmt.ARRAY_PROMPT_LENGTH].tolist(),
+                responses, scalars):
+            sequence = Sequence(example_index=example, sequence_set=sequence_set, role=role, input_ids=ids,
+                                prompt_length=prompt_length, response=response, scalars=scalar)
+            bucket = per_example.get(example)
             if bucket is None:
-                per_example[ex] = [seq]
-                present[ex] = {sequence_set}
+                per_example[example] = [sequence]
+                present[example] = {sequence_set}
             else:
-                bucket.append(seq)
-                present[ex].add(sequence_set)
+                bucket.append(sequence)
+                present[example].add(sequence_set)
         if sequence_set == fmt.SET_SAMPLES and pair_arrays:
-            offsets = signals[fmt.SECTION_TEACHER_MCQ]["group_pair_offsets"].tolist()
-            for g, ex in enumerate(base["group_example_index"].tolist()):
-                p0, p1 = offsets[g], offsets[g + 1]
-                groups[ex] = {name: values[p0:p1].copy() for name, values in pair_arrays}
+            offsets = signals[fmt.SECTION_TEACHER_MCQ][fmt.ARRAY_GROUP_PAIR_OFFSETS].tolist()
+            for g, example in enumerate(base[fmt.ARRAY_GROUP_EXAMPLE_INDEX].tolist()):
+                start, stop = offsets[g], offsets[g + 1]
+                groups[example] = {name: values[start:stop].copy() for name, values in pair_arrays}
     wanted = set(needs)
     return [
-        Example(split, ex, per_example[ex], groups.get(ex, {}))
-        for ex in sorted(per_example)
-        if present[ex] >= wanted
+        Example(split, example, per_example[example], groups.get(example, {}))
+        for example in sorted(per_example)
+        if present[example] >= wanted
     ]
 
 
-def check_complete(store: TeacherStore, split: str, needs: Needs) -> list[str]:
+def check_complete(store: StoreReader, split: str, needs: Needs) -> list[str]:
     """Names of the (part, set, section) a read of ``needs`` would miss; empty when all there."""
     missing = []
     for sequence_set, sections in needs.items():
@@ -448,7 +443,7 @@ class ExampleStream:
     order. ``skip`` drops that many examples from the start (resuming).
     """
 
-    def __init__(self, store: TeacherStore, split: str, needs: Needs, *, shuffle: bool = True,
+    def __init__(self, store: StoreReader, split: str, needs: Needs, *, shuffle: bool = True,
                  seed: int = 0, buffer_examples: int = 512):
         self.store, self.split, self.needs = store, split, {k: list(v) for k, v in needs.items()}
         self.shuffle, self.seed, self.buffer_examples = shuffle, seed, max(1, buffer_examples)
@@ -499,7 +494,7 @@ class ExampleStream:
 class ExampleReader:
     """Random access by example index, keeping the last few parts in memory."""
 
-    def __init__(self, store: TeacherStore, split: str, needs: Needs, cache_parts: int = 2):
+    def __init__(self, store: StoreReader, split: str, needs: Needs, cache_parts: int = 2):
         self.store, self.split, self.needs = store, split, {k: list(v) for k, v in needs.items()}
         self._cache: OrderedDict[int, dict[int, Example]] = OrderedDict()
         self._cache_parts = cache_parts

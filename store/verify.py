@@ -23,18 +23,14 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from typing import TYPE_CHECKING
-
 from . import format as fmt
-from .format import SectionRef, array_checksum
-
-if TYPE_CHECKING:
-    from .teacher_store import TeacherStore
+from .format import array_checksum
+from .reader import StoreReader
 
 __all__ = ["verify_store"]
 
 
-def verify_store(store: "TeacherStore", progress: Callable[[str], None] | None = None) -> list[str]:
+def verify_store(store: StoreReader, progress: Callable[[str], None] | None = None) -> list[str]:
     """Every problem of ``store``, one line each naming the place (empty when intact)."""
     problems: list[str] = []
     attrs = store.attrs
@@ -42,7 +38,7 @@ def verify_store(store: "TeacherStore", progress: Callable[[str], None] | None =
     if not isinstance(manifest, dict):
         problems.append("zarr.json (root): the manifest of complete sections is missing from the attributes")
         manifest = {}
-    files = _files_on_disk(store)
+    files = set(store.files.list())  # every file, relative to the root
     meta = _read_metadata(store, files, problems)  # group/array path -> attributes (parsed zarr.json)
     layout = attrs.get("layout", {}).get("splits", {})
 
@@ -103,19 +99,15 @@ def verify_store(store: "TeacherStore", progress: Callable[[str], None] | None =
     return problems
 
 
-def _files_on_disk(store: "TeacherStore") -> set[str]:
-    """Every file of the store, as paths relative to its root."""
-    root = store._root.rstrip("/") + "/"
-    return {path[len(root):] for path in store.fs.find(store._root) if path.startswith(root)}
 
 
-def _read_metadata(store: "TeacherStore", files: set[str], problems: list[str]) -> dict[str, dict]:
+def _read_metadata(store: StoreReader, files: set[str], problems: list[str]) -> dict[str, dict]:
     """Parse every ``zarr.json``: group path -> its attributes (arrays included); broken files are problems."""
     meta = {}
     for path in sorted(f for f in files if f == "zarr.json" or f.endswith("/zarr.json")):
         group = path[: -len("/zarr.json")] if "/" in path else ""
         try:
-            document = json.loads(store.fs.cat_file(f"{store._root}/{path}"))
+            document = json.loads(store.files.read(path))
             if not isinstance(document, dict) or "node_type" not in document:
                 raise ValueError("not zarr metadata")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -143,14 +135,13 @@ def _section_paths(meta: dict) -> set[str]:
             if attrs["_node_type"] == "group" and path.count("/") in (2, 3)}
 
 
-def _verify_section(store: "TeacherStore", path: str, attrs: dict, manifest_sums: dict | None, files: set[str],
+def _verify_section(store: StoreReader, path: str, attrs: dict, manifest_sums: dict | None, files: set[str],
                     meta: dict) -> list[str]:
     problems = []
     recorded = attrs.get("checksums", {})
     if manifest_sums is not None and manifest_sums != recorded:
         problems.append(f"{path}: checksums differ between the section and the root manifest")
-    ref = _ref(path)
-    group = store._group(ref)
+    group = store.files.open_group(path)
     for name, expected in recorded.items():
         array_path = f"{path}/{name}"
         if array_path not in meta:
@@ -162,7 +153,7 @@ def _verify_section(store: "TeacherStore", path: str, attrs: dict, manifest_sums
         except Exception as exc:  # noqa: BLE001 - any failure to open is damage to report, not to raise
             problems.append(f"{array_path}/zarr.json: cannot be opened ({type(exc).__name__}: {exc})")
             continue
-        missing = [k for k in store.chunk_keys(array_path, arr.shape, arr.chunks) if k not in files]
+        missing = [k for k in store.files.chunk_keys(array_path, arr.shape, arr.chunks) if k not in files]
         if missing:
             problems.append(f"{array_path}: missing chunk file(s) {', '.join(missing)}")
             continue
@@ -175,7 +166,3 @@ def _verify_section(store: "TeacherStore", path: str, attrs: dict, manifest_sums
             problems.append(f"{array_path}: checksum differs (recorded {expected[:12]}, now {actual[:12]})")
     return problems
 
-
-def _ref(path: str) -> SectionRef:
-    split, part, sequence_set, *section = path.split("/")
-    return SectionRef(split, fmt.part_index(part), sequence_set, section[0] if section else fmt.BASE)

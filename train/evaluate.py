@@ -56,6 +56,7 @@ import torch
 
 from lm import chat
 from store import ExampleStream, Sequence, TeacherStore, check_complete
+from store import format as fmt
 from store.locations import redact_url
 
 from . import losses, methods
@@ -208,7 +209,7 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         examples, sum_c, sum_r, n_c, n_r = _pair_sums(batch, outputs)
         if init_sums is None:
             chosen, rejected = methods.pair_sequences(batch)
-            ref = batch.scalars[f"{methods.STUDENT_INIT}/logp_sum"].double().cpu()
+            ref = batch.scalars[fmt.signal_name(methods.STUDENT_INIT, fmt.ARRAY_LOGP_SUM)].double().cpu()
             ref_c, ref_r = ref[chosen.cpu()], ref[rejected.cpu()]
         else:
             ref_c = torch.tensor([init_sums[e][0] for e in examples], dtype=torch.float64)
@@ -218,7 +219,7 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         avg_margin = sum_c / n_c.clamp(min=1) - sum_r / n_r.clamp(min=1)
         wins_avg += float(torch.where(avg_margin == 0, 0.5, (avg_margin > 0).double()).sum())
         chosen, rejected = methods.pair_sequences(batch)
-        teacher_sums = batch.scalars[f"{methods.TEACHER}/logp_sum"].double().cpu()
+        teacher_sums = batch.scalars[fmt.signal_name(methods.TEACHER, fmt.ARRAY_LOGP_SUM)].double().cpu()
         teacher_margin = teacher_sums[chosen.cpu()] / n_c.clamp(min=1) - teacher_sums[rejected.cpu()] / n_r.clamp(min=1)
         same_sign = torch.sign(avg_margin) == torch.sign(teacher_margin)
         agree_teacher += float(torch.where((avg_margin == 0) | (teacher_margin == 0), 0.5, same_sign.double()).sum())

@@ -33,11 +33,13 @@ def split_prompts(store: TeacherStore, split: str) -> list[tuple[int, np.ndarray
     for sequence_set in fmt.SEQUENCE_SETS:
         for part in store.complete_parts(split, sequence_set):
             base = store.read_section(split, part, sequence_set, fmt.BASE,
-                                      ["example_index", "prompt_length", "token_offsets", "input_ids"])
-            for s, example in enumerate(base["example_index"].tolist()):
+                                      [fmt.ARRAY_EXAMPLE_INDEX, fmt.ARRAY_PROMPT_LENGTH, fmt.ARRAY_TOKEN_OFFSETS,
+                                       fmt.ARRAY_INPUT_IDS])
+            for s, example in enumerate(base[fmt.ARRAY_EXAMPLE_INDEX].tolist()):
                 if example not in prompts:
-                    start = int(base["token_offsets"][s])
-                    prompts[example] = base["input_ids"][start:start + int(base["prompt_length"][s])].astype(np.int64)
+                    start = int(base[fmt.ARRAY_TOKEN_OFFSETS][s])
+                    stop = start + int(base[fmt.ARRAY_PROMPT_LENGTH][s])
+                    prompts[example] = base[fmt.ARRAY_INPUT_IDS][start:stop].astype(np.int64)
     return sorted(prompts.items())
 
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from store import format as fmt
+
 __all__ = [
     "log1mexp",
     "token_logprobs",
@@ -802,12 +804,13 @@ LOGP, KD, ADPA = "logp", "kd", "adpa"
 #: KD's teacher bins [R, K+1] are derived there too (:func:`teacher_kd_bins` of the stored
 #: top-K and, where the store has it, the stored tail ``teacher/tail_logp``)
 TARGET_IDS = "target_ids"
-TOPK_IDS, TOPK_LOGP = "teacher/topk_ids", "teacher/topk_logp"
-TAIL_LOGP = "teacher/tail_logp"
+TOPK_IDS = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TOPK_IDS)
+TOPK_LOGP = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TOPK_LOGP)
+TAIL_LOGP = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TAIL_LOGP)
 #: the kept entries of each row of a store written with an adaptive K (``--top-p``); absent: all K kept.
 #: Readers derive :data:`TOPK_IDS` with padding replaced (:func:`kept_ids`) and mask KD's teacher bins and
 #: ADPA's advantage with it (``train.methods.DERIVED_SIGNALS``)
-TOPK_COUNT = "teacher/topk_count"
+TOPK_COUNT = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TOPK_COUNT)
 ADVANTAGE = "adpa/advantage"
 KD_TEACHER = "kd/teacher_bins"
 

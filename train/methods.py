@@ -260,10 +260,10 @@ def teacher_rewards(batch: Batch, index: torch.Tensor, settings: Settings) -> to
     """
     mean_logp = mcq = torch.zeros(index.shape, dtype=torch.float64, device=index.device)
     if settings.pad_alpha != 0:
-        logp_sum = _scalar(batch, f"{TEACHER}/logp_sum", index).double()
+        logp_sum = _scalar(batch, fmt.signal_name(TEACHER, fmt.ARRAY_LOGP_SUM), index).double()
         mean_logp = logp_sum / sequence_lengths(batch)[index].clamp(min=1).double()
     if settings.pad_alpha != 1:
-        mcq = _scalar(batch, f"{TEACHER_MCQ}/mcq_score", index).double()
+        mcq = _scalar(batch, fmt.signal_name(TEACHER_MCQ, fmt.ARRAY_MCQ_SCORE), index).double()
     return losses.pad_teacher_rewards(mean_logp, mcq, settings.pad_alpha, settings.pad_beta)
 
 
@@ -296,7 +296,7 @@ def _group_mean(values: list[torch.Tensor], out: StudentOutputs) -> torch.Tensor
 
 def agreed_ranks(batch: Batch, index: torch.Tensor) -> torch.Tensor:
     """[G, n] each response's place in its group's agreed ranking (``samples/judge/agreed_rank``), -1 outside it."""
-    return _scalar(batch, f"{JUDGE}/agreed_rank", index).round().long()
+    return _scalar(batch, fmt.signal_name(JUDGE, fmt.ARRAY_AGREED_RANK), index).round().long()
 
 
 def labelled_groups(batch: Batch):
@@ -354,7 +354,7 @@ def dpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Ten
     """
     chosen, rejected = pair_sequences(batch)
     sums = pair_logp_sums(batch, out)
-    ref = batch.scalars[f"{STUDENT_INIT}/logp_sum"]
+    ref = batch.scalars[fmt.signal_name(STUDENT_INIT, fmt.ARRAY_LOGP_SUM)]
     return losses.dpo_loss(sums[chosen], sums[rejected], ref[chosen], ref[rejected], settings.dpo_beta).mean()
 
 
@@ -392,8 +392,8 @@ def pad_dpo_term(batch: Batch, out: StudentOutputs, settings: Settings) -> torch
     values = []
     for index in sample_groups(batch):
         best, worst = best_and_worst(batch, index, settings)
-        ref_best = _scalar(batch, f"{STUDENT_INIT}/logp_sum", best)
-        ref_worst = _scalar(batch, f"{STUDENT_INIT}/logp_sum", worst)
+        ref_best = _scalar(batch, fmt.signal_name(STUDENT_INIT, fmt.ARRAY_LOGP_SUM), best)
+        ref_worst = _scalar(batch, fmt.signal_name(STUDENT_INIT, fmt.ARRAY_LOGP_SUM), worst)
         values.append(losses.dpo_loss(sums[best], sums[worst], ref_best, ref_worst, settings.dpo_beta))
     return _group_mean(values, out)
 
@@ -580,8 +580,8 @@ def adpa_advantage_rows(batch: Batch, rows: torch.Tensor, settings: Settings) ->
     """[n, K] ADPA's advantage on response rows ``rows``: :func:`train.losses.adpa_advantage` of the
     teacher's and the reference's top-K log-probs with ``adpa_beta``, clipped unless ``adpa_unclipped``;
     0 on padded entries (:func:`kept_rows`)."""
-    return losses.adpa_advantage(_signal(batch, f"{TEACHER}/topk_logp", rows),
-                                 _signal(batch, f"{REFERENCE}/topk_logp", rows),
+    return losses.adpa_advantage(_signal(batch, fmt.signal_name(TEACHER, fmt.ARRAY_TOPK_LOGP), rows),
+                                 _signal(batch, fmt.signal_name(REFERENCE, fmt.ARRAY_TOPK_LOGP), rows),
                                  beta=settings.adpa_beta, clip=not settings.adpa_unclipped,
                                  kept=kept_rows(batch, rows))
 

@@ -124,11 +124,11 @@ def recorded_model(store: TeacherStore, *steps: str) -> ModelRecord | None:
 
 def recorded_student(store: TeacherStore) -> ModelRecord | None:
     """The student's initial model: the DPO reference, ADPA's answers or, for PAD, the model that sampled."""
-    return recorded_model(store, "pairs/student_init", "generated/base", "samples/base")
+    return recorded_model(store, fmt.PASS_PAIRS_STUDENT_INIT, fmt.PASS_GENERATED_BASE, fmt.PASS_SAMPLES_BASE)
 
 
 def recorded_teacher(store: TeacherStore) -> ModelRecord | None:
-    return recorded_model(store, "pairs/teacher", "generated/teacher", "samples/teacher")
+    return recorded_model(store, fmt.PASS_PAIRS_TEACHER, fmt.PASS_GENERATED_TEACHER, fmt.PASS_SAMPLES_TEACHER)
 
 
 #: pass settings that are options of the command writing the pass, under the same name (``top_k``: ``--top-k``)
