@@ -37,6 +37,7 @@ the teacher, which is what a distillation demo needs.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -433,3 +434,10 @@ def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
 def model_param_count(model) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def free_memory() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

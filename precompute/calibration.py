@@ -65,8 +65,8 @@ from lm.head import split_model
 from store import format as fmt
 from store.sequences import split_sequences
 
-from .runs import StepResult
 from .scoring import right_padded, token_budget_order
+from .summary import StepResult
 
 MCQ_EPS = 1e-8
 LETTERS = ("A", "B")

@@ -22,7 +22,7 @@ def _secrets(options: dict) -> set[str]:
     """What this command's options and $DISTILL_REUSE_FROM hold that must never be printed."""
     from store.locations import parse_storage_options, secret_values
 
-    from .runs import reuse_locations
+    from .reuse import reuse_locations
 
     given = {}
     for name in ("storage_options", "reuse_options"):

@@ -75,10 +75,14 @@ from store import keys
 from store.locations import STORAGE_OPTION_CLI, redact_url
 from store.sequences import split_sequences
 
-from . import runs, scoring
+from . import scoring
 from .calibration import option_text
 from .dataset import LoadedSplit, Row, load_splits
 from .judges import Judge, LocalJudge, judge_identity, make_judge
+from .provenance import prompts_fingerprint
+from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .stores import check_samples_match, require_samples
+from .summary import Summary, finish_summary
 
 __all__ = ["LABEL_RE", "RankingError", "parse_ranking", "agreement", "render_prompt", "Demo", "load_static_demos",
            "load_instruction", "RankConfig", "run_rank"]
@@ -341,8 +345,8 @@ class RankConfig:
                                         "(a running scheduler); each worker reads the judge's API key from "
                                         "its own environment [one process].")
     storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting(factory=tuple, **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting(factory=tuple, **REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
     progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
@@ -425,13 +429,13 @@ class RankContext:
         return [r for r in self.rows[split].rows if start <= r.index < stop]
 
 
-def prepare(config: RankConfig, summary: runs.Summary) -> RankContext:
+def prepare(config: RankConfig, summary: Summary) -> RankContext:
     """The store, rows, white box, tokenizer, prompt parts and pass records: everything cheap and checkable."""
     c = config
-    store = runs.require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
+    store = require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
     rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
                        require_rows=True)
-    runs.check_samples_match(store, rows, c.out)
+    check_samples_match(store, rows, c.out)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
@@ -467,7 +471,7 @@ def white_box_key(ctx: RankContext, split: str, part: int) -> str | None:
 def judge_key(ctx: RankContext, split: str, part: int, rows: Sequence[Row]) -> str | None:
     """The content key of a part's rankings; ``rows``: the part's rows (their prompts are the questions)."""
     return _section_key(ctx.store, PASS_JUDGE, ctx.record, split, part,
-                        prompts_sha256=runs.prompts_fingerprint(rows), part_seed=shuffle_seed(ctx.config.seed, part))
+                        prompts_sha256=prompts_fingerprint(rows), part_seed=shuffle_seed(ctx.config.seed, part))
 
 
 def _register_white_box(ctx: RankContext) -> None:
@@ -478,7 +482,7 @@ def _register_judge(ctx: RankContext) -> None:
     ctx.store.register_pass(PASS_JUDGE, ctx.record.to_dict(), may_replace=True)
 
 
-def _todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse, name: str, section: str, key_of,
+def _todo(ctx: RankContext, summary: Summary, reuse: Reuse, name: str, section: str, key_of,
           register) -> tuple[dict, list[tuple[str, int]]]:
     """The step's summary record and its parts still to compute: not complete, and not reused (copied here)."""
     todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
@@ -487,12 +491,12 @@ def _todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse, name: str,
     return step, reuse.take_parts(name, fmt.SET_SAMPLES, section, todo, key_of, register)
 
 
-def _white_box_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+def _white_box_todo(ctx: RankContext, summary: Summary, reuse: Reuse):
     return _todo(ctx, summary, reuse, PASS_WHITE_BOX, fmt.SECTION_STUDENT_INIT,
                  lambda split, part: white_box_key(ctx, split, part), lambda: _register_white_box(ctx))
 
 
-def _judge_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+def _judge_todo(ctx: RankContext, summary: Summary, reuse: Reuse):
     """(On a cluster this runs before the white box's sums of this run exist: a part whose sums are computed
     now has no key yet, and is ranked rather than reused.)"""
     return _todo(ctx, summary, reuse, PASS_JUDGE, fmt.SECTION_JUDGE,
@@ -508,7 +512,7 @@ def white_box_part(ctx: RankContext, split: str, part: int, model) -> tuple[dict
     return scoring.scored_arrays(scored), sum(map(len, seqs))
 
 
-def _white_box_sums(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> None:
+def _white_box_sums(ctx: RankContext, summary: Summary, reuse: Reuse) -> None:
     """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
     record, todo = _white_box_todo(ctx, summary, reuse)
     if not todo:
@@ -524,7 +528,7 @@ def _white_box_sums(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) 
             record["tokens"] += tokens
     record["seconds"] = time.perf_counter() - started
     model = None
-    runs.free_memory()
+    models.free_memory()
 
 
 def judge_record(config: RankConfig, instruction: str, static: Sequence[Demo], dynamic: Sequence[Demo],
@@ -619,23 +623,23 @@ def _new_totals() -> dict:
     return {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
 
 
-def run_rank(config: RankConfig) -> runs.Summary:
+def run_rank(config: RankConfig) -> Summary:
     """``precompute rank``: white-box sums where missing, then the judge's rankings part by part."""
     started = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         ctx, totals = _run_on_cluster(config, summary)
     else:
         ctx = prepare(config, summary)
-        reuse = runs.Reuse.for_run(ctx.store, config, summary)
+        reuse = Reuse.for_run(ctx.store, config, summary)
         _white_box_sums(ctx, summary, reuse)
         totals = _rank_parts(ctx, summary, reuse)
     summary.notes.extend(describe_totals(totals))
     summary.seconds = time.perf_counter() - started
-    return runs.finish_summary(ctx.store, list(ctx.rows), summary)
+    return finish_summary(ctx.store, list(ctx.rows), summary)
 
 
-def _rank_parts(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> dict:
+def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> dict:
     """The judge's rankings of the parts that lack them, in this process; returns the totals of the run."""
     c = ctx.config
     step, todo = _judge_todo(ctx, summary, reuse)
@@ -664,7 +668,7 @@ def _rank_parts(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> d
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def _run_on_cluster(config: RankConfig, summary: runs.Summary) -> tuple[RankContext, dict]:
+def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, dict]:
     """Each part of each step a unit of work on a dask cluster (module docstring, :mod:`precompute.cluster`).
 
     The coordinator reuses what ``--reuse-from`` holds, records each pass once,
@@ -679,7 +683,7 @@ def _run_on_cluster(config: RankConfig, summary: runs.Summary) -> tuple[RankCont
         device, dtype = session.resolve(config.device, config.dtype)
         ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
         _judge_of(ctx.config, ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
-        reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+        reuse = Reuse.for_run(ctx.store, ctx.config, summary)
         white_step, white_todo = _white_box_todo(ctx, summary, reuse)  # reused here, not submitted
         judge_step, judge_todo = _judge_todo(ctx, summary, reuse)
         if white_todo:

@@ -66,8 +66,11 @@ from store import keys
 from store.locations import STORAGE_OPTION_CLI
 from store.sequences import base_arrays
 
-from . import runs
 from .dataset import LoadedSplit, dataset_identity, load_splits
+from .provenance import prompts_fingerprint
+from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .stores import open_store, record_sample_counts
+from .summary import Summary, finish_summary
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = "samples/base"
@@ -207,8 +210,8 @@ class SampleConfig:
     examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
                                      type=click.IntRange(min=1))
     storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting((), **REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
     progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
     def check(self) -> None:
@@ -266,7 +269,7 @@ def sample_record(ctx: SampleContext) -> PassRecord:
     })
 
 
-def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext, list[_Part]]:
+def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list[_Part]]:
     """Rows, the model resolved, the store opened; returns the context and the parts still to sample."""
     c = config
     c.check()
@@ -276,7 +279,7 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
                        require_rows=True)
     info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
     tokenizer = models.load_tokenizer(info.path)
-    store = runs.open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
+    store = open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
                             examples_per_part=c.examples_per_part, storage_options=c.storage_options)
     ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
                         dtype=dtype, eot_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(info.path)),
@@ -322,7 +325,7 @@ def sample_key(ctx: SampleContext, todo: _Part) -> str:
         layout=ctx.store.key_layout(), example_range=ctx.store.part_range(todo.split, todo.part),
         model_sha256=ctx.model.weights_hash, settings=sample_record(ctx).settings,
         part_seed=part_seed(c.seed, todo.split, todo.part), device=ctx.device, generation_batch=c.generation_batch,
-        eot_ids=ctx.eot_ids, prompts_sha256=runs.prompts_fingerprint(todo.rows),
+        eot_ids=ctx.eot_ids, prompts_sha256=prompts_fingerprint(todo.rows),
         prompt_ids=[(r.index, p) for r, p in zip(todo.rows, prompts)])
 
 
@@ -347,7 +350,7 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
         groups.append((r.index, len(kept)))
     attrs = {
         "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
-        "prompts_sha256": runs.prompts_fingerprint(todo.rows), "seed": seed,
+        "prompts_sha256": prompts_fingerprint(todo.rows), "seed": seed,
         "generation_batch": c.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
         keys.ATTR: sample_key(ctx, todo),
     }
@@ -355,9 +358,9 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
     return base_arrays(seqs, groups=groups), attrs, drawn_tokens
 
 
-def run_sample(config: SampleConfig) -> runs.Summary:
+def run_sample(config: SampleConfig) -> Summary:
     t0 = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         return _finish(_run_on_cluster(config, summary), summary, t0)
     ctx, todo = prepare(config, summary)
@@ -379,14 +382,14 @@ def run_sample(config: SampleConfig) -> runs.Summary:
                 record["tokens"] += drawn_tokens
         record["seconds"] = time.perf_counter() - t1
         model = None
-        runs.free_memory()
+        models.free_memory()
     return _finish(ctx, summary, t0)
 
 
-def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: runs.Summary) -> list[_Part]:
+def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: Summary) -> list[_Part]:
     """The parts of ``todo`` that no store of ``--reuse-from`` holds; the others are copied in, verified, the
     pass recorded first."""
-    reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+    reuse = Reuse.for_run(ctx.store, ctx.config, summary)
     if not reuse:
         return todo
     by_place = {(p.split, p.part): p for p in todo}
@@ -399,18 +402,18 @@ def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: runs.Summary) -
     return [by_place[place] for place in left]
 
 
-def _finish(ctx: SampleContext, summary: runs.Summary, t0: float) -> runs.Summary:
+def _finish(ctx: SampleContext, summary: Summary, t0: float) -> Summary:
     summary.seconds = time.perf_counter() - t0
-    counts = runs.record_sample_counts(ctx.store, list(ctx.rows))
+    counts = record_sample_counts(ctx.store, list(ctx.rows))
     for split, total in counts.items():
         summary.truncated[split] = {"prompt": total["truncated_prompts"]}
         summary.notes.append(describe_counts(split, total, ctx.config.keep))
-    return runs.finish_summary(ctx.store, ctx.rows, summary)
+    return finish_summary(ctx.store, ctx.rows, summary)
 
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def _run_on_cluster(config: SampleConfig, summary: runs.Summary) -> SampleContext:
+def _run_on_cluster(config: SampleConfig, summary: Summary) -> SampleContext:
     """Each part a unit of work on a dask cluster (see :mod:`precompute.cluster`).
 
     The seed is per part, so a part comes out the same whichever worker draws

@@ -78,9 +78,12 @@ from store.locations import STORAGE_OPTION_CLI
 from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
-from . import calibration, runs, scoring
-from .runs import StepResult
+from . import calibration, scoring
 from .dataset import LoadedSplit, Row, dataset_identity, load_splits
+from .provenance import prompts_fingerprint
+from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .stores import check_samples_match, open_store, record_sample_counts, require_samples, vocab_size_of
+from .summary import StepResult, Summary, finish_summary
 
 PASS_PAIRS = "pairs"
 PASS_DPO_REF = "dpo_ref"
@@ -134,8 +137,8 @@ class TeacherConfig:
     examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
                                      type=click.IntRange(min=1))
     storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
+    reuse_from: tuple[str, ...] = setting((), **REUSE_FROM_CLI)
+    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
@@ -166,7 +169,7 @@ class TeacherContext:
     pad_id: int
     prompt_rows: dict[str, LoadedSplit] = field(default_factory=dict)  # pad: the questions asked
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
-    reuse: runs.Reuse | None = None  # --reuse-from: sections of other stores with the same content key
+    reuse: Reuse | None = None  # --reuse-from: sections of other stores with the same content key
 
     def rows_of_part(self, split: str, part: int, *, prompts: bool = False) -> list[Row]:
         """The rows of examples [start, stop) of ``part`` that survived loading, in index order."""
@@ -318,7 +321,7 @@ def content_key(ctx: TeacherContext, step: Step, split: str, part: int) -> str |
         if not (attrs and attrs.get("complete")):
             return None
         reads[other] = {n: attrs["checksums"][n] for n in names if n in attrs["checksums"]}
-    prompts = (runs.prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
+    prompts = (prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
                if step.section == fmt.SECTION_TEACHER_MCQ else None)  # the question is the row's text
     return keys.section_key(step.name, **where, base_checksums=base["checksums"], reads=reads,
                             prompts_sha256=prompts)
@@ -350,7 +353,7 @@ def _reuse_parts(ctx: TeacherContext, step: Step, todo: list[tuple[str, int]]) -
 
 # --------------------------------------------------------------------------- set-up
 
-def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
+def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     """Rows, models, tokenizers and the store: everything cheap and checkable, before any model runs."""
     c = config
     unknown = set(c.passes) - set(KNOWN_PASSES)
@@ -365,13 +368,13 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
         make = (f"`precompute sample --out {c.out} --dataset {c.dataset or 'demo'}"
                 f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}` (the pad pass "
                 f"scores the groups it writes)")
-        samples_store = runs.require_samples(c.out, c.splits, c.storage_options, make=make)
+        samples_store = require_samples(c.out, c.splits, c.storage_options, make=make)
         samples_record = samples_store.pass_record("samples/base") or PassRecord()
         mcq_template = calibration.load_template(c.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
         prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
                                   require_pairs=False, require_rows=True)
-        runs.check_samples_match(samples_store, prompt_rows, c.out)
+        check_samples_match(samples_store, prompt_rows, c.out)
     rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_rows=True)
             if needs_pairs else prompt_rows)
 
@@ -388,14 +391,14 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
             chat.check_same_tokenization(tokenizer, models.load_tokenizer(info.path), samples or chat.DEFAULT_SAMPLES,
                                          names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
 
-    vocab = runs.vocab_size_of(infos[ROLE_TEACHER], tokenizer)
+    vocab = vocab_size_of(infos[ROLE_TEACHER], tokenizer)
     if c.top_k > vocab and any(p in c.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
         raise ValueError(f"--top-k {c.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
                          f"use --top-k {vocab} or less")
     if c.top_p < 1 and c.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
         raise ValueError(f"--top-p {c.top_p} with --top-k {c.top_k}: an adaptive K is capped at 65535")
 
-    store = runs.open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
+    store = open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
                             max_length=c.max_length, examples_per_part=c.examples_per_part,
                             storage_options=c.storage_options)
     ctx = TeacherContext(config=c, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
@@ -409,9 +412,9 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
         if not needs_pairs:  # pad only: the split's dataset record describes pairs, leave it
             store.set_split(split, loaded.total_rows)
     if PASS_PAD in c.passes:
-        runs.record_sample_counts(store, list(rows))  # set_split above resets the split's record
+        record_sample_counts(store, list(rows))  # set_split above resets the split's record
     _refuse_conflicting_passes(ctx)
-    ctx.reuse = runs.Reuse.for_run(store, c, summary)
+    ctx.reuse = Reuse.for_run(store, c, summary)
     return ctx
 
 
@@ -436,7 +439,7 @@ def _end_of_turn_ids(tokenizer, infos: dict[str, models.ModelInfo]) -> list[int]
     return chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(generator.path))
 
 
-def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
+def write_pair_bases(ctx: TeacherContext, summary: Summary) -> None:
     """Tokenise chosen and rejected, record each split's rows, write the parts not yet there.
 
     Cheap, and every later step of the pairs set reads them.
@@ -485,7 +488,7 @@ class _BackgroundWriter:
             pending.result()
 
 
-def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
+def run_steps(ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[str, int]:
     """Run each step over the parts whose section is not complete; returns groups covered per step.
 
     A step's settings are recorded once its model has loaded and passed its check,
@@ -504,7 +507,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
         info = ctx.models[step.model_role]
         if info.path != loaded_path:  # the reference is often the student: same weights, no reload
             model = None  # unload before the next model loads
-            runs.free_memory()
+            models.free_memory()
             model = _load_model(ctx, info)
             loaded_path = info.path
             if step.section != fmt.BASE:
@@ -526,7 +529,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
             writer.flush()
         record["seconds"] = time.perf_counter() - t0
     model = None
-    runs.free_memory()
+    models.free_memory()
     return groups_done
 
 
@@ -557,7 +560,7 @@ def _check_model(ctx: TeacherContext, model, where: tuple[str, int]) -> None:
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
+def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[str, int]:
     """:func:`run_steps` with every part of every step a unit of work on ``session``'s workers.
 
     Each step's settings are recorded once, here, before its parts are
@@ -637,7 +640,7 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
     return outcome
 
 
-def _run_on_cluster(config: TeacherConfig, summary: runs.Summary) -> tuple[TeacherContext, dict[str, int]]:
+def _run_on_cluster(config: TeacherConfig, summary: Summary) -> tuple[TeacherContext, dict[str, int]]:
     from .cluster import ClusterSession
 
     with ClusterSession(config.cluster) as session:
@@ -650,9 +653,9 @@ def _run_on_cluster(config: TeacherConfig, summary: runs.Summary) -> tuple[Teach
     return ctx, groups_done
 
 
-def run_teacher(config: TeacherConfig) -> runs.Summary:
+def run_teacher(config: TeacherConfig) -> Summary:
     t0 = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         ctx, groups_done = _run_on_cluster(config, summary)
     else:
@@ -663,4 +666,4 @@ def run_teacher(config: TeacherConfig) -> runs.Summary:
     summary.seconds = time.perf_counter() - t0
     if PASS_PAD in config.passes:
         summary.notes.extend(calibration.summary_lines(ctx.store, list(ctx.rows), summary, groups_done))
-    return runs.finish_summary(ctx.store, ctx.rows, summary)
+    return finish_summary(ctx.store, ctx.rows, summary)
