@@ -20,7 +20,8 @@ from .teacher import TeacherConfig
 
 def _secrets(options: dict) -> set[str]:
     """What this command's options and $DISTILL_REUSE_FROM hold that must never be printed."""
-    from store.locations import parse_storage_options, secret_values
+    from lm.options import parse_storage_options
+    from store.locations import secret_values
 
     from .reuse import reuse_locations
 

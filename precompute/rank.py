@@ -68,11 +68,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm import chat, models
-from lm.options import comma_list, key_values, setting
+from lm.options import (BatchTokensOption, ClusterOption, DataOptions, ProgressOption, ReuseOptions, RunOptions,
+                        setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
-from store.locations import STORAGE_OPTION_CLI, redact_url
+from store.locations import redact_url
 from store.sequences import split_sequences
 
 from . import scoring
@@ -80,12 +81,12 @@ from .calibration import option_text
 from .dataset import LoadedSplit, Row, load_splits
 from .judges import Judge, LocalJudge, judge_identity, make_judge
 from .provenance import prompts_fingerprint
-from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .reuse import Reuse
 from .stores import check_samples_match, require_samples
 from .summary import Summary, finish_summary
 
 __all__ = ["LABEL_RE", "RankingError", "parse_ranking", "agreement", "render_prompt", "Demo", "load_static_demos",
-           "load_instruction", "RankConfig", "run_rank"]
+           "load_instruction", "JudgeOptions", "RankConfig", "run_rank"]
 
 #: a ranking line: labels [k] joined by ">" (spaces allowed around them), and nothing else
 LABEL_RE = re.compile(r"\[(\d+)\]")
@@ -301,16 +302,16 @@ PASS_JUDGE = "samples/judge"
 PASS_WHITE_BOX = "samples/student_init"
 
 
-@dataclass
-class RankConfig:
-    """Settings of ``precompute rank``; each field is also its command-line option."""
+@dataclass(frozen=True, kw_only=True)
+class JudgeOptions:
+    """How the black box is reached and asked: options of ``precompute rank`` that ``train cyclealign`` passes on."""
 
-    out: str = setting(help="Store that `precompute sample` filled (its groups are ranked in place).", required=True)
     judge: str = setting(help="The black box: local:MODEL (a model dir, .gguf file or embedded name) or an "
                               "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.", required=True)
     judge_model: str | None = setting(None, "Model name the HTTP judge serves (required for a URL judge).")
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key "
-                                                       "(read at run time, never recorded).")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key, read "
+                                                       "at run time (with --cluster, by each worker from its own "
+                                                       "environment) and never recorded.")
     judge_concurrency: int = setting(4, "HTTP requests in flight at once (per worker with --cluster).",
                                      type=click.IntRange(min=1))
     judge_timeout: float = setting(60.0, "Seconds before an HTTP request counts as timed out.",
@@ -320,34 +321,32 @@ class RankConfig:
     judge_max_tokens: int = setting(64, "Longest reply the judge may write.", type=click.IntRange(min=4))
     tries: int = setting(3, "Requests per group before it stays unranked (labels reshuffled after the first).",
                          type=click.IntRange(min=1))
-    demos: int = setting(2, "Dynamic demonstrations: the previous round's longest agreements (--demos-from).",
+    demos: int = setting(2, "Dynamic demonstrations per request: the previous round's longest agreements.",
                          type=click.IntRange(min=0))
-    demos_from: str | None = setting(None, "Store of the previous round, whose best agreements become "
-                                           "demonstrations [none: static demonstrations only].")
     instruction: str | None = setting(None, "Instruction file for the judge [precompute/templates/"
                                             "rank_instruction.txt].", type=click.Path(dir_okay=False))
     static_demos: str | None = setting(None, "JSON file of static demonstrations [precompute/templates/"
                                              "rank_demos.json].", type=click.Path(dir_okay=False))
+
+    def open_judge(self, device: str, dtype: str) -> Judge:
+        """The judge ``--judge`` names (:func:`precompute.judges.make_judge`: a ``local:`` model loads on first use;
+        an HTTP client reads its key from this process's environment)."""
+        return make_judge(self.judge, model=self.judge_model, api_key_env=self.judge_api_key_env,
+                          concurrency=self.judge_concurrency, timeout=self.judge_timeout, retries=self.judge_retries,
+                          max_new_tokens=self.judge_max_tokens, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankConfig(JudgeOptions, DataOptions, RunOptions, BatchTokensOption, ClusterOption, ReuseOptions,
+                 ProgressOption):
+    """Settings of ``precompute rank``; each field is also its command-line option."""
+
+    out: str = setting(help="Store that `precompute sample` filled (its groups are ranked in place; give the "
+                            "--dataset, --limit and --column of that run).", required=True)
+    demos_from: str | None = setting(None, "Store of the previous round, whose best agreements become the --demos "
+                                           "dynamic demonstrations [none: static demonstrations only].")
     student: str | None = setting(None, "White box scoring the responses [the model that sampled them].")
-    dataset: str | None = setting(None, "The rows the groups were sampled for (their prompts are the questions) "
-                                        "[bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "The --limit of the `precompute sample` run.", type=click.IntRange(min=1))
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
     seed: int = setting(0, "Seed of the label shuffles.", type=int)
-    batch_tokens: int = setting(4096, "Padded tokens per white-box forward batch.", type=click.IntRange(min=64))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
-    cluster: str | None = setting(None, "Rank the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler); each worker reads the judge's API key from "
-                                        "its own environment [one process].")
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting(factory=tuple, **REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
 def question_text(prompt: Sequence[dict]) -> str:
@@ -611,14 +610,6 @@ def judge_part(ctx: RankContext, split: str, part: int, judge, rows: Sequence[Ro
     return arrays, attrs
 
 
-def _judge_of(c: RankConfig, device: str, dtype: str) -> Judge:
-    """The judge ``--judge`` names (:func:`precompute.judges.make_judge`: a ``local:`` model loads on first use;
-    an HTTP client reads its key from this process's environment)."""
-    return make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
-                      concurrency=c.judge_concurrency, timeout=c.judge_timeout, retries=c.judge_retries,
-                      max_new_tokens=c.judge_max_tokens, device=device, dtype=dtype)
-
-
 def _new_totals() -> dict:
     return {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
 
@@ -646,7 +637,7 @@ def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> dict:
     totals = _new_totals()
     if not todo:
         return totals
-    judge = _judge_of(c, c.device, c.dtype)
+    judge = c.open_judge(c.device, c.dtype)
     _register_judge(ctx)
     groups_todo = sum(int(ctx.store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
                       for s, p in todo)
@@ -682,7 +673,7 @@ def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, 
     with cluster.ClusterSession(config.cluster) as session:
         device, dtype = session.resolve(config.device, config.dtype)
         ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
-        _judge_of(ctx.config, ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
+        ctx.config.open_judge(ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
         reuse = Reuse.for_run(ctx.store, ctx.config, summary)
         white_step, white_todo = _white_box_todo(ctx, summary, reuse)  # reused here, not submitted
         judge_step, judge_todo = _judge_todo(ctx, summary, reuse)
@@ -770,7 +761,7 @@ def worker_judge(ctx: RankContext) -> Judge:
             ctx.judge = _WorkerLocalJudge(ctx.judge_info, device=ctx.device, dtype=ctx.dtype,
                                           max_new_tokens=c.judge_max_tokens)
         else:  # the key: from this worker's environment
-            ctx.judge = _judge_of(c, ctx.device, ctx.dtype)
+            ctx.judge = c.open_judge(ctx.device, ctx.dtype)
     return ctx.judge
 
 

@@ -1,6 +1,6 @@
 """``--reuse-from``: sections other stores already hold, found by content key and copied instead of computed.
 
-Reuse (``--reuse-from LOCATION``, repeatable, and :data:`REUSE_ENV`): before a
+Reuse (``--reuse-from LOCATION``, repeatable, and :data:`lm.options.REUSE_ENV`): before a
 step computes a part, :class:`Reuse` looks its content key (:mod:`store.keys`)
 up in the stores found at those locations and copies a matching section,
 verified, instead (:func:`store.copy.copy_section`); the summary counts the
@@ -15,26 +15,13 @@ import os
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
+from lm.options import REUSE_ENV
 from store import TeacherStore
 from store import keys
 from store.format import SectionRef
-from store.locations import is_url, parse_storage_options, redact_url
+from store.locations import is_url, redact_url
 
 from .summary import Summary
-
-#: a team's default reuse locations: commas between locations; an item without ``://`` may also be a
-#: list of paths joined by os.pathsep (as PATH is)
-REUSE_ENV = "DISTILL_REUSE_FROM"
-
-#: keywords of :func:`lm.options.setting` for the commands' ``reuse_from`` and ``reuse_options`` fields
-REUSE_FROM_CLI = dict(
-    help=f"Copy sections whose content key matches from the stores at or under LOCATION (a store, folder or "
-         f"bucket prefix; repeatable) instead of computing them; ${REUSE_ENV} adds a team's default.",
-    flag="--reuse-from", multiple=True, metavar="LOCATION", parse=lambda values: tuple(values or ()))
-REUSE_OPTION_CLI = dict(
-    help="fsspec option for the --reuse-from locations, KEY=VALUE (repeatable) [the --storage-option ones, for "
-         "locations of --out's protocol]; never written anywhere.",
-    flag="--reuse-option", multiple=True, metavar="KEY=VALUE", parse=parse_storage_options)
 
 
 def split_locations(text: str | None) -> list[str]:
@@ -84,10 +71,10 @@ class Reuse:
 
     @classmethod
     def for_run(cls, target: TeacherStore, config, summary: Summary) -> "Reuse":
-        """From a command's config: its ``reuse_from`` (and :data:`REUSE_ENV`), ``storage_options`` and
-        ``reuse_options``."""
-        return cls(target, reuse_locations(getattr(config, "reuse_from", ())), summary, out=config.out,
-                   storage_options=config.storage_options, reuse_options=getattr(config, "reuse_options", None))
+        """From a command's config: its :class:`lm.options.ReuseOptions` (and :data:`REUSE_ENV`), its
+        ``storage_options`` and its ``out``."""
+        return cls(target, reuse_locations(config.reuse_from), summary, out=config.out,
+                   storage_options=config.storage_options, reuse_options=config.reuse_options)
 
     def __bool__(self) -> bool:
         return bool(self.locations)

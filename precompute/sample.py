@@ -59,16 +59,15 @@ from tqdm.auto import tqdm
 
 from lm import chat, models
 from lm.generate import generate_in_batches
-from lm.options import comma_list, key_values, setting
+from lm.options import ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions, RunOptions, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
-from store.locations import STORAGE_OPTION_CLI
 from store.sequences import base_arrays
 
 from .dataset import LoadedSplit, dataset_identity, load_splits
 from .provenance import prompts_fingerprint
-from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .reuse import Reuse
 from .stores import open_store, record_sample_counts
 from .summary import Summary, finish_summary
 
@@ -178,41 +177,21 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
 
 # --------------------------------------------------------------------------- the run
 
-@dataclass
-class SampleConfig:
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(DataOptions, LayoutOptions, RunOptions, ClusterOption, ReuseOptions, ProgressOption):
     """Settings of ``precompute sample``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
     model: str | None = setting(None, "Model that samples (the student's initial model) [embedded demo student].")
-    dataset: str | None = setting(None, "Prompts: preference or prompt-only rows, same sources as `teacher` "
-                                        "[bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
     n: int = setting(5, "Responses drawn per prompt.", type=click.IntRange(min=2))
     temperature: float = setting(1.0, "Sampling temperature.", type=click.FloatRange(min=0, min_open=True))
     top_p: float = setting(0.95, "Nucleus sampling mass.", type=click.FloatRange(min=0, max=1, min_open=True))
     keep: int = setting(4, "Most diverse responses kept per prompt (greedy max-min token edit distance).",
                         type=click.IntRange(min=2))
     max_new_tokens: int = setting(64, "Length limit of each response.", type=click.IntRange(min=1))
-    max_length: int = setting(512, "Prompts are cut from the left to max-length minus max-new-tokens.",
-                              type=click.IntRange(min=16))
     seed: int = setting(0, "Part p of train draws with seed + p.", type=int)
     generation_batch: int = setting(16, "Prompts per generate() call (each drawn n times).",
                                     type=click.IntRange(min=1))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
-    cluster: str | None = setting(None, "Sample the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler) [one process].")
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
-    examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
-                                     type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
     def check(self) -> None:
         if self.n < 2:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lm.head import split_model
+from lm.options import BATCH_TOKENS
 from store.format import LOGP_FLOOR
 
 HEAD_CHUNK_ROWS = 1024
@@ -121,7 +122,7 @@ def score_sequences(
     top_k: int | None = None,
     top_p: float = 1.0,
     at_ids: Sequence[np.ndarray] | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int = BATCH_TOKENS,
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Scored]:

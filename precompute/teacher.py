@@ -69,19 +69,19 @@ from tqdm.auto import tqdm
 from lm import chat, models
 from lm.generate import generate_greedy
 from lm.head import check_split
-from lm.options import comma_list, key_values, setting
+from lm.options import (BatchTokensOption, ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions,
+                        RunOptions, comma_list, setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
 from store.format import SectionRef
-from store.locations import STORAGE_OPTION_CLI
 from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
 from . import calibration, scoring
 from .dataset import LoadedSplit, Row, dataset_identity, load_splits
 from .provenance import prompts_fingerprint
-from .reuse import REUSE_FROM_CLI, REUSE_OPTION_CLI, Reuse
+from .reuse import Reuse
 from .stores import check_samples_match, open_store, record_sample_counts, require_samples, vocab_size_of
 from .summary import StepResult, Summary, finish_summary
 
@@ -97,8 +97,9 @@ ROLE_TEACHER, ROLE_STUDENT, ROLE_REFERENCE = "teacher", "student", "reference"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for --device-map
 
 
-@dataclass
-class TeacherConfig:
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, ClusterOption, ReuseOptions,
+                    ProgressOption):
     """Settings of ``precompute teacher``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
@@ -108,41 +109,20 @@ class TeacherConfig:
                                         "[embedded demo student].")
     reference: str | None = setting(None, "ADPA reference model (e.g. the teacher's SFT checkpoint) "
                                           "[the student's initial model].")
-    dataset: str | None = setting(None, "JSON/JSONL(.gz)/Parquet/CSV file, a saved `datasets` dir, or a dataset "
-                                        "name [bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
+    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
     top_k: int = setting(50, "Teacher log-probs kept per response token.", type=click.IntRange(min=1))
     top_p: float = setting(1.0, "Adaptive K: keep per token the fewest of the top-K ids whose teacher mass reaches "
                                 "P (--top-k the cap), the rest in the exact tail; 1.0: always K.",
                            type=click.FloatRange(min=0, max=1, min_open=True))
-    max_length: int = setting(512, "Tokens per sequence; prompts are cut from the left.",
-                              type=click.IntRange(min=16))
     max_new_tokens: int = setting(64, "Length limit of generated answers (ADPA); raise it for real teachers.",
                                   type=click.IntRange(min=1))
-    batch_tokens: int = setting(4096, "Padded tokens per forward batch.", type=click.IntRange(min=64))
     generation_batch: int = setting(64, "Prompts per generate() call.", type=click.IntRange(min=1))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
     device_map: str | None = setting(None, "Shard each model over the GPUs of its process or worker with "
                                            "accelerate (teachers larger than one GPU): auto.",
                                      type=click.Choice(DEVICE_MAPS))
-    cluster: str | None = setting(None, "Run the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler) [one process].")
-    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
-    examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
-                                     type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **REUSE_OPTION_CLI)
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
 @dataclass(frozen=True)

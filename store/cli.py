@@ -24,7 +24,9 @@ import sys
 
 import click
 
-from .locations import parse_storage_options, redact_url
+from lm.options import STORAGE_OPTION_HELP, parse_storage_options
+
+from .locations import redact_url
 
 EXIT_DAMAGED = 1
 EXIT_ERROR = 2
@@ -64,9 +66,8 @@ def _open(path: str, storage_options: tuple[str, ...]):
     return TeacherStore.open(path, storage_options=parse_storage_options(storage_options))
 
 
-storage_option = click.option(
-    "--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
-    help="fsspec filesystem option for a URL PATH, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+storage_option = click.option("--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
+                              help=STORAGE_OPTION_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from store.locations import REDACTED, parse_storage_options
+from lm.options import parse_storage_options
+from store.locations import REDACTED
 from tests.store_helpers import FolderServer
 from train.cli import main as train_cli
 

@@ -38,7 +38,8 @@ def _fail(command: str, message: str, status: int = 2, secrets: frozenset[str] |
 
 def _secrets(values: dict) -> set[str]:
     """What this command's ``--storage-option`` values and store location hold that must never be printed."""
-    from store.locations import parse_storage_options, secret_values
+    from lm.options import parse_storage_options
+    from store.locations import secret_values
 
     try:
         storage_options = parse_storage_options(values.get("storage_options") or ())

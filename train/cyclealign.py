@@ -30,8 +30,7 @@ from pathlib import Path
 
 import click
 
-from lm.options import comma_list, setting
-from store.locations import STORAGE_OPTION_CLI
+from lm.options import BatchTokensOption, DataOptions, ProgressOption, RunOptions, comma_list, setting
 
 from .config import TrainConfig, TrainError
 
@@ -40,8 +39,8 @@ SAMPLES = "samples.zarr"
 MODEL = "model"
 
 
-@dataclass
-class CycleAlignConfig:
+@dataclass(frozen=True, kw_only=True)
+class CycleAlignConfig(DataOptions, RunOptions, BatchTokensOption, ProgressOption):
     """Settings of ``train cyclealign``; each field is also its command-line option."""
 
     out: str = setting(help="Folder holding every round's store and model.", required=True)
@@ -51,10 +50,8 @@ class CycleAlignConfig:
     judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key.")
     rounds: int = setting(3, "Rounds of sample -> rank -> train.", type=click.IntRange(min=1))
     student: str | None = setting(None, "The first round's student [embedded demo student].")
-    dataset: str | None = setting(None, "Prompts (any rows `precompute sample` takes) [bundled demo set].")
     splits: tuple[str, ...] = setting(("train",), "Comma list of splits to sample and rank (training uses train).",
                                       flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
     n: int = setting(4, "Responses sampled per prompt.", type=click.IntRange(min=2))
     temperature: float = setting(1.0, "Sampling temperature.", type=click.FloatRange(min=0, min_open=True))
     max_new_tokens: int = setting(64, "Length limit of each sampled response.", type=click.IntRange(min=1))
@@ -67,12 +64,7 @@ class CycleAlignConfig:
                         type=click.FloatRange(min=0, min_open=True))
     epochs: int = setting(1, "Epochs per round.", type=click.IntRange(min=1))
     max_steps: int | None = setting(None, "Optimizer steps per round [every epoch].", type=click.IntRange(min=1))
-    batch_tokens: int = setting(4096, "Padded tokens per training batch.", type=click.IntRange(min=1))
     seed: int = setting(0, "Seed of sampling (round r adds r - 1), shuffles and training.", type=int)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto, float32, bfloat16.")
-    progress: bool = setting(True, "No progress bars.", flag="--no-progress")
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
 
     def round_dir(self, r: int) -> Path:
         return Path(self.out) / ROUND_DIR.format(r=r)
