@@ -4,7 +4,7 @@ dataset -> precompute (teacher passes) -> store -> train (batches, losses, stude
 ``lm`` is what both sides share about models and command lines. ``store`` imports
 neither side nor ``lm``; ``precompute`` and ``train`` never import each other.
 The command-line entries (each package's ``cli``) sit above the layers:
-``store``'s may use ``lm``'s option parser.
+``store``'s may use ``lm``'s option parser and error report.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ALLOWED = {
 }
 #: command-line entries: the packages each may import besides those its package may
 ENTRIES = {
-    "store.cli": {"lm"},  # lm.options: the one parser of --storage-option
+    "store.cli": {"lm"},  # lm.options: the parser of --storage-option; lm.cli: one-line errors
 }
 
 
