@@ -16,6 +16,7 @@ them (the others' errors are ``quiet``), and only rank 0 prints the result.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import click
 from click.core import ParameterSource
@@ -23,18 +24,12 @@ from click.core import ParameterSource
 from lm import options
 
 from .config import LOSS_SETTINGS, PAD_REWARD, EvaluateConfig, TrainConfig
-from .cyclealign import CycleAlignConfig
 from .methods import Settings
 
 
-def _run(command: str, run, values: dict, interrupted: str = "interrupted"):
-    """``run()``'s result; a failure ends in one line naming ``train COMMAND`` (:func:`lm.cli.run_reported`),
-    with the credentials this command's ``--storage-option`` values and store location hold removed."""
-    import yaml
-
-    from lm.cli import run_reported
+def _redact(values: dict) -> Callable[[str], str]:
+    """What this command's ``--storage-option`` values and store location hold, removed from a line to print."""
     from lm.options import parse_storage_options
-    from store import StoreError
     from store.locations import redact_text, secret_values
 
     try:
@@ -42,11 +37,32 @@ def _run(command: str, run, values: dict, interrupted: str = "interrupted"):
     except click.ClickException:  # a malformed option: its own message says so, without the value
         storage_options = {}
     secrets = secret_values(storage_options, [str(values.get("cache") or values.get("out") or "")])
-    return run_reported(f"train {command}", run, expected=(StoreError, yaml.YAMLError),
-                        redact=lambda text: redact_text(text, secrets), interrupted=interrupted)
+    return lambda text: redact_text(text, secrets)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _run(command: str, run, values: dict, interrupted: str = "interrupted"):
+    """``run()``'s result; a failure ends in one line naming ``train COMMAND`` (:func:`lm.cli.run_reported`)."""
+    import yaml
+
+    from lm.cli import run_reported
+    from store import StoreError
+
+    return run_reported(f"train {command}", run, expected=(StoreError, yaml.YAMLError), redact=_redact(values),
+                        interrupted=interrupted)
+
+
+class _Commands(click.Group):
+    """``train``'s commands; ``cyclealign`` runs a recipe that uses ``precompute`` too (:mod:`recipes.cyclealign`),
+    so it is imported only when that command is asked for (or listed)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "cyclealign"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _cyclealign_command() if name == "cyclealign" else super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Train a small student from a teacher-signal store; evaluate students."""
 
@@ -89,15 +105,20 @@ def evaluate(as_json, **values):
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 
 
-@main.command()
-@options.click_options(CycleAlignConfig)
-def cyclealign(**values):
-    """CycleAlign end to end: R rounds of sample -> rank (a black box) -> train, resuming after a kill."""
-    from .cyclealign import run_rounds
-    from .trainer import train
+def _cyclealign_command() -> click.Command:
+    from recipes.cyclealign import CycleAlignConfig, run_rounds
 
-    models = _run("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values), train), values)
-    click.echo("rounds trained: " + ", ".join(map(str, models)))
+    @click.command("cyclealign")
+    @options.click_options(CycleAlignConfig)
+    def cyclealign(**values):
+        """CycleAlign end to end: R rounds of sample -> rank (a black box) -> train, resuming after a kill."""
+        redact = _redact(values)
+        models = _run("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values),
+                                                       echo=lambda text: click.echo(redact(text))),
+                      values, interrupted="interrupted; the same command goes on at the first unfinished step")
+        click.echo("rounds trained: " + ", ".join(map(str, models)))
+
+    return cyclealign
 
 
 if __name__ == "__main__":
