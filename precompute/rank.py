@@ -78,7 +78,7 @@ from store.sequences import split_sequences
 
 from . import scoring
 from .calibration import option_text
-from .dataset import LoadedSplit, Row, load_splits
+from .dataset import LoadedSplit, Row, load_data
 from .judges import Judge, LocalJudge, judge_identity, make_judge
 from .provenance import prompts_fingerprint
 from .reuse import Reuse
@@ -430,35 +430,34 @@ class RankContext:
 
 def prepare(config: RankConfig, summary: Summary) -> RankContext:
     """The store, rows, white box, tokenizer, prompt parts and pass records: everything cheap and checkable."""
-    c = config
-    store = require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
-                       require_rows=True)
-    check_samples_match(store, rows, c.out)
+    store = require_samples(config.out, config.splits, config.storage_options,
+                            make="`precompute sample` for these prompts")
+    rows = load_data(config, require_pairs=False)
+    check_samples_match(store, rows, config.out)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
     sampler = (store.pass_record("samples/base") or PassRecord()).model
-    white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
-    if sampler and not c.student and white_box.weights_hash != sampler.sha256:
-        raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
+    white_box = models.resolve_model(config.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
+    if sampler and not config.student and white_box.weights_hash != sampler.sha256:
+        raise ValueError(f"{config.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
                          f"weights there); pass the white box with --student")
     tokenizer = models.load_tokenizer(white_box.path)
     if chat.tokenizer_hash(tokenizer) != store.tokenizer.hash:
         raise ValueError(f"--student {white_box.name}: its tokenizer differs from the store's ({store.tokenizer.name})")
-    instruction = load_instruction(c.instruction)
-    static = load_static_demos(c.static_demos)
-    dynamic = dynamic_demos(c.demos_from, c.demos, c.storage_options)
-    record = judge_record(c, instruction, static, dynamic, white_box)
+    instruction = load_instruction(config.instruction)
+    static = load_static_demos(config.static_demos)
+    dynamic = dynamic_demos(config.demos_from, config.demos, config.storage_options)
+    record = judge_record(config, instruction, static, dynamic, white_box)
     diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
     if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
-        raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
+        raise ProvenanceMismatch(f"{config.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
                                  f"{diff}. Write the samples to another --out, or delete the store")
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
     white = PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
         "dtype": dtype, "max_length": (store.pass_record("samples/base") or PassRecord()).max_length})
-    return RankContext(config=c, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
+    return RankContext(config=config, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
                        instruction=instruction, demos=[*static, *dynamic], record=record, white=white,
                        device=device, dtype=dtype)
 
@@ -632,17 +631,17 @@ def run_rank(config: RankConfig) -> Summary:
 
 def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> dict:
     """The judge's rankings of the parts that lack them, in this process; returns the totals of the run."""
-    c = ctx.config
+    config = ctx.config
     step, todo = _judge_todo(ctx, summary, reuse)
     totals = _new_totals()
     if not todo:
         return totals
-    judge = c.open_judge(c.device, c.dtype)
+    judge = config.open_judge(config.device, config.dtype)
     _register_judge(ctx)
     groups_todo = sum(int(ctx.store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
                       for s, p in todo)
     t0 = time.perf_counter()
-    with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not c.progress,
+    with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not config.progress,
               dynamic_ncols=True) as bar:
         for split, part in todo:
             arrays, attrs = judge_part(ctx, split, part, judge, ctx.rows_of_part(split, part), bar.update)
@@ -729,8 +728,9 @@ def portable_context(ctx: RankContext) -> RankContext:
 
 def attach_context(portable: RankContext) -> RankContext:
     """On a worker: the portable context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 class _WorkerLocalJudge(LocalJudge):
@@ -756,12 +756,12 @@ class _WorkerLocalJudge(LocalJudge):
 def worker_judge(ctx: RankContext) -> Judge:
     """On a worker: the run's judge, built for its first part and kept (one HTTP client, or one local model)."""
     if ctx.judge is None:
-        c = ctx.config
+        config = ctx.config
         if ctx.judge_info is not None:
             ctx.judge = _WorkerLocalJudge(ctx.judge_info, device=ctx.device, dtype=ctx.dtype,
-                                          max_new_tokens=c.judge_max_tokens)
+                                          max_new_tokens=config.judge_max_tokens)
         else:  # the key: from this worker's environment
-            ctx.judge = c.open_judge(ctx.device, ctx.dtype)
+            ctx.judge = config.open_judge(ctx.device, ctx.dtype)
     return ctx.judge
 
 

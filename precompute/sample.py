@@ -65,7 +65,7 @@ from store import format as fmt
 from store import keys
 from store.sequences import base_arrays
 
-from .dataset import LoadedSplit, dataset_identity, load_splits
+from .dataset import LoadedSplit, dataset_identity, load_data
 from .provenance import prompts_fingerprint
 from .reuse import Reuse
 from .stores import open_store, record_sample_counts
@@ -237,12 +237,12 @@ def describe_counts(split: str, total: dict, keep: int | None = None) -> str:
 
 def sample_record(ctx: SampleContext) -> PassRecord:
     """What the sampled groups depend on: the model and every sampling setting."""
-    c = ctx.config
+    config = ctx.config
     return PassRecord(ModelRecord(ctx.model.name, ctx.model.weights_hash), {
-        "dataset": dataset_identity(c.dataset),
-        "n": c.n, "temperature": c.temperature, "top_p": c.top_p, "top_k": "off", "keep": c.keep,
-        "seed": c.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
-        "max_new_tokens": c.max_new_tokens, "max_length": c.max_length, "dtype": ctx.dtype,
+        "dataset": dataset_identity(config.dataset),
+        "n": config.n, "temperature": config.temperature, "top_p": config.top_p, "top_k": "off", "keep": config.keep,
+        "seed": config.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
+        "max_new_tokens": config.max_new_tokens, "max_length": config.max_length, "dtype": ctx.dtype,
         "selection": "greedy max-min token edit distance from response 0, ties to the lowest index",
         "duplicates": "prompt dropped if two of the n drawn responses have identical token ids",
     })
@@ -250,17 +250,16 @@ def sample_record(ctx: SampleContext) -> PassRecord:
 
 def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list[_Part]]:
     """Rows, the model resolved, the store opened; returns the context and the parts still to sample."""
-    c = config
-    c.check()
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
-                       require_rows=True)
-    info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
+    config.check()
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    rows = load_data(config, require_pairs=False)
+    info = models.resolve_model(config.model, models.EMBEDDED_STUDENT)
     tokenizer = models.load_tokenizer(info.path)
-    store = open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
-                            examples_per_part=c.examples_per_part, storage_options=c.storage_options)
-    ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
+    store = open_store(config.out, model=info, tokenizer=tokenizer, dataset=config.dataset,
+                       max_length=config.max_length, examples_per_part=config.examples_per_part,
+                       storage_options=config.storage_options)
+    ctx = SampleContext(config=config, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
                         dtype=dtype, eot_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(info.path)),
                         pad_id=chat.pad_id(tokenizer))
     diff = store.pass_conflict(PASS_SAMPLES, sample_record(ctx).to_dict())
@@ -286,8 +285,8 @@ def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list
 
 def _prompts(ctx: SampleContext, rows: Sequence) -> tuple[list[np.ndarray], int]:
     """The rows' prompts as sampled (chat template, cut from the left to the budget), and how many were cut."""
-    c = ctx.config
-    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    config = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, config.max_length - config.max_new_tokens)
     prompts, truncated = [], 0
     for r in rows:
         full = chat.encode_prompt(ctx.tokenizer, r.prompt)
@@ -298,28 +297,29 @@ def _prompts(ctx: SampleContext, rows: Sequence) -> tuple[list[np.ndarray], int]
 
 def sample_key(ctx: SampleContext, todo: _Part) -> str:
     """The content key of one part's groups (:func:`store.keys.samples_base_key`): no model loads."""
-    c = ctx.config
+    config = ctx.config
     prompts, _ = _prompts(ctx, todo.rows)
     return keys.samples_base_key(
         layout=ctx.store.key_layout(), example_range=ctx.store.part_range(todo.split, todo.part),
         model_sha256=ctx.model.weights_hash, settings=sample_record(ctx).settings,
-        part_seed=part_seed(c.seed, todo.split, todo.part), device=ctx.device, generation_batch=c.generation_batch,
+        part_seed=part_seed(config.seed, todo.split, todo.part), device=ctx.device,
+        generation_batch=config.generation_batch,
         eot_ids=ctx.eot_ids, prompts_sha256=prompts_fingerprint(todo.rows),
         prompt_ids=[(r.index, p) for r, p in zip(todo.rows, prompts)])
 
 
 def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
     """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
-    c = ctx.config
+    config = ctx.config
     prompts, truncated = _prompts(ctx, todo.rows)
-    seed = part_seed(c.seed, todo.split, todo.part)
+    seed = part_seed(config.seed, todo.split, todo.part)
     torch.manual_seed(seed)
-    drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
-                             max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
-                             batch_size=c.generation_batch, on_batch=progress)
+    drawn = sample_responses(model, prompts, n=config.n, temperature=config.temperature, top_p=config.top_p,
+                             max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
+                             batch_size=config.generation_batch, on_batch=progress)
     seqs, groups, dropped = [], [], {}
     for r, prompt, responses in zip(todo.rows, prompts, drawn):
-        kept, reason = choose_group(responses, c.keep)
+        kept, reason = choose_group(responses, config.keep)
         if kept is None:
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
@@ -330,7 +330,7 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
     attrs = {
         "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
         "prompts_sha256": prompts_fingerprint(todo.rows), "seed": seed,
-        "generation_batch": c.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
+        "generation_batch": config.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
         keys.ATTR: sample_key(ctx, todo),
     }
     drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
@@ -421,8 +421,9 @@ def _run_on_cluster(config: SampleConfig, summary: Summary) -> SampleContext:
 
 def attach_context(portable: SampleContext) -> SampleContext:
     """On a worker: the shipped context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 def sample_part_on_worker(fingerprint: str, split: str, part: int, rows: list) -> dict:

@@ -79,7 +79,7 @@ from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
 from . import calibration, scoring
-from .dataset import LoadedSplit, Row, dataset_identity, load_splits
+from .dataset import LoadedSplit, Row, dataset_identity, load_data
 from .provenance import prompts_fingerprint
 from .reuse import Reuse
 from .stores import check_samples_match, open_store, record_sample_counts, require_samples, vocab_size_of
@@ -194,11 +194,11 @@ def reference_step(ctx: TeacherContext, step: Step, split: str, part: int, model
 
 def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The student's greedy answer to each prompt of the part (ADPA's released recipe)."""
-    c = ctx.config
+    config = ctx.config
     rows = ctx.rows_of_part(split, part)
     prompts = _generation_prompts(ctx, rows)
-    answers = generate_greedy(model, prompts, max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids,
-                                      pad_id=ctx.pad_id, batch_size=c.generation_batch, on_batch=progress)
+    answers = generate_greedy(model, prompts, max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids,
+                                      pad_id=ctx.pad_id, batch_size=config.generation_batch, on_batch=progress)
     seqs = [(r.index, fmt.ROLE_GENERATED, np.concatenate([p, a]).astype(np.int64), len(p))
             for r, p, a in zip(rows, prompts, answers) if len(a) > 0]
     return StepResult(base_arrays(seqs), sum(len(s[2]) for s in seqs))
@@ -206,8 +206,8 @@ def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model,
 
 def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
     """The prompts' token ids as the student answers them: chat template, cut from the left to the budget."""
-    c = ctx.config
-    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    config = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, config.max_length - config.max_new_tokens)
     return [chat.encode_prompt(ctx.tokenizer, r.prompt, budget) for r in rows]
 
 
@@ -335,34 +335,31 @@ def _reuse_parts(ctx: TeacherContext, step: Step, todo: list[tuple[str, int]]) -
 
 def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     """Rows, models, tokenizers and the store: everything cheap and checkable, before any model runs."""
-    c = config
-    unknown = set(c.passes) - set(KNOWN_PASSES)
+    unknown = set(config.passes) - set(KNOWN_PASSES)
     if unknown:
         raise ValueError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_PASSES)}")
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
-    needs_pairs = any(p in c.passes for p in NEEDS_PAIRS)
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    needs_pairs = any(p in config.passes for p in NEEDS_PAIRS)
     prompt_rows: dict[str, LoadedSplit] = {}
     mcq_template = samples_record = None
-    if PASS_PAD in c.passes:
-        make = (f"`precompute sample --out {c.out} --dataset {c.dataset or 'demo'}"
-                f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}` (the pad pass "
-                f"scores the groups it writes)")
-        samples_store = require_samples(c.out, c.splits, c.storage_options, make=make)
+    if PASS_PAD in config.passes:
+        make = (f"`precompute sample --out {config.out} --dataset {config.dataset or 'demo'}"
+                f"{' --limit ' + str(config.limit) if config.limit else ''} --split {','.join(config.splits)}` "
+                f"(the pad pass scores the groups it writes)")
+        samples_store = require_samples(config.out, config.splits, config.storage_options, make=make)
         samples_record = samples_store.pass_record("samples/base") or PassRecord()
-        mcq_template = calibration.load_template(c.mcq_template)
+        mcq_template = calibration.load_template(config.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
-        prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
-                                  require_pairs=False, require_rows=True)
-        check_samples_match(samples_store, prompt_rows, c.out)
-    rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_rows=True)
-            if needs_pairs else prompt_rows)
+        prompt_rows = load_data(config, require_pairs=False)
+        check_samples_match(samples_store, prompt_rows, config.out)
+    rows = load_data(config) if needs_pairs else prompt_rows
 
-    infos = {ROLE_TEACHER: models.resolve_model(c.teacher, models.EMBEDDED_TEACHER)}
-    if PASS_DPO_REF in c.passes or PASS_ADPA in c.passes:
-        infos[ROLE_STUDENT] = models.resolve_model(c.student, models.EMBEDDED_STUDENT)
-    if PASS_ADPA in c.passes:
-        infos[ROLE_REFERENCE] = (models.resolve_model(c.reference, models.EMBEDDED_STUDENT) if c.reference
+    infos = {ROLE_TEACHER: models.resolve_model(config.teacher, models.EMBEDDED_TEACHER)}
+    if PASS_DPO_REF in config.passes or PASS_ADPA in config.passes:
+        infos[ROLE_STUDENT] = models.resolve_model(config.student, models.EMBEDDED_STUDENT)
+    if PASS_ADPA in config.passes:
+        infos[ROLE_REFERENCE] = (models.resolve_model(config.reference, models.EMBEDDED_STUDENT) if config.reference
                                  else infos[ROLE_STUDENT])
     tokenizer = models.load_tokenizer(infos[ROLE_TEACHER].path)
     samples = [(r.prompt, r.chosen) for split in rows.values() for r in split.rows[:8] if r.chosen is not None]
@@ -372,29 +369,29 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
                                          names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
 
     vocab = vocab_size_of(infos[ROLE_TEACHER], tokenizer)
-    if c.top_k > vocab and any(p in c.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
-        raise ValueError(f"--top-k {c.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
+    if config.top_k > vocab and any(p in config.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
+        raise ValueError(f"--top-k {config.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
                          f"use --top-k {vocab} or less")
-    if c.top_p < 1 and c.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
-        raise ValueError(f"--top-p {c.top_p} with --top-k {c.top_k}: an adaptive K is capped at 65535")
+    if config.top_p < 1 and config.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
+        raise ValueError(f"--top-p {config.top_p} with --top-k {config.top_k}: an adaptive K is capped at 65535")
 
-    store = open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
-                            max_length=c.max_length, examples_per_part=c.examples_per_part,
-                            storage_options=c.storage_options)
-    ctx = TeacherContext(config=c, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
+    store = open_store(config.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=config.dataset,
+                            max_length=config.max_length, examples_per_part=config.examples_per_part,
+                            storage_options=config.storage_options)
+    ctx = TeacherContext(config=config, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
                          dtype=dtype, eot_ids=_end_of_turn_ids(tokenizer, infos), pad_id=chat.pad_id(tokenizer),
                          prompt_rows=prompt_rows)
-    if PASS_PAD in c.passes:
-        ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, c)
+    if PASS_PAD in config.passes:
+        ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, config)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
         if not needs_pairs:  # pad only: the split's dataset record describes pairs, leave it
             store.set_split(split, loaded.total_rows)
-    if PASS_PAD in c.passes:
+    if PASS_PAD in config.passes:
         record_sample_counts(store, list(rows))  # set_split above resets the split's record
     _refuse_conflicting_passes(ctx)
-    ctx.reuse = Reuse.for_run(store, c, summary)
+    ctx.reuse = Reuse.for_run(store, config, summary)
     return ctx
 
 
@@ -424,20 +421,20 @@ def write_pair_bases(ctx: TeacherContext, summary: Summary) -> None:
 
     Cheap, and every later step of the pairs set reads them.
     """
-    c = ctx.config
+    config = ctx.config
     for split, loaded in ctx.rows.items():
         truncated = {"prompt": 0, "response": 0}
-        per = c.examples_per_part
+        per = config.examples_per_part
         seqs_of_part: list[list] = [[] for _ in range((loaded.total_rows + per - 1) // per)]
         for r in loaded.rows:  # rows come in index order, so each part's sequences do too
             for role, text in ((fmt.ROLE_CHOSEN, r.chosen), (fmt.ROLE_REJECTED, r.rejected)):
-                enc = chat.encode_example(ctx.tokenizer, r.prompt, text, c.max_length)
+                enc = chat.encode_example(ctx.tokenizer, r.prompt, text, config.max_length)
                 truncated["prompt"] += enc.prompt_truncated
                 truncated["response"] += enc.response_truncated
                 seqs_of_part[r.index // per].append((r.index, role, enc.input_ids, enc.prompt_length))
         summary.truncated[split] = truncated
         ctx.store.set_split(split, loaded.total_rows, dataset={
-            **dataset_identity(c.dataset), "fingerprint": loaded.fingerprint,
+            **dataset_identity(config.dataset), "fingerprint": loaded.fingerprint,
             "rows_used": len(loaded.rows), "skipped": dict(loaded.skipped), "truncated": truncated,
         })
         for part, seqs in enumerate(seqs_of_part):
@@ -581,8 +578,9 @@ def portable_context(ctx: TeacherContext) -> TeacherContext:
 
 def attach_context(portable: TeacherContext) -> TeacherContext:
     """On a worker: the portable context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 def _rows_for(ctx: TeacherContext, step: Step, split: str, part: int) -> LoadedSplit | None:
