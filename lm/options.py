@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import click
 
-__all__ = ["Cli", "setting", "click_options", "from_cli", "comma_list", "key_values", "parse_storage_options",
-           "field_defaults", "check_option_values", "RunOptions", "ProgressOption", "BatchTokensOption",
-           "ChunkSizeOption", "DataOptions", "LayoutOptions", "ClusterOption", "ReuseOptions", "BATCH_TOKENS",
-           "MAX_LENGTH", "REUSE_ENV", "STORAGE_OPTION_HELP"]
+__all__ = ["Cli", "setting", "click_options", "help_order", "from_cli", "comma_list", "key_values",
+           "parse_storage_options", "field_defaults", "check_option_values", "RunOptions", "ProgressOption",
+           "BatchTokensOption", "ChunkSizeOption", "DataOptions", "LayoutOptions", "ClusterOption", "ReuseOptions",
+           "BATCH_TOKENS", "MAX_LENGTH", "REUSE_ENV", "STORAGE_OPTION_HELP"]
 
 
 @dataclass(frozen=True)
