@@ -40,14 +40,14 @@ def _redact(values: dict) -> Callable[[str], str]:
     return lambda text: redact_text(text, secrets)
 
 
-def _run(command: str, run, values: dict, interrupted: str = "interrupted"):
+def _run(command: str, run, redact: Callable[[str], str], interrupted: str = "interrupted"):
     """``run()``'s result; a failure ends in one line naming ``train COMMAND`` (:func:`lm.cli.run_reported`)."""
     import yaml
 
     from lm.cli import run_reported
     from store import StoreError
 
-    return run_reported(f"train {command}", run, expected=(StoreError, yaml.YAMLError), redact=_redact(values),
+    return run_reported(f"train {command}", run, expected=(StoreError, yaml.YAMLError), redact=redact,
                         interrupted=interrupted)
 
 
@@ -84,8 +84,9 @@ def student(ctx, config_file, **values):
         config = TrainConfig.from_sources(config_file, values, given)
         return config, train(config)
 
-    config, out = _run("student", run, values, interrupted="interrupted; --resume continues from the last checkpoint "
-                       "(with none yet, the same command starts afresh)")
+    config, out = _run("student", run, _redact(values),
+                       interrupted="interrupted; --resume continues from the last checkpoint (with none yet, the same "
+                                   "command starts afresh)")
     from .distributed import is_main_process
 
     if is_main_process():
@@ -101,7 +102,7 @@ def evaluate(as_json, **values):
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_table
 
-    result = _run("evaluate", lambda: run_evaluate(options.from_cli(EvaluateConfig, values)), values)
+    result = _run("evaluate", lambda: run_evaluate(options.from_cli(EvaluateConfig, values)), _redact(values))
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 
 
@@ -115,7 +116,7 @@ def _cyclealign_command() -> click.Command:
         redact = _redact(values)
         models = _run("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values),
                                                        echo=lambda text: click.echo(redact(text))),
-                      values, interrupted="interrupted; the same command goes on at the first unfinished step")
+                      redact, interrupted="interrupted; the same command goes on at the first unfinished step")
         click.echo("rounds trained: " + ", ".join(map(str, models)))
 
     return cyclealign
