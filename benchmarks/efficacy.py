@@ -3,8 +3,7 @@
 The task, its tokenizer and its rule are in ``benchmarks/efficacy_task.py`` (prompts list 3-5 digits; a valid
 answer is one to three listed digits; a preferred answer starts with the largest listed digit). This script
 builds everything else with the project's own commands, run in this process through their command-line entry
-points (``precompute.cli.main``, ``train.cli.main``: exactly the command lines it prints and logs) except
-``train cyclealign``'s own ``precompute`` subprocesses:
+points (``precompute.cli.main``, ``train.cli.main``: exactly the command lines it prints and logs):
 
 1. models: a reference (4 layers, hidden 128) and a student (2 layers, hidden 64), Llamas initialised at
    random and saved with the task's tokenizer and chat template (real model directories);
@@ -465,7 +464,7 @@ def parse(argv: list[str] | None = None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     o = parse(argv)
-    os.environ["OMP_NUM_THREADS"] = str(o.threads)  # this process's torch and train cyclealign's subprocesses
+    os.environ["OMP_NUM_THREADS"] = str(o.threads)  # this process's torch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,27 +16,14 @@ dequantised to float32 and saved as an ordinary transformers model directory.
 The embedded student is a *demonstration pair* member, not a trained model: the
 teacher with decoder layers 12-15 (of 30) removed and the rest re-indexed. It
 shares the teacher's tokenizer and every remaining weight, so it is built
-deterministically with no download. Chosen by greedy-decoding 5 short chat
-prompts (chat template, 40 new tokens) with several layer drops:
-
-    variant               layers  params   "What is the capital of France?" ->
-    teacher               30      134.5M   "The capital of France is Paris."
-    drop 14-15            28      127.4M   "The capital of France is Paris, France. ..."
-    drop 12-15 (chosen)   26      120.4M   "The capital of the French island of Monaco."
-    drop 20-23            26      120.4M   "The only one of the planets, the only one ..."
-    drop 11-16            24      113.3M   "I am the most readable and readable of the 1000..."
-    drop 10-17            22      106.2M   "the price for a la La La La La La La ..."
-    every other layer     15       81.4M   "eying Rem Erem S Rem Eremhind Rem but ..."
-
-Across all prompts drop 12-15 stays fluent and on topic but is often wrong
-("A computer is a device that can be programmed ...", "12 + 7 = 12"), while
-drop 11-16 and smaller collapse into repetition or noise and drop 20-23 drifts
-off topic. It is the smallest coherent student measured, and visibly worse than
-the teacher, which is what a distillation demo needs.
+deterministically with no download: the smallest such student that stays fluent and
+on topic while visibly worse than the teacher (how the layers were chosen:
+``docs/_incoming/precompute.md``, section ``lm.models``).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -433,3 +420,10 @@ def load_model(spec: str | None, *, device: str = "cpu", dtype: str = "float32",
 def model_param_count(model) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def free_memory() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -62,11 +62,12 @@ import torch
 
 from lm import chat
 from lm.head import split_model
+from lm.options import BATCH_TOKENS
 from store import format as fmt
 from store.sequences import split_sequences
 
-from .runs import StepResult
 from .scoring import right_padded, token_budget_order
+from .summary import StepResult
 
 MCQ_EPS = 1e-8
 LETTERS = ("A", "B")
@@ -153,7 +154,7 @@ def letter_token_ids(tokenizer, letters: Sequence[str] = LETTERS) -> list[np.nda
 
 @torch.inference_mode()
 def option_logprobs(model, prompts: Sequence[np.ndarray], letter_ids: Sequence[np.ndarray], *,
-                    batch_tokens: int = 4096, pad_id: int = 0,
+                    batch_tokens: int = BATCH_TOKENS, pad_id: int = 0,
                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """``[N, len(letter_ids)]`` float64: log of the next-token probability mass on each letter's tokens.
 

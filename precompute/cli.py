@@ -1,16 +1,16 @@
 """``precompute``: run the teacher passes into a store (thin: parse, validate, call).
 
-Every option is a field of :class:`precompute.teacher.TeacherConfig` or
-:class:`precompute.sample.SampleConfig`, which declare its default and help.
+Every option is a field of :class:`precompute.teacher.TeacherConfig`,
+:class:`precompute.sample.SampleConfig` or :class:`precompute.rank.RankConfig`
+(the options they share: :mod:`lm.options`), which declare its default and help.
+A failure ends in one line naming the command (:func:`lm.cli.run_reported`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
+from lm.cli import run_reported
 from lm.options import click_options, from_cli
 
 from .rank import RankConfig
@@ -18,63 +18,36 @@ from .sample import SampleConfig
 from .teacher import TeacherConfig
 
 
-def _secrets(options: dict) -> set[str]:
-    """What this command's options and $DISTILL_REUSE_FROM hold that must never be printed."""
-    from store.locations import parse_storage_options, secret_values
+def _redact(options: dict):
+    """What prints this command's lines: the credentials its options and $DISTILL_REUSE_FROM hold removed."""
+    from lm.options import parse_storage_options
+    from store.locations import redact_text, secret_values
 
-    from .runs import reuse_locations
+    from .reuse import reuse_locations
 
     given = {}
     for name in ("storage_options", "reuse_options"):
         try:
             given[name] = parse_storage_options(options.get(name) or ())
-        except click.ClickException:  # a malformed option: click reports it
+        except click.ClickException:  # a malformed option: its own message says so, without the value
             given[name] = {}
-    locations = [str(options.get("out") or ""), *reuse_locations(options.get("reuse_from") or ())]
-    return secret_values(given, locations)
+    secrets = secret_values(given, [str(options.get("out") or ""), *reuse_locations(options.get("reuse_from") or ())])
+    return lambda text: redact_text(text, secrets)
 
 
-def _report(command: str, run, secrets: set[str] = frozenset()):
-    """Run ``run()`` and print its summary; a user's mistake ends in one line on stderr and exit 2.
-
-    ``DISTILL_DEBUG=1`` shows the traceback of anything unexpected instead. ``secrets`` (credentials
-    given as options or inside locations) are redacted from whatever is printed.
-    """
-    from lm.chat import TokenizerMismatch
-    from lm.models import ModelLoadError, ModelNotFoundError
+def _run(command: str, run, options: dict) -> None:
+    """Run ``run()`` and print its summary; a failure ends in one line (:func:`lm.cli.run_reported`)."""
     from store import StoreError
-    from store.locations import redact_text
 
-    from .dataset import DataError
+    expected = (StoreError, NotImplementedError)  # besides ValueError and OSError, which the others subclass
+    if options.get("cluster"):  # only --cluster runs import dask
+        from .cluster import ClusterError
 
-    def echo(text: str, err: bool = False) -> None:
-        click.echo(redact_text(text, secrets), err=err)
-
-    expected = (DataError, TokenizerMismatch, StoreError, ModelNotFoundError, ModelLoadError, ValueError,
-                NotImplementedError, OSError)
-    try:
-        summary = run()
-    except click.ClickException:
-        raise
-    except KeyboardInterrupt:
-        click.echo(f"precompute {command}: interrupted; the same command resumes where it stopped", err=True)
-        sys.exit(130)
-    except expected as exc:
-        if os.environ.get("DISTILL_DEBUG"):
-            raise
-        echo(f"precompute {command}: {exc}", err=True)
-        sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, and how to see more
-        if os.environ.get("DISTILL_DEBUG"):
-            raise
-        cluster = sys.modules.get("precompute.cluster")  # imported by --cluster runs only (it imports dask)
-        if cluster is not None and isinstance(exc, cluster.ClusterError):
-            echo(f"precompute {command}: {exc}", err=True)
-            sys.exit(2)
-        echo(f"precompute {command}: internal error {type(exc).__name__}: {exc} "
-             f"(DISTILL_DEBUG=1 shows the traceback)", err=True)
-        sys.exit(3)
-    echo("\n".join(summary.lines()))
+        expected += (ClusterError,)
+    redact = _redact(options)
+    summary = run_reported(f"precompute {command}", run, expected=expected, redact=redact,
+                           interrupted="interrupted; the same command resumes where it stopped")
+    click.echo(redact("\n".join(summary.lines())))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,7 +61,7 @@ def teacher(**options):
     """Run the teacher passes (default: what dckd+adpa needs) into --out."""
     from .teacher import run_teacher
 
-    _report("teacher", lambda: run_teacher(from_cli(TeacherConfig, options)), _secrets(options))
+    _run("teacher", lambda: run_teacher(from_cli(TeacherConfig, options)), options)
 
 
 @main.command()
@@ -97,7 +70,7 @@ def sample(**options):
     """Sample groups of responses per prompt into --out (PAD; then `teacher --passes pad`)."""
     from .sample import run_sample
 
-    _report("sample", lambda: run_sample(from_cli(SampleConfig, options)), _secrets(options))
+    _run("sample", lambda: run_sample(from_cli(SampleConfig, options)), options)
 
 
 @main.command()
@@ -106,7 +79,7 @@ def rank(**options):
     """Rank each sampled group with a black-box judge and agree with the student (CycleAlign)."""
     from .rank import run_rank
 
-    _report("rank", lambda: run_rank(from_cli(RankConfig, options)), _secrets(options))
+    _run("rank", lambda: run_rank(from_cli(RankConfig, options)), options)
 
 
 if __name__ == "__main__":

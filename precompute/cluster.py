@@ -333,10 +333,8 @@ def worker_model(info: models.ModelInfo, *, device: str, dtype: str, device_map:
 
 def release_model() -> None:
     """Drop this worker's model and give its memory back."""
-    from .runs import free_memory
-
     _STATE.model = _STATE.model_key = None
-    free_memory()
+    models.free_memory()
 
 
 @contextmanager

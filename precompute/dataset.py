@@ -900,3 +900,10 @@ def load_splits(source: str | None, splits: Sequence[str] = ("train", "test"), *
     plan = _plan(src, list(dict.fromkeys(splits)), test_fraction, limit)
     reader = _Reader(src, cols, dict(columns or {}), strict, require_pairs, require_rows)
     return {split: reader.read(split, span) for split, span in plan.items()}
+
+
+def load_data(options, *, require_pairs: bool = True) -> dict[str, LoadedSplit]:
+    """The rows a command's :class:`lm.options.DataOptions` name (:func:`load_splits`; a split with no usable
+    row is refused)."""
+    return load_splits(options.dataset, options.splits, limit=options.limit, columns=options.columns,
+                       strict=options.strict, require_pairs=require_pairs, require_rows=True)

@@ -68,20 +68,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm import chat, models
-from lm.options import comma_list, key_values, setting
+from lm.options import (BatchTokensOption, ClusterOption, DataOptions, ProgressOption, ReuseOptions, RunOptions,
+                        setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
-from store.locations import STORAGE_OPTION_CLI, redact_url
+from store.locations import redact_url
 from store.sequences import split_sequences
 
-from . import runs, scoring
+from . import scoring
 from .calibration import option_text
-from .dataset import LoadedSplit, Row, load_splits
+from .dataset import LoadedSplit, Row, load_data
 from .judges import Judge, LocalJudge, judge_identity, make_judge
+from .provenance import prompts_fingerprint
+from .reuse import Reuse
+from .stores import check_samples_match, require_samples
+from .summary import Summary, finish_summary
 
 __all__ = ["LABEL_RE", "RankingError", "parse_ranking", "agreement", "render_prompt", "Demo", "load_static_demos",
-           "load_instruction", "RankConfig", "run_rank"]
+           "load_instruction", "JudgeOptions", "RankConfig", "run_rank"]
 
 #: a ranking line: labels [k] joined by ">" (spaces allowed around them), and nothing else
 LABEL_RE = re.compile(r"\[(\d+)\]")
@@ -297,16 +302,16 @@ PASS_JUDGE = fmt.PASS_SAMPLES_JUDGE
 PASS_WHITE_BOX = fmt.PASS_SAMPLES_STUDENT_INIT
 
 
-@dataclass
-class RankConfig:
-    """Settings of ``precompute rank``; each field is also its command-line option."""
+@dataclass(frozen=True, kw_only=True)
+class JudgeOptions:
+    """How the black box is reached and asked: options of ``precompute rank`` that ``train cyclealign`` passes on."""
 
-    out: str = setting(help="Store that `precompute sample` filled (its groups are ranked in place).", required=True)
     judge: str = setting(help="The black box: local:MODEL (a model dir, .gguf file or embedded name) or an "
                               "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.", required=True)
     judge_model: str | None = setting(None, "Model name the HTTP judge serves (required for a URL judge).")
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key "
-                                                       "(read at run time, never recorded).")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the HTTP judge's API key, read "
+                                                       "at run time (with --cluster, by each worker from its own "
+                                                       "environment) and never recorded.")
     judge_concurrency: int = setting(4, "HTTP requests in flight at once (per worker with --cluster).",
                                      type=click.IntRange(min=1))
     judge_timeout: float = setting(60.0, "Seconds before an HTTP request counts as timed out.",
@@ -316,34 +321,32 @@ class RankConfig:
     judge_max_tokens: int = setting(64, "Longest reply the judge may write.", type=click.IntRange(min=4))
     tries: int = setting(3, "Requests per group before it stays unranked (labels reshuffled after the first).",
                          type=click.IntRange(min=1))
-    demos: int = setting(2, "Dynamic demonstrations: the previous round's longest agreements (--demos-from).",
+    demos: int = setting(2, "Dynamic demonstrations per request: the previous round's longest agreements.",
                          type=click.IntRange(min=0))
-    demos_from: str | None = setting(None, "Store of the previous round, whose best agreements become "
-                                           "demonstrations [none: static demonstrations only].")
     instruction: str | None = setting(None, "Instruction file for the judge [precompute/templates/"
                                             "rank_instruction.txt].", type=click.Path(dir_okay=False))
     static_demos: str | None = setting(None, "JSON file of static demonstrations [precompute/templates/"
                                              "rank_demos.json].", type=click.Path(dir_okay=False))
+
+    def open_judge(self, device: str, dtype: str) -> Judge:
+        """The judge ``--judge`` names (:func:`precompute.judges.make_judge`: a ``local:`` model loads on first use;
+        an HTTP client reads its key from this process's environment)."""
+        return make_judge(self.judge, model=self.judge_model, api_key_env=self.judge_api_key_env,
+                          concurrency=self.judge_concurrency, timeout=self.judge_timeout, retries=self.judge_retries,
+                          max_new_tokens=self.judge_max_tokens, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankConfig(JudgeOptions, DataOptions, RunOptions, BatchTokensOption, ClusterOption, ReuseOptions,
+                 ProgressOption):
+    """Settings of ``precompute rank``; each field is also its command-line option."""
+
+    out: str = setting(help="Store that `precompute sample` filled (its groups are ranked in place; give the "
+                            "--dataset, --limit and --column of that run).", required=True)
+    demos_from: str | None = setting(None, "Store of the previous round, whose best agreements become the --demos "
+                                           "dynamic demonstrations [none: static demonstrations only].")
     student: str | None = setting(None, "White box scoring the responses [the model that sampled them].")
-    dataset: str | None = setting(None, "The rows the groups were sampled for (their prompts are the questions) "
-                                        "[bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "The --limit of the `precompute sample` run.", type=click.IntRange(min=1))
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
     seed: int = setting(0, "Seed of the label shuffles.", type=int)
-    batch_tokens: int = setting(4096, "Padded tokens per white-box forward batch.", type=click.IntRange(min=64))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
-    cluster: str | None = setting(None, "Rank the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler); each worker reads the judge's API key from "
-                                        "its own environment [one process].")
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting(factory=tuple, **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
 def question_text(prompt: Sequence[dict]) -> str:
@@ -427,37 +430,36 @@ class RankContext:
         return [r for r in self.rows[split].rows if start <= r.index < stop]
 
 
-def prepare(config: RankConfig, summary: runs.Summary) -> RankContext:
+def prepare(config: RankConfig, summary: Summary) -> RankContext:
     """The store, rows, white box, tokenizer, prompt parts and pass records: everything cheap and checkable."""
-    c = config
-    store = runs.require_samples(c.out, c.splits, c.storage_options, make="`precompute sample` for these prompts")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
-                       require_rows=True)
-    runs.check_samples_match(store, rows, c.out)
+    store = require_samples(config.out, config.splits, config.storage_options,
+                            make="`precompute sample` for these prompts")
+    rows = load_data(config, require_pairs=False)
+    check_samples_match(store, rows, config.out)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
     sampler = (store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()).model
-    white_box = models.resolve_model(c.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
-    if sampler and not c.student and white_box.weights_hash != sampler.sha256:
-        raise ValueError(f"{c.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
+    white_box = models.resolve_model(config.student or (sampler.name if sampler else None), models.EMBEDDED_STUDENT)
+    if sampler and not config.student and white_box.weights_hash != sampler.sha256:
+        raise ValueError(f"{config.out}: the model that sampled, {sampler.name}, is not at that path any more (other "
                          f"weights there); pass the white box with --student")
     tokenizer = models.load_tokenizer(white_box.path)
     if chat.tokenizer_hash(tokenizer) != store.tokenizer.hash:
         raise ValueError(f"--student {white_box.name}: its tokenizer differs from the store's ({store.tokenizer.name})")
-    instruction = load_instruction(c.instruction)
-    static = load_static_demos(c.static_demos)
-    dynamic = dynamic_demos(c.demos_from, c.demos, c.storage_options)
-    record = judge_record(c, instruction, static, dynamic, white_box)
+    instruction = load_instruction(config.instruction)
+    static = load_static_demos(config.static_demos)
+    dynamic = dynamic_demos(config.demos_from, config.demos, config.storage_options)
+    record = judge_record(config, instruction, static, dynamic, white_box)
     diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
     if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
-        raise ProvenanceMismatch(f"{c.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
+        raise ProvenanceMismatch(f"{config.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
                                  f"{diff}. Write the samples to another --out, or delete the store")
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
     white = PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
         "dtype": dtype, "max_length": (store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()).max_length})
-    return RankContext(config=c, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
+    return RankContext(config=config, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
                        instruction=instruction, demos=[*static, *dynamic], record=record, white=white,
                        device=device, dtype=dtype)
 
@@ -469,7 +471,7 @@ def white_box_key(ctx: RankContext, split: str, part: int) -> str | None:
 def judge_key(ctx: RankContext, split: str, part: int, rows: Sequence[Row]) -> str | None:
     """The content key of a part's rankings; ``rows``: the part's rows (their prompts are the questions)."""
     return _section_key(ctx.store, PASS_JUDGE, ctx.record, split, part,
-                        prompts_sha256=runs.prompts_fingerprint(rows), part_seed=shuffle_seed(ctx.config.seed, part))
+                        prompts_sha256=prompts_fingerprint(rows), part_seed=shuffle_seed(ctx.config.seed, part))
 
 
 def _register_white_box(ctx: RankContext) -> None:
@@ -480,7 +482,7 @@ def _register_judge(ctx: RankContext) -> None:
     ctx.store.register_pass(PASS_JUDGE, ctx.record.to_dict(), may_replace=True)
 
 
-def _todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse, name: str, section: str, key_of,
+def _todo(ctx: RankContext, summary: Summary, reuse: Reuse, name: str, section: str, key_of,
           register) -> tuple[dict, list[tuple[str, int]]]:
     """The step's summary record and its parts still to compute: not complete, and not reused (copied here)."""
     todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
@@ -489,12 +491,12 @@ def _todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse, name: str,
     return step, reuse.take_parts(name, fmt.SET_SAMPLES, section, todo, key_of, register)
 
 
-def _white_box_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+def _white_box_todo(ctx: RankContext, summary: Summary, reuse: Reuse):
     return _todo(ctx, summary, reuse, PASS_WHITE_BOX, fmt.SECTION_STUDENT_INIT,
                  lambda split, part: white_box_key(ctx, split, part), lambda: _register_white_box(ctx))
 
 
-def _judge_todo(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse):
+def _judge_todo(ctx: RankContext, summary: Summary, reuse: Reuse):
     """(On a cluster this runs before the white box's sums of this run exist: a part whose sums are computed
     now has no key yet, and is ranked rather than reused.)"""
     return _todo(ctx, summary, reuse, PASS_JUDGE, fmt.SECTION_JUDGE,
@@ -510,7 +512,7 @@ def white_box_part(ctx: RankContext, split: str, part: int, model) -> tuple[dict
     return scoring.scored_arrays(scored), sum(map(len, seqs))
 
 
-def _white_box_sums(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> None:
+def _white_box_sums(ctx: RankContext, summary: Summary, reuse: Reuse) -> None:
     """``samples/student_init`` (the white box's sums over each response) for the parts that lack it."""
     record, todo = _white_box_todo(ctx, summary, reuse)
     if not todo:
@@ -526,7 +528,7 @@ def _white_box_sums(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) 
             record["tokens"] += tokens
     record["seconds"] = time.perf_counter() - started
     model = None
-    runs.free_memory()
+    models.free_memory()
 
 
 def judge_record(config: RankConfig, instruction: str, static: Sequence[Demo], dynamic: Sequence[Demo],
@@ -610,47 +612,39 @@ def judge_part(ctx: RankContext, split: str, part: int, judge, rows: Sequence[Ro
     return arrays, attrs
 
 
-def _judge_of(c: RankConfig, device: str, dtype: str) -> Judge:
-    """The judge ``--judge`` names (:func:`precompute.judges.make_judge`: a ``local:`` model loads on first use;
-    an HTTP client reads its key from this process's environment)."""
-    return make_judge(c.judge, model=c.judge_model, api_key_env=c.judge_api_key_env,
-                      concurrency=c.judge_concurrency, timeout=c.judge_timeout, retries=c.judge_retries,
-                      max_new_tokens=c.judge_max_tokens, device=device, dtype=dtype)
-
-
 def _new_totals() -> dict:
     return {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
 
 
-def run_rank(config: RankConfig) -> runs.Summary:
+def run_rank(config: RankConfig) -> Summary:
     """``precompute rank``: white-box sums where missing, then the judge's rankings part by part."""
     started = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         ctx, totals = _run_on_cluster(config, summary)
     else:
         ctx = prepare(config, summary)
-        reuse = runs.Reuse.for_run(ctx.store, config, summary)
+        reuse = Reuse.for_run(ctx.store, config, summary)
         _white_box_sums(ctx, summary, reuse)
         totals = _rank_parts(ctx, summary, reuse)
     summary.notes.extend(describe_totals(totals))
     summary.seconds = time.perf_counter() - started
-    return runs.finish_summary(ctx.store, list(ctx.rows), summary)
+    return finish_summary(ctx.store, list(ctx.rows), summary)
 
 
-def _rank_parts(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> dict:
+def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> dict:
     """The judge's rankings of the parts that lack them, in this process; returns the totals of the run."""
-    c = ctx.config
+    config = ctx.config
     step, todo = _judge_todo(ctx, summary, reuse)
     totals = _new_totals()
     if not todo:
         return totals
-    judge = _judge_of(c, c.device, c.dtype)
+    judge = config.open_judge(config.device, config.dtype)
     _register_judge(ctx)
     groups_todo = sum(int(ctx.store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
                       for s, p in todo)
     t0 = time.perf_counter()
-    with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not c.progress,
+    with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not config.progress,
               dynamic_ncols=True) as bar:
         for split, part in todo:
             arrays, attrs = judge_part(ctx, split, part, judge, ctx.rows_of_part(split, part), bar.update)
@@ -667,7 +661,7 @@ def _rank_parts(ctx: RankContext, summary: runs.Summary, reuse: runs.Reuse) -> d
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def _run_on_cluster(config: RankConfig, summary: runs.Summary) -> tuple[RankContext, dict]:
+def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, dict]:
     """Each part of each step a unit of work on a dask cluster (module docstring, :mod:`precompute.cluster`).
 
     The coordinator reuses what ``--reuse-from`` holds, records each pass once,
@@ -681,8 +675,8 @@ def _run_on_cluster(config: RankConfig, summary: runs.Summary) -> tuple[RankCont
     with cluster.ClusterSession(config.cluster) as session:
         device, dtype = session.resolve(config.device, config.dtype)
         ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
-        _judge_of(ctx.config, ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
-        reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+        ctx.config.open_judge(ctx.device, ctx.dtype).close()  # a bad --judge is refused here, not on each worker
+        reuse = Reuse.for_run(ctx.store, ctx.config, summary)
         white_step, white_todo = _white_box_todo(ctx, summary, reuse)  # reused here, not submitted
         judge_step, judge_todo = _judge_todo(ctx, summary, reuse)
         if white_todo:
@@ -737,8 +731,9 @@ def portable_context(ctx: RankContext) -> RankContext:
 
 def attach_context(portable: RankContext) -> RankContext:
     """On a worker: the portable context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 class _WorkerLocalJudge(LocalJudge):
@@ -764,12 +759,12 @@ class _WorkerLocalJudge(LocalJudge):
 def worker_judge(ctx: RankContext) -> Judge:
     """On a worker: the run's judge, built for its first part and kept (one HTTP client, or one local model)."""
     if ctx.judge is None:
-        c = ctx.config
+        config = ctx.config
         if ctx.judge_info is not None:
             ctx.judge = _WorkerLocalJudge(ctx.judge_info, device=ctx.device, dtype=ctx.dtype,
-                                          max_new_tokens=c.judge_max_tokens)
+                                          max_new_tokens=config.judge_max_tokens)
         else:  # the key: from this worker's environment
-            ctx.judge = _judge_of(c, ctx.device, ctx.dtype)
+            ctx.judge = config.open_judge(ctx.device, ctx.dtype)
     return ctx.judge
 
 

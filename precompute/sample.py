@@ -59,15 +59,17 @@ from tqdm.auto import tqdm
 
 from lm import chat, models
 from lm.generate import generate_in_batches
-from lm.options import comma_list, key_values, setting
+from lm.options import ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions, RunOptions, setting
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
-from store.locations import STORAGE_OPTION_CLI
 from store.sequences import base_arrays
 
-from . import runs
-from .dataset import LoadedSplit, dataset_identity, load_splits
+from .dataset import LoadedSplit, dataset_identity, load_data
+from .provenance import prompts_fingerprint
+from .reuse import Reuse
+from .stores import open_store, record_sample_counts
+from .summary import Summary, finish_summary
 
 DROP_DUPLICATES = "duplicate_responses"
 PASS_SAMPLES = fmt.PASS_SAMPLES_BASE
@@ -175,41 +177,21 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
 
 # --------------------------------------------------------------------------- the run
 
-@dataclass
-class SampleConfig:
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(DataOptions, LayoutOptions, RunOptions, ClusterOption, ReuseOptions, ProgressOption):
     """Settings of ``precompute sample``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
     model: str | None = setting(None, "Model that samples (the student's initial model) [embedded demo student].")
-    dataset: str | None = setting(None, "Prompts: preference or prompt-only rows, same sources as `teacher` "
-                                        "[bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
     n: int = setting(5, "Responses drawn per prompt.", type=click.IntRange(min=2))
     temperature: float = setting(1.0, "Sampling temperature.", type=click.FloatRange(min=0, min_open=True))
     top_p: float = setting(0.95, "Nucleus sampling mass.", type=click.FloatRange(min=0, max=1, min_open=True))
     keep: int = setting(4, "Most diverse responses kept per prompt (greedy max-min token edit distance).",
                         type=click.IntRange(min=2))
     max_new_tokens: int = setting(64, "Length limit of each response.", type=click.IntRange(min=1))
-    max_length: int = setting(512, "Prompts are cut from the left to max-length minus max-new-tokens.",
-                              type=click.IntRange(min=16))
     seed: int = setting(0, "Part p of train draws with seed + p.", type=int)
     generation_batch: int = setting(16, "Prompts per generate() call (each drawn n times).",
                                     type=click.IntRange(min=1))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
-    cluster: str | None = setting(None, "Sample the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler) [one process].")
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
-    examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
-                                     type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
     def check(self) -> None:
         if self.n < 2:
@@ -255,30 +237,29 @@ def describe_counts(split: str, total: dict, keep: int | None = None) -> str:
 
 def sample_record(ctx: SampleContext) -> PassRecord:
     """What the sampled groups depend on: the model and every sampling setting."""
-    c = ctx.config
+    config = ctx.config
     return PassRecord(ModelRecord(ctx.model.name, ctx.model.weights_hash), {
-        "dataset": dataset_identity(c.dataset),
-        "n": c.n, "temperature": c.temperature, "top_p": c.top_p, "top_k": "off", "keep": c.keep,
-        "seed": c.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
-        "max_new_tokens": c.max_new_tokens, "max_length": c.max_length, "dtype": ctx.dtype,
+        "dataset": dataset_identity(config.dataset),
+        "n": config.n, "temperature": config.temperature, "top_p": config.top_p, "top_k": "off", "keep": config.keep,
+        "seed": config.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
+        "max_new_tokens": config.max_new_tokens, "max_length": config.max_length, "dtype": ctx.dtype,
         "selection": "greedy max-min token edit distance from response 0, ties to the lowest index",
         "duplicates": "prompt dropped if two of the n drawn responses have identical token ids",
     })
 
 
-def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext, list[_Part]]:
+def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list[_Part]]:
     """Rows, the model resolved, the store opened; returns the context and the parts still to sample."""
-    c = config
-    c.check()
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
-    rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_pairs=False,
-                       require_rows=True)
-    info = models.resolve_model(c.model, models.EMBEDDED_STUDENT)
+    config.check()
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    rows = load_data(config, require_pairs=False)
+    info = models.resolve_model(config.model, models.EMBEDDED_STUDENT)
     tokenizer = models.load_tokenizer(info.path)
-    store = runs.open_store(c.out, model=info, tokenizer=tokenizer, dataset=c.dataset, max_length=c.max_length,
-                            examples_per_part=c.examples_per_part, storage_options=c.storage_options)
-    ctx = SampleContext(config=c, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
+    store = open_store(config.out, model=info, tokenizer=tokenizer, dataset=config.dataset,
+                       max_length=config.max_length, examples_per_part=config.examples_per_part,
+                       storage_options=config.storage_options)
+    ctx = SampleContext(config=config, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
                         dtype=dtype, eot_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(info.path)),
                         pad_id=chat.pad_id(tokenizer))
     diff = store.pass_conflict(PASS_SAMPLES, sample_record(ctx).to_dict())
@@ -304,8 +285,8 @@ def prepare(config: SampleConfig, summary: runs.Summary) -> tuple[SampleContext,
 
 def _prompts(ctx: SampleContext, rows: Sequence) -> tuple[list[np.ndarray], int]:
     """The rows' prompts as sampled (chat template, cut from the left to the budget), and how many were cut."""
-    c = ctx.config
-    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    config = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, config.max_length - config.max_new_tokens)
     prompts, truncated = [], 0
     for r in rows:
         full = chat.encode_prompt(ctx.tokenizer, r.prompt)
@@ -316,28 +297,29 @@ def _prompts(ctx: SampleContext, rows: Sequence) -> tuple[list[np.ndarray], int]
 
 def sample_key(ctx: SampleContext, todo: _Part) -> str:
     """The content key of one part's groups (:func:`store.keys.samples_base_key`): no model loads."""
-    c = ctx.config
+    config = ctx.config
     prompts, _ = _prompts(ctx, todo.rows)
     return keys.samples_base_key(
         layout=ctx.store.key_layout(), example_range=ctx.store.part_range(todo.split, todo.part),
         model_sha256=ctx.model.weights_hash, settings=sample_record(ctx).settings,
-        part_seed=part_seed(c.seed, todo.split, todo.part), device=ctx.device, generation_batch=c.generation_batch,
-        eot_ids=ctx.eot_ids, prompts_sha256=runs.prompts_fingerprint(todo.rows),
+        part_seed=part_seed(config.seed, todo.split, todo.part), device=ctx.device,
+        generation_batch=config.generation_batch,
+        eot_ids=ctx.eot_ids, prompts_sha256=prompts_fingerprint(todo.rows),
         prompt_ids=[(r.index, p) for r, p in zip(todo.rows, prompts)])
 
 
 def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
     """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
-    c = ctx.config
+    config = ctx.config
     prompts, truncated = _prompts(ctx, todo.rows)
-    seed = part_seed(c.seed, todo.split, todo.part)
+    seed = part_seed(config.seed, todo.split, todo.part)
     torch.manual_seed(seed)
-    drawn = sample_responses(model, prompts, n=c.n, temperature=c.temperature, top_p=c.top_p,
-                             max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
-                             batch_size=c.generation_batch, on_batch=progress)
+    drawn = sample_responses(model, prompts, n=config.n, temperature=config.temperature, top_p=config.top_p,
+                             max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
+                             batch_size=config.generation_batch, on_batch=progress)
     seqs, groups, dropped = [], [], {}
     for r, prompt, responses in zip(todo.rows, prompts, drawn):
-        kept, reason = choose_group(responses, c.keep)
+        kept, reason = choose_group(responses, config.keep)
         if kept is None:
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
@@ -347,17 +329,17 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
         groups.append((r.index, len(kept)))
     attrs = {
         "prompts": len(todo.rows), "groups": len(groups), "dropped": dropped, "truncated_prompts": truncated,
-        "prompts_sha256": runs.prompts_fingerprint(todo.rows), "seed": seed,
-        "generation_batch": c.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
+        "prompts_sha256": prompts_fingerprint(todo.rows), "seed": seed,
+        "generation_batch": config.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
         keys.ATTR: sample_key(ctx, todo),
     }
     drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
     return base_arrays(seqs, groups=groups), attrs, drawn_tokens
 
 
-def run_sample(config: SampleConfig) -> runs.Summary:
+def run_sample(config: SampleConfig) -> Summary:
     t0 = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         return _finish(_run_on_cluster(config, summary), summary, t0)
     ctx, todo = prepare(config, summary)
@@ -379,14 +361,14 @@ def run_sample(config: SampleConfig) -> runs.Summary:
                 record["tokens"] += drawn_tokens
         record["seconds"] = time.perf_counter() - t1
         model = None
-        runs.free_memory()
+        models.free_memory()
     return _finish(ctx, summary, t0)
 
 
-def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: runs.Summary) -> list[_Part]:
+def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: Summary) -> list[_Part]:
     """The parts of ``todo`` that no store of ``--reuse-from`` holds; the others are copied in, verified, the
     pass recorded first."""
-    reuse = runs.Reuse.for_run(ctx.store, ctx.config, summary)
+    reuse = Reuse.for_run(ctx.store, ctx.config, summary)
     if not reuse:
         return todo
     by_place = {(p.split, p.part): p for p in todo}
@@ -399,18 +381,18 @@ def _reuse_parts(ctx: SampleContext, todo: list[_Part], summary: runs.Summary) -
     return [by_place[place] for place in left]
 
 
-def _finish(ctx: SampleContext, summary: runs.Summary, t0: float) -> runs.Summary:
+def _finish(ctx: SampleContext, summary: Summary, t0: float) -> Summary:
     summary.seconds = time.perf_counter() - t0
-    counts = runs.record_sample_counts(ctx.store, list(ctx.rows))
+    counts = record_sample_counts(ctx.store, list(ctx.rows))
     for split, total in counts.items():
         summary.truncated[split] = {"prompt": total["truncated_prompts"]}
         summary.notes.append(describe_counts(split, total, ctx.config.keep))
-    return runs.finish_summary(ctx.store, ctx.rows, summary)
+    return finish_summary(ctx.store, ctx.rows, summary)
 
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def _run_on_cluster(config: SampleConfig, summary: runs.Summary) -> SampleContext:
+def _run_on_cluster(config: SampleConfig, summary: Summary) -> SampleContext:
     """Each part a unit of work on a dask cluster (see :mod:`precompute.cluster`).
 
     The seed is per part, so a part comes out the same whichever worker draws
@@ -439,8 +421,9 @@ def _run_on_cluster(config: SampleConfig, summary: runs.Summary) -> SampleContex
 
 def attach_context(portable: SampleContext) -> SampleContext:
     """On a worker: the shipped context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 def sample_part_on_worker(fingerprint: str, split: str, part: int, rows: list) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lm.head import split_model
+from lm.options import BATCH_TOKENS
 from store import format as fmt
 from store.format import LOGP_FLOOR
 
@@ -104,12 +105,12 @@ def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[i
 
 def right_padded(seqs: Sequence[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences padded on the right to the longest, with their attention mask, on ``device``."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        mask[b, : len(s)] = 1
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -122,7 +123,7 @@ def score_sequences(
     top_k: int | None = None,
     top_p: float = 1.0,
     at_ids: Sequence[np.ndarray] | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int = BATCH_TOKENS,
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Scored]:
@@ -141,67 +142,69 @@ def score_sequences(
     device = next(model.parameters()).device
     base, head = split_model(model)
     lengths = [len(s) for s in sequences]
-    for s, p in zip(sequences, prompt_lengths):
-        if p < 1 or p >= len(s):
-            raise ValueError(f"sequence of {len(s)} tokens with prompt length {p}: needs >= 1 prompt "
+    for seq, prompt_length in zip(sequences, prompt_lengths):
+        if prompt_length < 1 or prompt_length >= len(seq):
+            raise ValueError(f"sequence of {len(seq)} tokens with prompt length {prompt_length}: needs >= 1 prompt "
                              f"and >= 1 response token")
     results: list[Scored | None] = [None] * len(sequences)
     for batch in token_budget_order(lengths, batch_tokens):
         ids, mask = right_padded([sequences[i] for i in batch], pad_id, device)
         hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows_b, rows_p, spans = [], [], []
+        # one output-layer row per response token: its sequence's row in the batch, the position predicting it
+        row_sequence, row_position, response_rows = [], [], []
         start = 0
-        for b, i in enumerate(batch):
-            p, n = int(prompt_lengths[i]), lengths[i]
-            rows_b.append(torch.full((n - p,), b, dtype=torch.long))
-            rows_p.append(torch.arange(p - 1, n - 1))
-            spans.append((start, start + n - p))
-            start += n - p
+        for row, i in enumerate(batch):
+            prompt_length, length = int(prompt_lengths[i]), lengths[i]
+            row_sequence.append(torch.full((length - prompt_length,), row, dtype=torch.long))
+            row_position.append(torch.arange(prompt_length - 1, length - 1))
+            response_rows.append(slice(start, start + length - prompt_length))
+            start += length - prompt_length
         # indices on the hidden states' device: with a model sharded over GPUs it is the last layer's
-        rows_b = torch.cat(rows_b).to(hidden.device)
-        rows_p = torch.cat(rows_p).to(hidden.device)
-        targets = ids.to(hidden.device)[rows_b, rows_p + 1]
-        picked = hidden[rows_b, rows_p]
+        row_sequence = torch.cat(row_sequence).to(hidden.device)
+        row_position = torch.cat(row_position).to(hidden.device)
+        targets = ids.to(hidden.device)[row_sequence, row_position + 1]
+        picked = hidden[row_sequence, row_position]
         if at_ids is not None:
             given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch]))
-        target_lp, tk_ids, tk_lp, given_lp, tails, counts = [], [], [], [], [], []
-        for c0 in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
-            c1 = min(c0 + HEAD_CHUNK_ROWS, picked.shape[0])
-            logp = torch.log_softmax(head.logits(picked[c0:c1]), dim=-1)
-            target_lp.append(logp.gather(-1, targets[c0:c1, None].to(logp.device))[:, 0])
+        target_logp, topk_ids, topk_logp, at_ids_logp, tails, counts = [], [], [], [], [], []
+        for first in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
+            chunk = slice(first, first + HEAD_CHUNK_ROWS)
+            logp = torch.log_softmax(head.logits(picked[chunk]), dim=-1)
+            target_logp.append(logp.gather(-1, targets[chunk, None].to(logp.device))[:, 0])
             if top_k:
-                v, k = logp.topk(top_k, dim=-1)
-                tk_ids.append(k)
-                tk_lp.append(v)
+                top_logp, top_ids = logp.topk(top_k, dim=-1)
+                topk_ids.append(top_ids)
+                topk_logp.append(top_logp)
             if at_ids is not None:
-                given_lp.append(logp.gather(-1, given[c0:c1].to(logp.device)))
+                at_ids_logp.append(logp.gather(-1, given[chunk].to(logp.device)))
+            # the tail last: tail_logmass_ overwrites logp
             if adaptive:  # the tail outside the kept ids: padding repeats the first id, which counts once
-                n = kept_counts(v, top_p)
-                counts.append(n)
-                kept = torch.arange(top_k, device=k.device) < n.to(k.device).unsqueeze(-1)
-                tails.append(tail_logmass_(logp, torch.where(kept, k, k[:, :1])))  # last: overwrites logp
+                kept = kept_counts(top_logp, top_p)
+                counts.append(kept)
+                is_kept = torch.arange(top_k, device=top_ids.device) < kept.to(top_ids.device).unsqueeze(-1)
+                tails.append(tail_logmass_(logp, torch.where(is_kept, top_ids, top_ids[:, :1])))
             elif top_k:
-                tails.append(tail_logmass_(logp, k))  # last: overwrites logp
-        target_lp = torch.cat(target_lp).cpu().numpy()
+                tails.append(tail_logmass_(logp, top_ids))
+        target_logp = torch.cat(target_logp).cpu().numpy()
         if top_k:
-            tk_ids = torch.cat(tk_ids).cpu().numpy()
-            tk_lp = torch.cat(tk_lp).cpu().numpy()
+            topk_ids = torch.cat(topk_ids).cpu().numpy()
+            topk_logp = torch.cat(topk_logp).cpu().numpy()
             tails = torch.cat(tails).cpu().numpy()
         if adaptive:
             counts = torch.cat(counts).cpu().numpy()
-            tk_ids = pad_past_count(tk_ids, counts, PAD_ID)
-            tk_lp = pad_past_count(tk_lp, counts, PAD_LOGP)
+            topk_ids = pad_past_count(topk_ids, counts, PAD_ID)
+            topk_logp = pad_past_count(topk_logp, counts, PAD_LOGP)
         if at_ids is not None:
-            given_lp = torch.cat(given_lp).cpu().numpy()
-        for (s0, s1), i in zip(spans, batch):
+            at_ids_logp = torch.cat(at_ids_logp).cpu().numpy()
+        for rows, i in zip(response_rows, batch):
             results[i] = Scored(
-                target_logp=target_lp[s0:s1],
-                logp_sum=float(np.sum(target_lp[s0:s1], dtype=np.float64)),
-                topk_ids=tk_ids[s0:s1] if top_k else None,
-                topk_logp=tk_lp[s0:s1] if top_k else None,
-                at_ids_logp=given_lp[s0:s1] if at_ids is not None else None,
-                tail_logp=tails[s0:s1] if top_k else None,
-                topk_count=counts[s0:s1] if adaptive else None,
+                target_logp=target_logp[rows],
+                logp_sum=float(np.sum(target_logp[rows], dtype=np.float64)),
+                topk_ids=topk_ids[rows] if top_k else None,
+                topk_logp=topk_logp[rows] if top_k else None,
+                at_ids_logp=at_ids_logp[rows] if at_ids is not None else None,
+                tail_logp=tails[rows] if top_k else None,
+                topk_count=counts[rows] if adaptive else None,
             )
         if on_batch:
             on_batch(int(sum(lengths[i] for i in batch)))

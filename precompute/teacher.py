@@ -69,18 +69,21 @@ from tqdm.auto import tqdm
 from lm import chat, models
 from lm.generate import generate_greedy
 from lm.head import check_split
-from lm.options import comma_list, key_values, setting
+from lm.options import (BatchTokensOption, ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions,
+                        RunOptions, comma_list, setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
 from store.format import SectionRef
-from store.locations import STORAGE_OPTION_CLI
 from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
-from . import calibration, runs, scoring
-from .runs import StepResult
-from .dataset import LoadedSplit, Row, dataset_identity, load_splits
+from . import calibration, scoring
+from .dataset import LoadedSplit, Row, dataset_identity, load_data
+from .provenance import prompts_fingerprint
+from .reuse import Reuse
+from .stores import check_samples_match, open_store, record_sample_counts, require_samples, vocab_size_of
+from .summary import StepResult, Summary, finish_summary
 
 PASS_PAIRS = "pairs"
 PASS_DPO_REF = "dpo_ref"
@@ -94,8 +97,9 @@ ROLE_TEACHER, ROLE_STUDENT, ROLE_REFERENCE = "teacher", "student", "reference"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for --device-map
 
 
-@dataclass
-class TeacherConfig:
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, ClusterOption, ReuseOptions,
+                    ProgressOption):
     """Settings of ``precompute teacher``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
@@ -105,41 +109,20 @@ class TeacherConfig:
                                         "[embedded demo student].")
     reference: str | None = setting(None, "ADPA reference model (e.g. the teacher's SFT checkpoint) "
                                           "[the student's initial model].")
-    dataset: str | None = setting(None, "JSON/JSONL(.gz)/Parquet/CSV file, a saved `datasets` dir, or a dataset "
-                                        "name [bundled demo set].")
-    splits: tuple[str, ...] = setting(("train", "test"), "Comma list of splits.", flag="--split", parse=comma_list)
-    limit: int | None = setting(None, "Use the first N rows of each split.", type=click.IntRange(min=1))
+    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
     top_k: int = setting(50, "Teacher log-probs kept per response token.", type=click.IntRange(min=1))
     top_p: float = setting(1.0, "Adaptive K: keep per token the fewest of the top-K ids whose teacher mass reaches "
                                 "P (--top-k the cap), the rest in the exact tail; 1.0: always K.",
                            type=click.FloatRange(min=0, max=1, min_open=True))
-    max_length: int = setting(512, "Tokens per sequence; prompts are cut from the left.",
-                              type=click.IntRange(min=16))
     max_new_tokens: int = setting(64, "Length limit of generated answers (ADPA); raise it for real teachers.",
                                   type=click.IntRange(min=1))
-    batch_tokens: int = setting(4096, "Padded tokens per forward batch.", type=click.IntRange(min=64))
     generation_batch: int = setting(64, "Prompts per generate() call.", type=click.IntRange(min=1))
-    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16.")
     device_map: str | None = setting(None, "Shard each model over the GPUs of its process or worker with "
                                            "accelerate (teachers larger than one GPU): auto.",
                                      type=click.Choice(DEVICE_MAPS))
-    cluster: str | None = setting(None, "Run the parts on a dask cluster: local:N (N worker processes here), "
-                                        "cuda (one worker per GPU; pip install .[gpu]) or tcp://HOST:PORT "
-                                        "(a running scheduler) [one process].")
-    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
-    columns: dict = setting(factory=dict, help="Map a field to a column: prompt=question (repeatable).",
-                            flag="--column", multiple=True, parse=key_values("--column"))
-    strict: bool = setting(False, "Stop at the first bad row instead of skipping it.", is_flag=True)
-    examples_per_part: int = setting(64, "Examples per part (the unit of writing and resuming).",
-                                     type=click.IntRange(min=1))
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
-    reuse_from: tuple[str, ...] = setting((), **runs.REUSE_FROM_CLI)
-    reuse_options: dict = setting(factory=dict, **runs.REUSE_OPTION_CLI)
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
 
 
 @dataclass(frozen=True)
@@ -166,7 +149,7 @@ class TeacherContext:
     pad_id: int
     prompt_rows: dict[str, LoadedSplit] = field(default_factory=dict)  # pad: the questions asked
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
-    reuse: runs.Reuse | None = None  # --reuse-from: sections of other stores with the same content key
+    reuse: Reuse | None = None  # --reuse-from: sections of other stores with the same content key
 
     def rows_of_part(self, split: str, part: int, *, prompts: bool = False) -> list[Row]:
         """The rows of examples [start, stop) of ``part`` that survived loading, in index order."""
@@ -211,11 +194,11 @@ def reference_step(ctx: TeacherContext, step: Step, split: str, part: int, model
 
 def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The student's greedy answer to each prompt of the part (ADPA's released recipe)."""
-    c = ctx.config
+    config = ctx.config
     rows = ctx.rows_of_part(split, part)
     prompts = _generation_prompts(ctx, rows)
-    answers = generate_greedy(model, prompts, max_new_tokens=c.max_new_tokens, eos_ids=ctx.eot_ids,
-                                      pad_id=ctx.pad_id, batch_size=c.generation_batch, on_batch=progress)
+    answers = generate_greedy(model, prompts, max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids,
+                                      pad_id=ctx.pad_id, batch_size=config.generation_batch, on_batch=progress)
     seqs = [(r.index, fmt.ROLE_GENERATED, np.concatenate([p, a]).astype(np.int64), len(p))
             for r, p, a in zip(rows, prompts, answers) if len(a) > 0]
     return StepResult(base_arrays(seqs), sum(len(s[2]) for s in seqs))
@@ -223,8 +206,8 @@ def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model,
 
 def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
     """The prompts' token ids as the student answers them: chat template, cut from the left to the budget."""
-    c = ctx.config
-    budget = max(chat.MIN_PROMPT_TOKENS, c.max_length - c.max_new_tokens)
+    config = ctx.config
+    budget = max(chat.MIN_PROMPT_TOKENS, config.max_length - config.max_new_tokens)
     return [chat.encode_prompt(ctx.tokenizer, r.prompt, budget) for r in rows]
 
 
@@ -318,7 +301,7 @@ def content_key(ctx: TeacherContext, step: Step, split: str, part: int) -> str |
         if not (attrs and attrs.get("complete")):
             return None
         reads[other] = {n: attrs["checksums"][n] for n in names if n in attrs["checksums"]}
-    prompts = (runs.prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
+    prompts = (prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
                if step.section == fmt.SECTION_TEACHER_MCQ else None)  # the question is the row's text
     return keys.section_key(step.name, **where, base_checksums=base["checksums"], reads=reads,
                             prompts_sha256=prompts)
@@ -350,36 +333,33 @@ def _reuse_parts(ctx: TeacherContext, step: Step, todo: list[tuple[str, int]]) -
 
 # --------------------------------------------------------------------------- set-up
 
-def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
+def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     """Rows, models, tokenizers and the store: everything cheap and checkable, before any model runs."""
-    c = config
-    unknown = set(c.passes) - set(KNOWN_PASSES)
+    unknown = set(config.passes) - set(KNOWN_PASSES)
     if unknown:
         raise ValueError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_PASSES)}")
-    device = models.resolve_device(c.device)
-    dtype = str(models.resolve_dtype(c.dtype, device)).replace("torch.", "")
-    needs_pairs = any(p in c.passes for p in NEEDS_PAIRS)
+    device = models.resolve_device(config.device)
+    dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    needs_pairs = any(p in config.passes for p in NEEDS_PAIRS)
     prompt_rows: dict[str, LoadedSplit] = {}
     mcq_template = samples_record = None
-    if PASS_PAD in c.passes:
-        make = (f"`precompute sample --out {c.out} --dataset {c.dataset or 'demo'}"
-                f"{' --limit ' + str(c.limit) if c.limit else ''} --split {','.join(c.splits)}` (the pad pass "
-                f"scores the groups it writes)")
-        samples_store = runs.require_samples(c.out, c.splits, c.storage_options, make=make)
+    if PASS_PAD in config.passes:
+        make = (f"`precompute sample --out {config.out} --dataset {config.dataset or 'demo'}"
+                f"{' --limit ' + str(config.limit) if config.limit else ''} --split {','.join(config.splits)}` "
+                f"(the pad pass scores the groups it writes)")
+        samples_store = require_samples(config.out, config.splits, config.storage_options, make=make)
         samples_record = samples_store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()
-        mcq_template = calibration.load_template(c.mcq_template)
+        mcq_template = calibration.load_template(config.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
-        prompt_rows = load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict,
-                                  require_pairs=False, require_rows=True)
-        runs.check_samples_match(samples_store, prompt_rows, c.out)
-    rows = (load_splits(c.dataset, c.splits, limit=c.limit, columns=c.columns, strict=c.strict, require_rows=True)
-            if needs_pairs else prompt_rows)
+        prompt_rows = load_data(config, require_pairs=False)
+        check_samples_match(samples_store, prompt_rows, config.out)
+    rows = load_data(config) if needs_pairs else prompt_rows
 
-    infos = {ROLE_TEACHER: models.resolve_model(c.teacher, models.EMBEDDED_TEACHER)}
-    if PASS_DPO_REF in c.passes or PASS_ADPA in c.passes:
-        infos[ROLE_STUDENT] = models.resolve_model(c.student, models.EMBEDDED_STUDENT)
-    if PASS_ADPA in c.passes:
-        infos[ROLE_REFERENCE] = (models.resolve_model(c.reference, models.EMBEDDED_STUDENT) if c.reference
+    infos = {ROLE_TEACHER: models.resolve_model(config.teacher, models.EMBEDDED_TEACHER)}
+    if PASS_DPO_REF in config.passes or PASS_ADPA in config.passes:
+        infos[ROLE_STUDENT] = models.resolve_model(config.student, models.EMBEDDED_STUDENT)
+    if PASS_ADPA in config.passes:
+        infos[ROLE_REFERENCE] = (models.resolve_model(config.reference, models.EMBEDDED_STUDENT) if config.reference
                                  else infos[ROLE_STUDENT])
     tokenizer = models.load_tokenizer(infos[ROLE_TEACHER].path)
     samples = [(r.prompt, r.chosen) for split in rows.values() for r in split.rows[:8] if r.chosen is not None]
@@ -388,30 +368,30 @@ def prepare(config: TeacherConfig, summary: runs.Summary) -> TeacherContext:
             chat.check_same_tokenization(tokenizer, models.load_tokenizer(info.path), samples or chat.DEFAULT_SAMPLES,
                                          names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
 
-    vocab = runs.vocab_size_of(infos[ROLE_TEACHER], tokenizer)
-    if c.top_k > vocab and any(p in c.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
-        raise ValueError(f"--top-k {c.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
+    vocab = vocab_size_of(infos[ROLE_TEACHER], tokenizer)
+    if config.top_k > vocab and any(p in config.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
+        raise ValueError(f"--top-k {config.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
                          f"use --top-k {vocab} or less")
-    if c.top_p < 1 and c.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
-        raise ValueError(f"--top-p {c.top_p} with --top-k {c.top_k}: an adaptive K is capped at 65535")
+    if config.top_p < 1 and config.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
+        raise ValueError(f"--top-p {config.top_p} with --top-k {config.top_k}: an adaptive K is capped at 65535")
 
-    store = runs.open_store(c.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=c.dataset,
-                            max_length=c.max_length, examples_per_part=c.examples_per_part,
-                            storage_options=c.storage_options)
-    ctx = TeacherContext(config=c, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
+    store = open_store(config.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=config.dataset,
+                            max_length=config.max_length, examples_per_part=config.examples_per_part,
+                            storage_options=config.storage_options)
+    ctx = TeacherContext(config=config, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
                          dtype=dtype, eot_ids=_end_of_turn_ids(tokenizer, infos), pad_id=chat.pad_id(tokenizer),
                          prompt_rows=prompt_rows)
-    if PASS_PAD in c.passes:
-        ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, c)
+    if PASS_PAD in config.passes:
+        ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, config)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
         if not needs_pairs:  # pad only: the split's dataset record describes pairs, leave it
             store.set_split(split, loaded.total_rows)
-    if PASS_PAD in c.passes:
-        runs.record_sample_counts(store, list(rows))  # set_split above resets the split's record
+    if PASS_PAD in config.passes:
+        record_sample_counts(store, list(rows))  # set_split above resets the split's record
     _refuse_conflicting_passes(ctx)
-    ctx.reuse = runs.Reuse.for_run(store, c, summary)
+    ctx.reuse = Reuse.for_run(store, config, summary)
     return ctx
 
 
@@ -436,25 +416,25 @@ def _end_of_turn_ids(tokenizer, infos: dict[str, models.ModelInfo]) -> list[int]
     return chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(generator.path))
 
 
-def write_pair_bases(ctx: TeacherContext, summary: runs.Summary) -> None:
+def write_pair_bases(ctx: TeacherContext, summary: Summary) -> None:
     """Tokenise chosen and rejected, record each split's rows, write the parts not yet there.
 
     Cheap, and every later step of the pairs set reads them.
     """
-    c = ctx.config
+    config = ctx.config
     for split, loaded in ctx.rows.items():
         truncated = {"prompt": 0, "response": 0}
-        per = c.examples_per_part
+        per = config.examples_per_part
         seqs_of_part: list[list] = [[] for _ in range((loaded.total_rows + per - 1) // per)]
         for r in loaded.rows:  # rows come in index order, so each part's sequences do too
             for role, text in ((fmt.ROLE_CHOSEN, r.chosen), (fmt.ROLE_REJECTED, r.rejected)):
-                enc = chat.encode_example(ctx.tokenizer, r.prompt, text, c.max_length)
+                enc = chat.encode_example(ctx.tokenizer, r.prompt, text, config.max_length)
                 truncated["prompt"] += enc.prompt_truncated
                 truncated["response"] += enc.response_truncated
                 seqs_of_part[r.index // per].append((r.index, role, enc.input_ids, enc.prompt_length))
         summary.truncated[split] = truncated
         ctx.store.set_split(split, loaded.total_rows, dataset={
-            **dataset_identity(c.dataset), "fingerprint": loaded.fingerprint,
+            **dataset_identity(config.dataset), "fingerprint": loaded.fingerprint,
             "rows_used": len(loaded.rows), "skipped": dict(loaded.skipped), "truncated": truncated,
         })
         for part, seqs in enumerate(seqs_of_part):
@@ -485,7 +465,7 @@ class _BackgroundWriter:
             pending.result()
 
 
-def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
+def run_steps(ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[str, int]:
     """Run each step over the parts whose section is not complete; returns groups covered per step.
 
     A step's settings are recorded once its model has loaded and passed its check,
@@ -504,7 +484,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
         info = ctx.models[step.model_role]
         if info.path != loaded_path:  # the reference is often the student: same weights, no reload
             model = None  # unload before the next model loads
-            runs.free_memory()
+            models.free_memory()
             model = _load_model(ctx, info)
             loaded_path = info.path
             if step.section != fmt.BASE:
@@ -526,7 +506,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> 
             writer.flush()
         record["seconds"] = time.perf_counter() - t0
     model = None
-    runs.free_memory()
+    models.free_memory()
     return groups_done
 
 
@@ -557,7 +537,7 @@ def _check_model(ctx: TeacherContext, model, where: tuple[str, int]) -> None:
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summary: runs.Summary) -> dict[str, int]:
+def run_steps_on_cluster(session, ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[str, int]:
     """:func:`run_steps` with every part of every step a unit of work on ``session``'s workers.
 
     Each step's settings are recorded once, here, before its parts are
@@ -598,8 +578,9 @@ def portable_context(ctx: TeacherContext) -> TeacherContext:
 
 def attach_context(portable: TeacherContext) -> TeacherContext:
     """On a worker: the portable context with the store opened there (same location)."""
-    c = portable.config
-    return dataclasses.replace(portable, store=TeacherStore.open(c.out, mode="a", storage_options=c.storage_options))
+    config = portable.config
+    store = TeacherStore.open(config.out, mode="a", storage_options=config.storage_options)
+    return dataclasses.replace(portable, store=store)
 
 
 def _rows_for(ctx: TeacherContext, step: Step, split: str, part: int) -> LoadedSplit | None:
@@ -637,7 +618,7 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
     return outcome
 
 
-def _run_on_cluster(config: TeacherConfig, summary: runs.Summary) -> tuple[TeacherContext, dict[str, int]]:
+def _run_on_cluster(config: TeacherConfig, summary: Summary) -> tuple[TeacherContext, dict[str, int]]:
     from .cluster import ClusterSession
 
     with ClusterSession(config.cluster) as session:
@@ -650,9 +631,9 @@ def _run_on_cluster(config: TeacherConfig, summary: runs.Summary) -> tuple[Teach
     return ctx, groups_done
 
 
-def run_teacher(config: TeacherConfig) -> runs.Summary:
+def run_teacher(config: TeacherConfig) -> Summary:
     t0 = time.perf_counter()
-    summary = runs.Summary(store=config.out)
+    summary = Summary(store=config.out)
     if config.cluster:
         ctx, groups_done = _run_on_cluster(config, summary)
     else:
@@ -663,4 +644,4 @@ def run_teacher(config: TeacherConfig) -> runs.Summary:
     summary.seconds = time.perf_counter() - t0
     if PASS_PAD in config.passes:
         summary.notes.extend(calibration.summary_lines(ctx.store, list(ctx.rows), summary, groups_done))
-    return runs.finish_summary(ctx.store, ctx.rows, summary)
+    return finish_summary(ctx.store, ctx.rows, summary)

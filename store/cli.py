@@ -12,7 +12,8 @@ filesystem options with ``--storage-option key=value`` (repeatable, e.g.
 environment variables. None of these commands writes to a store it reads
 (``cp`` writes only its destination). Exit status: 0 fine, 1 verification
 found damage, 2 the command could not run (not a store, unknown format, bad
-option). ``DISTILL_DEBUG=1`` shows tracebacks instead of one-line errors.
+option), 3 an internal error, each said in one line naming the command
+(:func:`lm.cli.run_reported`); ``DISTILL_DEBUG=1`` shows tracebacks instead.
 """
 
 from __future__ import annotations
@@ -24,36 +25,22 @@ import sys
 
 import click
 
-from .locations import parse_storage_options, redact_url
+from lm.cli import run_reported
+from lm.options import STORAGE_OPTION_HELP, parse_storage_options
+
+from .locations import redact_url
 
 EXIT_DAMAGED = 1
-EXIT_ERROR = 2
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
-
-
-def _clear_errors(command):
-    """Turn an exception into one line on stderr and exit status 2 (DISTILL_DEBUG=1 keeps tracebacks)."""
+def _reported(command):
+    """``command``'s failures in one line naming it, ``store NAME: ...`` (:func:`lm.cli.run_reported`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from .errors import StoreError
 
-        try:
-            return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
-            raise
-        except StoreError as exc:
-            if os.environ.get("DISTILL_DEBUG"):
-                raise
-            _fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - the user gets one clear line, not a traceback
-            if os.environ.get("DISTILL_DEBUG"):
-                raise
-            _fail(f"{type(exc).__name__}: {exc}")
+        return run_reported(f"store {command.__name__}", lambda: command(*args, **kwargs), expected=(StoreError,))
 
     return wrapper
 
@@ -64,9 +51,8 @@ def _open(path: str, storage_options: tuple[str, ...]):
     return TeacherStore.open(path, storage_options=parse_storage_options(storage_options))
 
 
-storage_option = click.option(
-    "--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
-    help="fsspec filesystem option for a URL PATH, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+storage_option = click.option("--storage-option", "-o", "storage_options", multiple=True, metavar="KEY=VALUE",
+                              help=STORAGE_OPTION_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +64,7 @@ def main():
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 @storage_option
-@_clear_errors
+@_reported
 def info(path, as_json, storage_options):
     """Format, models, dataset, counts, top-K, bytes on disk and parts complete."""
     from .inspect import format_info, store_info
@@ -93,7 +79,7 @@ def info(path, as_json, storage_options):
 @main.command()
 @click.argument("path")
 @storage_option
-@_clear_errors
+@_reported
 def verify(path, storage_options):
     """Recompute every complete section's checksums; exit 1 naming what differs."""
     from tqdm import tqdm
@@ -128,7 +114,7 @@ def verify(path, storage_options):
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (replaced if it exists).")
 @storage_option
-@_clear_errors
+@_reported
 def export(path, out_format, out_path, storage_options):
     """Export complete sections, arrays decoded, to another format (HDF5, gzip)."""
     from tqdm import tqdm
@@ -138,7 +124,7 @@ def export(path, out_format, out_path, storage_options):
     store = _open(path, storage_options)
     parent = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(parent):
-        _fail(f"{out_path}: directory {parent} does not exist")
+        raise FileNotFoundError(f"{out_path}: directory {parent} does not exist")
     with tqdm(unit="section", desc="export", file=sys.stderr, mininterval=0.5, leave=False) as bar:
         summary = export_hdf5(store, out_path, progress=lambda _ref: bar.update(1))
     if summary["sections"] == 0:
@@ -154,7 +140,7 @@ def export(path, out_format, out_path, storage_options):
 @click.option("--max-depth", type=click.IntRange(min=0), default=4, show_default=True,
               help="Folder levels to descend below LOCATION.")
 @storage_option
-@_clear_errors
+@_reported
 def ls(location, as_json, max_depth, storage_options):
     """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age."""
     from .catalog import find_stores, format_listing, store_summary
@@ -172,7 +158,7 @@ def ls(location, as_json, max_depth, storage_options):
               help="fsspec option for SRC only (repeatable; overrides --storage-option).")
 @click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for DST only (repeatable; overrides --storage-option).")
-@_clear_errors
+@_reported
 def cp(src, dst, storage_options, src_options, dst_options):
     """Copy a store to another location; run it again to resume. Every section is verified on arrival."""
     from tqdm import tqdm

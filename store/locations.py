@@ -1,7 +1,7 @@
 """Where stores live: a local path or any fsspec URL, the options to reach it, and secrets kept out of artefacts.
 
 Every command that opens a store takes ``--storage-option KEY=VALUE``
-(repeatable), parsed here and only here (:func:`parse_storage_options`: a value
+(repeatable; :func:`lm.options.parse_storage_options` reads them: a value
 that reads as JSON keeps its type, ``anon=true`` is a bool, ``port=9000`` an int).
 Credentials come from the usual places (environment variables, profiles,
 ``~/.aws``); when one is passed as an option it is used to open the store and
@@ -12,64 +12,16 @@ never written anywhere: whatever records options or locations (a run's
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["STORAGE_OPTION_CLI", "parse_storage_options", "redact_options", "redact_values", "without_redacted",
-           "secret_values", "redact_text", "redact_url", "is_url", "REDACTED"]
+__all__ = ["redact_options", "redact_values", "without_redacted", "secret_values", "redact_text", "redact_url",
+           "is_url", "REDACTED"]
 
 REDACTED = "<redacted>"
 # option or query names that hold a secret (matched as words inside the name, case-insensitive)
 _SECRET = re.compile(r"(key|secret|token|password|passwd|credential|session|auth|signature|sig)", re.IGNORECASE)
-
-
-def parse_storage_options(pairs: Iterable[str] | Mapping | None) -> dict:
-    """Repeated ``KEY=VALUE`` -> a dict of fsspec options (a mapping, e.g. from a YAML file, passes through).
-
-    A value that reads as JSON keeps its type (``anon=true`` a bool, ``port=9000`` an int,
-    ``headers={...}`` a mapping); any other value is a string. ``click.BadParameter`` for an item
-    without ``=``, with an empty key, or whose value starts like a JSON object or list but is not
-    valid JSON. The message never repeats the value: it may be a credential.
-    """
-    if isinstance(pairs, Mapping):
-        return dict(pairs)
-    if isinstance(pairs, (str, bytes)):
-        pairs = [pairs]
-    options: dict[str, Any] = {}
-    for number, pair in enumerate(pairs or (), start=1):
-        key, sep, value = str(pair).partition("=")
-        key = key.strip()
-        if not sep:
-            _bad(f"expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000; item {number} has no '='")
-        if not key:
-            _bad(f"expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000; item {number} has an empty KEY")
-        try:  # numbers, booleans, null and JSON objects keep their type
-            options[key] = json.loads(value)
-        except ValueError as exc:
-            if value.lstrip()[:1] in ("{", "["):  # meant as JSON: a string would reach fsspec and fail obscurely
-                _bad(f"{key}: the value starts like JSON but is not valid JSON ({_json_problem(exc)}); "
-                     f"quote the whole item for the shell, e.g. '{key}={{\"name\": \"value\"}}'")
-            options[key] = value
-    return options
-
-
-def _json_problem(exc: ValueError) -> str:
-    return f"{exc.msg} at character {exc.pos + 1}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-
-
-def _bad(message: str):
-    import click
-
-    raise click.BadParameter(message, param_hint="'--storage-option'")
-
-
-#: keywords of :func:`lm.options.setting` for a ``storage_options`` field: one declaration for every command
-STORAGE_OPTION_CLI = dict(
-    help="fsspec option for a URL location, KEY=VALUE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000; "
-         "secrets given here are never written anywhere.",
-    flag="--storage-option", multiple=True, metavar="KEY=VALUE", parse=parse_storage_options)
 
 
 def redact_options(options: Mapping | None) -> dict:

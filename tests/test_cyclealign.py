@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from precompute.rank import STATUS_RANKED, dynamic_demos, run_rank, RankConfig
+from recipes.cyclealign import CycleAlignConfig, run_rounds, trained
 from store import TeacherStore
 from store import format as fmt
 from tests import tiny
 from tests.judge_server import JudgeServer
 from train import losses, methods
-from train.cyclealign import CycleAlignConfig, run_rounds, trained
-from train.trainer import train
 
 SCRIPT = ["500", "free", "partial", "repeat", "timeout"]  # the first five requests misbehave, once each
 
@@ -125,13 +124,13 @@ def test_two_rounds_end_to_end_with_demonstrations_and_resume(tmp_path, tiny_mod
                   judge_model="rule", demos=1, progress=False)
     with JudgeServer(score=_rule, script=SCRIPT, timeout_sleep=2.0) as server:
         config = CycleAlignConfig(judge=server.base_url, rounds=1, **common)
-        run_rounds(config, train)
+        run_rounds(config)
         first_round_requests = len(server.requests)
         assert trained(config.round_dir(1) / "model")
         best = dynamic_demos(str(config.round_dir(1) / "samples.zarr"), 1)
         assert len(best) == 1
 
-        models = run_rounds(CycleAlignConfig(judge=server.base_url, rounds=2, **common), train)
+        models = run_rounds(CycleAlignConfig(judge=server.base_url, rounds=2, **common))
         assert [m.name for m in models] == ["model", "model"] and all(trained(m) for m in models)
         round_two = server.requests[first_round_requests:]
     # round 1 was not redone: every later request is round 2's, and each carries round 1's best agreement

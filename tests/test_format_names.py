@@ -1,4 +1,4 @@
-"""Store names are spelled once, in :mod:`store.format`; lm/, precompute/, store/ and train/ use its constants.
+"""Store names are spelled once, in :mod:`store.format`; lm/, precompute/, store/, train/ and recipes/ use its constants.
 
 A store name is an array name (``topk_ids``) or a pass name (``<set>/<section>``, e.g. ``pairs/teacher``).
 The source is read with ``ast``: a string literal other than a docstring or an ``__all__`` entry that
@@ -16,7 +16,7 @@ from pathlib import Path
 from store import format as fmt
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("lm", "precompute", "store", "train")
+PACKAGES = ("lm", "precompute", "store", "train", "recipes")
 FORMAT_MODULE = "store/format.py"
 
 ARRAYS = {spec.name for spec in fmt.BASE_ARRAYS + fmt.GROUP_ARRAYS} | {

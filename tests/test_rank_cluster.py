@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from distributed import Client, LocalCluster
 
 from precompute import cluster as cl
-from precompute import runs
+from precompute import stores
 from precompute.cli import main as precompute_cli
 from precompute.rank import PASS_JUDGE, PASS_WHITE_BOX, RankConfig, run_rank
 from store import TeacherStore
@@ -125,7 +125,7 @@ def test_rank_cli_on_local_cluster_equals_one_process_and_asks_each_group_once(t
     assert TeacherStore.open(str(out)).verify() == []
 
     # every group's conversation sent once, exactly the one-process run's, with the key of the workers' environment
-    groups = runs.sample_counts(TeacherStore.open(str(out)), "train")["groups"]
+    groups = stores.sample_counts(TeacherStore.open(str(out)), "train")["groups"]
     assert _asked(requests) == _asked(one_requests) and set(_asked(requests).values()) == {1}
     assert len(requests) == len(one_requests) == groups > 0
     assert all(r["auth"] == f"Bearer {KEY}" for r in requests)

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from store.locations import REDACTED, parse_storage_options
+from lm.options import parse_storage_options
+from store.locations import REDACTED
 from tests.store_helpers import FolderServer
 from train.cli import main as train_cli
 
@@ -201,16 +202,15 @@ def test_the_one_parser_refuses_a_malformed_option_without_repeating_its_value(i
 
 
 def test_options_keep_their_types_and_reach_the_precompute_steps_as_given():
-    from train.cyclealign import storage_args
+    from recipes.cyclealign import CycleAlignConfig, round_steps
 
     given = ["endpoint_url=http://127.0.0.1:9000", "anon=false", "port=9000", "profile=team",
              'headers={"Authorization": "Bearer x y"}', 'client_kwargs={"region_name": "eu"}']
     options = parse_storage_options(given)
     assert options == {"endpoint_url": "http://127.0.0.1:9000", "anon": False, "port": 9000, "profile": "team",
                        "headers": {"Authorization": "Bearer x y"}, "client_kwargs": {"region_name": "eu"}}
-    args = storage_args(options)
-    assert args[::2] == ["--storage-option"] * len(options)
-    assert parse_storage_options(args[1::2]) == options
+    steps = round_steps(CycleAlignConfig(out="rounds", judge="local:x", storage_options=options), 1, None)
+    assert steps.sample.storage_options == steps.rank.storage_options == steps.train.storage_options == options
 
 
 def test_a_recorded_config_gives_no_credential_back_and_a_resume_ignores_how_the_store_is_reached(tmp_path):

@@ -1,12 +1,12 @@
 """``train``: train a student from a teacher-signal store, evaluate it (thin: parse, call, print).
 
-Every option is a field of :mod:`train.config` (its default and help written there once).
-A user's mistake (a missing store or signal, a bad ``--config``, an ``--out`` that
-cannot be written, ...) ends in one line on stderr and exit status 2; anything
-unexpected in one line naming it and exit status 3; ``DISTILL_DEBUG=1`` shows the
-traceback instead (:func:`_report`). Whatever is printed goes through
-:func:`store.locations.redact_text` first: credentials given as ``--storage-option``
-or inside a location (``user:password@``) are never printed.
+Every option is a field of :mod:`train.config` (its default and help written there once;
+the options every command shares in :mod:`lm.options`). A user's mistake (a missing
+store or signal, a bad ``--config``, an ``--out`` that cannot be written, ...) ends in
+one line on stderr and exit status 2; anything unexpected in one line naming it and
+exit status 3; ``DISTILL_DEBUG=1`` shows the traceback instead (:func:`lm.cli.run_reported`).
+Whatever is printed goes through :func:`store.locations.redact_text` first: credentials
+given as ``--storage-option`` or inside a location (``user:password@``) are never printed.
 
 Under ``torchrun`` or ``accelerate launch`` every process runs the same command
 (:mod:`train.distributed`); a refusal that every process meets is printed by one of
@@ -16,82 +16,53 @@ them (the others' errors are ``quiet``), and only rank 0 prints the result.
 from __future__ import annotations
 
 import json
-import os
-import sys
+from typing import Callable
 
 import click
 from click.core import ParameterSource
 
 from lm import options
 
-from .config import LOSS_SETTINGS, PAD_REWARD, EvaluateConfig, TrainConfig, TrainError
-from .cyclealign import CycleAlignConfig
+from .config import LOSS_SETTINGS, PAD_REWARD, EvaluateConfig, TrainConfig
 from .methods import Settings
 
 
-def _fail(command: str, message: str, status: int = 2, secrets: frozenset[str] | set[str] = frozenset()):
-    from store.locations import redact_text
-
-    click.echo(redact_text(f"train {command}: {message}", secrets), err=True)
-    sys.exit(status)
-
-
-def _secrets(values: dict) -> set[str]:
-    """What this command's ``--storage-option`` values and store location hold that must never be printed."""
-    from store.locations import parse_storage_options, secret_values
+def _redact(values: dict) -> Callable[[str], str]:
+    """What this command's ``--storage-option`` values and store location hold, removed from a line to print."""
+    from lm.options import parse_storage_options
+    from store.locations import redact_text, secret_values
 
     try:
         storage_options = parse_storage_options(values.get("storage_options") or ())
     except click.ClickException:  # a malformed option: its own message says so, without the value
         storage_options = {}
-    return secret_values(storage_options, [str(values.get("cache") or values.get("out") or "")])
+    secrets = secret_values(storage_options, [str(values.get("cache") or values.get("out") or "")])
+    return lambda text: redact_text(text, secrets)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
-
-
-def _report(command: str, run, secrets: frozenset[str] | set[str] = frozenset()):
-    """``run()``'s result; a user's mistake ends in one line on stderr and exit 2 (module docstring).
-
-    ``secrets``: values (credentials) that the printed message must not show (:func:`_secrets`).
-    """
+def _run(command: str, run, redact: Callable[[str], str], interrupted: str = "interrupted"):
+    """``run()``'s result; a failure ends in one line naming ``train COMMAND`` (:func:`lm.cli.run_reported`)."""
     import yaml
 
-    from lm.chat import TokenizerMismatch
-    from lm.models import ModelLoadError, ModelNotFoundError
+    from lm.cli import run_reported
     from store import StoreError
 
-    expected = (TrainError, StoreError, TokenizerMismatch, ModelNotFoundError, ModelLoadError, ValueError, OSError,
-                yaml.YAMLError)
-    debug = bool(os.environ.get("DISTILL_DEBUG"))
-    try:
-        return run()
-    except click.BadParameter as exc:  # a value from --config or --weight: one line, not click's usage block
-        if debug:
-            raise
-        _fail(command, exc.format_message(), secrets=secrets)
-    except click.ClickException:
-        raise
-    except KeyboardInterrupt:
-        again = ("; --resume continues from the last checkpoint (with none yet, the same command starts afresh)"
-                 if command == "student" else "")
-        _fail(command, f"interrupted{again}", 130, secrets)
-    except expected as exc:
-        if getattr(exc, "quiet", False):  # another process of the run reported it
-            sys.exit(2)
-        if debug:
-            raise
-        _fail(command, _one_line(exc), secrets=secrets)
-    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, and how to see more
-        if debug:
-            raise
-        _fail(command, f"internal error {type(exc).__name__}: {_one_line(exc)} (DISTILL_DEBUG=1 shows the "
-                       f"traceback)", 3, secrets)
+    return run_reported(f"train {command}", run, expected=(StoreError, yaml.YAMLError), redact=redact,
+                        interrupted=interrupted)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """``train``'s commands; ``cyclealign`` runs a recipe that uses ``precompute`` too (:mod:`recipes.cyclealign`),
+    so it is imported only when that command is asked for (or listed)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "cyclealign"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _cyclealign_command() if name == "cyclealign" else super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Train a small student from a teacher-signal store; evaluate students."""
 
@@ -113,7 +84,9 @@ def student(ctx, config_file, **values):
         config = TrainConfig.from_sources(config_file, values, given)
         return config, train(config)
 
-    config, out = _report("student", run, _secrets(values))
+    config, out = _run("student", run, _redact(values),
+                       interrupted="interrupted; --resume continues from the last checkpoint (with none yet, the same "
+                                   "command starts afresh)")
     from .distributed import is_main_process
 
     if is_main_process():
@@ -129,20 +102,24 @@ def evaluate(as_json, **values):
     from .evaluate import evaluate as run_evaluate
     from .evaluate import format_table
 
-    result = _report("evaluate", lambda: run_evaluate(options.from_cli(EvaluateConfig, values)), _secrets(values))
+    result = _run("evaluate", lambda: run_evaluate(options.from_cli(EvaluateConfig, values)), _redact(values))
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 
 
-@main.command()
-@options.click_options(CycleAlignConfig)
-def cyclealign(**values):
-    """CycleAlign end to end: R rounds of sample -> rank (a black box) -> train, resuming after a kill."""
-    from .cyclealign import run_rounds
-    from .trainer import train
+def _cyclealign_command() -> click.Command:
+    from recipes.cyclealign import CycleAlignConfig, run_rounds
 
-    models = _report("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values), train),
-                     _secrets(values))
-    click.echo("rounds trained: " + ", ".join(map(str, models)))
+    @click.command("cyclealign")
+    @options.click_options(CycleAlignConfig)
+    def cyclealign(**values):
+        """CycleAlign end to end: R rounds of sample -> rank (a black box) -> train, resuming after a kill."""
+        redact = _redact(values)
+        models = _run("cyclealign", lambda: run_rounds(options.from_cli(CycleAlignConfig, values),
+                                                       echo=lambda text: click.echo(redact(text))),
+                      redact, interrupted="interrupted; the same command goes on at the first unfinished step")
+        click.echo("rounds trained: " + ", ".join(map(str, models)))
+
+    return cyclealign
 
 
 if __name__ == "__main__":

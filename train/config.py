@@ -8,6 +8,9 @@
 - :class:`EvaluateConfig`: ``train evaluate``'s, also a ``Settings``, of which only
   the PAD reward's two (:data:`PAD_REWARD`) are options there.
 
+Both also inherit the run options every command shares (``--device``, ``--dtype``,
+``--storage-option``, ``--batch-tokens``, ...), declared once in :mod:`lm.options`.
+
 Every field is an :func:`lm.options.setting`: its default, help text and
 command-line type are written on the field, ``train/cli.py`` turns the fields
 into click options (:func:`lm.options.click_options`) and parsed options back
@@ -29,8 +32,8 @@ import click
 import yaml
 
 from lm import options
-from lm.options import setting
-from store.locations import REDACTED, STORAGE_OPTION_CLI, redact_url, redact_values, without_redacted
+from lm.options import BatchTokensOption, ChunkSizeOption, ProgressOption, RunOptions, setting
+from store.locations import REDACTED, redact_url, redact_values, without_redacted
 
 from . import methods
 from .methods import Settings
@@ -63,29 +66,11 @@ _TERM_DEFAULTS = "; ".join(f"{method}: " + ", ".join(f"{t.name}={t.weight:g}" fo
                           for method, terms in methods.METHODS.items())
 
 
-# how the student runs over a store: options both commands take, declared once here
-def _device():
-    return setting("auto", "auto (cuda when available, else cpu), or a torch device: cpu, cuda, cuda:N, mps.")
-
-
-def _dtype():
-    return setting("auto", "auto (bf16 autocast on CUDA GPUs that have it, else fp32), float32, bfloat16.")
-
-
-def _batch_tokens():
-    return setting(4096, "Padded tokens per batch (all sequences of its examples).", type=click.IntRange(min=1))
-
-
-def _chunk_size():
-    return setting(1024, "Response rows per output-layer chunk (memory).", type=click.IntRange(min=1))
-
-
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(Settings):
+class TrainConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption, ProgressOption):
     """``train student``: the loss settings it extends, and the run's own."""
 
     cache: str = setting(help="Teacher-signal store made by `precompute teacher` (required here or in --config).")
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
     method: str = setting("dckd+adpa", f"{', '.join(methods.METHODS)}, or a + combination (shared terms count once).")
     student: str | None = setting(None, "Student's initial model: dir (e.g. a finished run), embedded name, cached "
                                   "name [the student the store records, else the embedded student].")
@@ -96,11 +81,8 @@ class TrainConfig(Settings):
                                     "transformers' Trainer [--epochs epochs].", type=click.IntRange(min=1))
     lr: float = setting(5e-7, "Peak learning rate (released recipes: 5e-7).",
                         type=click.FloatRange(min=0, min_open=True))
-    batch_tokens: int = _batch_tokens()
     grad_accum: int = setting(1, "Batches per optimizer step.", type=click.IntRange(min=1))
     seed: int = setting(0, "Shuffling and initialisation seed.", type=int)
-    device: str = _device()
-    dtype: str = _dtype()
     resume: bool = setting(False, "Continue from OUT/checkpoint (same settings required).", is_flag=True)
     weights: dict[str, float] = setting(factory=dict, help="Override a term's weight, 0 drops it (repeatable). "
                                         f"Defaults: {_TERM_DEFAULTS}.", flag="--weight", multiple=True,
@@ -113,8 +95,6 @@ class TrainConfig(Settings):
                                      type=click.IntRange(min=1))
     log_every: int = setting(10, "Write metrics every N steps (and at steps 1 and last).", type=click.IntRange(min=1))
     split: str = setting("train", "Split of the store to train on.")
-    chunk_size: int = _chunk_size()
-    progress: bool = setting(True, "No progress bar.", flag="--no-progress")
     fsdp: bool = setting(False, "On several processes (torchrun, accelerate launch): shard the student's weights, "
                          "gradients and optimizer state across them (FSDP2) instead of a whole copy in each (DDP), "
                          "for students that do not fit one device; an accelerate FSDP configuration turns it on.",
@@ -225,20 +205,15 @@ def _as_declared(field: dataclasses.Field, value):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(Settings):
+class EvaluateConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption):
     """``train evaluate``: the model, the store and split, how to run; of the loss settings, :data:`PAD_REWARD`."""
 
     model: str | None = setting(None, "Model to evaluate: a run's dir, embedded name, ... [embedded student].")
     cache: str = setting(help="Teacher-signal store with pairs/teacher and/or samples/teacher + teacher_mcq "
                          "for --split.")
-    storage_options: dict = setting(factory=dict, **STORAGE_OPTION_CLI)
     split: str = setting("test", "Held-out split to evaluate on.")
     initial: str | None = setting(None, "Initial model for the log-ratio accuracy [store pairs/student_init, else "
                                   "the store's student].")
-    device: str = _device()
-    dtype: str = _dtype()
-    batch_tokens: int = _batch_tokens()
-    chunk_size: int = _chunk_size()
     generations: str | None = setting(None, "Also write the model's answers to the split's prompts to this JSON lines "
                                       "file (greedy, and --samples sampled ones), for scoring outside.")
     samples: int = setting(0, "With --generations: sampled answers per prompt besides the greedy one.",
