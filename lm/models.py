@@ -17,8 +17,8 @@ The embedded student is a *demonstration pair* member, not a trained model: the
 teacher with decoder layers 12-15 (of 30) removed and the rest re-indexed. It
 shares the teacher's tokenizer and every remaining weight, so it is built
 deterministically with no download: the smallest such student that stays fluent and
-on topic while visibly worse than the teacher (how the layers were chosen:
-``docs/_incoming/precompute.md``, section ``lm.models``).
+on topic while visibly worse than the teacher (the layer drops tried and what each
+answered: ``docs/getting-started.md``, "How the embedded student was chosen").
 """
 
 from __future__ import annotations
