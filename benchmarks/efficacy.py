@@ -81,7 +81,7 @@ METHODS = (
     Method("simpo", "simpo", "main", ("--method", "simpo")),
     Method("dckd", "dckd (KD weights 1, default)", "main", ("--method", "dckd")),
     # the released DCKD weights (KD 0.1 beside SFT 1), the former default: how much the SFT term on the dataset's
-    # noisy chosen answers dilutes the teacher's signal (README, "Which method works")
+    # noisy chosen answers dilutes the teacher's signal (docs/efficacy.md, "Defaults this changed")
     Method("dckd_released", "dckd, released KD weights 0.1", "main",
            ("--method", "dckd", "--weight", "kd_chosen=0.1", "--weight", "kd_rejected=0.1")),
     Method("adpa", "adpa (clipped, default)", "main", ("--method", "adpa")),

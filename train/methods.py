@@ -27,8 +27,8 @@ Defaults are the released values (``docs/methods.md``) except DCKD's KD weights:
 ``w_sft = 1, w_kd_chosen = w_kd_rejected = 1`` where the released recipe has 0.1
 (``--weight kd_chosen=0.1 --weight kd_rejected=0.1`` reproduces it). The SFT term on the
 dataset's labels, which are noisy relative to the teacher, dilutes the teacher's
-signal at KD 0.1 (the measurement: the documentation, "Which method works"). ADPA ``w_sft = 1,
-w_adpa = 1.6`` with the released code's clipped advantage ("Advantage-Guided
+signal at KD 0.1 (the measurement: ``docs/efficacy.md``, "Defaults this changed").
+ADPA ``w_sft = 1, w_adpa = 1.6`` with the released code's clipped advantage ("Advantage-Guided
 Distillation for Preference Alignment in Small Language Models"); SimPO beta
 2.0, gamma 0.5 (Meng et al. 2024, "SimPO"). DPO: beta 0.1 (the DPO paper's,
 Rafailov et al. 2023, and TRL's default). The "released beta 0.01" is the beta
@@ -55,8 +55,8 @@ Rewards, PAD (Gu et al., "Preference-Aligned Distillation"; ``docs/methods.md``)
 Defaults: beta 10 (released). alpha 0.5, not the released 0 (pure calibration):
 the embedded teacher's pairwise judgements carry almost no signal, so at alpha = 0
 its distribution over orderings is noise to distil, while alpha = 0.5 keeps the
-calibration term for a teacher whose judgements do (the measurement: the
-documentation's PAD page). ``--pad-alpha 0`` reproduces the release.
+calibration term for a teacher whose judgements do (the measurement: ``docs/pad.md``,
+"Why alpha defaults to 0.5"). ``--pad-alpha 0`` reproduces the release.
 
 ``pad``: PPD (Jensen-Shannon divergence between the student's and the teacher's
 Plackett-Luce distributions over orderings) or VPD (``-log P_S(teacher's order)``),
