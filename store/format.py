@@ -179,7 +179,8 @@ LOGP_FLOOR = -500.0  # log-probs are clamped here before quantising (uint16 rang
 KL_BOUND_WITH_TAIL = LOGP_MAX_ABS_ERROR ** 2 / 2
 
 #: Blosc settings of the large arrays (version 2): zstd at Blosc level 7 (zstd level 13) with a byte
-#: shuffle, which runs inside Blosc when decoding (benchmarks/store_size.py compares them with version 1's).
+#: shuffle, which runs inside Blosc when decoding (benchmarks/store_size.py compares them with version 1's:
+#: docs/store-format.md, "Format versions").
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 7
 
