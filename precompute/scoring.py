@@ -22,8 +22,8 @@ chunks, so a [tokens, vocabulary] tensor never exists for the prompt.
 own logits before a pass relies on it. :func:`scored_arrays` turns the results
 into a section's arrays.
 
-:func:`generate_greedy` produces one greedy response per prompt (ADPA's released
-recipe), batched with left padding.
+The greedy responses of ADPA's released recipe are generated elsewhere
+(:func:`lm.generate.generate_greedy`, shared with ``train evaluate``).
 """
 
 from __future__ import annotations

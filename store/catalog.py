@@ -152,8 +152,8 @@ class SectionIndex:
     """The sections of the stores at or under some locations, by content key: one read per store.
 
     A store lists its complete sections' keys in its root attributes (``content_keys``, refreshed with the
-    manifest when a run ends; :meth:`TeacherStore.refresh_manifest`), so the index reads nothing else;
-    :meth:`KeyedSection.attrs` reads a section's own attributes when it is about to be copied.
+    manifest when a run ends; :meth:`store.teacher_store.TeacherStore.refresh_manifest`), so the index reads
+    nothing else; :meth:`KeyedSection.attrs` reads a section's own attributes when it is about to be copied.
     ``locations`` are ``(location, storage options)`` pairs, searched in order: for a key found in several
     stores, the first location's (then the first store's in sorted order) is kept. Only stores whose key
     layout (format version, token id dtype, tokenizer) is ``layout`` are used (no other can match), and
