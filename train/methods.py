@@ -11,7 +11,8 @@ one-process mean). A *method* is a list of terms, and a combination such as
 
 A new per-token loss: its function of the student's log-softmax rows and its entry
 in :data:`train.losses.TOKEN_TERMS` (autograd differentiates it), then a term of it
-(:func:`token_mean_term`) and its method in :data:`METHODS`.
+(:func:`token_mean_term`) and its method in :data:`METHODS` (a worked example:
+``docs/development.md``, "Adding a per-token loss").
 
 Combining: a term that two methods share (SFT on the chosen response is in both
 ``dckd`` and ``adpa``) counts ONCE, so ``dckd+adpa`` is
