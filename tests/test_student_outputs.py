@@ -67,7 +67,7 @@ def test_one_pass_equals_one_pass_per_group_values_and_gradients(request, tiny_m
 
     out = methods.student_outputs(one, batch, requests, settings, chunk_size)
     reference = outputs_one_pass_per_group(per_group, batch, requests, settings, chunk_size)
-    assert {name: bool(v.any()) for name, v in out.computed.items()} == {"logp": True, "kd": True, "adpa": True}
+    assert {name for name, v in out.computed.items() if v.any()} == {"logp", "kd", "adpa"}
     for name in losses.TOKEN_TERMS:
         assert torch.equal(out.computed[name], reference.computed[name])
         torch.testing.assert_close(out.values[name], reference.values[name], rtol=0, atol=1e-14, msg=name)
