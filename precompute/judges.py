@@ -17,21 +17,29 @@ A judge is only ever asked questions: no weights, no log-probs. Two kinds:
 
 :meth:`Judge.ask_all` sends many conversations and returns one :class:`Reply`
 each, in order: the text, or the reason there is none (``timeout``,
-``http_500``, ``connection``, ...). A failed request never raises: the caller
-counts it and moves on.
+``http_500``, ``connection``, ``bad_response (...)``: a reply that is not a chat
+completion, JSON or not). A failed request never raises. It is not the judge's
+opinion: the caller asks it again later (``precompute rank`` leaves its part
+unfinished). A :class:`TransportTally` passed to ``ask_all`` counts the requests
+sent and those that failed; once most of the recent ones failed
+(:attr:`TransportTally.failing`) the judge sends nothing more and answers
+:data:`NOT_SENT` for the rest.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-__all__ = ["Reply", "Judge", "HttpJudge", "LocalJudge", "make_judge", "judge_identity"]
+__all__ = ["Reply", "NOT_SENT", "TransportTally", "Judge", "HttpJudge", "LocalJudge", "make_judge", "judge_identity",
+           "judge_address"]
 
 Messages = list[dict]
 
@@ -44,13 +52,51 @@ class Reply:
     completion_tokens: int = 0
 
 
+#: why a conversation has no reply when it was never sent (the judge had stopped: :class:`TransportTally`)
+NOT_SENT = "not_sent"
+
+
+@dataclass
+class TransportTally:
+    """The requests a judge sent and those that failed in transport (no reply text), shared by its threads.
+
+    ``failing``: at least ``least`` of the last ``window`` requests are known and more than half of them
+    failed; a judge sends nothing more once it is (the rest of a run would wait on a dead endpoint).
+    """
+
+    window: int = 16
+    least: int = 4
+    requests: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    _recent: deque = field(default_factory=deque, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, reply: "Reply") -> None:
+        with self._lock:
+            self.requests += 1
+            failed = reply.text is None
+            self.failed += failed
+            if failed:
+                self.last_error = reply.error
+            self._recent.append(failed)
+            while len(self._recent) > self.window:
+                self._recent.popleft()
+
+    @property
+    def failing(self) -> bool:
+        with self._lock:
+            return len(self._recent) >= self.least and 2 * sum(self._recent) > len(self._recent)
+
+
 class Judge:
     """Answers chat conversations; see the module docstring."""
 
     name: str = "judge"
 
-    def ask_all(self, conversations: Sequence[Messages],
-                on_reply: Callable[[int], None] | None = None) -> list[Reply]:
+    def ask_all(self, conversations: Sequence[Messages], on_reply: Callable[[int], None] | None = None,
+                transport: TransportTally | None = None) -> list[Reply]:
+        """One reply per conversation, in order; ``transport`` counts the requests (module docstring)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -64,7 +110,7 @@ class HttpJudge(Judge):
                  timeout: float = 60.0, retries: int = 3, max_tokens: int = 64):
         import openai
 
-        self.name = f"{base_url} ({model})"
+        self.name = f"{judge_address(base_url)} ({model})"  # printed: no credentials
         self.model, self.max_tokens, self.concurrency = model, max_tokens, max(1, concurrency)
         # a local server accepts any key; the real one never leaves the environment
         self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-set",
@@ -84,6 +130,8 @@ class HttpJudge(Judge):
             return Reply(None, "connection")
         except openai.OpenAIError as exc:  # a reply the client cannot read as a completion
             return Reply(None, f"bad_response ({type(exc).__name__})")
+        except ValueError:  # a 200 whose body claims JSON and is not (the client's JSON decoding raised)
+            return Reply(None, "bad_response (not JSON)")
         choices = getattr(response, "choices", None) or []
         text = choices[0].message.content if choices and choices[0].message else None
         usage = getattr(response, "usage", None)
@@ -93,10 +141,20 @@ class HttpJudge(Judge):
             return Reply(None, "bad_response (no message content)", **cost)
         return Reply(text, None, **cost)
 
-    def ask_all(self, conversations, on_reply=None):
+    def _ask_counted(self, messages: Messages, transport: TransportTally | None) -> Reply:
+        if transport is None:
+            return self._ask(messages)
+        if transport.failing:
+            return Reply(None, NOT_SENT)
+        reply = self._ask(messages)
+        transport.record(reply)
+        return reply
+
+    def ask_all(self, conversations, on_reply=None, transport=None):
         replies: list[Reply | None] = [None] * len(conversations)
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool:
-            futures = {pool.submit(self._ask, messages): i for i, messages in enumerate(conversations)}
+            futures = {pool.submit(self._ask_counted, messages, transport): i
+                       for i, messages in enumerate(conversations)}
             for future, i in futures.items():
                 replies[i] = future.result()
                 if on_reply:
@@ -125,7 +183,7 @@ class LocalJudge(Judge):
             self._path = models.model_dir(info)
         return self._model, self._tokenizer
 
-    def ask_all(self, conversations, on_reply=None):
+    def ask_all(self, conversations, on_reply=None, transport=None):  # a local model has no transport to fail
         from lm import chat, models
 
         from lm.generate import generate_greedy
@@ -167,8 +225,15 @@ def judge_identity(spec: str, model: str | None) -> dict:
 
         info = models.resolve_model(spec[len("local:"):])
         return {"kind": "local", "model": {"name": info.name, "sha256": info.weights_hash}}
+    return {"kind": "http", "base_url": judge_address(spec), "model_name": model}
+
+
+def judge_address(spec: str) -> str:
+    """Where a judge is reached, fit to print and record: an HTTP judge's base URL without ``user:password@`` and
+    without its query; a ``local:`` spec as given."""
+    if not spec.startswith(("http://", "https://")):
+        return spec
     parts = urlsplit(spec)
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")  # user:password@ and the query are left out
-    return {"kind": "http", "base_url": urlunsplit((parts.scheme, netloc, parts.path, "", "")),
-            "model_name": model}
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
