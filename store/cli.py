@@ -28,6 +28,7 @@ import click
 from lm.cli import run_reported
 from lm.options import STORAGE_OPTION_HELP, parse_storage_options
 
+from .format import ATTR_UNFINISHED
 from .locations import redact_url
 
 EXIT_DAMAGED = 1
@@ -81,7 +82,7 @@ def info(path, as_json, storage_options):
 @storage_option
 @_reported
 def verify(path, storage_options):
-    """Recompute every complete section's checksums; exit 1 naming what differs."""
+    """Recompute every complete section's checksums; exit 1 naming what differs (unfinished sections are listed)."""
     from tqdm import tqdm
 
     store = _open(path, storage_options)
@@ -101,10 +102,14 @@ def verify(path, storage_options):
             click.echo(f"DAMAGED {problem}")
         click.echo(f"{len(problems)} problem(s) in {store.location} ({len(checked)} complete sections checked)")
         sys.exit(EXIT_DAMAGED)
+    unfinished = list(store.unfinished_sections())  # written unfinished (store.format): not done, not damage
+    for ref, attrs in unfinished:
+        click.echo(f"UNFINISHED {ref.path}: {(attrs.get(ATTR_UNFINISHED) or {}).get('reason')}")
+    left = f"; {len(unfinished)} section(s) unfinished (listed above)" if unfinished else ""
     if not checked:
-        click.echo(f"{store.location}: no complete section to verify")
+        click.echo(f"{store.location}: no complete section to verify{left}")
         return
-    click.echo(f"OK {store.location}: {len(checked)} complete sections, every checksum matches")
+    click.echo(f"OK {store.location}: {len(checked)} complete sections, every checksum matches{left}")
 
 
 @main.command()

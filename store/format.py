@@ -219,6 +219,12 @@ ARRAY_GROUP_TRIES = "group_tries"
 ARRAY_GROUP_AUDIT_OFFSETS = "group_audit_offsets"
 ARRAY_AUDIT_JSON = "audit_json"
 
+#: ``group_status`` of a judge section's group that carries a pseudo-label (ranked, and agreed on 2 or more)
+GROUP_STATUS_AGREED = 0
+
+#: the attribute of an unfinished section (:data:`DESCRIPTION` ``"unfinished"``): {"reason", "pending_groups"}
+ATTR_UNFINISHED = "unfinished"
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -316,8 +322,10 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "place in the agreement (longest common subsequence of both rankings), 0 = best; -1: not in "
               "it, or the group gives no pseudo-label", since=2),
         _spec(ARRAY_GROUP_STATUS, AXIS_GROUP, "int8", None, ENC_PLAIN,
-              "0 ranked and agreed; 1 the black box gave no full ranking; 2 agreement shorter than 2", since=2),
-        _spec(ARRAY_GROUP_TRIES, AXIS_GROUP, "int8", None, ENC_PLAIN, "requests sent to the black box", since=2),
+              "0 ranked and agreed; 1 the black box gave no full ranking; 2 agreement shorter than 2; 3 (only in "
+              "an unfinished section) not answered yet: its requests failed in transport", since=2),
+        _spec(ARRAY_GROUP_TRIES, AXIS_GROUP, "int8", None, ENC_PLAIN,
+              "requests sent to the black box, those that failed in transport included", since=2),
         _spec(ARRAY_GROUP_AUDIT_OFFSETS, AXIS_GROUP_OFFSETS, "int64", None, ENC_PLAIN,
               "CSR offsets of each group into audit_json", since=2),
         _spec(ARRAY_AUDIT_JSON, AXIS_AUDIT, "uint8", None, ENC_PLAIN,
@@ -494,6 +502,14 @@ DESCRIPTION = {
         "sequences: 'teacher', 'reference', 'student_init', 'teacher_mcq', 'judge'. A group "
         "counts only if attrs.complete is true. Concatenate parts in order to get a "
         "whole split; offsets are local to a part."
+    ),
+    ATTR_UNFINISHED: (
+        "A section may be written unfinished: attrs.complete false, attrs.checksums of its arrays as for a "
+        "complete one, and attrs.unfinished = {reason, pending_groups}. It is what a run kept of work it could "
+        "not finish (a judge section: the groups the black box answered, while pending_groups, with "
+        "group_status 3, got no answer because their requests failed in transport); the writer's next run with "
+        "the same content key keeps those answers, asks the rest and writes the section complete. Readers skip "
+        "it like any section that is not complete; it is not in the manifest."
     ),
     "offsets": (
         "CSR: sequence s owns input_ids[token_offsets[s]:token_offsets[s+1]] whose first "

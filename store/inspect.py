@@ -88,6 +88,14 @@ def store_info(store: StoreReader) -> dict:
             offsets = store.read_section(ref.split, ref.part, ref.sequence_set, fmt.BASE,
                                          [fmt.ARRAY_RESPONSE_OFFSETS])
             entry["response_tokens"] += int(offsets[fmt.ARRAY_RESPONSE_OFFSETS][-1])
+    unfinished = []  # sections a run wrote unfinished (store.format "unfinished"): not counted as complete
+    for ref, section_attrs in store.unfinished_sections():
+        left = section_attrs.get(fmt.ATTR_UNFINISHED) or {}
+        unfinished.append({"section": ref.path, "reason": left.get("reason")})
+        entry = counted.get((ref.split, ref.sequence_set))
+        if entry is not None:
+            entry.setdefault("parts_unfinished", {})
+            entry["parts_unfinished"][ref.section] = entry["parts_unfinished"].get(ref.section, 0) + 1
     total_response = 0
     sizes = store.files.sizes()  # one listing for every split and the total
     for split in store.splits():
@@ -109,6 +117,7 @@ def store_info(store: StoreReader) -> dict:
             "bytes_per_response_token": (nbytes / split_response) if split_response else None,
         }
     info["splits"] = splits
+    info["unfinished"] = unfinished
     info["top_k"], info["top_k_from"] = _top_k(store, teacher_parts)
     info["teacher_tail"] = {"teacher_sections": len(teacher_parts), "with_tail_logp": with_tail}
     nbytes = sum(sizes.values())
@@ -227,11 +236,12 @@ def format_info(info: Mapping) -> str:
         if rows else ["  (nothing written)"]
 
     out.append("")
-    out.append("parts complete / total")
-    # a section is shown for a set once any part of that set (in any split) has it
+    out.append("parts complete / total" + (" (+ unfinished)" if info.get("unfinished") else ""))
+    # a section is shown for a set once any part of that set (in any split) has it, complete or unfinished
     used = {(sequence_set, section) for split_info in info.get("splits", {}).values()
             for sequence_set, counts in split_info["sets"].items()
-            for section, n in counts["parts_complete"].items() if n > 0}
+            for section, n in [*counts["parts_complete"].items(), *counts.get("parts_unfinished", {}).items()]
+            if n > 0}
     sections = [fmt.BASE] + [section for section in fmt.SECTIONS if any(section == s for _, s in used)]
     rows = []
     for split, split_info in info.get("splits", {}).items():
@@ -240,9 +250,15 @@ def format_info(info: Mapping) -> str:
         for sequence_set, counts in split_info["sets"].items():
             rows.append([split, sequence_set] + [
                 f"{counts['parts_complete'].get(section, 0)}/{counts['parts_total']}"
+                + (f" (+{counts['parts_unfinished'][section]})" if counts.get("parts_unfinished", {}).get(section)
+                   else "")
                 if section == fmt.BASE or (sequence_set, section) in used else "-"
                 for section in sections])
     out += _table(["split", "set"] + sections, rows)
+    if info.get("unfinished"):
+        out.append("")
+        out.append("unfinished sections (not complete: the command that writes them finishes them)")
+        out += [f"  {entry['section']}: {entry['reason']}" for entry in info["unfinished"]]
 
     out.append("")
     out.append("bytes on disk by split")

@@ -185,6 +185,31 @@ class StoreReader:
     def complete_parts(self, split: str, sequence_set: str, section: str = fmt.BASE) -> list[int]:
         return [p for p in range(self.num_parts(split)) if self.is_complete(split, p, sequence_set, section)]
 
+    def unfinished_section(self, split: str, part: int, sequence_set: str,
+                           section: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """An unfinished section (``store.format`` ``"unfinished"``): its attributes and every array it records a
+        checksum for, decoded; None where there is none, or where it is damaged (an array missing or with
+        another checksum: what a writer then does over again)."""
+        attrs = self.section_attrs(split, part, sequence_set, section)
+        if not attrs or attrs.get("complete") or not attrs.get(fmt.ATTR_UNFINISHED):
+            return None
+        sums = attrs.get("checksums") or {}
+        path = SectionRef(split, part, sequence_set, section).path
+        try:
+            arrays = read_arrays(self.files.zarr_store, [(path, list(sums))], require_complete=False,
+                                 location=self.location)[0]
+        except Exception:  # noqa: BLE001 - unreadable leftovers are work to redo, not a failed run
+            return None
+        if any(fmt.array_checksum(arrays[name]) != expected for name, expected in sums.items()):
+            return None
+        return attrs, arrays
+
+    def unfinished_sections(self, splits: Iterable[str] | None = None):
+        """Yield (SectionRef, attributes) of every unfinished section (``store.format`` ``"unfinished"``)."""
+        for ref, attrs in self.walk_sections(splits):
+            if attrs and not attrs.get("complete") and attrs.get(fmt.ATTR_UNFINISHED):
+                yield ref, attrs
+
     def read_section(self, split: str, part: int, sequence_set: str, section: str = fmt.BASE,
                      names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The arrays (all, or ``names``) of one complete section, decoded."""

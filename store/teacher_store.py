@@ -205,7 +205,8 @@ class TeacherStore(StoreReader):
             raise StoreError(f"{self.location}: opened read-only")
 
     def write_section(self, split: str, part: int, sequence_set: str, section: str,
-                      arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> dict | None:
+                      arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None, *,
+                      complete: bool = True) -> dict | None:
         """Write one section of one part, atomically as far as readers are concerned.
 
         ``arrays`` must hold exactly the arrays :mod:`store.format` declares for
@@ -213,12 +214,20 @@ class TeacherStore(StoreReader):
         None when the section was already complete (another writer finished it:
         writers of one store compute the same numbers, so the first one stays).
 
+        ``complete=False`` writes an *unfinished* section (:data:`store.format.DESCRIPTION`
+        ``"unfinished"``): the same arrays and checksums, ``complete: false`` and
+        ``attrs`` holding :data:`store.format.ATTR_UNFINISHED` (what is left to do).
+        Readers skip it as any incomplete section; the writer's next run reads it
+        back (:meth:`unfinished_section`) and writes the section again.
+
         On a local file system the section is built beside the store and renamed
         into place complete, so independent processes can write one store at
         once; on a remote store it is written in place and marked complete last.
         """
         self._require_writable()
         ref = SectionRef(split, part, sequence_set, section)
+        if not complete and not (attrs or {}).get(fmt.ATTR_UNFINISHED):
+            raise StoreError(f"{ref}: an unfinished section must say what is left ({fmt.ATTR_UNFINISHED!r})")
         specs = fmt.arrays_of(sequence_set, section)
         rows = _check_arrays(ref, specs, arrays)
         if section == fmt.BASE:
@@ -253,10 +262,11 @@ class TeacherStore(StoreReader):
         final_attrs = {**dict(attrs or {}), "rows": rows, "example_start": start, "example_stop": stop}
         self.ensure_part_group(split, part)
         if not self.is_local:
-            return self._write_in_place(ref, prepared, names, final_attrs)
+            return self._write_in_place(ref, prepared, names, final_attrs, complete)
         staging = self._staging_dir() / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
-            checksums = _write_group(zarr.storage.LocalStore(str(staging)), "", prepared, names, final_attrs)
+            checksums = _write_group(zarr.storage.LocalStore(str(staging)), "", prepared, names, final_attrs,
+                                     complete)
             _fsync_tree(str(staging))
             return checksums if self._move_into_place(ref, staging) else None
         finally:
@@ -271,11 +281,12 @@ class TeacherStore(StoreReader):
             if "example_start" not in group.attrs:
                 group.attrs.update({"example_start": start, "example_stop": stop})
 
-    def _write_in_place(self, ref: SectionRef, prepared: list, names: list[str], final_attrs: dict) -> dict:
+    def _write_in_place(self, ref: SectionRef, prepared: list, names: list[str], final_attrs: dict,
+                        complete: bool = True) -> dict:
         """Remote stores (no rename): write where the section belongs, marking it complete last."""
         if self.files.open_group(ref.path) is not None or self.files.exists(ref.path):
-            self.files.remove(ref.path)  # a killed writer's leftover, whole
-        return _write_group(self.files.zarr_store, ref.path, prepared, names, final_attrs)
+            self.files.remove(ref.path)  # a killed writer's leftover, or an unfinished section: whole
+        return _write_group(self.files.zarr_store, ref.path, prepared, names, final_attrs, complete)
 
     def _staging_dir(self) -> Path:
         """Where a local writer builds a section before renaming it into place: beside the store, not in it.
@@ -368,9 +379,11 @@ def _open_or_create_group(zstore, path: str, tries: int = 5):
     raise AssertionError("unreachable")
 
 
-def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict) -> dict:
+def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict,
+                 complete: bool = True) -> dict:
     """Create a group at ``path`` of ``zstore``, write its arrays, read them back, hash them, then mark it
-    complete (the attributes are the last write). Returns the checksums."""
+    complete (or, ``complete=False``, unfinished with its checksums: the attributes are the last write).
+    Returns the checksums."""
     with quiet_zarr():
         group = zarr.open_group(zstore, path=path, mode="w", zarr_format=3)
         group.attrs.put({"complete": False})
@@ -379,7 +392,7 @@ def _write_group(zstore, path: str, prepared: list, names: list[str], final_attr
             _fsync_tree(os.path.join(str(zstore.root), path))
         reread = read_arrays(zstore, [(path, names)], require_complete=False)[0]
         checksums = {name: array_checksum(values) for name, values in reread.items()}
-        group.attrs.put({**final_attrs, "complete": True, "checksums": checksums,
+        group.attrs.put({**final_attrs, "complete": complete, "checksums": checksums,
                          "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return checksums
 
