@@ -18,9 +18,23 @@ current student:
    ``[1]..[n]``. The reply must be a full ranking of exactly those labels, best
    first, such as ``[3] > [1] > [4] > [2]`` (:func:`parse_ranking`, strict: the
    last non-empty line of the reply, nothing else on it). A reply that is not
-   (free text, a partial ranking, a repeated or unknown label) or a failed
-   request is asked again with the labels shuffled (``--tries`` in all, ours);
-   then the group stays unranked and is counted by reason.
+   (free text, a partial ranking, a repeated or unknown label) is the judge's
+   answer: the group is asked again with the labels shuffled (``--tries``
+   answers in all, ours); then it stays unranked and is counted by reason.
+   A request that failed in transport (no connection, a timeout, an HTTP
+   error after the client's retries, a body that is no chat completion) is
+   not an answer: it is asked again with the same labels, at most ``--tries``
+   requests per group in a run. A group still unanswered leaves its part
+   *unfinished*: written with ``complete: false`` (:mod:`store.format`
+   ``"unfinished"``) holding the answers got so far; the run fails with one
+   line (:class:`JudgeUnanswered`: the judge's address, the requests that
+   failed, the last error, the parts written), and the same command, run again
+   when the judge answers, asks exactly the unanswered groups, with the labels
+   one run with a working judge would have shown. Once most of the recent
+   requests failed (:class:`precompute.judges.TransportTally`) a run stops
+   asking. The judge's address is not a setting of the pass (a judge is its
+   model): another URL serving the same ``--judge-model`` may finish it; each
+   part records the addresses that answered it (``judge_urls``).
 2. The white box ranks the group by its own length-normalised conditional
    log-probability of each response (the mean token log-prob, RRHF's score):
    the ``samples/student_init`` sums of the model that sampled.
@@ -31,8 +45,9 @@ current student:
    agreements (ties to the lower example index) are the next round's.
 
 Everything the black box was told and said (the exact messages sent, the raw
-reply, the parsed order, each try) is kept per group in the store, so a resumed
-or repeated run never asks twice and a teammate can audit it.
+reply, the parsed order, each try, each failed request and why) is kept per
+group in the store, so a resumed or repeated run never asks twice and a
+teammate can audit it.
 
 ``--cluster SPEC`` (:mod:`precompute.cluster`, as for ``teacher`` and
 ``sample``): the coordinator does everything cheap as in one process (rows, the
@@ -79,7 +94,7 @@ from store.sequences import split_sequences
 from . import scoring
 from .calibration import option_text
 from .dataset import LoadedSplit, Row, load_data
-from .judges import Judge, LocalJudge, judge_identity, make_judge
+from .judges import NOT_SENT, Judge, LocalJudge, TransportTally, judge_address, judge_identity, make_judge
 from .provenance import prompts_fingerprint
 from .reuse import Reuse
 from .stores import check_samples_match, require_samples
@@ -189,7 +204,8 @@ def render_prompt(instruction: str, demos: Sequence[Demo], question: str, respon
 
 
 def shuffled_labels(n: int, try_index: int, seed: int) -> list[int]:
-    """The order responses are shown in on a given try: as drawn first, then shuffled (deterministically)."""
+    """The order responses are shown in on a given try (the judge's answers so far): as drawn first, then
+    shuffled (deterministically)."""
     shown = list(range(n))
     if try_index:
         random.Random(seed * 1_000_003 + try_index).shuffle(shown)
@@ -223,42 +239,73 @@ def load_static_demos(path: str | None = None) -> list[Demo]:
 # --------------------------------------------------------------------------- one group, one part
 
 STATUS_RANKED, STATUS_UNRANKED, STATUS_SHORT_AGREEMENT = 0, 1, 2
+#: only in an unfinished section: the judge has not answered this group yet (its requests failed in transport)
+STATUS_UNANSWERED = 3
 
 
 @dataclass
 class GroupRanking:
-    """What ranking one group gave: the judge's order, the agreement, and every try for the audit."""
+    """What ranking one group gave: the judge's order, the agreement, and every try for the audit.
+
+    A try whose request failed in transport (``reply`` None: timeout, HTTP error, no connection, a body that
+    is no chat completion) is kept for the audit but is not one of the judge's answers: only answers count
+    toward ``--tries`` and move the label shuffle on.
+    """
 
     judge_order: list[int] | None  # positions, best first; None when no try gave a full ranking
     tries: list[dict]  # {"messages", "reply", "order" | None, "error" | None} per try
     agreed: list[int] | None = None  # the agreement with the white box (set by :func:`agree`)
 
     @property
+    def answers(self) -> int:
+        """Tries the judge answered (a reply, parsed or not)."""
+        return sum(1 for t in self.tries if t.get("reply") is not None)
+
+    def pending(self, tries: int) -> bool:
+        """Still to ask: no full ranking yet and fewer than ``tries`` answers."""
+        return self.judge_order is None and self.answers < tries
+
+    @property
     def failure(self) -> str | None:
-        """The last try's reason when the group stayed unranked."""
-        return None if self.judge_order is not None else (self.tries[-1]["error"] if self.tries else "no_try")
+        """Why the group is unranked: the reason of the judge's last answer (else of the last failed request)."""
+        if self.judge_order is not None:
+            return None
+        answered = [t for t in self.tries if t.get("reply") is not None]
+        return (answered or self.tries or [{"error": "no_try"}])[-1]["error"]
 
 
 def rank_groups(judge, instruction: str, demos: Sequence[Demo], groups: Sequence[tuple[str, Sequence[str]]], *,
-                tries: int, seed: int, on_reply=None) -> list[GroupRanking]:
+                tries: int, seed: int, on_reply=None, previous: Sequence[GroupRanking | None] | None = None,
+                transport: TransportTally | None = None) -> list[GroupRanking]:
     """Ask the judge to rank each (question, responses) group; retry with shuffled labels (module docstring).
 
-    All groups still unranked are asked together on each try (the judge batches
-    or parallelises them); a group stops being asked once a reply parses.
+    All groups still pending are asked together on each round (the judge batches
+    or parallelises them), at most ``tries`` rounds: a group stops being asked
+    once a reply parses or the judge has answered it ``tries`` times. The labels
+    a group is shown depend on how many answers it has had (:func:`shuffled_labels`),
+    so a request that failed in transport is asked again with the same labels,
+    and a group that a later run finishes (``previous``: what an unfinished part
+    kept) sees exactly what one run with a working judge would have shown it.
+    ``transport``: counts the requests; once most recent ones failed no further
+    round is asked (:class:`precompute.judges.TransportTally`).
     """
-    results = [GroupRanking(None, []) for _ in groups]
-    pending = list(range(len(groups)))
-    for attempt in range(tries):
-        if not pending:
+    results = [GroupRanking(p.judge_order, list(p.tries)) if p is not None else GroupRanking(None, [])
+               for p in (previous if previous is not None else [None] * len(groups))]
+    pending = [g for g, result in enumerate(results) if result.pending(tries)]
+    for _ in range(tries):
+        if not pending or (transport is not None and transport.failing):
             break
         asked = []
         for g in pending:
             question, responses = groups[g]
-            shown = shuffled_labels(len(responses), attempt, seed + g)
+            shown = shuffled_labels(len(responses), results[g].answers, seed + g)
             asked.append((g, shown, render_prompt(instruction, demos, question, responses, shown)))
-        replies = judge.ask_all([messages for _, _, messages in asked], on_reply=on_reply)
-        still = []
+        conversations = [messages for _, _, messages in asked]
+        replies = (judge.ask_all(conversations, on_reply=on_reply) if transport is None
+                   else judge.ask_all(conversations, on_reply=on_reply, transport=transport))
         for (g, shown, messages), reply in zip(asked, replies):
+            if reply.error == NOT_SENT:
+                continue  # the judge had stopped: never asked, nothing to keep
             record = {"messages": messages, "reply": reply.text, "order": None, "error": reply.error,
                       "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
             if reply.text is not None:
@@ -269,9 +316,7 @@ def rank_groups(judge, instruction: str, demos: Sequence[Demo], groups: Sequence
             results[g].tries.append(record)
             if record["order"] is not None:
                 results[g].judge_order = record["order"]
-            else:
-                still.append(g)
-        pending = still
+        pending = [g for g in pending if results[g].pending(tries)]
     return results
 
 
@@ -451,7 +496,7 @@ def prepare(config: RankConfig, summary: Summary) -> RankContext:
     static = load_static_demos(config.static_demos)
     dynamic = dynamic_demos(config.demos_from, config.demos, config.storage_options)
     record = judge_record(config, instruction, static, dynamic, white_box)
-    diff = store.pass_conflict(PASS_JUDGE, record.to_dict())
+    diff = store.pass_conflict(PASS_JUDGE, _as_stored_address(store, record.to_dict()))
     if diff and any(store.complete_parts(s, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) for s in rows):
         raise ProvenanceMismatch(f"{config.out}: pass {PASS_JUDGE!r} is already in this store with other settings: "
                                  f"{diff}. Write the samples to another --out, or delete the store")
@@ -462,6 +507,16 @@ def prepare(config: RankConfig, summary: Summary) -> RankContext:
     return RankContext(config=config, store=store, rows=rows, white_box=white_box, tokenizer=tokenizer,
                        instruction=instruction, demos=[*static, *dynamic], record=record, white=white,
                        device=device, dtype=dtype)
+
+
+def _as_stored_address(store: TeacherStore, asked: dict) -> dict:
+    """``asked`` with the judge's address of the stored record, if it has one (written before the address left
+    the record): the address is never compared."""
+    stored = (store.attrs.get("passes") or {}).get(PASS_JUDGE) or {}
+    address = (stored.get("judge") or {}).get("base_url") if isinstance(stored.get("judge"), dict) else None
+    if address is None or not isinstance(asked.get("judge"), dict):
+        return asked
+    return {**asked, "judge": {**asked["judge"], "base_url": address}}
 
 
 def white_box_key(ctx: RankContext, split: str, part: int) -> str | None:
@@ -531,14 +586,24 @@ def _white_box_sums(ctx: RankContext, summary: Summary, reuse: Reuse) -> None:
     models.free_memory()
 
 
+def judge_setting(spec: str, model: str | None) -> dict:
+    """The judge as the pass record holds it: :func:`precompute.judges.judge_identity` without the address."""
+    return {k: v for k, v in judge_identity(spec, model).items() if k != "base_url"}
+
+
 def judge_record(config: RankConfig, instruction: str, static: Sequence[Demo], dynamic: Sequence[Demo],
                  white_box) -> PassRecord:
-    """What the rankings depend on: the judge (never its key), the prompt's parts, tries, seed, the white box."""
+    """What the rankings depend on: the judge (never its key), the prompt's parts, tries, seed, the white box.
+
+    An HTTP judge is its model name: its address is how it is reached, not a setting of its numbers (another
+    URL serving the same ``--judge-model`` may finish the pass); each part records the addresses that
+    answered it (:data:`ATTR_JUDGE_URLS`).
+    """
     def digest(value) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     return PassRecord(ModelRecord(white_box.name, white_box.weights_hash), {
-        "judge": judge_identity(config.judge, config.judge_model),
+        "judge": judge_setting(config.judge, config.judge_model),
         "instruction_sha256": digest(instruction),
         "static_demos_sha256": digest([d.to_json() for d in static]),
         "dynamic_demos": {"from": redact_url(config.demos_from) if config.demos_from else None,
@@ -550,9 +615,38 @@ def judge_record(config: RankConfig, instruction: str, static: Sequence[Demo], d
     })
 
 
+#: section attribute of an unfinished judge section (:mod:`store.format` ``unfinished``): what is left to ask
+ATTR_UNFINISHED = fmt.ATTR_UNFINISHED
+#: section attribute: the addresses (credentials removed) of the HTTP judges whose answers the part holds
+ATTR_JUDGE_URLS = "judge_urls"
+
+
+def previous_answers(store: TeacherStore, split: str, part: int, key: str | None,
+                     n_groups: int) -> tuple[list[GroupRanking | None], list[str]]:
+    """What an earlier run kept of a part it could not finish: each group's :class:`GroupRanking` (None for all
+    when there is no unfinished section, or one written with other inputs or settings: another content key)
+    and the judge addresses that answered it."""
+    nothing: list[GroupRanking | None] = [None] * n_groups
+    found = store.unfinished_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE)
+    if found is None or key is None:
+        return nothing, []
+    attrs, arrays = found
+    if attrs.get(keys.ATTR) != key or len(arrays[fmt.ARRAY_GROUP_AUDIT_OFFSETS]) != n_groups + 1:
+        return nothing, []  # asked with other settings or on other samples: asked again from the start
+    kept = [GroupRanking(audit["judge_order"], list(audit["tries"])) for audit in _audits(arrays)]
+    return kept, list(attrs.get(ATTR_JUDGE_URLS) or [])
+
+
 def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, instruction: str,
-              demos: Sequence[Demo], rows_by_index: dict, config: RankConfig, progress) -> tuple[dict, dict]:
-    """Rank every group of one part: (the judge section's arrays, its attributes)."""
+              demos: Sequence[Demo], rows_by_index: dict, config: RankConfig, progress, *, key: str | None = None,
+              transport: TransportTally | None = None) -> tuple[dict, dict]:
+    """Rank every group of one part: (the judge section's arrays, its attributes).
+
+    Groups an earlier run of the same settings got answers for (an unfinished section with content key
+    ``key``) are kept as they are; only the others are asked. Groups the judge has still not answered
+    (requests failed in transport) have status :data:`STATUS_UNANSWERED`, and the attributes then hold
+    :data:`ATTR_UNFINISHED`: the section is to be written unfinished, for the next run to finish.
+    """
     base = store.read_section(split, part, fmt.SET_SAMPLES)
     sums = store.read_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_STUDENT_INIT,
                               [fmt.ARRAY_LOGP_SUM])[fmt.ARRAY_LOGP_SUM]
@@ -564,17 +658,31 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
         responses = [option_text(tokenizer, seqs[s][prompt_lengths[s]:]) for s in range(s0, s1)]
         groups.append((question_text(rows_by_index[example].prompt), responses))
         spans.append((s0, s1))
+    previous, urls = previous_answers(store, split, part, key, len(groups))
     results = rank_groups(judge, instruction, demos, groups, tries=config.tries,
-                          seed=shuffle_seed(config.seed, part), on_reply=progress)
+                          seed=shuffle_seed(config.seed, part), on_reply=progress, previous=previous,
+                          transport=transport)
+    kept_tries = [len(p.tries) if p is not None else 0 for p in previous]
+    answered_now = any(t.get("reply") is not None for r, n in zip(results, kept_tries) for t in r.tries[n:])
+    address = judge_address(config.judge)
+    if answered_now and config.judge.startswith(("http://", "https://")) and address not in urls:
+        urls.append(address)
     n_seq = len(seqs)
     judge_rank = np.full(n_seq, -1, np.int16)
     white_rank = np.full(n_seq, -1, np.int16)
     agreed_rank = np.full(n_seq, -1, np.int16)
     status, tries, audit, audit_offsets = [], [], bytearray(), [0]
     counts: dict[str, int] = {}
-    for (s0, s1), (question, responses), result in zip(spans, groups, results):
+    unanswered = []
+    for g, ((s0, s1), (question, responses), result) in enumerate(zip(spans, groups, results)):
         mean_logp = [float(sums[s]) / max(1, len(seqs[s]) - prompt_lengths[s]) for s in range(s0, s1)]
-        code = agree(result, mean_logp)
+        if result.pending(config.tries):
+            code, reason = STATUS_UNANSWERED, "unanswered"
+            unanswered.append(g)
+        else:
+            code = agree(result, mean_logp)
+            reason = {STATUS_RANKED: "agreed", STATUS_SHORT_AGREEMENT: "agreement_shorter_than_2"}.get(
+                code, f"unranked_{result.failure}")
         for place, position in enumerate(white_box_order(mean_logp)):
             white_rank[s0 + position] = place
         if result.judge_order is not None:
@@ -583,11 +691,9 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
         if result.agreed is not None:
             for place, position in enumerate(result.agreed):
                 agreed_rank[s0 + position] = place
-        reason = {STATUS_RANKED: "agreed", STATUS_SHORT_AGREEMENT: "agreement_shorter_than_2"}.get(
-            code, f"unranked_{result.failure}")
         counts[reason] = counts.get(reason, 0) + 1
         status.append(code)
-        tries.append(len(result.tries))
+        tries.append(min(len(result.tries), np.iinfo(np.int8).max))
         audit += json.dumps({"question": question, "responses": responses, "tries": result.tries,
                              "judge_order": result.judge_order, "agreed_order": result.agreed},
                             ensure_ascii=False).encode("utf-8")
@@ -600,15 +706,26 @@ def rank_part(store: TeacherStore, split: str, part: int, judge, tokenizer, inst
             "prompt_tokens": sum(t.get("prompt_tokens", 0) for r in results for t in r.tries),
             "completion_tokens": sum(t.get("completion_tokens", 0) for r in results for t in r.tries)}
     agreement_lengths = [len(r.agreed) for r in results if r.agreed is not None]
-    return arrays, {"groups": len(groups), "outcomes": counts, "judge_cost": cost,
-                    "agreement_lengths": agreement_lengths}
+    attrs = {"groups": len(groups), "outcomes": counts, "judge_cost": cost, "agreement_lengths": agreement_lengths}
+    if urls:
+        attrs[ATTR_JUDGE_URLS] = urls
+    if unanswered:
+        last = next((t["error"] for r in reversed(results) for t in reversed(r.tries) if t.get("reply") is None),
+                    None)
+        attrs[ATTR_UNFINISHED] = {
+            "reason": f"{len(unanswered)} of {len(groups)} groups not answered by the judge yet (requests failed "
+                      f"in transport{f'; last: {last}' if last else ''}); `precompute rank` asks them again",
+            "pending_groups": unanswered}
+    return arrays, attrs
 
 
-def judge_part(ctx: RankContext, split: str, part: int, judge, rows: Sequence[Row], progress) -> tuple[dict, dict]:
+def judge_part(ctx: RankContext, split: str, part: int, judge, rows: Sequence[Row], progress,
+               transport: TransportTally | None = None) -> tuple[dict, dict]:
     """:func:`rank_part` of one part with its content key; ``rows``: the part's rows."""
+    key = judge_key(ctx, split, part, rows)
     arrays, attrs = rank_part(ctx.store, split, part, judge, ctx.tokenizer, ctx.instruction, ctx.demos,
-                              {r.index: r for r in rows}, ctx.config, progress)
-    attrs[keys.ATTR] = judge_key(ctx, split, part, rows)
+                              {r.index: r for r in rows}, ctx.config, progress, key=key, transport=transport)
+    attrs[keys.ATTR] = key
     return arrays, attrs
 
 
@@ -616,62 +733,150 @@ def _new_totals() -> dict:
     return {"outcomes": {}, "judge_cost": {}, "agreement_lengths": [], "groups": 0}
 
 
+class JudgeUnanswered(ValueError):
+    """The judge left groups unanswered (their requests failed in transport): their parts are written unfinished
+    and the same command, run again when the judge answers, asks exactly those groups."""
+
+
+@dataclass
+class JudgeReport:
+    """What the judge step of a run left: its requests and those that failed in transport, the parts written
+    complete or unfinished, and the parts it stopped before asking."""
+
+    address: str  # credentials removed
+    model: str | None
+    requests: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    stopped: bool = False  # most recent requests failed: the run asked nothing more
+    complete: list[str] = field(default_factory=list)  # "split/part-NNNNN" written complete in this run
+    unfinished: list[tuple[str, int, int]] = field(default_factory=list)  # (part, groups unanswered, groups)
+    not_asked: int = 0  # parts left without a request once the run stopped
+
+    def add_transport(self, tally: dict) -> None:
+        """Add one tally (:func:`transport_counts`) of requests."""
+        self.requests += tally["requests"]
+        self.failed += tally["failed"]
+        self.last_error = tally["last_error"] or self.last_error
+        self.stopped = self.stopped or tally["stopped"]
+
+    def error(self) -> JudgeUnanswered | None:
+        """The one-line refusal that ends a run that left groups unanswered (None when every part is complete)."""
+        if not (self.unfinished or self.not_asked):
+            return None
+        judge = f"judge {self.address}" + (f" (model {self.model})" if self.model else "")
+        stopped = "; stopped asking: most of the recent requests failed" if self.stopped else ""
+        shown = ", ".join(f"{name}: {left} of {groups} groups unanswered"
+                          for name, left, groups in sorted(self.unfinished)[:3])
+        more = ", ..." if len(self.unfinished) > 3 else ""
+        written = [f"{len(self.complete)} complete", f"{len(self.unfinished)} unfinished"
+                   + (f" ({shown}{more})" if shown else "")]
+        if self.not_asked:
+            written.append(f"{self.not_asked} not asked")
+        return JudgeUnanswered(f"{judge}: {self.failed} of {self.requests} requests failed in transport; last: "
+                               f"{self.last_error or 'none'}{stopped}. Parts written: {', '.join(written)}; rerun "
+                               f"the same command when the judge answers")
+
+
+def transport_counts(tally: TransportTally) -> dict:
+    """A :class:`TransportTally`'s counts, as plain values (a cluster unit's outcome carries them)."""
+    return {"requests": tally.requests, "failed": tally.failed, "last_error": tally.last_error,
+            "stopped": tally.failing}
+
+
 def run_rank(config: RankConfig) -> Summary:
-    """``precompute rank``: white-box sums where missing, then the judge's rankings part by part."""
+    """``precompute rank``: white-box sums where missing, then the judge's rankings part by part.
+
+    Raises :class:`JudgeUnanswered` (after the store's manifest and summary are written) when groups are left
+    unanswered: their parts are written unfinished, and the same command finishes them.
+    """
     started = time.perf_counter()
     summary = Summary(store=config.out)
     if config.cluster:
-        ctx, totals = _run_on_cluster(config, summary)
+        ctx, totals, report = _run_on_cluster(config, summary)
     else:
         ctx = prepare(config, summary)
         reuse = Reuse.for_run(ctx.store, config, summary)
         _white_box_sums(ctx, summary, reuse)
-        totals = _rank_parts(ctx, summary, reuse)
+        totals, report = _rank_parts(ctx, summary, reuse)
     summary.notes.extend(describe_totals(totals))
     summary.seconds = time.perf_counter() - started
-    return finish_summary(ctx.store, list(ctx.rows), summary)
+    summary = finish_summary(ctx.store, list(ctx.rows), summary)
+    error = report.error()
+    if error is not None:
+        raise error
+    return summary
 
 
-def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> dict:
-    """The judge's rankings of the parts that lack them, in this process; returns the totals of the run."""
+def _part_name(split: str, part: int) -> str:
+    return f"{split}/{fmt.part_name(part)}"
+
+
+def _count_part(report: JudgeReport, split: str, part: int, attrs: dict) -> None:
+    """Count a part written in this run as complete or unfinished."""
+    left = attrs.get(ATTR_UNFINISHED)
+    if left:
+        report.unfinished.append((_part_name(split, part), len(left["pending_groups"]), attrs["groups"]))
+    else:
+        report.complete.append(_part_name(split, part))
+
+
+def _rank_parts(ctx: RankContext, summary: Summary, reuse: Reuse) -> tuple[dict, JudgeReport]:
+    """The judge's rankings of the parts that lack them, in this process; returns the totals of the run and
+    what the judge left. Once most recent requests failed in transport, the parts after the current one are
+    not asked."""
     config = ctx.config
     step, todo = _judge_todo(ctx, summary, reuse)
     totals = _new_totals()
+    report = JudgeReport(judge_address(config.judge), config.judge_model)
     if not todo:
-        return totals
+        return totals, report
     judge = config.open_judge(config.device, config.dtype)
     _register_judge(ctx)
+    transport = TransportTally()
     groups_todo = sum(int(ctx.store.section_attrs(s, p, fmt.SET_SAMPLES)["rows"].get(fmt.AXIS_GROUP, 0))
                       for s, p in todo)
     t0 = time.perf_counter()
     with tqdm(total=groups_todo or None, desc=PASS_JUDGE, unit="request", disable=not config.progress,
               dynamic_ncols=True) as bar:
-        for split, part in todo:
-            arrays, attrs = judge_part(ctx, split, part, judge, ctx.rows_of_part(split, part), bar.update)
-            if ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs) is None:
-                step["parts_skipped"] += 1
+        for i, (split, part) in enumerate(todo):
+            if transport.failing:
+                report.not_asked = len(todo) - i
+                break
+            arrays, attrs = judge_part(ctx, split, part, judge, ctx.rows_of_part(split, part), bar.update, transport)
+            finished = ATTR_UNFINISHED not in attrs
+            if ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs,
+                                       complete=finished) is None:
+                step["parts_skipped"] += 1  # another writer finished it meanwhile
                 continue
-            step["parts_done"] += 1
+            if finished:
+                step["parts_done"] += 1
+            else:  # not a part written: the summary's runs record keeps the count
+                step["parts_unfinished"] = step.get("parts_unfinished", 0) + 1
             step["tokens"] += attrs["judge_cost"]["prompt_tokens"] + attrs["judge_cost"]["completion_tokens"]
             _add_totals(totals, attrs)
+            _count_part(report, split, part, attrs)
     step["seconds"] = time.perf_counter() - t0
     judge.close()
-    return totals
+    report.add_transport(transport_counts(transport))
+    return totals, report
 
 
 # --------------------------------------------------------------------------- on a cluster (--cluster)
 
-def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, dict]:
+def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, dict, JudgeReport]:
     """Each part of each step a unit of work on a dask cluster (module docstring, :mod:`precompute.cluster`).
 
     The coordinator reuses what ``--reuse-from`` holds, records each pass once,
     then submits the parts: the white box's sums first (priority), each part's
-    rankings after that part's sums only. Returns the context and the totals of
-    the groups ranked in this run.
+    rankings after that part's sums only. Returns the context, the totals of
+    the groups ranked in this run and what the judge left (each part counts its
+    own requests: a part stops asking once most of its recent requests failed).
     """
     from . import cluster
 
     totals = _new_totals()
+    report = JudgeReport(judge_address(config.judge), config.judge_model)
     with cluster.ClusterSession(config.cluster) as session:
         device, dtype = session.resolve(config.device, config.dtype)
         ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
@@ -695,11 +900,19 @@ def _run_on_cluster(config: RankConfig, summary: Summary) -> tuple[RankContext, 
                                    priority=1) for split, part in judge_todo]
             results = session.run(units, desc="rank parts", progress=ctx.config.progress)
             cluster.tally(results, {PASS_WHITE_BOX: white_step, PASS_JUDGE: judge_step})
-            for unit, outcome in results:
-                if unit.step == PASS_JUDGE and outcome["written"]:
+            for unit, outcome in sorted(results, key=lambda item: item[1]["stop"] or 0):  # the last error last
+                if unit.step != PASS_JUDGE:
+                    continue
+                if outcome.get("transport"):
+                    report.add_transport(outcome["transport"])
+                if outcome["written"] or outcome.get("unfinished"):
                     _add_totals(totals, outcome["totals"])
+                    _count_part(report, unit.split, unit.part, outcome["totals"])
+                if outcome.get("unfinished"):  # tally counted it as found complete: it is neither
+                    judge_step["parts_skipped"] -= 1
+                    judge_step["parts_unfinished"] = judge_step.get("parts_unfinished", 0) + 1
         summary.notes.append(f"  cluster {config.cluster}: {session.workers} worker(s)")
-    return ctx, totals
+    return ctx, totals, report
 
 
 def _has_environment_variable(name: str) -> bool:
@@ -793,12 +1006,19 @@ def judge_part_on_worker(fingerprint: str, split: str, part: int, rows: list, *_
     with cluster.part_task(PASS_JUDGE, split, part) as outcome:
         if ctx.store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE):
             return outcome
-        arrays, attrs = judge_part(ctx, split, part, worker_judge(ctx), rows, None)
-        written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs)
+        transport = TransportTally()  # this part's requests: a dead judge costs each part a few requests only
+        arrays, attrs = judge_part(ctx, split, part, worker_judge(ctx), rows, None, transport)
+        finished = ATTR_UNFINISHED not in attrs
+        written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, arrays, attrs,
+                                          complete=finished) is not None
         cost = attrs["judge_cost"]
-        outcome.update(computed=True, written=written is not None,
+        totals = {k: attrs[k] for k in ("groups", "outcomes", "judge_cost", "agreement_lengths")}
+        if not finished:
+            totals[ATTR_UNFINISHED] = attrs[ATTR_UNFINISHED]
+        # "written": written complete; a part written unfinished is counted apart (the coordinator's JudgeReport)
+        outcome.update(computed=True, written=written and finished, unfinished=written and not finished,
                        tokens=cost["prompt_tokens"] + cost["completion_tokens"], groups=attrs["groups"],
-                       totals={k: attrs[k] for k in ("groups", "outcomes", "judge_cost", "agreement_lengths")})
+                       totals=totals, transport=transport_counts(transport))
     return outcome
 
 

@@ -240,3 +240,48 @@ def test_cluster_is_an_option_of_rank_and_says_where_the_key_comes_from():
     text = " ".join(CliRunner().invoke(precompute_cli, ["rank", "--help"]).output.split())
     assert "--cluster" in text and "tcp://HOST:PORT" in text and "own environment" in text
     assert "per worker with --cluster" in text
+
+
+# --------------------------------------------------------------------------- a judge that never answered
+
+
+def _rankings(path) -> dict:
+    """part -> the judge section's ranking arrays (every part must be complete)."""
+    store = TeacherStore.open(str(path))
+    names = ["judge_rank", "white_rank", "agreed_rank", "group_status"]
+    return {part: {name: values.tolist() for name, values in
+                   store.read_section("train", part, "samples", "judge", names).items()}
+            for _, part in PARTS}
+
+
+def test_a_judge_that_never_answers_leaves_every_part_unfinished_on_a_cluster_and_a_rerun_finishes(
+        tmp_path, sampled, tiny_dataset, one_process):
+    """--cluster local:2 with a judge that answers HTTP 500: each part stops asking once most of its requests
+    failed and is written unfinished; the command fails in one line; the same command with the judge up (the
+    same address) ranks as one process with a working judge did."""
+    one, _, _ = one_process
+    out = _copy(sampled, tmp_path / "faulty.zarr")
+    with JudgeServer(score=len, fault="500") as server:
+        args = ["rank", "--out", str(out), "--judge", server.base_url, "--judge-model", "rule", "--judge-timeout",
+                "60", "--judge-retries", "0", "--judge-concurrency", "2", "--dataset", str(tiny_dataset), "--split",
+                "train", "--device", "cpu", "--dtype", "float32", "--no-progress", "--cluster", "local:2"]
+        failed = CliRunner().invoke(precompute_cli, args)
+        assert failed.exit_code == 2, (failed.output, failed.stderr)
+        # per part: 4 failed requests stop it (part 2, of 2 groups: two rounds of 2)
+        assert failed.stderr.splitlines()[-1] == (
+            f"precompute rank: judge {server.base_url} (model rule): 12 of 12 requests failed in transport; last: "
+            f"http_500; stopped asking: most of the recent requests failed. Parts written: 0 complete, 3 unfinished "
+            f"(train/part-00000: 4 of 4 groups unanswered, train/part-00001: 4 of 4 groups unanswered, "
+            f"train/part-00002: 2 of 2 groups unanswered); rerun the same command when the judge answers")
+        store = TeacherStore.open(str(out))
+        assert store.complete_parts("train", "samples", "judge") == []
+        assert [ref.path for ref, _ in store.unfinished_sections()] == [
+            f"{split}/part-{part:05d}/samples/judge" for split, part in PARTS]
+        assert store.verify() == []
+
+        server.fault = None
+        again = CliRunner().invoke(precompute_cli, args)
+        assert again.exit_code == 0, (again.output, again.stderr)
+    assert _rankings(out) == _rankings(one)
+    store = TeacherStore.open(str(out))
+    assert list(store.unfinished_sections()) == [] and store.verify() == []
