@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -202,3 +203,73 @@ def test_a_repeated_rank_run_reuses_the_rankings_and_never_asks_twice(sampled, t
             assert (a.section_attrs(split, part, fmt.SET_SAMPLES, section)["checksums"]
                     == b.section_attrs(split, part, fmt.SET_SAMPLES, section)["checksums"])
     assert any("reused from" in line for line in summary.lines())
+
+
+# -- a judge that never answered, through training -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unagreed(sampled, tiny_dataset, tmp_path_factory):
+    """The samples ranked by a judge whose every reply is free text: its answer, counted; no group agreed."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("unagreed") / "unagreed.zarr"
+    shutil.copytree(sampled, out)
+    with JudgeServer(score=_rule, fault="free") as server:
+        run_rank(_rank_config(out, server, tiny_dataset, tries=1))
+    return out
+
+
+@pytest.mark.parametrize("method", ["cyclealign", "rrhf", "pro"])
+def test_training_refuses_rankings_without_an_agreed_group_before_the_student_loads(method, unagreed, tmp_path,
+                                                                                    forbid_model_loading):
+    from click.testing import CliRunner
+
+    from train.cli import main as train_cli
+
+    forbid_model_loading()
+    result = CliRunner().invoke(train_cli, ["student", "--cache", str(unagreed), "--method", method,
+                                            "--out", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"train student: method {method} trains on agreed rankings, and {unagreed} has none: pass samples/judge "
+        f"(split train) agreed on 0 of 10 groups (unranked_no_ranking 10); every ranking term would be 0. Look at "
+        f"the judge's replies (each judge section's audit_json) and rank into another --out with a judge that "
+        f"answers full rankings"]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_train_cyclealign_stops_at_the_round_whose_ranking_failed_and_the_rerun_finishes(tmp_path, tiny_models,
+                                                                                        tiny_dataset):
+    from click.testing import CliRunner
+
+    from train.cli import main as train_cli
+
+    _, student = tiny_models
+    out = tmp_path / "ca"
+    with JudgeServer(score=_rule, fault="500") as server:
+        args = ["cyclealign", "--out", str(out), "--judge", server.base_url, "--judge-model", "rule",
+                "--judge-retries", "0", "--judge-timeout", "30", "--rounds", "1", "--student", str(student),
+                "--dataset", str(tiny_dataset), "--split", "train", "--n", "4", "--max-new-tokens", "10",
+                "--lr", "1e-3", "--max-steps", "2", "--batch-tokens", "600", "--device", "cpu", "--dtype", "float32",
+                "--no-progress"]
+        failed = CliRunner().invoke(train_cli, args)
+        assert failed.exit_code == 2, failed.output
+        # one part of 10 groups, 4 requests in flight: the judge stops sending once 4 have failed (4 to 7 sent)
+        line = failed.stderr.splitlines()[-1]
+        assert re.fullmatch(rf"train cyclealign: judge {re.escape(server.base_url)} \(model rule\): ([4-7]) of \1 "
+                            rf"requests failed in transport; last: http_500; stopped asking: most of the recent "
+                            rf"requests failed\. Parts written: 0 complete, 1 unfinished \(train/part-00000: 10 of "
+                            rf"10 groups unanswered\); rerun the same command when the judge answers", line), line
+        assert "rounds trained" not in failed.stdout and "Traceback" not in failed.output
+        assert not trained(out / "round-1" / "model") and not (out / "round-1" / "model").exists()
+
+        server.fault = None  # the judge answers now: the same command goes on at the round's ranking
+        again = CliRunner().invoke(train_cli, args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines()[-1] == f"rounds trained: {out / 'round-1' / 'model'}"
+    assert trained(out / "round-1" / "model")
+    store = TeacherStore.open(str(out / "round-1" / "samples.zarr"))
+    assert store.complete_parts("train", fmt.SET_SAMPLES, fmt.SECTION_JUDGE) == [0]  # one part of 10 groups
+    metrics = [json.loads(line) for line in (out / "round-1" / "model" / "metrics.jsonl").open()]
+    assert metrics and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)

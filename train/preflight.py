@@ -6,7 +6,8 @@
    it would need loss scaling);
 2. open the store and refuse one that lacks a signal the terms need, naming it and
    the ``precompute`` command that writes it with the settings the store was made
-   with (:func:`require_signals`, :func:`commands_for`);
+   with (:func:`require_signals`, :func:`commands_for`), and rankings in which no
+   group agreed (:func:`require_agreed_groups`: every ranking term would be 0);
 3. refuse ``--resume`` without a checkpoint or with other settings
    (:func:`train.checkpoint.check_resumable`), and a fresh run into a directory
    holding a checkpoint; a directory that a run stopped before its first checkpoint
@@ -213,6 +214,29 @@ def require_signals(store: TeacherStore, split: str, needs: dict[str, list[str]]
                          f"incomplete; compute it first with: {commands_for(store, signals)}")
 
 
+def require_agreed_groups(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
+    """Refuse (TrainError) rankings without one agreed group: every ranking term would be 0, and the student
+    would not move. Reads the complete judge sections' ``group_status`` only (before any model loads)."""
+    if fmt.SECTION_JUDGE not in needs.get(fmt.SET_SAMPLES, ()):
+        return
+    requests = [(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE, [fmt.ARRAY_GROUP_STATUS])
+                for part in range(store.num_parts(split))]
+    statuses = [section[fmt.ARRAY_GROUP_STATUS] for section in store.read_sections(requests)]
+    if any((status == fmt.GROUP_STATUS_AGREED).any() for status in statuses):
+        return
+    outcomes: dict[str, int] = {}
+    for part in range(store.num_parts(split)):
+        attrs = store.section_attrs(split, part, fmt.SET_SAMPLES, fmt.SECTION_JUDGE) or {}
+        for name, n in (attrs.get("outcomes") or {}).items():
+            outcomes[name] = outcomes.get(name, 0) + int(n)
+    groups = sum(len(status) for status in statuses)
+    counted = ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items())) or "none counted"
+    raise TrainError(f"{what} trains on agreed rankings, and {store.location} has none: pass "
+                     f"{fmt.PASS_SAMPLES_JUDGE} (split {split}) agreed on 0 of {groups} groups ({counted}); every "
+                     f"ranking term would be 0. Look at the judge's replies (each judge section's "
+                     f"{fmt.ARRAY_AUDIT_JSON}) and rank into another --out with a judge that answers full rankings")
+
+
 def check_tokenizer(store: TeacherStore, model: models.ModelInfo) -> None:
     """Refuse a model whose tokenizer would read the store's token ids differently (TrainError)."""
     stored = store.tokenizer
@@ -369,6 +393,7 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
     store = open_store(config.cache, config.storage_options)
     needs = methods.needs_of(terms)
     require_signals(store, config.split, needs, f"method {config.method}")
+    require_agreed_groups(store, config.split, needs, f"method {config.method}")
 
     notes = check_run_directory(out, config.resume)
     if config.resume:
