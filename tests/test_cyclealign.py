@@ -191,7 +191,7 @@ def test_a_repeated_rank_run_reuses_the_rankings_and_never_asks_twice(sampled, t
     first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
     shutil.copytree(sampled, first)
     shutil.copytree(sampled, second)
-    with JudgeServer(score=_rule) as server:  # the same judge (its address is part of the key)
+    with JudgeServer(score=_rule) as server:  # the same judge model (its address is not part of the key)
         run_rank(_rank_config(first, server, tiny_dataset))
         asked = len(server.requests)
         forbid_model_loading()

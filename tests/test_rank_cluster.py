@@ -56,7 +56,7 @@ def _copy(src, dst) -> Path:
 
 @pytest.fixture(scope="module")
 def judge():
-    """One judge for the module: its address is part of the rankings' content key (reuse needs the same one)."""
+    """One judge for the module (its address is not part of the rankings' content key: the model name is)."""
     with JudgeServer(score=len) as server:
         yield server
 
