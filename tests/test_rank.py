@@ -222,7 +222,10 @@ def test_a_judge_that_never_answered_leaves_the_part_unfinished_and_a_rerun_equa
     with JudgeServer(score=len, fault=None if fault == "nothing_listening" else fault,
                      timeout_sleep=1.0) as server:
         url = nothing_listening() if fault == "nothing_listening" else server.base_url
-        failed = _rank(_rank_args(out, url, tiny_dataset, timeout="0.3"))
+        # credentials in the address (nothing listens there to see them) are never printed
+        spec = url.replace("http://", "http://alice:SECRET@") if fault == "nothing_listening" else url
+        failed = _rank(_rank_args(out, spec, tiny_dataset, timeout="0.3"))
+        assert "SECRET" not in failed.output
         # every request of the first part failed (4 groups, 4 requests): the run stops there, exit 2, one line
         assert failed.exit_code == 2, failed.output
         # (above it: the white box's weights loading, a progress bar of transformers')
