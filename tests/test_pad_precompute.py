@@ -401,6 +401,9 @@ def test_top_k_is_checked_only_for_the_passes_that_read_it(tmp_path):
 
 def test_a_teacher_with_no_token_for_a_letter_runs_pad_without_the_calibration(tmp_path, monkeypatch,
                                                                               forbid_model_loading):
+    from tests.refusals import one_line
+    from train.cli import main as train_main
+
     teacher, student, rows, out = _family_store(tmp_path, "letterless")
     forbid_model_loading()
     result = _teacher(out, teacher, rows, "--passes", "pad")
@@ -412,4 +415,10 @@ def test_a_teacher_with_no_token_for_a_letter_runs_pad_without_the_calibration(t
     monkeypatch.undo()
 
     result = _teacher(out, teacher, rows, "--passes", "pad_logp")  # --top-k 50 on 19 tokens: not read by PAD
+    assert result.exit_code == 0, result.output
+    train = ["student", "--cache", str(out), "--method", "pad", "--out", str(tmp_path / "run"), "--max-steps", "2",
+             "--device", "cpu", "--no-progress"]
+    message = one_line(CliRunner().invoke(train_main, train))
+    assert "samples/teacher_mcq" in message and "--passes pad_mcq" in message
+    result = CliRunner().invoke(train_main, [*train, "--pad-alpha", "1"])
     assert result.exit_code == 0, result.output
