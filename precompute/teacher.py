@@ -12,16 +12,25 @@ dpo_ref             pairs/student_init  the student's initial model's sums (DPO)
 adpa                generated/base      the student's greedy answer per prompt
 adpa                generated/teacher   teacher top-K on those answers
 adpa                generated/reference reference model at the teacher's ids
-pad                 samples/teacher     teacher top-K on ``precompute sample``'s groups
-pad                 samples/teacher_mcq the teacher's pairwise judgements (PAD's s_mcq)
+pad_logp            samples/teacher     teacher log-probs on ``precompute sample``'s groups
+pad_mcq             samples/teacher_mcq the teacher's pairwise judgements (PAD's s_mcq)
+pad                 both of the above   pad_logp and pad_mcq
 =================== =================== ==========================================
 
-The pad pass needs a store that ``precompute sample`` filled (set ``samples``)
-and is refused before any model loads without one. A pad-only run takes
+The pad passes need a store that ``precompute sample`` filled (set ``samples``)
+and are refused before any model loads without one. A pad-only run takes
 prompt-only rows and writes no pairs; the pairs base is written only when
 pairs, dpo_ref or adpa is asked. The calibration step (its prompt, template
-and how the answer is read) lives in :mod:`precompute.calibration`. Readers
-derive a response's mean teacher log-prob as ``logp_sum / response_length``.
+and how the answer is read) lives in :mod:`precompute.calibration`; it is the
+most expensive pad step and only PAD's teacher reward at alpha < 1 reads it,
+so ``pad_logp`` alone serves training at ``--pad-alpha 1`` (and a teacher with
+no token for the letters, which cannot answer the calibration's question).
+Readers derive a response's mean teacher log-prob as ``logp_sum / response_length``.
+
+``--top-k`` is checked against the teacher's vocabulary for the passes whose
+top-K a reader uses (pairs, adpa). The samples' teacher section keeps the same
+arrays, but no reader uses its top-K (PAD reads the sums): its K is
+``min(--top-k, vocabulary)`` (:meth:`TeacherContext.top_k_of`).
 
 How the code is laid out: :func:`prepare` does everything cheap and checkable
 (rows, models resolved, tokenizers compared, the store opened) and returns a
@@ -88,10 +97,14 @@ from .summary import StepResult, Summary, finish_summary
 PASS_PAIRS = "pairs"
 PASS_DPO_REF = "dpo_ref"
 PASS_ADPA = "adpa"
-PASS_PAD = "pad"
+PASS_PAD = "pad"  # PASS_PAD_LOGP and PASS_PAD_MCQ together (the documented name, kept)
+PASS_PAD_LOGP = "pad_logp"  # the teacher's log-probs of the sampled groups (samples/teacher)
+PASS_PAD_MCQ = "pad_mcq"  # PAD's calibration, the teacher's multiple-choice judgements (samples/teacher_mcq)
+PAD_PASSES = (PASS_PAD, PASS_PAD_LOGP, PASS_PAD_MCQ)  # passes that read the sampled groups
 NEEDS_PAIRS = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA)  # passes that read the dataset's pairs
+READS_TOP_K = (PASS_PAIRS, PASS_ADPA)  # passes whose top-K some reader uses: --top-k must fit the vocabulary
 DEFAULT_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA)
-KNOWN_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA, PASS_PAD)
+KNOWN_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA, PASS_PAD, PASS_PAD_LOGP, PASS_PAD_MCQ)
 
 ROLE_TEACHER, ROLE_STUDENT, ROLE_REFERENCE = "teacher", "student", "reference"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for --device-map
@@ -109,7 +122,8 @@ class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, C
                                         "[embedded demo student].")
     reference: str | None = setting(None, "ADPA reference model (e.g. the teacher's SFT checkpoint) "
                                           "[the student's initial model].")
-    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)}.", parse=comma_list)
+    passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)} (pad: pad_logp and "
+                                                       "pad_mcq, the calibration).", parse=comma_list)
     top_k: int = setting(50, "Teacher log-probs kept per response token.", type=click.IntRange(min=1))
     top_p: float = setting(1.0, "Adaptive K: keep per token the fewest of the top-K ids whose teacher mass reaches "
                                 "P (--top-k the cap), the rest in the exact tail; 1.0: always K.",
@@ -150,6 +164,13 @@ class TeacherContext:
     prompt_rows: dict[str, LoadedSplit] = field(default_factory=dict)  # pad: the questions asked
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
     reuse: Reuse | None = None  # --reuse-from: sections of other stores with the same content key
+    vocab: int | None = None  # ids the teacher's output holds (None: not known, --top-k as given)
+
+    def top_k_of(self, step: "Step") -> int:
+        """The K a teacher step keeps: ``--top-k``, at most the vocabulary for the samples' (module docstring)."""
+        if step.sequence_set == fmt.SET_SAMPLES and self.vocab is not None:
+            return min(self.config.top_k, self.vocab)
+        return self.config.top_k
 
     def rows_of_part(self, split: str, part: int, *, prompts: bool = False) -> list[Row]:
         """The rows of examples [start, stop) of ``part`` that survived loading, in index order."""
@@ -163,7 +184,7 @@ class TeacherContext:
 def topk_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The teacher's top-K, target log-probs and sums over the set's responses."""
     seqs, prompts = split_sequences(ctx.store.read_section(split, part, step.sequence_set))
-    scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.config.top_k, top_p=ctx.config.top_p,
+    scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
                                      batch_tokens=ctx.config.batch_tokens, pad_id=ctx.pad_id, on_batch=progress)
     groups = _groups(ctx, split, part) if step.sequence_set == fmt.SET_SAMPLES else 0
     return StepResult(scoring.scored_arrays(scored, topk=True), sum(map(len, seqs)), groups=groups)
@@ -244,8 +265,10 @@ def plan_steps(ctx: TeacherContext) -> list[Step]:
         names.append(fmt.PASS_GENERATED_BASE)
     if PASS_PAIRS in passes:
         names.append(fmt.PASS_PAIRS_TEACHER)
-    if PASS_PAD in passes:
-        names.extend([fmt.PASS_SAMPLES_TEACHER, fmt.PASS_SAMPLES_TEACHER_MCQ])
+    if PASS_PAD in passes or PASS_PAD_LOGP in passes:
+        names.append(fmt.PASS_SAMPLES_TEACHER)
+    if PASS_PAD in passes or PASS_PAD_MCQ in passes:
+        names.append(fmt.PASS_SAMPLES_TEACHER_MCQ)
     if PASS_ADPA in passes:
         names.extend([fmt.PASS_GENERATED_TEACHER, fmt.PASS_GENERATED_REFERENCE])
     return [STEPS[name] for name in names]
@@ -263,7 +286,7 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
     info = ctx.models[step.model_role]
     settings: dict = {"dtype": ctx.dtype, "max_length": ctx.config.max_length}
     if step.section == fmt.SECTION_TEACHER:
-        settings["top_k"] = ctx.config.top_k
+        settings["top_k"] = ctx.top_k_of(step)
         if ctx.config.top_p < 1:  # absent: 1.0, every row keeps K (the records of fixed-K passes stay as they were)
             settings["top_p"] = ctx.config.top_p
     if step.section == fmt.SECTION_REFERENCE:
@@ -341,15 +364,17 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     device = models.resolve_device(config.device)
     dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
     needs_pairs = any(p in config.passes for p in NEEDS_PAIRS)
+    pad, mcq = _pad_passes(config.passes)
     prompt_rows: dict[str, LoadedSplit] = {}
     mcq_template = samples_record = None
-    if PASS_PAD in config.passes:
+    if pad:
         make = (f"`precompute sample --out {config.out} --dataset {config.dataset or 'demo'}"
                 f"{' --limit ' + str(config.limit) if config.limit else ''} --split {','.join(config.splits)}` "
                 f"(the pad pass scores the groups it writes)")
         samples_store = require_samples(config.out, config.splits, config.storage_options, make=make)
         samples_record = samples_store.pass_record(fmt.PASS_SAMPLES_BASE) or PassRecord()
-        mcq_template = calibration.load_template(config.mcq_template)
+        if mcq:
+            mcq_template = calibration.load_template(config.mcq_template)
         # the MCQ question is the row's text: prompt-only rows are fine for pad
         prompt_rows = load_data(config, require_pairs=False)
         check_samples_match(samples_store, prompt_rows, config.out)
@@ -369,7 +394,7 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
                                          names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
 
     vocab = vocab_size_of(infos[ROLE_TEACHER], tokenizer)
-    if config.top_k > vocab and any(p in config.passes for p in (PASS_PAIRS, PASS_ADPA, PASS_PAD)):
+    if config.top_k > vocab and any(p in config.passes for p in READS_TOP_K):
         raise ValueError(f"--top-k {config.top_k}: the teacher {infos[ROLE_TEACHER].name} has {vocab} tokens; "
                          f"use --top-k {vocab} or less")
     if config.top_p < 1 and config.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
@@ -380,19 +405,42 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
                             storage_options=config.storage_options)
     ctx = TeacherContext(config=config, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
                          dtype=dtype, eot_ids=_end_of_turn_ids(tokenizer, infos), pad_id=chat.pad_id(tokenizer),
-                         prompt_rows=prompt_rows)
-    if PASS_PAD in config.passes:
+                         prompt_rows=prompt_rows, vocab=vocab)
+    if mcq:
         ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, config)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
         if not needs_pairs:  # pad only: the split's dataset record describes pairs, leave it
             store.set_split(split, loaded.total_rows)
-    if PASS_PAD in config.passes:
+    if pad:
         record_sample_counts(store, list(rows))  # set_split above resets the split's record
     _refuse_conflicting_passes(ctx)
+    if mcq:
+        _check_calibration_answerable(ctx)
     ctx.reuse = Reuse.for_run(store, config, summary)
     return ctx
+
+
+def _pad_passes(passes) -> tuple[bool, bool]:
+    """(whether ``passes`` read the sampled groups, whether they include PAD's calibration)."""
+    return (any(p in passes for p in PAD_PASSES), PASS_PAD in passes or PASS_PAD_MCQ in passes)
+
+
+def _check_calibration_answerable(ctx: TeacherContext) -> None:
+    """Before any model loads: a calibration still to compute needs a teacher token for each answer letter."""
+    todo = any(not ctx.store.is_complete(split, part, fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ)
+               for split in ctx.rows for part in range(ctx.store.num_parts(split)))
+    if not todo:
+        return
+    try:
+        ctx.mcq.letter_ids  # decodes the vocabulary once; the step reuses it
+    except ValueError as exc:
+        asked = PASS_PAD_MCQ if PASS_PAD not in ctx.config.passes else f"{PASS_PAD} (which includes {PASS_PAD_MCQ})"
+        raise ValueError(f"--passes {asked}: PAD's calibration asks the teacher {ctx.models[ROLE_TEACHER].name} a "
+                         f"multiple-choice question, but {exc}. Leave the calibration out: --passes "
+                         f"{PASS_PAD_LOGP} writes the teacher's log-prob sums alone, which train student --method "
+                         f"pad --pad-alpha 1 reads") from exc
 
 
 def _refuse_conflicting_passes(ctx: TeacherContext) -> None:
@@ -642,6 +690,6 @@ def run_teacher(config: TeacherConfig) -> Summary:
             write_pair_bases(ctx, summary)
         groups_done = run_steps(ctx, plan_steps(ctx), summary)
     summary.seconds = time.perf_counter() - t0
-    if PASS_PAD in config.passes:
+    if _pad_passes(config.passes)[0]:
         summary.notes.extend(calibration.summary_lines(ctx.store, list(ctx.rows), summary, groups_done))
     return finish_summary(ctx.store, ctx.rows, summary)

@@ -334,3 +334,91 @@ def test_mcq_template_needs_its_three_placeholders(tmp_path):
         calibration.load_template(str(bad))
     good = calibration.load_template(None)
     assert good.render("q {option_b}", "x", "y").count("{option_b}") == 1  # one pass: no re-substitution
+
+
+# --------------------------------------------------------------------------- the calibration, a pass of its own
+
+def test_pad_is_pad_logp_then_pad_mcq_and_each_writes_only_its_section(pad_store, pad_config, tmp_path):
+    store, _, _ = pad_store
+    _, teach = pad_config
+    out = shutil.copytree(teach.out + ".samples-only", tmp_path / "halves.zarr")
+    run_teacher(replace(teach, out=str(out), passes=("pad_logp",)))
+    halves = TeacherStore.open(str(out))
+    parts = range(halves.num_parts("train"))
+    assert all(halves.is_complete("train", p, fmt.SET_SAMPLES, fmt.SECTION_TEACHER) for p in parts)
+    assert not halves.complete_parts("train", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ)
+    assert fmt.PASS_SAMPLES_TEACHER_MCQ not in halves.attrs["passes"]
+
+    summary = run_teacher(replace(teach, out=str(out), passes=("pad_mcq",)))
+    assert [step["step"] for step in summary.steps] == [fmt.PASS_SAMPLES_TEACHER_MCQ]
+    halves = TeacherStore.open(str(out))
+    for section, name in ((fmt.SECTION_TEACHER, fmt.PASS_SAMPLES_TEACHER),
+                          (fmt.SECTION_TEACHER_MCQ, fmt.PASS_SAMPLES_TEACHER_MCQ)):
+        assert halves.attrs["passes"][name] == store.attrs["passes"][name]
+        for p in parts:  # the same bytes as one `--passes pad` run
+            assert (halves.section_attrs("train", p, fmt.SET_SAMPLES, section)["checksums"]
+                    == store.section_attrs("train", p, fmt.SET_SAMPLES, section)["checksums"])
+
+
+def _family_store(tmp_path: Path, family: str) -> tuple[Path, Path, Path, Path]:
+    """(teacher, student, digit rows, store with their groups) of a character-level family smaller than --top-k's
+    default; a high temperature keeps the tiny student's draws apart (no duplicate groups)."""
+    teacher = tiny.make_family_model(tmp_path / "teacher", family, seed=1, layers=1, hidden=16)
+    student = tiny.make_family_model(tmp_path / "student", family, seed=2, layers=1, hidden=16)
+    rows = tiny.write_digit_pairs(tmp_path / "digits.jsonl", 10)
+    out = tmp_path / f"{family}.zarr"
+    result = CliRunner().invoke(precompute_main, [
+        "sample", "--out", str(out), "--model", str(student), "--dataset", str(rows), "--split", "train", "--n", "4",
+        "--keep", "3", "--max-new-tokens", "12", "--temperature", "10", "--examples-per-part", "4", "--device", "cpu",
+        "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert TeacherStore.open(str(out)).attrs["layout"]["splits"]["train"]["samples"]["groups"] >= 4
+    return teacher, student, rows, out
+
+
+def _teacher(out, teacher, rows, *options):
+    return CliRunner().invoke(precompute_main, ["teacher", "--out", str(out), "--teacher", str(teacher), "--dataset",
+                                                str(rows), "--split", "train", "--examples-per-part", "4", "--device",
+                                                "cpu", "--no-progress", *options])
+
+
+def test_top_k_is_checked_only_for_the_passes_that_read_it(tmp_path):
+    """A 21-token teacher: its pad pass runs at --top-k's default 50 (PAD reads the sums, not the top-K), a pairs
+    pass is still refused."""
+    teacher, _, rows, out = _family_store(tmp_path, "lettered")
+    vocab = len(models.load_tokenizer(str(teacher)))
+    assert vocab == 21
+    result = _teacher(out, teacher, rows, "--passes", "pad")
+    assert result.exit_code == 0, result.output
+    store = TeacherStore.open(str(out))
+    assert store.attrs["passes"][fmt.PASS_SAMPLES_TEACHER]["top_k"] == vocab  # min(--top-k, vocabulary)
+    assert store.read_section("train", 0, fmt.SET_SAMPLES, fmt.SECTION_TEACHER)["topk_ids"].shape[1] == vocab
+    assert store.complete_parts("train", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ)
+
+    result = _teacher(out, teacher, rows, "--passes", "pairs")
+    assert result.exit_code == 2 and "--top-k 50" in result.output and f"has {vocab} tokens" in result.output
+
+
+def test_a_teacher_with_no_token_for_a_letter_runs_pad_without_the_calibration(tmp_path, monkeypatch,
+                                                                              forbid_model_loading):
+    from tests.refusals import one_line
+    from train.cli import main as train_main
+
+    teacher, student, rows, out = _family_store(tmp_path, "letterless")
+    forbid_model_loading()
+    result = _teacher(out, teacher, rows, "--passes", "pad")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "no token of the teacher's vocabulary decodes to 'A'" in lines[0]
+    assert "--passes pad_logp" in lines[0] and "--pad-alpha 1" in lines[0]
+    assert fmt.PASS_SAMPLES_TEACHER not in TeacherStore.open(str(out)).attrs["passes"]  # refused before any step
+    monkeypatch.undo()
+
+    result = _teacher(out, teacher, rows, "--passes", "pad_logp")  # --top-k 50 on 19 tokens: not read by PAD
+    assert result.exit_code == 0, result.output
+    train = ["student", "--cache", str(out), "--method", "pad", "--out", str(tmp_path / "run"), "--max-steps", "2",
+             "--device", "cpu", "--no-progress"]
+    message = one_line(CliRunner().invoke(train_main, train))
+    assert "samples/teacher_mcq" in message and "--passes pad_mcq" in message
+    result = CliRunner().invoke(train_main, [*train, "--pad-alpha", "1"])
+    assert result.exit_code == 0, result.output

@@ -374,3 +374,40 @@ def test_evaluate_on_a_store_with_groups_only(pad_store, tiny_models, tmp_path):
     result = CliRunner().invoke(main, ["evaluate", "--cache", str(samples_only), "--device", "cpu"])
     assert result.exit_code == 2
     assert "--passes pad" in result.output and "--passes pairs" in result.output
+
+
+# --------------------------------------------------------------------------- the calibration is read only below alpha 1
+
+
+def test_alpha_1_trains_without_the_calibration_exactly_as_with_it(pad_store, tiny_models, tiny_dataset, tmp_path):
+    """`--passes pairs,pad_logp` leaves the calibration out; PAD at alpha 1 trains the same weights on that store as
+    on the fixture's (`--passes pairs,pad`), evaluates the same, and at alpha 0.5 is refused naming `pad_mcq`."""
+    from safetensors.torch import load_file
+
+    store_path, samples_only = pad_store
+    teacher, student = tiny_models
+    no_mcq = Path(shutil.copytree(samples_only, tmp_path / "no_mcq.zarr"))
+    run_teacher(TeacherConfig(out=str(no_mcq), teacher=str(teacher), student=str(student), dataset=str(tiny_dataset),
+                              passes=("pairs", "pad_logp"), top_k=8, max_length=96, max_new_tokens=8,
+                              examples_per_part=4, device="cpu", dtype="float32", progress=False))
+    assert not TeacherStore.open(str(no_mcq)).complete_parts("train", fmt.SET_SAMPLES, fmt.SECTION_TEACHER_MCQ)
+
+    runs = [cli_train(store, tmp_path / name, "--method", "pad", "--pad-alpha", "1", "--max-steps", "3")
+            for store, name in ((store_path, "with"), (no_mcq, "without"))]
+    with_mcq, without = (load_file(run / "model.safetensors") for run in runs)
+    assert with_mcq.keys() == without.keys() and all(torch.equal(with_mcq[k], without[k]) for k in with_mcq)
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    assert config["resolved"]["needs"] == {"samples": ["teacher"]}
+
+    result = CliRunner().invoke(main, ["student", "--cache", str(no_mcq), "--method", "pad_simpo+sft",
+                                       "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "samples/teacher_mcq" in result.output
+    assert f"precompute teacher --out {no_mcq} --passes pad_mcq " in result.output
+
+    reports = []
+    for store in (store_path, no_mcq):
+        result = CliRunner().invoke(main, ["evaluate", "--model", str(student), "--cache", str(store), "--split",
+                                           "train", "--pad-alpha", "1", "--device", "cpu", "--json"])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    assert reports[0]["groups"] > 0 and reports[0] == {**reports[1], "store": reports[0]["store"]}

@@ -90,6 +90,12 @@ CHAR_TEMPLATE = (
     "{% else %}{{ 'Q:' + m['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}"
     "{% endif %}")
 CHAR_ALPHABET = list("0123456789") + [" ", "+", "=", "?", ":", "Q", "A", "\n"]
+# character-level families smaller than --top-k's default: "letterless" without the letter A (19 tokens; no token
+# answers PAD's multiple-choice question), "lettered" with A and B (21 tokens; one answers it)
+LETTERLESS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '=' + m['content'] + eos_token + '\n' }}"
+    "{% else %}{{ 'Q:' + m['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '=' }}"
+    "{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Family:
     pad: str | None = None
     generation_eos: tuple[str, ...] = ()
     char_level: bool = False
+    alphabet: tuple[str, ...] = tuple(CHAR_ALPHABET)  # a character-level family's characters
 
 
 FAMILIES = {f.name: f for f in [
@@ -123,6 +130,18 @@ FAMILIES = {f.name: f for f in [
     Family("charlevel", ("<unk>", "</s>"), "</s>", CHAR_TEMPLATE, eos="</s>", unk="<unk>",
            generation_eos=("</s>",), char_level=True),
 ]}
+#: families built like FAMILIES' but not among the chat-template families every family test runs over
+OTHER_FAMILIES = {f.name: f for f in [
+    Family("letterless", ("<unk>", "</s>"), "</s>", LETTERLESS_TEMPLATE, eos="</s>", unk="<unk>",
+           generation_eos=("</s>",), char_level=True, alphabet=tuple(c for c in CHAR_ALPHABET if c != "A")),
+    Family("lettered", ("<unk>", "</s>"), "</s>", CHAR_TEMPLATE, eos="</s>", unk="<unk>", generation_eos=("</s>",),
+           char_level=True, alphabet=(*CHAR_ALPHABET, "B")),
+]}
+
+
+def _family(name: str) -> Family:
+    return FAMILIES[name] if name in FAMILIES else OTHER_FAMILIES[name]
+
 
 def _byte_level_backend(specials: tuple[str, ...]):
     """A byte-level BPE (spells any text) trained on FAMILY_CORPUS; ``specials`` get ids 0.. in order."""
@@ -137,11 +156,11 @@ def _byte_level_backend(specials: tuple[str, ...]):
     return backend
 
 
-def _char_level_backend(specials: tuple[str, ...], unk: str):
-    """One token per character of CHAR_ALPHABET; anything else is ``unk``."""
+def _char_level_backend(specials: tuple[str, ...], unk: str, alphabet: tuple[str, ...]):
+    """One token per character of ``alphabet``; anything else is ``unk``."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {t: i for i, t in enumerate(list(specials) + CHAR_ALPHABET)}
+    vocab = {t: i for i, t in enumerate(list(specials) + list(alphabet))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk, fuse_unk=True))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(specials))
@@ -153,8 +172,8 @@ def _family_tokenizer(name: str):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    f = FAMILIES[name]
-    backend = _char_level_backend(f.specials, f.unk) if f.char_level else _byte_level_backend(f.specials)
+    f = _family(name)
+    backend = _char_level_backend(f.specials, f.unk, f.alphabet) if f.char_level else _byte_level_backend(f.specials)
     if f.template is None and f.bos:  # template-less: the tokenizer adds its BOS, like Llama-2's
         backend.post_processor = processors.TemplateProcessing(
             single=f"{f.bos} $A", pair=f"{f.bos} $A {f.bos} $B", special_tokens=[(f.bos, backend.token_to_id(f.bos))])
@@ -174,7 +193,7 @@ def family_tokenizer(name: str):
 def family_generation_eos(name: str) -> list[int]:
     """The ids family ``name``'s generation config stops at."""
     tok = _family_tokenizer(name)
-    return [tok.convert_tokens_to_ids(t) for t in FAMILIES[name].generation_eos]
+    return [tok.convert_tokens_to_ids(t) for t in _family(name).generation_eos]
 
 
 def make_family_model(directory: Path, name: str, *, seed: int, layers: int = 1, hidden: int = 16) -> Path:

@@ -29,8 +29,8 @@ A tie counts half: a margin within ``TIE_NATS`` (log-ratio; the stored initial s
 were computed by another run in float32, so an untrained model differs from them
 by rounding only) or exactly zero (length-normalised).
 
-and on the split's sampled groups when it has ``samples/teacher`` and
-``samples/teacher_mcq`` (PAD), the model's ranking of each group by its mean
+and on the split's sampled groups when it has what PAD's teacher reward reads at
+``--pad-alpha`` (``samples/teacher`` for alpha > 0, ``samples/teacher_mcq`` for alpha < 1), the model's ranking of each group by its mean
 token log-prob (PAD's student reward; the order does not depend on beta) against
 the teacher's, by PAD's teacher reward with the chosen ``pad_alpha``
 (:func:`train.methods.teacher_rewards`; Gu et al., "Preference-Aligned Distillation"):
@@ -73,7 +73,11 @@ _PAIR_KD = (methods.TokenRequest(methods.KD, methods.PAIRS, methods.CHOSEN),
             methods.TokenRequest(methods.KD, methods.PAIRS, methods.REJECTED))
 _SAMPLES_LOGP = (methods.TokenRequest(methods.LOGP, methods.SAMPLES, None),)
 PAIR_NEEDS = {methods.PAIRS: [methods.TEACHER]}
-GROUP_NEEDS = {methods.SAMPLES: [methods.TEACHER, methods.TEACHER_MCQ]}
+
+
+def group_needs(settings: methods.Settings) -> dict[str, list[str]]:
+    """What the group metrics read: the sections PAD's teacher reward reads at ``settings.pad_alpha``."""
+    return {methods.SAMPLES: list(methods.pad_reward_sections(settings))}
 
 
 def kendall_tau(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -133,18 +137,21 @@ def _pair_sums(batch, outputs) -> tuple[list[int], torch.Tensor, torch.Tensor, t
 def evaluate(config: EvaluateConfig) -> dict:
     """The metrics of the module docstring, as a dict of plain numbers and names.
 
-    Pair metrics when the split has ``pairs/teacher``, group metrics when it has
-    ``samples/teacher`` and ``samples/teacher_mcq``; refused when it has neither.
+    Pair metrics when the split has ``pairs/teacher``, group metrics when it has what PAD's teacher reward
+    reads at ``pad_alpha`` (:func:`group_needs`); refused when it has neither.
     """
     store = open_store(config.cache, config.storage_options)
     if store.num_parts(config.split) == 0:
         require_signals(store, config.split, PAIR_NEEDS, "evaluate")  # names the splits there are
     missing_pairs = missing_signals(store, config.split, PAIR_NEEDS)
-    missing_groups = missing_signals(store, config.split, GROUP_NEEDS)
+    groups = group_needs(config)
+    missing_groups = missing_signals(store, config.split, groups)
     has_pairs, has_groups = not missing_pairs, not missing_groups
     if not has_pairs and not has_groups:
-        raise TrainError(f"evaluate needs pairs/teacher (pair metrics) or samples/teacher and samples/teacher_mcq "
-                         f"(group rankings) for split {config.split}; {store.location} has neither complete. Compute "
+        wanted = " and ".join(f"{methods.SAMPLES}/{section}" for section in groups[methods.SAMPLES])
+        raise TrainError(f"evaluate needs pairs/teacher (pair metrics) or {wanted} (group rankings at "
+                         f"--pad-alpha {config.pad_alpha}) for split {config.split}; {store.location} has neither "
+                         f"complete. Compute "
                          f"pairs with: {commands_for(store, missing_pairs)}; or groups with: "
                          f"{commands_for(store, missing_groups)}")
     precision = resolve_precision(config.device, config.dtype)
@@ -156,7 +163,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     if has_pairs and (config.initial or not stored_init):
         initial_info = resolve_model(config.initial or (recorded.name if recorded else None))
         check_tokenizer(store, initial_info)
-    probe = first_sequence(store, config.split, PAIR_NEEDS if has_pairs else GROUP_NEEDS)
+    probe = first_sequence(store, config.split, PAIR_NEEDS if has_pairs else groups)
 
     init_sums: dict[int, tuple[float, float]] = {}
     if initial_info is not None:  # one forward pass of the initial model, then it is freed
@@ -243,7 +250,7 @@ def _group_metrics(student: ModelPass) -> dict:
     settings = student.config
     taus, tops, ppd, sizes = [], [], [], set()
     logp_total, tokens = 0.0, 0
-    for batch, outputs in student.outputs(GROUP_NEEDS, _SAMPLES_LOGP):
+    for batch, outputs in student.outputs(group_needs(settings), _SAMPLES_LOGP):
         rows = methods.response_rows(batch, methods.SAMPLES, None)
         logp_total += float(outputs.logp[rows].double().sum())
         tokens += int(rows.sum())

@@ -51,7 +51,9 @@ Rewards, PAD (Gu et al., "Preference-Aligned Distillation"; ``docs/methods.md``)
 - teacher ``r_T(i) = beta * (alpha * avglogp_T(y_i) + (1 - alpha) * s_mcq(i))`` with
   ``avglogp_T = samples/teacher/logp_sum / response length`` and ``s_mcq`` =
   ``samples/teacher_mcq/mcq_score``. alpha and beta are chosen at training time,
-  so one store serves every alpha.
+  so one store serves every alpha; a part of weight 0 is neither read nor needed
+  (:func:`pad_reward_sections`): alpha 1 trains on a store without the calibration
+  (``precompute teacher --passes pad_logp``), alpha 0 on one without the sums (``pad_mcq``).
 
 Defaults: beta 10 (released). alpha 0.5, not the released 0 (pure calibration):
 the embedded teacher's pairwise judgements carry almost no signal, so at alpha = 0
@@ -193,6 +195,12 @@ class Term:
     tokens: tuple[TokenRequest, ...]  # per-token quantities the forward must produce
     loss: LossFn
     unit: Unit  # what ``loss`` is a mean over
+    # where what the term reads depends on its settings (PAD's alpha): those needs, a subset of ``needs``
+    settings_needs: Callable[[Settings], Mapping[str, tuple[str, ...]]] | None = None
+
+    def needs_with(self, settings: Settings | None) -> Mapping[str, tuple[str, ...]]:
+        """The store signals the term reads with ``settings`` (None: every signal it may read, ``needs``)."""
+        return self.needs if settings is None or self.settings_needs is None else self.settings_needs(settings)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -475,11 +483,22 @@ _BOTH_RESPONSES = (TokenRequest(LOGP, PAIRS, CHOSEN), TokenRequest(LOGP, PAIRS, 
 DPO = Term("dpo", 1.0, {PAIRS: (STUDENT_INIT,)}, _BOTH_RESPONSES, dpo_term, OVER_PAIRS)
 SIMPO = Term("simpo", 1.0, {PAIRS: ()}, _BOTH_RESPONSES, simpo_term, OVER_PAIRS)
 _ALL_SAMPLES = (TokenRequest(LOGP, SAMPLES, None),)
-# teacher_mcq is needed for alpha < 1 and teacher for alpha > 0; `--passes pad` writes both
-PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term, OVER_GROUPS)
+
+
+def pad_reward_sections(settings: Settings) -> tuple[str, ...]:
+    """The ``samples`` sections PAD's teacher reward reads (:func:`teacher_rewards`): ``teacher`` (the log-prob
+    sums) for alpha > 0, ``teacher_mcq`` (the calibration) for alpha < 1; a part of weight 0 is not read."""
+    return tuple(section for section, read in ((TEACHER, settings.pad_alpha != 0),
+                                               (TEACHER_MCQ, settings.pad_alpha != 1)) if read)
+
+
+# the teacher reward's sections by alpha (`--passes pad` writes both, pad_logp the sums, pad_mcq the calibration)
+PAD = Term("pad", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_term, OVER_GROUPS,
+           lambda settings: {SAMPLES: pad_reward_sections(settings)})
 PAD_DPO = Term("pad_dpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ, STUDENT_INIT)}, _ALL_SAMPLES, pad_dpo_term,
-               OVER_GROUPS)
-PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term, OVER_GROUPS)
+               OVER_GROUPS, lambda settings: {SAMPLES: (*pad_reward_sections(settings), STUDENT_INIT)})
+PAD_SIMPO = Term("pad_simpo", 1.0, {SAMPLES: (TEACHER, TEACHER_MCQ)}, _ALL_SAMPLES, pad_simpo_term, OVER_GROUPS,
+                 lambda settings: {SAMPLES: pad_reward_sections(settings)})
 RRHF = Term("rrhf", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, rrhf_term, OVER_LABELLED_GROUPS)
 PRO = Term("pro", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, pro_term, OVER_LABELLED_GROUPS)
 SFT_BEST = Term("sft_best", 1.0, {SAMPLES: (JUDGE,)}, _ALL_SAMPLES, sft_best_term, OVER_BEST_TOKENS)
@@ -499,14 +518,25 @@ METHODS: dict[str, tuple[Term, ...]] = {
     "pro": (PRO, SFT_BEST),
 }
 
-#: which ``precompute teacher --passes`` value writes each store signal
-PASS_OF = {
-    f"{PAIRS}/{fmt.BASE}": "pairs", f"{PAIRS}/{TEACHER}": "pairs", f"{PAIRS}/{STUDENT_INIT}": "dpo_ref",
-    f"{GENERATED}/{fmt.BASE}": "adpa", f"{GENERATED}/{TEACHER}": "adpa", f"{GENERATED}/{REFERENCE}": "adpa",
-    f"{SAMPLES}/{TEACHER}": "pad", f"{SAMPLES}/{TEACHER_MCQ}": "pad", f"{SAMPLES}/{STUDENT_INIT}": "dpo_ref",
+#: the commands that write store signals, in the order they must run (the groups are sampled before the teacher
+#: or a judge reads them)
+SAMPLE, TEACHER_COMMAND, RANK = "precompute sample", "precompute teacher", "precompute rank"
+#: which command writes each store signal (``set/section``, ``set/base`` for a set's own arrays), and for
+#: ``precompute teacher`` the ``--passes`` value; every signal a term may read is here (tests check it)
+WRITER: dict[str, tuple[str, str | None]] = {
+    f"{PAIRS}/{fmt.BASE}": (TEACHER_COMMAND, "pairs"), f"{PAIRS}/{TEACHER}": (TEACHER_COMMAND, "pairs"),
+    f"{PAIRS}/{STUDENT_INIT}": (TEACHER_COMMAND, "dpo_ref"),
+    f"{GENERATED}/{fmt.BASE}": (TEACHER_COMMAND, "adpa"), f"{GENERATED}/{TEACHER}": (TEACHER_COMMAND, "adpa"),
+    f"{GENERATED}/{REFERENCE}": (TEACHER_COMMAND, "adpa"),
+    f"{SAMPLES}/{fmt.BASE}": (SAMPLE, None),
+    f"{SAMPLES}/{TEACHER}": (TEACHER_COMMAND, "pad_logp"), f"{SAMPLES}/{TEACHER_MCQ}": (TEACHER_COMMAND, "pad_mcq"),
+    f"{SAMPLES}/{STUDENT_INIT}": (TEACHER_COMMAND, "dpo_ref"),
+    f"{SAMPLES}/{JUDGE}": (RANK, None),
 }
-#: store signals written by ``precompute sample`` rather than by a teacher pass
-SAMPLED = {f"{SAMPLES}/{fmt.BASE}"}
+#: ``precompute teacher --passes`` values in the order a suggested command lists them; ``pad`` is pad_logp and
+#: pad_mcq together (the documented name, kept)
+TEACHER_PASSES = ("pairs", "dpo_ref", "adpa", "pad", "pad_logp", "pad_mcq")
+PAD_PARTS = ("pad_logp", "pad_mcq")
 
 
 # --------------------------------------------------------------------------- combining
@@ -538,11 +568,12 @@ def resolve_terms(method: str, weights: Mapping[str, float] | None = None) -> li
     return kept
 
 
-def needs_of(terms: list[Term]) -> dict[str, list[str]]:
-    """Union of the terms' store needs: ``{set: [sections]}`` in format order."""
+def needs_of(terms: list[Term], settings: Settings | None = None) -> dict[str, list[str]]:
+    """Union of the terms' store needs: ``{set: [sections]}`` in format order; with ``settings``, only what the
+    terms read with them (:attr:`Term.settings_needs`: PAD at alpha 1 reads no calibration)."""
     wanted: dict[str, set[str]] = {}
     for term in terms:
-        for sequence_set, sections in term.needs.items():
+        for sequence_set, sections in term.needs_with(settings).items():
             wanted.setdefault(sequence_set, set()).update(sections)
     return {s: [sec for sec in fmt.SECTIONS if sec in wanted[s]] for s in fmt.SEQUENCE_SETS if s in wanted}
 

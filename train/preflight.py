@@ -4,10 +4,14 @@
 
 1. resolve the method into terms, the device and the dtype (float16 is refused:
    it would need loss scaling);
-2. open the store and refuse one that lacks a signal the terms need, naming it and
-   the ``precompute`` command that writes it with the settings the store was made
-   with (:func:`require_signals`, :func:`commands_for`), and rankings in which no
-   group agreed (:func:`require_agreed_groups`: every ranking term would be 0);
+2. open the store and refuse one that lacks a signal the terms read with these
+   settings (PAD's calibration only below alpha 1), naming it and the commands
+   that write it, in order and with the settings the store was made with, to run as
+   written: ``precompute sample``, a ``precompute teacher`` pass, ``precompute
+   rank`` (:func:`require_signals`, :func:`commands_for`; what a store cannot say,
+   the judge or an unrecorded teacher, is a placeholder the line explains), and
+   rankings in which no group agreed (:func:`require_agreed_groups`: every ranking
+   term would be 0);
 3. refuse ``--resume`` without a checkpoint or with other settings
    (:func:`train.checkpoint.check_resumable`), and a fresh run into a directory
    holding a checkpoint; a directory that a run stopped before its first checkpoint
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +138,16 @@ def recorded_teacher(store: TeacherStore) -> ModelRecord | None:
 
 
 #: pass settings that are options of the command writing the pass, under the same name (``top_k``: ``--top-k``)
-TEACHER_OPTIONS = ("limit", "max_length", "max_new_tokens", "top_k", "dtype")
-SAMPLE_OPTIONS = ("limit", "max_length", "max_new_tokens", "n", "keep", "temperature", "top_p", "seed", "dtype")
+TEACHER_OPTIONS = ("max_length", "max_new_tokens", "top_k", "dtype")
+SAMPLE_OPTIONS = ("max_length", "max_new_tokens", "n", "keep", "temperature", "top_p", "seed", "dtype")
+
+#: what a suggested command cannot take from the store, written in its place, and what to put there
+JUDGE_PLACEHOLDER, TEACHER_PLACEHOLDER = "JUDGE", "TEACHER"
+
+
+def _quoted(value) -> str:
+    """``value`` as one shell word (a path with spaces stays one argument when the command is pasted)."""
+    return shlex.quote(str(value))
 
 
 def recorded_options(store: TeacherStore, steps: list[str], names: tuple[str, ...]) -> list[str]:
@@ -144,40 +157,118 @@ def recorded_options(store: TeacherStore, steps: list[str], names: tuple[str, ..
     for step in steps:
         for name, value in passes[step].settings.items() if step in passes else ():
             found.setdefault(name, value)
-    return [f"--{name.replace('_', '-')} {found[name]}" for name in names if name in found]
+    return [f"--{name.replace('_', '-')} {_quoted(found[name])}" for name in names if name in found]
 
 
-def rows_options(store: TeacherStore) -> list[str]:
-    """The options that select the store's rows: its dataset (a Hub name with its ``@revision``), splits, part size."""
+def data_options(store: TeacherStore) -> list[str]:
+    """The options that select the store's rows: its dataset (a Hub name with its ``@revision``), its splits, and
+    ``--limit`` the largest split's row count (``--limit`` keeps the first rows of each split, so this reads
+    exactly the rows of a store made with or without one)."""
     dataset = store.dataset()
     parts = []
     if dataset is not None and dataset.name:
         pinned = dataset.kind == "hub" and dataset.revision
-        parts.append(f"--dataset {dataset.name}@{dataset.revision}" if pinned else f"--dataset {dataset.name}")
-    return parts + [f"--split {','.join(store.splits())}", f"--examples-per-part {store.examples_per_part}"]
+        parts.append(f"--dataset {_quoted(f'{dataset.name}@{dataset.revision}' if pinned else dataset.name)}")
+    splits = store.splits()
+    parts.append(f"--split {_quoted(','.join(splits))}")
+    rows = max((store.num_examples(split) for split in splits), default=0)
+    return parts + ([f"--limit {rows}"] if rows else [])
 
 
-def precompute_command(store: TeacherStore, passes: list[str]) -> str:
-    """The ``precompute teacher`` command that adds ``passes`` to ``store`` with every setting it records."""
-    parts = ["precompute teacher", f"--out {store.location}", f"--passes {','.join(passes)}"]
-    teacher, student = recorded_teacher(store), recorded_student(store)
+def rows_options(store: TeacherStore) -> list[str]:
+    """:func:`data_options` and the store's part size: what a command writing new parts is given."""
+    return data_options(store) + [f"--examples-per-part {store.examples_per_part}"]
+
+
+def teacher_option(store: TeacherStore) -> tuple[str, str | None]:
+    """``(--teacher ..., placeholder note)``: the teacher the store records; without one, nothing when the store's
+    tokenizer is the embedded models' (the default teacher fits), else the TEACHER placeholder and what it is."""
+    teacher = recorded_teacher(store)
+    if teacher is not None:
+        return f"--teacher {_quoted(teacher.name)}", None
+    if store.tokenizer.name in (models.EMBEDDED_TEACHER, models.EMBEDDED_STUDENT):
+        return "", None
+    return (f"--teacher {TEACHER_PLACEHOLDER}",
+            f"{TEACHER_PLACEHOLDER} is the teacher to distil, a model dir, .gguf file or name with the store's "
+            f"tokenizer, that of {store.tokenizer.name}")
+
+
+def precompute_command(store: TeacherStore, passes: list[str], student: str | None = None) -> tuple[str, list[str]]:
+    """The ``precompute teacher`` command that adds ``passes`` to ``store`` with every setting it records, and the
+    notes on its placeholders. ``student``: the student to name where the store records none (the one being
+    trained: DPO's reference sums are its own)."""
+    parts = ["precompute teacher", f"--out {_quoted(store.location)}", f"--passes {','.join(passes)}"]
+    teacher, note = teacher_option(store)
+    recorded = recorded_student(store)
+    student = recorded.name if recorded is not None else student
     reference = recorded_model(store, f"{methods.GENERATED}/{methods.REFERENCE}")
-    parts += [f"--{role} {model.name}" for role, model in (("teacher", teacher), ("student", student))
-              if model is not None]
-    if reference is not None and reference != student:  # else the reference defaulted to the student
-        parts.append(f"--reference {reference.name}")
-    teacher_steps = [step for step in store.passes() if step not in methods.SAMPLED]  # not the sampler's
-    return " ".join(parts + rows_options(store) + recorded_options(store, teacher_steps, TEACHER_OPTIONS))
+    parts += [option for option in (teacher, f"--student {_quoted(student)}" if student else "") if option]
+    if reference is not None and reference != recorded:  # else the reference defaulted to the student
+        parts.append(f"--reference {_quoted(reference.name)}")
+    teacher_steps = [step for step, (command, _) in _steps_by_writer(store) if command == methods.TEACHER_COMMAND]
+    command = " ".join(parts + rows_options(store) + recorded_options(store, teacher_steps, TEACHER_OPTIONS))
+    return command, [note] if note else []
 
 
-def sample_command(store: TeacherStore) -> str:
-    """The ``precompute sample`` command that adds PAD's sampled groups to ``store`` with the settings it records."""
-    parts = ["precompute sample", f"--out {store.location}"]
-    student = recorded_student(store)
-    if student is not None:
-        parts.append(f"--model {student.name}")
-    steps = [*methods.SAMPLED, PASS_ENCODE]  # the sampler's pass is named after the set it writes
+def sample_command(store: TeacherStore, student: str | None = None) -> str:
+    """The ``precompute sample`` command that adds the groups to ``store`` with the settings it records; the model
+    that samples is the student's initial model (``student`` where the store records none)."""
+    parts = ["precompute sample", f"--out {_quoted(store.location)}"]
+    recorded = recorded_student(store)
+    student = recorded.name if recorded is not None else student
+    if student:
+        parts.append(f"--model {_quoted(student)}")
+    steps = [fmt.PASS_SAMPLES_BASE, PASS_ENCODE]
     return " ".join(parts + rows_options(store) + recorded_options(store, steps, SAMPLE_OPTIONS))
+
+
+def rank_command(store: TeacherStore) -> tuple[str, list[str]]:
+    """The ``precompute rank`` command that ranks the store's groups, and the note on its JUDGE placeholder: the
+    black box is the user's choice (the white box defaults to the model that sampled)."""
+    parts = ["precompute rank", f"--out {_quoted(store.location)}", f"--judge {JUDGE_PLACEHOLDER}"]
+    note = (f"{JUDGE_PLACEHOLDER} is the black box that ranks the groups, local:MODEL or an OpenAI-compatible base "
+            f"URL followed by --judge-model NAME")
+    return " ".join(parts + data_options(store)), [note]
+
+
+def _steps_by_writer(store: TeacherStore) -> list[tuple[str, tuple[str, str | None]]]:
+    """The store's recorded steps with the command that wrote each (``encode`` counts as the teacher's)."""
+    return [(step, methods.WRITER.get(step, (methods.TEACHER_COMMAND, None))) for step in store.passes()]
+
+
+def teacher_passes(signals: list[str]) -> list[str]:
+    """The ``precompute teacher --passes`` values that write ``signals``, in :data:`train.methods.TEACHER_PASSES`
+    order; pad_logp and pad_mcq together are ``pad``."""
+    wanted = {methods.WRITER[s][1] for s in signals if methods.WRITER[s][0] == methods.TEACHER_COMMAND}
+    if wanted.issuperset(methods.PAD_PARTS):
+        wanted = (wanted - set(methods.PAD_PARTS)) | {"pad"}
+    return [name for name in methods.TEACHER_PASSES if name in wanted]
+
+
+def commands_for(store: TeacherStore, signals: list[str], student: str | None = None) -> str:
+    """The commands that write ``signals``, in the order they must run (groups sampled, then the teacher's passes,
+    then the judge's rankings), joined by ", then ", and what each placeholder in them stands for.
+
+    Every signal a term can read has a writer (:data:`train.methods.WRITER`). ``student``: the student being
+    trained, named where the store records none (it samples the groups and gives DPO's reference sums).
+    """
+    unknown = [s for s in signals if s not in methods.WRITER]
+    if unknown:
+        raise TrainError(f"no command known to write {', '.join(unknown)}")
+    writers = {methods.WRITER[s][0] for s in signals}
+    commands, notes = [], []
+    if methods.SAMPLE in writers:
+        commands.append(sample_command(store, student))
+    if methods.TEACHER_COMMAND in writers:
+        command, more = precompute_command(store, teacher_passes(signals), student)
+        commands.append(command)
+        notes += more
+    if methods.RANK in writers:
+        command, more = rank_command(store)
+        commands.append(command)
+        notes += more
+    text = ", then ".join(commands)
+    return f"{text} (where {'; '.join(notes)})" if notes else text
 
 
 # --------------------------------------------------------------------------- checks
@@ -194,24 +285,16 @@ def missing_signals(store: TeacherStore, split: str, needs: dict[str, list[str]]
     return signals
 
 
-def commands_for(store: TeacherStore, signals: list[str]) -> str:
-    """The command(s) that write ``signals``: ``precompute sample`` first where groups are missing."""
-    passes = list(dict.fromkeys(methods.PASS_OF.get(s, "pairs") for s in signals if s not in methods.SAMPLED))
-    if not any(s in methods.SAMPLED for s in signals):
-        return precompute_command(store, passes)
-    if "pad" not in passes:  # fresh groups have no teacher signals yet
-        passes.insert(0, "pad")
-    return f"{sample_command(store)}, then {precompute_command(store, passes)}"
-
-
-def require_signals(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
-    """Raise TrainError naming each missing ``set/section`` and the command that writes it."""
+def require_signals(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str,
+                    student: str | None = None) -> None:
+    """Raise TrainError naming each missing ``set/section`` and the commands that write it (:func:`commands_for`;
+    ``student``: the student being trained, where the store records none)."""
     if store.num_parts(split) == 0:
         raise TrainError(f"{store.location} has no split {split!r} (it has: {', '.join(store.splits()) or 'none'})")
     signals = missing_signals(store, split, needs)
     if signals:
         raise TrainError(f"{what} needs {', '.join(signals)} (split {split}), which {store.location} lacks or has "
-                         f"incomplete; compute it first with: {commands_for(store, signals)}")
+                         f"incomplete; compute it first with: {commands_for(store, signals, student)}")
 
 
 def require_agreed_groups(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
@@ -391,8 +474,8 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
     check_out(out)
 
     store = open_store(config.cache, config.storage_options)
-    needs = methods.needs_of(terms)
-    require_signals(store, config.split, needs, f"method {config.method}")
+    needs = methods.needs_of(terms, config)  # what the terms read with these settings (PAD's alpha)
+    require_signals(store, config.split, needs, f"method {config.method}", config.student)
     require_agreed_groups(store, config.split, needs, f"method {config.method}")
 
     notes = check_run_directory(out, config.resume)
