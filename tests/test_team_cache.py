@@ -178,6 +178,54 @@ def test_a_store_on_a_read_only_mount_is_inspected_trained_and_evaluated(tiny_st
     assert len(listing) == 1 and listing[0]["complete"]
 
 
+def test_no_store_command_prints_the_password_of_a_location(tmp_path):
+    """store info, verify, export, ls and cp name a location with ``user:password@`` without its password, in
+    their refusals and in what they print when they work (and export's file records it without), as train does."""
+    import h5py
+
+    from store.locations import redact_text, secret_values
+
+    H.write_synthetic_store(str(tmp_path / "served" / "s.zarr"), num_examples={"train": 3}, sets=["pairs"])
+    password = "PaSsWoRd-h21"
+    server = _Recording(tmp_path / "served")
+    try:
+        with_password = server.url.replace("http://", f"http://alice:{password}@")
+        refusals = {
+            "info": _invoke("info", f"{with_password}/nothing.zarr"),
+            "verify": _invoke("verify", f"{with_password}/nothing.zarr"),
+            "export": _invoke("export", f"{with_password}/nothing.zarr", "--out", tmp_path / "x.h5"),
+            "cp from": _invoke("cp", f"{with_password}/nothing.zarr", tmp_path / "copy.zarr"),
+        }
+        worked = {
+            "info": _invoke("info", f"{with_password}/s.zarr"),
+            "info --json": _invoke("info", f"{with_password}/s.zarr", "--json"),
+            "verify": _invoke("verify", f"{with_password}/s.zarr"),
+            "export": _invoke("export", f"{with_password}/s.zarr", "--out", tmp_path / "s.h5"),
+            "ls": _invoke("ls", with_password),
+            "cp": _invoke("cp", f"{with_password}/s.zarr", tmp_path / "copy.zarr"),
+        }
+    finally:
+        server.close()
+    for name, result in refusals.items():
+        assert result.exit_code == 2 and f"{server.url}/nothing.zarr: no teacher-signal store" in result.stderr, \
+            (name, result.output)
+        assert password not in result.output, name
+    for name, result in worked.items():
+        assert result.exit_code == 0, (name, result.output)
+        assert password not in result.output, (name, result.output)
+        if name != "export":  # which prints the file it wrote
+            assert f"{server.url}/s.zarr" in result.stdout, (name, result.output)
+    assert json.loads(worked["info --json"].stdout)["location"] == f"{server.url}/s.zarr"
+    with h5py.File(tmp_path / "s.h5", "r") as exported:
+        assert exported.attrs["exported_from"] == f"{server.url}/s.zarr"
+    assert json.loads((tmp_path / "copy.zarr" / "zarr.json").read_text())["attributes"]["copied_from"] == \
+        f"{server.url}/s.zarr"
+    # a secret-looking query value of a location is never printed either
+    location = "https://host/x.zarr?token=tOkEn-h21&region=eu"
+    assert redact_text(f"cannot read {location}", secret_values(locations=[location])) == \
+        "cannot read https://host/x.zarr?token=<redacted>&region=eu"
+
+
 # -- content keys and --reuse-from: no teammate pays for a teacher pass twice ---------------------------------
 
 TEACHER_STEPS = ("pairs/student_init", "generated/base", "pairs/teacher", "generated/teacher", "generated/reference")

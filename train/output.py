@@ -14,6 +14,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from store.locations import redact_text, secret_values
+
 from . import checkpoint, records
 from .checkpoint import Position
 
@@ -28,9 +30,11 @@ class RunOutput:
     def __init__(self, plan: "Plan"):
         self.plan, self.out, self.config = plan, plan.out, plan.config
         self.metrics = self.board = self.bar = None
+        # what the store's location and the --storage-option values hold, never printed (as train's CLI does)
+        self.secrets = secret_values(self.config.storage_options, [str(self.config.cache or "")])
 
     def note(self, message: str) -> None:
-        print(message, file=sys.stderr)
+        print(redact_text(message, self.secrets), file=sys.stderr)
 
     def start(self, position: Position) -> None:
         """Before the first step: the run's directory made; resuming, the records logged after the checkpoint
