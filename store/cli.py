@@ -179,12 +179,20 @@ def export(path, out_format, out_path, storage_options):
 @storage_option
 @_reported
 def ls(location, as_json, max_depth, storage_options):
-    """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age."""
-    from .catalog import find_stores, format_listing, store_summary
+    """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age.
+
+    A location that does not exist, is a file or cannot be reached is refused (exit 2); an existing folder
+    without stores lists none.
+    """
+    from .catalog import UNLISTED_PROTOCOLS, find_stores, format_listing, store_summary
+    from .locations import is_url
 
     options = parse_storage_options(storage_options)
     summaries = [store_summary(found, options) for found in find_stores(location, options, max_depth)]
     _echo(json.dumps(summaries, indent=2) if as_json else format_listing(summaries))
+    if not summaries and is_url(location) and location.split("://", 1)[0] in UNLISTED_PROTOCOLS:
+        _echo(f"note: {redact_url(location)}: a plain HTTP server need not list its folders (nor tell one it does "
+              f"not list from a missing one); a store it serves is reached by its own URL", err=True)
 
 
 @main.command()

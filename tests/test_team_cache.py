@@ -63,6 +63,36 @@ def test_ls_says_when_a_store_is_incomplete(tmp_path):
                                                   "sections_expected": 2}
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ls_refuses_a_location_that_is_not_a_folder_and_lists_none_in_an_empty_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    unreachable = f"http://alice:PaSs-h21@127.0.0.1:{_closed_port()}/team"
+    refused = {
+        "no such folder": (_invoke("ls", tmp_path / "tema"), f"{tmp_path / 'tema'}: no such folder"),
+        "no such folder, depth 0": (_invoke("ls", tmp_path / "tema", "--max-depth", "0"),
+                                    f"{tmp_path / 'tema'}: no such folder"),
+        "a file": (_invoke("ls", tmp_path / "notes.txt", "--json"), f"{tmp_path / 'notes.txt'}: a file, not a folder"),
+        "unreachable": (_invoke("ls", unreachable), f"{unreachable.replace('alice:PaSs-h21@', '')}: cannot be listed"),
+    }
+    for name, (result, message) in refused.items():
+        assert result.exit_code == 2 and result.stdout == "", (name, result.output)
+        assert result.stderr.startswith(f"store ls: {message}") and len(result.stderr.splitlines()) == 1, \
+            (name, result.stderr)
+        assert "PaSs-h21" not in result.output
+    empty = _invoke("ls", tmp_path / "empty")
+    assert empty.exit_code == 0 and empty.stdout.strip() == "no teacher-signal store found", empty.output
+    assert json.loads(_invoke("ls", tmp_path / "empty", "--json").stdout) == []
+
+
 def test_cp_to_s3_and_back_gives_equal_checksums(tmp_path, s3_endpoint):
     source = _store(tmp_path / "src.zarr")
     options = ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", "key=test",
