@@ -196,6 +196,30 @@ def test_a_resume_killed_while_dropping_later_records_keeps_the_earlier_ones(tin
     assert_same_run(out, straight)
 
 
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logs_when_records_and_checkpoints_do_not_align(
+        tiny_store, straight, tmp_path):
+    """--log-every 4, --save-every 3: records at steps 1, 4 and 6, checkpoints at 3 and 6. Killed right after the
+    checkpoint of step 3 and resumed, the record of step 4 must average steps 2 to 4, as the uninterrupted run's
+    does (the sums of steps 2 and 3 are in the checkpoint), not step 4 alone."""
+    spaced = ("--log-every", "4", "--save-every", "3")
+    uninterrupted = CliRunner().invoke(main, command(tiny_store, tmp_path / "straight", *spaced))
+    assert uninterrupted.exit_code == 0, uninterrupted.output
+    out = tmp_path / "run"
+    kill_run(tiny_store, out, "checkpoint/state.pt", 1, "after", *spaced)
+    assert [r["step"] for r in metrics(out)] == [1]
+    resumed = CliRunner().invoke(main, command(tiny_store, out, "--resume", *spaced))
+    assert resumed.exit_code == 0, resumed.output
+    got, expected = metrics(out), metrics(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 4, 6]
+    for mine, theirs in zip(got, expected):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-9), mine["step"]
+        assert mine["terms"] == pytest.approx(theirs["terms"], rel=1e-6, abs=1e-9), mine["step"]
+    # what a record is: the mean of the steps since the last one (the run logging every step has them one by one)
+    each = {r["step"]: r["loss"] for r in metrics(straight)}
+    assert got[1]["loss"] == pytest.approx((each[2] + each[3] + each[4]) / 3, rel=1e-5)
+    assert got[2]["loss"] == pytest.approx((each[5] + each[6]) / 2, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- resuming loads data only
 
 

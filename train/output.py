@@ -83,10 +83,11 @@ class RunOutput:
             self.board.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-    def save_checkpoint(self, state: dict, scheduler, position: Position) -> None:
-        """A checkpoint of ``state`` (:meth:`train.distributed.ParallelStudent.state`), the scheduler, ``position``."""
+    def save_checkpoint(self, state: dict, scheduler, position: Position, meter: dict | None = None) -> None:
+        """A checkpoint of ``state`` (:meth:`train.distributed.ParallelStudent.state`), the scheduler, ``position``
+        and the metrics' sums since the last record (:meth:`train.records.Meter.partial`)."""
         checkpoint.write_checkpoint(self.out, state["model"], state["optimizer"], scheduler, position, self.config,
-                                    state["processes"])
+                                    state["processes"], meter)
 
     def save_model(self, model, tokenizer, weights: dict | None) -> None:
         """The trained model (``weights`` instead of the model's own when given: gathered from FSDP's shards)."""
@@ -116,7 +117,7 @@ class NoOutput:
     def log(self, record: dict) -> None:
         pass
 
-    def save_checkpoint(self, state: dict | None, scheduler, position: Position) -> None:
+    def save_checkpoint(self, state: dict | None, scheduler, position: Position, meter: dict | None = None) -> None:
         pass
 
     def save_model(self, model, tokenizer, weights: dict | None) -> None:

@@ -106,22 +106,26 @@ def _train(config: TrainConfig, context: distributed.Context, stop_after: int | 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps))
 
-    position = Position()
+    position, resumed_meter = Position(), None
     if config.resume:
         saved = checkpoint.resume(out, config, context.shard)  # this process's position and RNG state in it
         student.load_state(saved.model, saved.optimizer, optimizer)
         scheduler.load_state_dict(saved.scheduler)
         checkpoint.set_rng_state(saved.rng)
-        position = saved.position
+        position, resumed_meter = saved.position, saved.meter
+        del saved  # the full states, loaded now
     output.start(position)
+    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum)
+    if resumed_meter is not None:  # the sums of the steps since the last record before the checkpoint
+        meter.restore(resumed_meter, context.main)
 
     def save() -> None:
-        """A checkpoint of where every process stands."""
-        output.save_checkpoint(student.state(optimizer, position.examples), scheduler, position)
+        """A checkpoint of where every process stands, and of the metrics' sums since the last record."""
+        state = student.state(optimizer, position.examples)
+        output.save_checkpoint(state, scheduler, position, meter.partial())
 
     stream = distributed.RankStream(plan.store, config.split, plan.needs, seed=config.seed, shard=plan.shard)
     started_at, saved_at, stopped = position.step, position.step, False
-    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum)
     epochs = len(plan.batches_per_epoch)
     with output.recording(position):
         while not stopped and position.step < plan.total_steps and position.epoch < epochs:
