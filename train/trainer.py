@@ -1,5 +1,6 @@
 """``train student``: stream a teacher-signal store into a student. The loop is :func:`train`, top to bottom.
 
+0. the lock on the run folder (:mod:`train.runlock`: one writer per ``--out``, for the run's life);
 1. :func:`train.preflight.prepare`: everything checked before the student loads
    (store, terms, signals, student, tokenizer, batches per epoch);
 2. load the student (float32 weights, its decoder/output split checked on a real
@@ -58,6 +59,7 @@ from .batches import collate, token_budget_batches
 from .checkpoint import Position
 from .config import TrainConfig, TrainError
 from .output import output_for
+from .runlock import RunLock
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -82,7 +84,14 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     Returns the output directory.
     """
     with distributed.setup(config.device, config.fsdp) as context:
-        return _train(config, context, stop_after)
+        # one writer per --out: held by the process that writes (rank 0), before pre-flight reads the folder
+        lock = context.agree(lambda: RunLock.take(config.run_dir, storage_options=config.storage_options,
+                                                  cache=config.cache) if context.main else None)
+        try:
+            return _train(config, context, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(config: TrainConfig, context: distributed.Context, stop_after: int | None) -> Path:
