@@ -115,7 +115,11 @@ class RunLock:
     def _hold(self) -> int:
         """The descriptor of the lock file in place, locked by this process; TrainError naming the holder."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder went with a refused run that made it: make it again
+                self.out.mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
