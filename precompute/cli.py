@@ -44,8 +44,14 @@ def _run(command: str, run, options: dict) -> None:
         from .cluster import ClusterError
 
         expected += (ClusterError,)
+    from store.files import refuse_read_only
+
+    def checked():
+        refuse_read_only(options.get("out") or "")  # an HTTP --out: refused before a cluster, data or a model
+        return run()
+
     redact = _redact(options)
-    summary = run_reported(f"precompute {command}", run, expected=expected, redact=redact,
+    summary = run_reported(f"precompute {command}", checked, expected=expected, redact=redact,
                            interrupted="interrupted; the same command resumes where it stopped")
     click.echo(redact("\n".join(summary.lines())))
 

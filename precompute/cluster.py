@@ -164,6 +164,32 @@ def parse_spec(text: str) -> ClusterSpec:
     raise ValueError(f"--cluster {text!r}: expected {SPEC_HELP}")
 
 
+def probe_scheduler(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Connect to a ``tcp://`` or ``tls://`` scheduler address once, with a plain socket, before dask does:
+    ClusterError at once when the connection is refused (nothing listens there) or the host is unknown, and
+    after ``timeout`` seconds when nothing answers (an unreachable host). dask's own Client retries a refused
+    connection until its timeout and then says only that it timed out. Other addresses are left to dask."""
+    scheme, _, rest = (spec.address or "").partition("://")
+    if spec.kind != "address" or scheme not in ("tcp", "tls"):
+        return
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except ConnectionRefusedError:
+        raise ClusterError(f"--cluster {spec.text}: connection refused: no scheduler listens at {host}:{port} "
+                           f"(start one with `dask scheduler --port {port}`, or check the address)") from None
+    except socket.timeout:
+        raise ClusterError(f"--cluster {spec.text}: no answer from {host}:{port} within {timeout:g} s "
+                           f"(an unreachable host, or a firewall in the way)") from None
+    except socket.gaierror as exc:
+        raise ClusterError(f"--cluster {spec.text}: unknown host {host!r} ({exc.strerror or exc})") from None
+    except OSError as exc:
+        raise ClusterError(f"--cluster {spec.text}: cannot connect to {host}:{port} "
+                           f"({exc.strerror or type(exc).__name__})") from None
+
+
 def gpus_of_worker(index: int | None, workers: int | None, gpu_count: int) -> list[int]:
     """The visible GPUs one worker owns: all of them, or its share when ``workers`` share the machine.
 
@@ -490,6 +516,7 @@ class ClusterSession:
             placement = WorkerPlacement("own", None,
                                         self.torch_threads or max(1, cores // max(1, len(self.cluster.workers))))
         else:
+            probe_scheduler(spec)  # a refused connection said at once, not after dask's timeout
             placement = WorkerPlacement("all", None, self.torch_threads)
         self.client = Client(self.cluster if self.cluster is not None else spec.address,
                              timeout=CONNECT_TIMEOUT_S, set_as_default=False)

@@ -28,7 +28,7 @@ from .provenance import PASS_ENCODE, read_passes
 from .errors import StoreError
 from .reader import StoreReader
 
-__all__ = ["find_stores", "store_summary", "format_listing", "KeyedSection", "SectionIndex"]
+__all__ = ["find_stores", "UNLISTED_PROTOCOLS", "store_summary", "format_listing", "KeyedSection", "SectionIndex"]
 
 
 def _join(base: str, name: str) -> str:
@@ -45,23 +45,64 @@ def _root_attrs(fs, path: str) -> dict | None:
     return attrs if (attrs.get("format") or {}).get("name") == fmt.FORMAT_NAME else None
 
 
+#: protocols whose servers need not list folders: a folder they do not list reads as a missing one
+UNLISTED_PROTOCOLS = ("http", "https")
+
+
+def _list_root(fs, root: str, location: str) -> list[dict]:
+    """The entries of ``location``'s folder (``root`` as ``fs`` names it); OSError naming the location when it
+    is not a folder that can be listed: no such path, a file, an endpoint that cannot be reached.
+
+    A plain HTTP server answers 404 for a folder it does not list as for one that does not exist: there,
+    nothing is listed, and stores it serves are still reached by their own URLs.
+    """
+    shown = redact_url(location)
+    protocol = location.split("://", 1)[0] if is_url(location) else "file"
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        if protocol in UNLISTED_PROTOCOLS:
+            return []
+        raise FileNotFoundError(f"{shown}: no such folder") from None
+    except NotADirectoryError:
+        raise NotADirectoryError(f"{shown}: a file, not a folder") from None
+    except Exception as exc:  # noqa: BLE001 - an endpoint that cannot be reached, refused credentials: one line
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise OSError(f"{shown}: cannot be listed ({type(exc).__name__}: {reason})") from None
+    if protocol not in UNLISTED_PROTOCOLS and [e.get("type") for e in entries] == ["file"] and \
+            entries[0]["name"].rstrip("/") == root.rstrip("/"):
+        raise NotADirectoryError(f"{shown}: a file, not a folder")  # listing a file gives the file itself
+    return entries
+
+
 def find_stores(location: str, storage_options: Mapping | None = None, max_depth: int = 4) -> list[str]:
-    """Locations of every store at or under ``location`` (a folder, bucket or prefix), sorted."""
+    """Locations of every store at or under ``location`` (a folder, bucket or prefix), sorted.
+
+    ``location`` itself must be a store or a folder that can be listed: OSError naming it otherwise
+    (:func:`_list_root`), so that a mistyped path is not taken for an empty folder; below it, what cannot
+    be listed is passed over.
+    """
     fs, root = fsspec.core.url_to_fs(location, **dict(storage_options or {}))
     fs.invalidate_cache()  # fsspec instances are shared: a listing cached before a store was written would hide it
     protocol = location.split("://", 1)[0] + "://" if is_url(location) else ""
-    found, frontier = [], [(root.rstrip("/"), 0)]
+    root = root.rstrip("/")
+    found, frontier = [], [(root, 0)]
     while frontier:
         path, depth = frontier.pop()
         if _root_attrs(fs, path) is not None:
             found.append(protocol + path if protocol and not path.startswith(protocol) else path)
             continue  # never into a store
-        if depth >= max_depth:
+        if path == root:
+            entries = _list_root(fs, path, location)
+            if depth >= max_depth:
+                continue
+        elif depth >= max_depth:
             continue
-        try:
-            entries = fs.ls(path, detail=True)
-        except (FileNotFoundError, NotADirectoryError, OSError):
-            continue
+        else:
+            try:
+                entries = fs.ls(path, detail=True)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                continue
         frontier.extend((entry["name"].rstrip("/"), depth + 1) for entry in entries
                         if entry.get("type") == "directory" and not entry["name"].rstrip("/").endswith(".partial"))
     return sorted(found)

@@ -14,14 +14,20 @@ environment variables. None of these commands writes to a store it reads
 found damage, 2 the command could not run (not a store, unknown format, bad
 option), 3 an internal error, each said in one line naming the command
 (:func:`lm.cli.run_reported`); ``DISTILL_DEBUG=1`` shows tracebacks instead.
+Whatever a command prints, its refusals included, goes through
+:func:`store.locations.redact_text` first, as ``train``'s and ``precompute``'s
+lines do: a password in a location (``user:password@``), a secret-looking query
+value or ``--storage-option`` value is never printed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
 import sys
+from typing import Callable
 
 import click
 
@@ -29,19 +35,50 @@ from lm.cli import run_reported
 from lm.options import STORAGE_OPTION_HELP, parse_storage_options
 
 from .format import ATTR_UNFINISHED
-from .locations import redact_url
+from .locations import redact_text, redact_url, secret_values
 
 EXIT_DAMAGED = 1
 
+#: the command's arguments that name locations, and its options that may hold credentials
+_LOCATIONS = ("path", "location", "src", "dst")
+_OPTIONS = ("storage_options", "src_options", "dst_options")
+#: what the running command prints goes through this (:func:`_redaction` of its arguments)
+_REDACT: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("store_redact", default=redact_text)
+
+
+def _redaction(arguments: dict) -> Callable[[str], str]:
+    """What a command's locations (``user:password@``, secret-looking query values) and secret-looking
+    ``--storage-option`` values hold, removed from a line to print (:func:`store.locations.redact_text`)."""
+    options = {}
+    for name in _OPTIONS:
+        try:
+            options[name] = parse_storage_options(arguments.get(name) or ())
+        except click.ClickException:  # a malformed option: its own message says so, without the value
+            options[name] = {}
+    secrets = secret_values(options, [str(arguments[name]) for name in _LOCATIONS if arguments.get(name)])
+    return lambda text: redact_text(text, secrets)
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """Print a line of the running command, redacted (:func:`_redaction`)."""
+    click.echo(_REDACT.get()(text), err=err)
+
 
 def _reported(command):
-    """``command``'s failures in one line naming it, ``store NAME: ...`` (:func:`lm.cli.run_reported`)."""
+    """``command``'s failures in one line naming it, ``store NAME: ...`` (:func:`lm.cli.run_reported`); that line
+    and whatever the command prints (:func:`_echo`) redacted: no credential of its arguments is ever printed."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from .errors import StoreError
 
-        return run_reported(f"store {command.__name__}", lambda: command(*args, **kwargs), expected=(StoreError,))
+        redact = _redaction(kwargs)
+        token = _REDACT.set(redact)
+        try:
+            return run_reported(f"store {command.__name__}", lambda: command(*args, **kwargs),
+                                expected=(StoreError,), redact=redact)
+        finally:
+            _REDACT.reset(token)
 
     return wrapper
 
@@ -72,9 +109,9 @@ def info(path, as_json, storage_options):
 
     data = store_info(_open(path, storage_options))
     if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=False))
+        _echo(json.dumps(data, indent=2, sort_keys=False))
     else:
-        click.echo(format_info(data))
+        _echo(format_info(data))
 
 
 @main.command()
@@ -99,17 +136,17 @@ def verify(path, storage_options):
         problems = store.verify(progress=progress)
     if problems:
         for problem in problems:
-            click.echo(f"DAMAGED {problem}")
-        click.echo(f"{len(problems)} problem(s) in {store.location} ({len(checked)} complete sections checked)")
+            _echo(f"DAMAGED {problem}")
+        _echo(f"{len(problems)} problem(s) in {store.location} ({len(checked)} complete sections checked)")
         sys.exit(EXIT_DAMAGED)
     unfinished = list(store.unfinished_sections())  # written unfinished (store.format): not done, not damage
     for ref, attrs in unfinished:
-        click.echo(f"UNFINISHED {ref.path}: {(attrs.get(ATTR_UNFINISHED) or {}).get('reason')}")
+        _echo(f"UNFINISHED {ref.path}: {(attrs.get(ATTR_UNFINISHED) or {}).get('reason')}")
     left = f"; {len(unfinished)} section(s) unfinished (listed above)" if unfinished else ""
     if not checked:
-        click.echo(f"{store.location}: no complete section to verify{left}")
+        _echo(f"{store.location}: no complete section to verify{left}")
         return
-    click.echo(f"OK {store.location}: {len(checked)} complete sections, every checksum matches{left}")
+    _echo(f"OK {store.location}: {len(checked)} complete sections, every checksum matches{left}")
 
 
 @main.command()
@@ -133,9 +170,9 @@ def export(path, out_format, out_path, storage_options):
     with tqdm(unit="section", desc="export", file=sys.stderr, mininterval=0.5, leave=False) as bar:
         summary = export_hdf5(store, out_path, progress=lambda _ref: bar.update(1))
     if summary["sections"] == 0:
-        click.echo(f"warning: {store.location} has no complete section; {out_path} holds attributes only",
+        _echo(f"warning: {store.location} has no complete section; {out_path} holds attributes only",
                    err=True)
-    click.echo(f"wrote {out_path}: {summary['sections']} sections, {summary['arrays']} arrays, "
+    _echo(f"wrote {out_path}: {summary['sections']} sections, {summary['arrays']} arrays, "
                f"{summary['bytes']:,} bytes ({out_format})")
 
 
@@ -147,12 +184,20 @@ def export(path, out_format, out_path, storage_options):
 @storage_option
 @_reported
 def ls(location, as_json, max_depth, storage_options):
-    """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age."""
-    from .catalog import find_stores, format_listing, store_summary
+    """Every store under a folder or bucket prefix: teacher, dataset, passes, splits, completeness, size, age.
+
+    A location that does not exist, is a file or cannot be reached is refused (exit 2); an existing folder
+    without stores lists none.
+    """
+    from .catalog import UNLISTED_PROTOCOLS, find_stores, format_listing, store_summary
+    from .locations import is_url
 
     options = parse_storage_options(storage_options)
     summaries = [store_summary(found, options) for found in find_stores(location, options, max_depth)]
-    click.echo(json.dumps(summaries, indent=2) if as_json else format_listing(summaries))
+    _echo(json.dumps(summaries, indent=2) if as_json else format_listing(summaries))
+    if not summaries and is_url(location) and location.split("://", 1)[0] in UNLISTED_PROTOCOLS:
+        _echo(f"note: {redact_url(location)}: a plain HTTP server need not list its folders (nor tell one it does "
+              f"not list from a missing one); a store it serves is reached by its own URL", err=True)
 
 
 @main.command()
@@ -175,7 +220,7 @@ def cp(src, dst, storage_options, src_options, dst_options):
         counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
                             dst_options={**both, **parse_storage_options(dst_options)},
                             progress=lambda _path, _copied: bar.update(1))
-    click.echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
+    _echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
                f"{counts['skipped']} already there")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import format as fmt
+from .locations import redact_url
 from .reader import StoreReader
 
 __all__ = ["export_hdf5", "encode_attr", "decode_attr"]
@@ -83,7 +84,7 @@ def export_hdf5(store: StoreReader, out_path: str, *,
         with h5py.File(tmp, "w") as h5:
             _put_attrs(h5, store.attrs)
             h5.attrs["json_attributes"] = JSON_NOTE
-            h5.attrs["exported_from"] = store.location
+            h5.attrs["exported_from"] = redact_url(store.location)  # a file handed on: no credentials
             for split in store.splits():
                 h5.require_group(split)
             for ref, attrs in store.complete_sections():

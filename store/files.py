@@ -22,9 +22,12 @@ import fsspec
 import zarr
 
 from .errors import StoreError
-from .locations import is_url
+from .locations import is_url, redact_url
 
-__all__ = ["StoreFiles", "quiet_zarr"]
+__all__ = ["StoreFiles", "quiet_zarr", "READ_ONLY_PROTOCOLS", "refuse_read_only"]
+
+#: protocols fsspec reads but cannot write (a plain web server answers PUT with 501)
+READ_ONLY_PROTOCOLS = ("http", "https")
 
 # Our log-prob codecs come from numcodecs; zarr warns on every open that other
 # zarr implementations may lack them. The format description says so once.
@@ -40,6 +43,16 @@ def quiet_zarr():
         yield
 
 
+def refuse_read_only(location: str) -> None:
+    """StoreError naming ``location`` (without credentials) when it is a read-only kind of location (HTTP):
+    what writes a store calls it before anything else, so that the refusal comes before any work."""
+    protocol = str(location).split("://", 1)[0].lower() if is_url(str(location)) else ""
+    if protocol in READ_ONLY_PROTOCOLS:
+        raise StoreError(f"{redact_url(str(location))}: HTTP locations are read-only (a store is read over "
+                         f"HTTP, never written): write to a local path or an object store (s3://, gs://, ...), "
+                         f"then serve that folder")
+
+
 class StoreFiles:
     """The files under a store's root at ``location`` (a path or an fsspec URL).
 
@@ -50,6 +63,8 @@ class StoreFiles:
     def __init__(self, location: str, *, read_only: bool = True, storage_options: Mapping | None = None):
         self.location = str(location)
         self.read_only = read_only
+        if not read_only:
+            refuse_read_only(self.location)
         options = dict(storage_options or {})
         if is_url(self.location):
             self.fs, root = fsspec.core.url_to_fs(self.location, **options)

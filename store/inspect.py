@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from . import format as fmt
 from .format import SectionRef
+from .locations import redact_url
 from .reader import StoreReader
 
 __all__ = ["store_info", "format_info"]
@@ -38,7 +39,7 @@ def store_info(store: StoreReader) -> dict:
     """A JSON-serialisable summary of ``store`` (see the module docstring)."""
     attrs = store.attrs
     info: dict[str, Any] = {
-        "location": store.location,
+        "location": redact_url(store.location),
         "format": attrs.get("format", {}),
         "created_with": attrs.get("created_with"),
         "created_at": attrs.get("created_at"),

@@ -58,8 +58,8 @@ def without_redacted(options: Mapping | None) -> dict:
 
 
 def secret_values(options: Mapping | None = None, locations: Iterable[str] = ()) -> set[str]:
-    """The values never to print: options with secret-looking names (nested too) and the passwords of
-    ``user:password@`` locations (for :func:`redact_text`)."""
+    """The values never to print: options with secret-looking names (nested too), and of ``locations`` the
+    passwords of ``user:password@`` and the values of secret-looking query parameters (for :func:`redact_text`)."""
     found: set[str] = set()
 
     def walk(given: Mapping, redacted: Mapping) -> None:
@@ -72,9 +72,10 @@ def secret_values(options: Mapping | None = None, locations: Iterable[str] = ())
     walk(dict(options or {}), redact_options(options))
     for location in locations:
         if is_url(str(location)):
-            password = urlsplit(str(location)).password
-            if password:
-                found.add(password)
+            parts = urlsplit(str(location))
+            if parts.password:
+                found.add(parts.password)
+            found.update(value for name, value in parse_qsl(parts.query) if _SECRET.search(name) and value)
     return found
 
 

@@ -276,3 +276,46 @@ def test_cli_refuses_a_bad_cluster_spec_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "local:N needs a number of workers" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_refused_scheduler_address_is_said_at_once_and_a_silent_one_after_the_timeout(tmp_path, tiny_models,
+                                                                                        tiny_dataset):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    teacher, student = tiny_models
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "precompute.cli", "teacher", "--out", str(tmp_path / "x.zarr"),
+                           "--teacher", str(teacher), "--student", str(student), "--dataset", str(tiny_dataset),
+                           "--device", "cpu", "--no-progress", "--cluster", f"tcp://127.0.0.1:{port}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"precompute teacher: --cluster tcp://127.0.0.1:{port}: connection refused: no scheduler listens at "
+        f"127.0.0.1:{port} (start one with `dask scheduler --port {port}`, or check the address)")
+    assert elapsed < cl.CONNECT_TIMEOUT_S  # dask's Client alone retried until its 30 s timeout, then said "timed out"
+    assert not (tmp_path / "x.zarr").exists()
+
+    # a host that answers nothing (a listening socket whose backlog is full drops the next SYN): the timeout holds
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        address, waiting = silent.getsockname(), []
+        while True:  # fill the backlog until a connection attempt goes unanswered
+            client = socket.socket()
+            client.settimeout(0.5)
+            try:
+                client.connect(address)
+            except OSError:
+                client.close()
+                break
+            waiting.append(client)
+        started = time.monotonic()
+        with pytest.raises(cl.ClusterError, match=r"no answer from 127\.0\.0\.1:\d+ within 1 s"):
+            cl.probe_scheduler(cl.parse_spec(f"tcp://{address[0]}:{address[1]}"), timeout=1.0)
+        assert 0.9 < time.monotonic() - started < 10
+        for client in waiting:
+            client.close()

@@ -346,6 +346,50 @@ def test_kd_empty_teacher_tail(dtype):
                 assert grad[r, v].item() == pytest.approx(math.exp(row[v] - lse), abs=tol)
 
 
+def covering_teacher():
+    """A teacher whose top-K is the whole vocabulary (K = V), kept as a format-1 store keeps it: log-probs
+    rounded to 1/128 nat and no stored tail, so that ``1 - sum_k p_k`` is rounding noise, positive on some rows
+    and negative on others; its ids in the teacher's order."""
+    t_logits = rand(R, V, seed=58, scale=2)
+    top, ids = torch.log_softmax(t_logits, -1).topk(V, dim=-1)
+    quantised = torch.round(top * 128) / 128
+    sums = quantised.exp().sum(-1)
+    assert (sums < 1 - 1e-4).any() and (sums > 1 + 1e-4).any()
+    return ids, quantised
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kd_with_k_equal_to_the_vocabulary_and_no_stored_tail_is_the_kl_over_the_k_ids(dtype):
+    """K = V without a stored tail: the tail bin holds no id, so neither model has mass there, whatever the
+    rounded top-K leaves for it; the KD term is the KL of the teacher's K log-probs (renormalised) to the student's
+    softmax, finite, its gradient q_v - p_v. Unchunked (autograd), chunked with the analytic gradient and without."""
+    ids, tlp = covering_teacher()
+    logits = rand(R, V, seed=59, scale=3).to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    expected, expected_grad = [], []
+    for r in range(R):
+        row = logits[r].double().tolist()
+        lse = ref_logsumexp(row)
+        weights = [math.exp(t) for t in tlp[r].tolist()]
+        p = {int(v): w / math.fsum(weights) for v, w in zip(ids[r].tolist(), weights)}
+        expected.append(math.fsum(p[v] * (math.log(p[v]) - (row[v] - lse)) for v in range(V)))
+        expected_grad.append([math.exp(row[v] - lse) - p[v] for v in range(V)])
+
+    x = logits.clone().requires_grad_(True)
+    values = {"autograd": L.kd_tail_kl(x, ids, tlp.to(dtype))}
+    for analytic in (True, False):
+        values[f"chunked, analytic={analytic}"] = L.chunked_token_terms(
+            x, lambda h: h, ["kd"], {L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp.to(dtype))},
+            chunk_size=3, analytic=analytic)["kd"]
+    for how, out in values.items():
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), how
+        for r in range(R):
+            assert out[r].item() == pytest.approx(expected[r], abs=tol), (how, r)
+            for v in range(V):
+                assert grad[r, v].item() == pytest.approx(expected_grad[r][v], abs=tol), (how, r, v)
+
+
 def test_kd_huge_logits_float32_matches_float64_literal():
     """Logits of magnitude 1e4 (a saturated student): every probability outside one id underflows float32's
     exp, the log-space tail does not."""

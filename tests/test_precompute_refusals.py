@@ -120,6 +120,57 @@ def test_out_naming_a_file_or_a_foreign_folder_is_refused_and_left_untouched(tmp
     assert _files(folder) == before
 
 
+def test_an_http_out_is_refused_as_read_only_before_anything_runs(tmp_path, tiny_models, tiny_dataset, tiny_store,
+                                                                   forbid_model_loading):
+    """A plain HTTP server reads stores and takes no writes: every precompute command (and ``store cp``) with
+    an HTTP --out ends in one line saying so, exit 2, before a model loads; nothing is sent to the server."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from store import StoreError
+    from store.cli import main as store_main
+
+    asked = []
+
+    class Recording(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_response(self, code, message=None):
+            asked.append(self.command)
+            super().send_response(code, message)
+
+    (tmp_path / "served").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Recording, directory=str(tmp_path / "served")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    forbid_model_loading()
+    teacher, student = tiny_models
+    url = f"http://127.0.0.1:{server.server_address[1]}/s.zarr"
+    out = url.replace("http://", "http://alice:PaSs-h21@")
+    data = ["--dataset", str(tiny_dataset), "--device", "cpu", "--no-progress"]
+    try:
+        results = {
+            "teacher": CliRunner().invoke(precompute_main, ["teacher", "--out", out, "--teacher", str(teacher),
+                                                            "--student", str(student), *data]),
+            "sample": CliRunner().invoke(precompute_main, ["sample", "--out", out, "--model", str(student), *data]),
+            "rank": CliRunner().invoke(precompute_main, ["rank", "--out", out, "--judge", "http://127.0.0.1:9/v1",
+                                                         "--judge-model", "j", *data]),
+            "store cp": CliRunner().invoke(store_main, ["cp", str(tiny_store), out]),
+        }
+        with pytest.raises(StoreError, match="HTTP locations are read-only"):
+            run_teacher(_config(url, tiny_models, tiny_dataset))
+    finally:
+        server.shutdown()
+        server.server_close()
+    for command, result in results.items():
+        assert result.exit_code == 2, (command, result.output)
+        assert f"{command if command == 'store cp' else 'precompute ' + command}: {url}: HTTP locations are " \
+               f"read-only" in result.stderr, (command, result.output)
+        assert "Traceback" not in result.output and "PaSs-h21" not in result.output
+    assert asked == []  # not even a read: refused from the location alone
+
+
 def test_a_finished_store_is_not_written_by_a_rerun(tmp_path, tiny_models, tiny_dataset, tiny_store):
     copy_path = tmp_path / "done.zarr"
     shutil.copytree(tiny_store, copy_path)

@@ -63,6 +63,36 @@ def test_ls_says_when_a_store_is_incomplete(tmp_path):
                                                   "sections_expected": 2}
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ls_refuses_a_location_that_is_not_a_folder_and_lists_none_in_an_empty_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    unreachable = f"http://alice:PaSs-h21@127.0.0.1:{_closed_port()}/team"
+    refused = {
+        "no such folder": (_invoke("ls", tmp_path / "tema"), f"{tmp_path / 'tema'}: no such folder"),
+        "no such folder, depth 0": (_invoke("ls", tmp_path / "tema", "--max-depth", "0"),
+                                    f"{tmp_path / 'tema'}: no such folder"),
+        "a file": (_invoke("ls", tmp_path / "notes.txt", "--json"), f"{tmp_path / 'notes.txt'}: a file, not a folder"),
+        "unreachable": (_invoke("ls", unreachable), f"{unreachable.replace('alice:PaSs-h21@', '')}: cannot be listed"),
+    }
+    for name, (result, message) in refused.items():
+        assert result.exit_code == 2 and result.stdout == "", (name, result.output)
+        assert result.stderr.startswith(f"store ls: {message}") and len(result.stderr.splitlines()) == 1, \
+            (name, result.stderr)
+        assert "PaSs-h21" not in result.output
+    empty = _invoke("ls", tmp_path / "empty")
+    assert empty.exit_code == 0 and empty.stdout.strip() == "no teacher-signal store found", empty.output
+    assert json.loads(_invoke("ls", tmp_path / "empty", "--json").stdout) == []
+
+
 def test_cp_to_s3_and_back_gives_equal_checksums(tmp_path, s3_endpoint):
     source = _store(tmp_path / "src.zarr")
     options = ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", "key=test",
@@ -176,6 +206,54 @@ def test_a_store_on_a_read_only_mount_is_inspected_trained_and_evaluated(tiny_st
     _read_everything(view / Path(tiny_store).name, tiny_models, tmp_path)
     listing = json.loads(_invoke("ls", view, "--json").stdout)
     assert len(listing) == 1 and listing[0]["complete"]
+
+
+def test_no_store_command_prints_the_password_of_a_location(tmp_path):
+    """store info, verify, export, ls and cp name a location with ``user:password@`` without its password, in
+    their refusals and in what they print when they work (and export's file records it without), as train does."""
+    import h5py
+
+    from store.locations import redact_text, secret_values
+
+    H.write_synthetic_store(str(tmp_path / "served" / "s.zarr"), num_examples={"train": 3}, sets=["pairs"])
+    password = "PaSsWoRd-h21"
+    server = _Recording(tmp_path / "served")
+    try:
+        with_password = server.url.replace("http://", f"http://alice:{password}@")
+        refusals = {
+            "info": _invoke("info", f"{with_password}/nothing.zarr"),
+            "verify": _invoke("verify", f"{with_password}/nothing.zarr"),
+            "export": _invoke("export", f"{with_password}/nothing.zarr", "--out", tmp_path / "x.h5"),
+            "cp from": _invoke("cp", f"{with_password}/nothing.zarr", tmp_path / "copy.zarr"),
+        }
+        worked = {
+            "info": _invoke("info", f"{with_password}/s.zarr"),
+            "info --json": _invoke("info", f"{with_password}/s.zarr", "--json"),
+            "verify": _invoke("verify", f"{with_password}/s.zarr"),
+            "export": _invoke("export", f"{with_password}/s.zarr", "--out", tmp_path / "s.h5"),
+            "ls": _invoke("ls", with_password),
+            "cp": _invoke("cp", f"{with_password}/s.zarr", tmp_path / "copy.zarr"),
+        }
+    finally:
+        server.close()
+    for name, result in refusals.items():
+        assert result.exit_code == 2 and f"{server.url}/nothing.zarr: no teacher-signal store" in result.stderr, \
+            (name, result.output)
+        assert password not in result.output, name
+    for name, result in worked.items():
+        assert result.exit_code == 0, (name, result.output)
+        assert password not in result.output, (name, result.output)
+        if name != "export":  # which prints the file it wrote
+            assert f"{server.url}/s.zarr" in result.stdout, (name, result.output)
+    assert json.loads(worked["info --json"].stdout)["location"] == f"{server.url}/s.zarr"
+    with h5py.File(tmp_path / "s.h5", "r") as exported:
+        assert exported.attrs["exported_from"] == f"{server.url}/s.zarr"
+    assert json.loads((tmp_path / "copy.zarr" / "zarr.json").read_text())["attributes"]["copied_from"] == \
+        f"{server.url}/s.zarr"
+    # a secret-looking query value of a location is never printed either
+    location = "https://host/x.zarr?token=tOkEn-h21&region=eu"
+    assert redact_text(f"cannot read {location}", secret_values(locations=[location])) == \
+        "cannot read https://host/x.zarr?token=<redacted>&region=eu"
 
 
 # -- content keys and --reuse-from: no teammate pays for a teacher pass twice ---------------------------------
@@ -453,7 +531,8 @@ def test_credentials_never_reach_the_store_the_summary_or_the_terminal(tmp_path,
     assert proc.returncode == 0, proc.stderr
     assert set(server.methods) <= {"GET", "HEAD"}
     here = f"{server.url}/{name}"
-    assert refused.exit_code == 2 and f"{here}: written with 4 examples per part" in refused.stderr, refused.output
+    # (an HTTP --out is refused as read-only before the store is read, by the location it names)
+    assert refused.exit_code == 2 and f"{here}: HTTP locations are read-only" in refused.stderr, refused.output
     assert password not in refused.output
     assert _reused_lines(proc.stdout) == {"pairs/base": (4, here)}  # the location shown, its password not
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key=key_id, secret=secret)

@@ -43,11 +43,15 @@ SPLIT_SIZE = 10  # the tiny store's train split: 12 rows, the last 2 are the tes
 # TRACE_DIR: at exit, write there (outside --out) rank<R>.json: every file operation of this process that writes
 # under --out (an open for writing, a rename, a removal, a new folder) and the example indices of each batch the
 # trainer collated. KILL_AFTER=NAME:N on rank 0: SIGKILL right after the N-th rename onto --out/NAME.
+# PID_DIR: write there rank<R>.pid, this process's pid, first. STEP_SLEEP: sleep that many seconds per batch.
 HOOK = textwrap.dedent("""
-    import atexit, json, os, signal, sys
+    import atexit, json, os, signal, sys, time
 
     out, rank = os.path.abspath(sys.argv[1]), int(os.environ.get("RANK", "0"))
     writes, batches = [], []
+    if os.environ.get("PID_DIR"):
+        with open(os.path.join(os.environ["PID_DIR"], f"rank{rank}.pid"), "w") as fh:
+            fh.write(str(os.getpid()))
     WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     CHANGES = ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.link", "os.symlink",
                "shutil.rmtree", "shutil.copyfile", "shutil.move")
@@ -76,6 +80,8 @@ HOOK = textwrap.dedent("""
 
     def collating(examples, *args, **kwargs):
         batches.append([e.example_index for e in examples])
+        if os.environ.get("STEP_SLEEP"):
+            time.sleep(float(os.environ["STEP_SLEEP"]))
         return collate(examples, *args, **kwargs)
 
     trainer.collate = collating
@@ -463,6 +469,77 @@ def test_a_two_process_run_killed_and_resumed_ends_as_the_uninterrupted_one(tiny
     with pytest.raises(TrainError, match="made by 2 process"):  # one process cannot take it up
         train(TrainConfig(cache=str(tiny_store), out=str(out), method="dckd", lr=1e-3, device="cpu",
                           dtype="float32", progress=False, resume=True, **UNEVEN))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes die with the launcher on Linux")
+def test_killing_the_launchers_process_group_ends_every_process_and_the_folder_has_one_writer(tiny_store, tmp_path):
+    """torchrun starts each process in a session of its own: SIGKILL to the launcher's process group must still end
+    them (before, both trained on and wrote the model). While the run lives, a second `train student` on its --out
+    is refused naming rank 0; once it is killed, --resume takes the folder (the dead run's lock held nothing)."""
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    from train.cli import main
+    from tests.refusals import one_line
+
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    options = dict(max_steps=30, save_every=2, batch_tokens=200)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PID_DIR": str(pids),
+                   "STEP_SLEEP": "0.5"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(name, None)
+    log = tmp_path / "launcher.log"  # not a pipe: the processes hold its end as long as they live
+    with open(log, "w") as output:
+        launcher = subprocess.Popen([*TORCHRUN, str(script), str(out), *student_args(tiny_store, out, **options)],
+                                    cwd=REPO, env=environment, start_new_session=True, stdout=output,
+                                    stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(metrics(out)) < 3:  # step 2's checkpoint written
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run made no 3 steps in 300 s"
+            time.sleep(0.2)
+        ranks = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        assert os.getpgid(ranks[0]) != launcher.pid  # each in a session of its own: the group's kill misses them
+
+        refused = one_line(CliRunner().invoke(main, student_args(tiny_store, out, "--resume", **options)))
+        assert f"--out {out} is being written by another run (pid {ranks[0]} on host " in refused, refused
+
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 8  # the run has 27 steps of at least 0.5 s to go: more than that
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in ranks), "a process outlived its launcher"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+        for pid in ranks:  # a test that failed leaves no process behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    logged = len(metrics(out))
+    time.sleep(2)
+    assert len(metrics(out)) == logged and not (out / "model.safetensors").exists()  # nobody trains on
+
+    launch([*TORCHRUN, "-m", "train.cli", *student_args(tiny_store, out, "--resume", **options)])
+    assert [r["step"] for r in metrics(out)] == list(range(1, 31))
+    assert (out / "model.safetensors").is_file() and not (out / "run.lock").exists()
 
 
 def test_only_rank_0_writes_and_every_example_of_the_epoch_is_batched_once(tiny_store, tmp_path):

@@ -196,6 +196,112 @@ def test_a_resume_killed_while_dropping_later_records_keeps_the_earlier_ones(tin
     assert_same_run(out, straight)
 
 
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logs_when_records_and_checkpoints_do_not_align(
+        tiny_store, straight, tmp_path):
+    """--log-every 4, --save-every 3: records at steps 1, 4 and 6, checkpoints at 3 and 6. Killed right after the
+    checkpoint of step 3 and resumed, the record of step 4 must average steps 2 to 4, as the uninterrupted run's
+    does (the sums of steps 2 and 3 are in the checkpoint), not step 4 alone."""
+    spaced = ("--log-every", "4", "--save-every", "3")
+    uninterrupted = CliRunner().invoke(main, command(tiny_store, tmp_path / "straight", *spaced))
+    assert uninterrupted.exit_code == 0, uninterrupted.output
+    out = tmp_path / "run"
+    kill_run(tiny_store, out, "checkpoint/state.pt", 1, "after", *spaced)
+    assert [r["step"] for r in metrics(out)] == [1]
+    resumed = CliRunner().invoke(main, command(tiny_store, out, "--resume", *spaced))
+    assert resumed.exit_code == 0, resumed.output
+    got, expected = metrics(out), metrics(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 4, 6]
+    for mine, theirs in zip(got, expected):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-9), mine["step"]
+        assert mine["terms"] == pytest.approx(theirs["terms"], rel=1e-6, abs=1e-9), mine["step"]
+    # what a record is: the mean of the steps since the last one (the run logging every step has them one by one)
+    each = {r["step"]: r["loss"] for r in metrics(straight)}
+    assert got[1]["loss"] == pytest.approx((each[2] + each[3] + each[4]) / 3, rel=1e-5)
+    assert got[2]["loss"] == pytest.approx((each[5] + each[6]) / 2, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+# The child: the `train` command line, each batch slowed by STEP_SLEEP seconds (a run long enough to meet).
+SLOW_TRAINER = textwrap.dedent("""
+    import os, sys, time
+    import train.records as records
+
+    add_batch = records.Meter.add_batch
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(float(os.environ["STEP_SLEEP"]))
+        return add_batch(self, *args, **kwargs)
+
+    records.Meter.add_batch = slowly
+    from train.cli import main
+    main(sys.argv[1:], prog_name="train")
+""")
+
+
+def wait_for_records(out, count, process, timeout=300):
+    """Until ``out``'s metrics.jsonl holds ``count`` records (the run is past its first steps)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(records.read_metrics(Path(out) / "metrics.jsonl")) < count:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {count} records in {out} within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tiny_store, tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    long_run = command(tiny_store, out, "--max-steps", "20")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "STEP_SLEEP": "0.5"}
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, *long_run], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_records(out, 3, holder)  # step 2's checkpoint written
+        for second in (command(tiny_store, out, "--max-steps", "20", "--resume"), long_run):
+            refused = one_line(CliRunner().invoke(main, second))
+            assert f"--out {out} is being written by another run (pid {holder.pid} on host " \
+                   f"{socket.gethostname()} since " in refused, refused
+            assert "--max-steps 20" in refused and "choose another --out" in refused
+        assert holder.poll() is None  # the holder went on
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert (out / "run.lock").is_file()  # left by the killed holder: its lock went with it
+    again = CliRunner().invoke(main, command(tiny_store, out, "--max-steps", "20", "--resume"))
+    assert again.exit_code == 0, again.output
+    assert [r["step"] for r in metrics(out)] == list(range(1, 21))
+    assert not (out / "run.lock").exists()  # removed by the run that ends
+
+
+def test_the_run_lock_is_one_holders_at_a_time_and_records_no_credential(tmp_path):
+    import socket
+
+    from train.runlock import LOCK_FILE, RunLock, holder_of, recorded_command
+
+    out = tmp_path / "new" / "run"
+    first = RunLock.take(out, storage_options={"key": "KeY-h21", "endpoint_url": "http://e"},
+                         cache="http://alice:PaSs-h21@host/s.zarr")
+    recorded = holder_of(out)
+    assert recorded["pid"] == os.getpid() and recorded["host"] == socket.gethostname()
+    with pytest.raises(TrainError, match=rf"--out {out} is being written by another run \(pid {os.getpid()} on "):
+        RunLock.take(out)  # another open of the file: flock refuses it as it would another process
+    first.release()
+    assert not (tmp_path / "new").exists()  # made for the run, left empty: removed with the lock
+    (out).mkdir(parents=True)
+    (out / LOCK_FILE).write_text('{"pid": 1, "host": "gone"}\n')  # a dead holder's file: no lock on it
+    with RunLock.take(out):
+        assert holder_of(out)["pid"] == os.getpid()
+    assert not (out / LOCK_FILE).exists() and out.is_dir()
+    argv = ["train", "student", "--cache", "http://alice:PaSs-h21@host/s.zarr", "--storage-option",
+            "key=KeY-h21", "-o", "region=eu", "--storage-option=token=ToK-h21", "--lr", "1e-3"]
+    assert recorded_command(argv, {"KeY-h21"}) == (
+        "train student --cache http://host/s.zarr --storage-option key=<redacted> -o region=<redacted> "
+        "--storage-option=token=<redacted> --lr 1e-3")
+
+
 # --------------------------------------------------------------------------- resuming loads data only
 
 

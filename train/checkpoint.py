@@ -2,7 +2,9 @@
 
 A checkpoint (``out/checkpoint/state.pt``, replaced atomically) holds the model,
 optimizer and scheduler states, the :class:`Position` (step, epoch, examples and
-batches consumed in that epoch), the RNG states and the configuration.
+batches consumed in that epoch), the RNG states, the configuration and the
+metrics' sums since the last logged record (``meter``: a resumed run's first
+record then averages the same steps as the uninterrupted run's).
 ``ExampleStream.iterate(epoch, skip=examples)`` replays the same order from that
 point and batches restart at a batch boundary, so a resumed run follows the
 uninterrupted one exactly. Settings that change the trajectory
@@ -173,11 +175,12 @@ def process_states(examples: list[int], rngs: list[dict]) -> dict:
 
 
 def write_checkpoint(out: Path, model_state: dict, optimizer_state: dict, scheduler, position: Position,
-                     config: TrainConfig, processes: dict | None = None) -> Path:
+                     config: TrainConfig, processes: dict | None = None, meter: dict | None = None) -> Path:
     """Write ``out/checkpoint/state.pt`` atomically (temporary file, then rename), its ``config.json`` first.
 
     The model's and the optimizer's states are whole (of several processes: gathered on rank 0, with
     ``processes``, :func:`process_states`; of one process: None, and its RNG state is taken here).
+    ``meter``: the metrics' sums since the last record (:meth:`train.records.Meter.partial`).
     """
     directory = out / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -189,6 +192,8 @@ def write_checkpoint(out: Path, model_state: dict, optimizer_state: dict, schedu
              "config": settings}
     if processes is not None:
         state["processes"] = processes
+    if meter is not None:
+        state["meter"] = meter
     write_atomically(directory / CONFIG_JSON, json.dumps(settings, indent=1) + "\n")
     tmp = temporary_path(directory / CHECKPOINT_FILE)
     torch.save(state, tmp)
@@ -236,6 +241,7 @@ class Resumed:
     scheduler: dict
     rng: dict
     position: Position
+    meter: dict | None = None  # the metrics' sums since the last record; None in checkpoints made before them
 
 
 def resume(out: Path, config: TrainConfig, shard) -> Resumed:
@@ -254,7 +260,8 @@ def resume(out: Path, config: TrainConfig, shard) -> Resumed:
     if not isinstance(processes, dict) or len(processes.get("examples", ())) != shard.world:
         raise TrainError(f"{state_path(out)}: not a checkpoint of {shard.world} processes (it lacks their positions)")
     position = Position(**{**state["position"], "examples": int(processes["examples"][shard.rank])})
-    return Resumed(state["model"], state["optimizer"], state["scheduler"], processes["rng"][shard.rank], position)
+    return Resumed(state["model"], state["optimizer"], state["scheduler"], processes["rng"][shard.rank], position,
+                   state.get("meter"))
 
 
 def check_processes(saved: dict, world: int) -> None:

@@ -36,7 +36,7 @@ def _redact(values: dict) -> Callable[[str], str]:
         storage_options = parse_storage_options(values.get("storage_options") or ())
     except click.ClickException:  # a malformed option: its own message says so, without the value
         storage_options = {}
-    secrets = secret_values(storage_options, [str(values.get("cache") or values.get("out") or "")])
+    secrets = secret_values(storage_options, [str(values[name]) for name in ("cache", "out") if values.get(name)])
     return lambda text: redact_text(text, secrets)
 
 

@@ -85,6 +85,11 @@ the epoch as zero-weight batches (:meth:`ParallelStudent.loss`: one fixed exampl
 no unit counted, loss times 0), so that every process makes the same
 collective calls. No example is dropped or repeated.
 
+Launcher gone. torchrun starts each process in a session of its own, so killing
+the launcher's process group would leave them training; each process has the
+kernel kill it when the launcher dies (:func:`die_with_launcher`), and rank 0
+holds the run folder's lock (:mod:`train.runlock`).
+
 Only the process of rank 0 writes (model, ``metrics.jsonl``, ``config.yaml``,
 ``loss_curves.png``, checkpoints, TensorBoard events) and shows the progress bar
 and notes; a refusal found by every process is printed once. Under FSDP the full
@@ -103,6 +108,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
@@ -310,9 +316,49 @@ class Context:
             torch.distributed.destroy_process_group()
 
 
+#: set by torch's elastic agent (``torchrun``, and ``accelerate launch``, which runs it) in each process it starts
+ENV_ELASTIC_RUN = "TORCHELASTIC_RUN_ID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> bool:
+    """Under torch's elastic agent, have the kernel SIGKILL this process when the agent dies; whether it was set.
+
+    The agent starts each process in a session of its own (``start_new_session``), so
+    a signal to the launcher's process group (a job killed by hand or by a scheduler)
+    does not reach the processes, which would train on, write the model and hold the
+    run folder's lock (:mod:`train.runlock`) with no launcher left. ``prctl(PR_SET_PDEATHSIG,
+    SIGKILL)`` (Linux; through ctypes) ties each process to the agent, its parent:
+    the kernel acts at the parent's death, with no thread of ours to poll
+    ``os.getppid()`` and nothing that a process blocked in a collective or in
+    native code would have to run first; SIGKILL because nobody is left to read
+    what the process would do on the way out, and every file of the run survives a
+    kill (:mod:`train.checkpoint`). An agent that died before the call (the parent
+    is already init) ends the process at once. Elsewhere (not Linux, or no
+    launcher: a process started from a shell may outlive it on purpose, under
+    ``nohup``) nothing is set.
+    """
+    if ENV_ELASTIC_RUN not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # no C library to call, or no prctl in it
+        return False
+    if os.getppid() == 1:  # the launcher died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 @contextmanager
 def setup(device: str, fsdp_flag: bool = False) -> Iterator[Context]:
-    """The run's :class:`Context`: a process group from the environment on several processes (module docstring)."""
+    """The run's :class:`Context`: a process group from the environment on several processes (module docstring);
+    under a launcher, this process dies with it (:func:`die_with_launcher`)."""
+    die_with_launcher()
     shard = shard_from_env()
     launch = launch_settings(fsdp_flag)
     local_rank = int(os.environ.get("LOCAL_RANK", shard.rank) or 0)

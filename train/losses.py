@@ -121,13 +121,13 @@ def _tail_logmass(topk_logp: torch.Tensor) -> torch.Tensor:
     Only for the teacher of a store without its tail (``teacher/tail_logp``, store
     format version 1): the student's tail is :func:`student_tail_logmass`.
     ``topk_logp``: [R, K] log-probabilities normalised over the full
-    vocabulary. Returns [R]. The logsumexp is clamped to ``<= -tiny`` (the
-    smallest positive normal of the dtype) so that a top-K that holds all the
-    mass (or, through rounding, slightly more) gives a very negative but
-    finite tail log-mass (about -87 in float32) instead of ``-inf``/NaN.
+    vocabulary. Returns [R]. The logsumexp is clamped to ``<= 0`` so that a
+    top-K that holds all the mass (or, through rounding, slightly more) gives a
+    tail of no mass, ``-inf``, not NaN: a bin of teacher probability 0, which
+    contributes nothing (:func:`_kl_of_bins`; the teacher's bins are constants,
+    so no gradient goes through this).
     """
-    tiny = torch.finfo(topk_logp.dtype).tiny
-    lse = torch.logsumexp(topk_logp, dim=-1).clamp(max=-tiny)
+    lse = torch.logsumexp(topk_logp, dim=-1).clamp(max=0.0)
     return log1mexp(lse)
 
 
@@ -263,17 +263,42 @@ def teacher_kd_bins(
     return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
 
 
+def _ids_cover_vocabulary(topk_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R] bool: the row's ids [R, K] (repeated ids counting once) are every id of a vocabulary of ``vocab``, so
+    its tail bin holds no id. Only possible when K >= V; otherwise answered without looking at the ids."""
+    if topk_ids.shape[-1] < vocab:
+        return torch.zeros(topk_ids.shape[:-1], dtype=torch.bool, device=topk_ids.device)
+    ordered = topk_ids.sort(dim=-1).values
+    return 1 + (ordered[..., 1:] != ordered[..., :-1]).sum(-1) >= vocab
+
+
+def _without_empty_tail(teacher_bins: torch.Tensor, topk_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``teacher_bins`` [R, K+1] with the tail bin of each row whose ids cover the vocabulary (K = V) set to
+    ``-inf`` and the row renormalised over its K bins. A bin that holds no id has no mass, whatever tail the
+    teacher's rounded top-K log-probs leave (``1 - sum_k p_k`` of a format-1 store is rounding noise of either
+    sign there), and the student's tail is ``-inf`` too: ``p log(p / q)`` of that bin is ``0 log(0 / 0) = 0``
+    instead of ``p log(p / 0) = inf``."""
+    if topk_ids.shape[-1] < vocab:  # no row can be empty
+        return teacher_bins
+    empty = _ids_cover_vocabulary(topk_ids, vocab)
+    tail = torch.where(empty, torch.full_like(teacher_bins[:, -1], float("-inf")), teacher_bins[:, -1])
+    bins = torch.cat([teacher_bins[:, :-1], tail.unsqueeze(-1)], dim=-1)
+    return torch.where(empty.unsqueeze(-1), bins - torch.logsumexp(bins, dim=-1, keepdim=True), teacher_bins)
+
+
 def _tail_bucket_bins(
     student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's and the teacher's log-probs over the K+1 bins (top-K ids, then the tail), [R, K+1] each.
 
-    ``teacher_bins`` is :func:`teacher_kd_bins`' output (a constant: detached here).
-    The student's tail is :func:`student_tail_logmass`; see kd_tail_kl.
+    ``teacher_bins`` is :func:`teacher_kd_bins`' output (a constant: detached here), without the mass of
+    an empty tail bin (:func:`_without_empty_tail`). The student's tail is :func:`student_tail_logmass`;
+    see kd_tail_kl.
     """
     student_topk = student_logsoftmax.gather(-1, topk_ids)  # [R, K]
     student_bins = torch.cat([student_topk, student_tail_logmass(student_logsoftmax, topk_ids).unsqueeze(-1)], dim=-1)
-    return student_bins, teacher_bins.to(student_bins.dtype).detach()
+    teacher = _without_empty_tail(teacher_bins.to(student_bins.dtype), topk_ids, student_logsoftmax.shape[-1])
+    return student_bins, teacher.detach()
 
 
 def _kd_from_logsoftmax(
@@ -342,9 +367,12 @@ def kd_tail_kl(
     log-softmax over the ids outside ``topk_ids`` (:func:`student_tail_logmass`),
     exact even for a student that puts all but 1e-30 of its mass on the top-K.
     The teacher's bins are :func:`teacher_kd_bins`: the stored exact tail
-    ``tail_logp`` when given, else ``log(1 - sum_k exp(topk_logp))`` (clamped,
-    finite), renormalised over the K+1 bins. Bins with teacher probability 0
-    contribute 0 (``p log p -> 0``). Because p and q are proper distributions
+    ``tail_logp`` when given, else ``log(1 - sum_k exp(topk_logp))`` (clamped:
+    ``-inf`` when the top-K holds all the mass), renormalised over the K+1 bins.
+    Bins with teacher probability 0 contribute 0 (``p log p -> 0``); a row whose
+    ids are the whole vocabulary (K = V) has an empty tail bin, of no mass for
+    either model, whatever the teacher's tail says (:func:`_without_empty_tail`),
+    so its KL is over the K ids alone. Because p and q are proper distributions
     over the same K+1 bins the result is >= 0 up to rounding (a truncated sum
     without the tail is not a KL and can go negative).
 
@@ -864,7 +892,7 @@ def _kd_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, teacher_b
     """:func:`_kd_from_logsoftmax` and its gradient: ``-p_k`` at the K ids, ``-p_tail`` spread over the tail
     in proportion to the student's probabilities there."""
     tail = _logsumexp_outside(log_probs, topk_ids)
-    teacher = teacher_bins.to(log_probs.dtype)
+    teacher = _without_empty_tail(teacher_bins.to(log_probs.dtype), topk_ids, log_probs.shape[-1])
     value = _kl_of_bins(torch.cat([log_probs.gather(-1, topk_ids), tail.unsqueeze(-1)], dim=-1), teacher)
     teacher_probs = teacher.exp()
 

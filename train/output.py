@@ -14,6 +14,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from store.locations import redact_text, secret_values
+
 from . import checkpoint, records
 from .checkpoint import Position
 
@@ -28,9 +30,11 @@ class RunOutput:
     def __init__(self, plan: "Plan"):
         self.plan, self.out, self.config = plan, plan.out, plan.config
         self.metrics = self.board = self.bar = None
+        # what the store's location and the --storage-option values hold, never printed (as train's CLI does)
+        self.secrets = secret_values(self.config.storage_options, [str(self.config.cache or "")])
 
     def note(self, message: str) -> None:
-        print(message, file=sys.stderr)
+        print(redact_text(message, self.secrets), file=sys.stderr)
 
     def start(self, position: Position) -> None:
         """Before the first step: the run's directory made; resuming, the records logged after the checkpoint
@@ -79,10 +83,11 @@ class RunOutput:
             self.board.write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-    def save_checkpoint(self, state: dict, scheduler, position: Position) -> None:
-        """A checkpoint of ``state`` (:meth:`train.distributed.ParallelStudent.state`), the scheduler, ``position``."""
+    def save_checkpoint(self, state: dict, scheduler, position: Position, meter: dict | None = None) -> None:
+        """A checkpoint of ``state`` (:meth:`train.distributed.ParallelStudent.state`), the scheduler, ``position``
+        and the metrics' sums since the last record (:meth:`train.records.Meter.partial`)."""
         checkpoint.write_checkpoint(self.out, state["model"], state["optimizer"], scheduler, position, self.config,
-                                    state["processes"])
+                                    state["processes"], meter)
 
     def save_model(self, model, tokenizer, weights: dict | None) -> None:
         """The trained model (``weights`` instead of the model's own when given: gathered from FSDP's shards)."""
@@ -112,7 +117,7 @@ class NoOutput:
     def log(self, record: dict) -> None:
         pass
 
-    def save_checkpoint(self, state: dict | None, scheduler, position: Position) -> None:
+    def save_checkpoint(self, state: dict | None, scheduler, position: Position, meter: dict | None = None) -> None:
         pass
 
     def save_model(self, model, tokenizer, weights: dict | None) -> None:

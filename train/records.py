@@ -88,6 +88,27 @@ class Meter:
             self.terms[name] += float(value.detach()) * share
         self.tokens += tokens
 
+    def partial(self) -> dict:
+        """The loss and term sums since the last record, over every process (a collective on several: every
+        process calls it at the same steps), and the steps they cover: what a checkpoint keeps, so that the
+        first record of a resumed run averages the same steps as the uninterrupted run's (tokens and time are
+        this process's run's own and start again)."""
+        values = [self.loss, *self.terms.values()]
+        if self.reduce is not None:
+            values = self.reduce(values)
+        return {"steps": int(self.steps), "loss": float(values[0]),
+                "terms": {name: float(v) for name, v in zip(self.terms, values[1:])}}
+
+    def restore(self, saved: dict, main: bool) -> None:
+        """Go on from a checkpoint's :meth:`partial`: the sums (held by the ``main`` process only, since records
+        sum the processes' shares) and their steps."""
+        self.steps = int(saved.get("steps", 0))
+        if main:
+            self.loss = float(saved.get("loss", 0.0))
+            for name, value in (saved.get("terms") or {}).items():
+                if name in self.terms:
+                    self.terms[name] = float(value)
+
     def record(self, **fields) -> dict:
         """Means per optimizer step since the last record; tokens/s = non-padding tokens read per second."""
         if self.reduce is not None:

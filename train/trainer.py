@@ -1,5 +1,6 @@
 """``train student``: stream a teacher-signal store into a student. The loop is :func:`train`, top to bottom.
 
+0. the lock on the run folder (:mod:`train.runlock`: one writer per ``--out``, for the run's life);
 1. :func:`train.preflight.prepare`: everything checked before the student loads
    (store, terms, signals, student, tokenizer, batches per epoch);
 2. load the student (float32 weights, its decoder/output split checked on a real
@@ -58,6 +59,7 @@ from .batches import collate, token_budget_batches
 from .checkpoint import Position
 from .config import TrainConfig, TrainError
 from .output import output_for
+from .runlock import RunLock
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -82,7 +84,14 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     Returns the output directory.
     """
     with distributed.setup(config.device, config.fsdp) as context:
-        return _train(config, context, stop_after)
+        # one writer per --out: held by the process that writes (rank 0), before pre-flight reads the folder
+        lock = context.agree(lambda: RunLock.take(config.run_dir, storage_options=config.storage_options,
+                                                  cache=config.cache) if context.main else None)
+        try:
+            return _train(config, context, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(config: TrainConfig, context: distributed.Context, stop_after: int | None) -> Path:
@@ -106,22 +115,26 @@ def _train(config: TrainConfig, context: distributed.Context, stop_after: int | 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps))
 
-    position = Position()
+    position, resumed_meter = Position(), None
     if config.resume:
         saved = checkpoint.resume(out, config, context.shard)  # this process's position and RNG state in it
         student.load_state(saved.model, saved.optimizer, optimizer)
         scheduler.load_state_dict(saved.scheduler)
         checkpoint.set_rng_state(saved.rng)
-        position = saved.position
+        position, resumed_meter = saved.position, saved.meter
+        del saved  # the full states, loaded now
     output.start(position)
+    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum)
+    if resumed_meter is not None:  # the sums of the steps since the last record before the checkpoint
+        meter.restore(resumed_meter, context.main)
 
     def save() -> None:
-        """A checkpoint of where every process stands."""
-        output.save_checkpoint(student.state(optimizer, position.examples), scheduler, position)
+        """A checkpoint of where every process stands, and of the metrics' sums since the last record."""
+        state = student.state(optimizer, position.examples)
+        output.save_checkpoint(state, scheduler, position, meter.partial())
 
     stream = distributed.RankStream(plan.store, config.split, plan.needs, seed=config.seed, shard=plan.shard)
     started_at, saved_at, stopped = position.step, position.step, False
-    meter = records.Meter([t.name for t in plan.terms], reduce=context.sum)
     epochs = len(plan.batches_per_epoch)
     with output.recording(position):
         while not stopped and position.step < plan.total_steps and position.epoch < epochs:
