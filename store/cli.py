@@ -4,6 +4,7 @@
     store info PATH [--json]
     store verify PATH
     store cp SRC DST
+    store upgrade SRC DST
     store export PATH --format hdf5 --out FILE
 
 PATH is a local directory or an fsspec URL (``s3://bucket/x.zarr``); pass
@@ -172,6 +173,31 @@ def cp(src, dst, storage_options, src_options, dst_options):
                             progress=lambda _path, _copied: bar.update(1))
     click.echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
                f"{counts['skipped']} already there")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@storage_option
+@click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for SRC only (repeatable; overrides --storage-option).")
+@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for DST only (repeatable; overrides --storage-option).")
+@_reported
+def upgrade(src, dst, storage_options, src_options, dst_options):
+    """Copy a store into this version's format, every section re-encoded and verified; run it again to resume."""
+    from tqdm import tqdm
+
+    from .copy import copy_store
+
+    both = parse_storage_options(storage_options)
+    with tqdm(unit="section", desc="upgrade", file=sys.stderr, mininterval=0.5, leave=False) as bar:
+        counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
+                            dst_options={**both, **parse_storage_options(dst_options)},
+                            progress=lambda _path, _copied: bar.update(1), upgrade=True)
+    click.echo(f"upgraded {redact_url(src)} (format {counts['from_version']}) -> {redact_url(dst)} (format "
+               f"{counts['to_version']}): {counts['copied']} sections written and verified, {counts['skipped']} "
+               f"already there")
 
 
 if __name__ == "__main__":
