@@ -34,7 +34,7 @@ from .files import quiet_zarr
 from .format import SectionRef, array_checksum
 from .locations import redact_url
 from .reader import StoreReader, section_specs
-from .teacher_store import TeacherStore, _write_arrays, package_version
+from .teacher_store import TeacherStore, write_arrays, package_version
 
 __all__ = ["copy_store", "copy_section"]
 
@@ -182,7 +182,7 @@ def _write_reencoded(source: StoreReader, target: TeacherStore, ref: SectionRef,
                 for spec in specs]
     with quiet_zarr():
         zarr.open_group(target.files.zarr_store, path=to.path, mode="w", zarr_format=3).attrs.put({"complete": False})
-    _write_arrays(target.files.zarr_store, to.path, prepared)
+    write_arrays(target.files.zarr_store, to.path, prepared)
 
 
 def _array_files(source: StoreReader, ref: SectionRef, names: list[str]) -> list[str]:

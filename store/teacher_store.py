@@ -31,7 +31,7 @@ from .provenance import DATASET_IDENTITY
 from .reader import StoreReader, read_arrays
 from .verify import verify_store
 
-__all__ = ["TeacherStore", "STAGING_SUFFIX", "package_version"]
+__all__ = ["TeacherStore", "STAGING_SUFFIX", "package_version", "write_arrays"]
 
 #: a local writer builds sections in ``<store><STAGING_SUFFIX>/`` and renames them into place
 STAGING_SUFFIX = ".partial"
@@ -373,7 +373,7 @@ def _write_group(zstore, path: str, prepared: list, final_attrs: dict) -> dict:
     with quiet_zarr():
         group = zarr.open_group(zstore, path=path, mode="w", zarr_format=3)
         group.attrs.put({"complete": False})
-        _write_arrays(zstore, path, prepared)
+        write_arrays(zstore, path, prepared)
         if isinstance(zstore, zarr.storage.LocalStore):
             _fsync_tree(os.path.join(str(zstore.root), path))
         specs = [spec for spec, *_rest in prepared]
@@ -384,7 +384,7 @@ def _write_group(zstore, path: str, prepared: list, final_attrs: dict) -> dict:
     return checksums
 
 
-def _write_arrays(zstore, path: str, prepared: list) -> None:
+def write_arrays(zstore, path: str, prepared: list) -> None:
     """Create and fill a group's arrays concurrently (one trip through zarr's event loop)."""
     import asyncio
 
