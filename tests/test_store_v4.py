@@ -283,6 +283,25 @@ def test_export_and_verify_name_the_damaged_chunk(cli_store, tmp_path):
         assert f"DAMAGED {chunk}: cannot be decoded (its crc32c differs from its bytes)" in verify.output
 
 
+def test_a_missing_chunk_file_is_damage_not_zeros(cli_store, tmp_path):
+    """zarr reads a missing chunk as its fill value (zeros); every format 4 chunk is written, so readers refuse."""
+    from train.cli import main as train_cli
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(cli_store, damaged)
+    missing = [f"{fmt.group_path(split, 0, fmt.SET_PAIRS, fmt.SECTION_TEACHER)}/target_logp/c/0"
+               for split in ("train", "test")]
+    for chunk in missing:
+        (damaged / chunk).unlink()
+    result = CliRunner().invoke(train_cli, ["student", "--cache", str(damaged), "--out", str(tmp_path / "run"),
+                                            *TRAIN])
+    message = refusal(result, "student")
+    assert any(f"{damaged}/{chunk}: damaged chunk" in message for chunk in missing) and "missing" in message
+    exported = CliRunner().invoke(store_cli, ["export", str(damaged), "--out", str(tmp_path / "x.h5")])
+    assert exported.exit_code == 2 and "target_logp: its values differ from their recorded checksum" in exported.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
 # -- format 3 stores ------------------------------------------------------------------------------------------
 
 
