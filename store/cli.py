@@ -11,7 +11,7 @@ PATH is a local directory or an fsspec URL (``s3://bucket/x.zarr``); pass
 filesystem options with ``--storage-option key=value`` (repeatable, e.g.
 ``endpoint_url=http://127.0.0.1:9000``); s3fs also reads the usual ``AWS_*``
 environment variables. None of these commands writes to a store it reads
-(``cp`` writes only its destination). Exit status: 0 fine, 1 verification
+(``cp`` and ``upgrade`` write only their destination). Exit status: 0 fine, 1 verification
 found damage, 2 the command could not run (not a store, unknown format, bad
 option), 3 an internal error, each said in one line naming the command
 (:func:`lm.cli.run_reported`); ``DISTILL_DEBUG=1`` shows tracebacks instead.

@@ -74,7 +74,8 @@ class StoreReader:
             raise FormatMismatch(
                 f"{self.location}: store format version {found.get('version')}; this writer writes version "
                 f"{fmt.FORMAT_VERSION} only ({fmt.VERSION_CHANGES.get(fmt.FORMAT_VERSION, '')}). It still "
-                f"reads; to add passes, write a new store (another --out)"
+                f"reads; to add passes, write a new store (another --out), or copy this one as version "
+                f"{fmt.FORMAT_VERSION} first (store upgrade {self.location} NEW) and add them there"
             )
         if tokenizer_hash is not None:
             stored = attrs.get("tokenizer", {}).get("hash")
