@@ -10,8 +10,11 @@ For every response token the full-vocabulary ``log_softmax`` is computed in
 float64 from the teacher's float32 logits: the top-K (K=50), the exact tail
 log-mass outside them (a logsumexp over every other id) and the target's
 log-prob. The same content is then written as real Zarr stores on disk, one per
-encoding option, and read back with plain zarr: this project's format (version
-2, through :class:`store.TeacherStore`), version 1 (today's), and the ideas
+encoding option, and read back with plain zarr (and, for format 4's integers,
+the decoding rule their attributes carry): this project's format (version 4,
+through :class:`store.TeacherStore`), the same content as format 3 encoded it
+(numcodecs filters; fixed K and each ``--top-p``, teacher arrays and the whole
+store), version 1, and the ideas
 measured against it (a frequency remap of ids, ids sorted within a row, other
 codec levels), and the adaptive K by cumulative teacher mass that the format
 has (``precompute teacher --top-p P``: ``topk_count`` and padding, written
@@ -224,12 +227,16 @@ def teacher_topk(model, sequences: list[tuple[np.ndarray, int]], k: int, *, batc
 
 
 def array_bytes(root: str) -> dict[str, int]:
-    """Bytes of the chunk files (not metadata) of each array of every teacher section, by array name."""
+    """Bytes of the chunk files (not metadata) of each array of every teacher section, by the name of the values
+    it holds (format 4's ``topk_logp_steps`` counts as ``topk_logp``)."""
+    from store import format as fmt
+
     total: dict[str, int] = {}
     for dirpath, _dirs, files in os.walk(root):
         parts = dirpath.split(os.sep)
         if "c" in parts and parts[parts.index("c") - 2] == "teacher":
             array = parts[parts.index("c") - 1]
+            array = fmt.ARRAY_TOPK_LOGP if array == fmt.ARRAY_TOPK_LOGP_STEPS else array
             total[array] = total.get(array, 0) + sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
     return total
 
@@ -274,12 +281,13 @@ def frequency_ranks(ids: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def codecs_v2(spec, dtype, clevel: int | None = None) -> dict:
-    """This format's codecs for ``spec``, with another Blosc level when given."""
+    """Format 3's codecs for ``spec`` (version 2's: numcodecs quantiser and delta, Blosc), with another Blosc
+    level when given: the variants below are measured against format 3 as they were."""
     from zarr.codecs import BloscCodec
 
     from store import format as fmt
 
-    codecs = fmt.codecs_for(spec, np.dtype(dtype))
+    codecs = fmt.codecs_for(spec, np.dtype(dtype), version=3)
     if clevel is not None:
         itemsize = 2 if spec.encoding in (fmt.ENC_LOGP, fmt.ENC_LOGP_SORTED) else np.dtype(dtype).itemsize
         codecs["compressors"] = [BloscCodec(cname="zstd", clevel=clevel, typesize=itemsize, shuffle="shuffle")]
@@ -313,17 +321,26 @@ def write_variant(path: str, parts: list[dict], *, version: int = 2) -> None:
 
 
 def read_variant(path: str, parts: int) -> list[dict[str, np.ndarray]]:
-    """Every teacher array of every part, read back with plain zarr."""
+    """Every teacher array of every part, read back with plain zarr; format 4's integers decoded by the rule
+    in their attributes (under the name of the values they hold)."""
     import warnings
 
     import zarr
 
     from store import format as fmt
 
+    specs = {spec.name: spec for spec in fmt.SECTION_ARRAYS[fmt.SECTION_TEACHER]}
+
+    def values(name, arr):
+        rule = arr.attrs.get(fmt.ATTRS_NAMESPACE)
+        if not rule:
+            return name, arr[...]
+        return rule["decodes_to"], fmt.decode_stored(specs[rule["decodes_to"]], arr[...], 4)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = zarr.open_group(path, mode="r")
-        return [{name: arr[...] for name, arr in root[f"train/{fmt.part_name(i)}/pairs/teacher"].arrays()}
+        return [dict(values(name, arr) for name, arr in root[f"train/{fmt.part_name(i)}/pairs/teacher"].arrays())
                 for i in range(parts)]
 
 
@@ -470,7 +487,7 @@ def main(argv=None) -> int:
     results = []
 
     def measure(name: str, path: str, *, note: str, plain: str, kl_of, extra_names=(), table_bytes: int = 0,
-                chosen: bool = False, top_p_info: str = ""):
+                chosen: bool = False, top_p_info: str = "", version: int | None = None):
         got = read_variant(path, num_parts)
         sizes = array_bytes(path)
         errors, kls = [], []
@@ -486,7 +503,7 @@ def main(argv=None) -> int:
         results.append({"name": name, "note": note, "plain": plain, "chosen": chosen, "per": per,
                         "total": sum(per.values()), "table": table_bytes, "max_err": float(np.max(errors)),
                         "mean_kl": float(kl_all.mean()), "max_kl": float(kl_all.max()), "top_p": top_p_info,
-                        "target_err": target_err})
+                        "target_err": target_err, "version": version})
         log(f"  {name}: {sum(per.values()):.1f} bytes/token, worst-row KL {kl_all.max():.1e}")
 
     def err_of(stored_top, exact_top):
@@ -517,10 +534,15 @@ def main(argv=None) -> int:
     write_variant(p2, [arrays(i, version=1) for i in range(num_parts)], version=1)
     measure("version 1 + tail_logp", p2, note="as today, plus the exact tail log-mass (1/128 nat)", plain="yes",
             kl_of=kl_with_tail)
-    # 3. this format (written above by TeacherStore)
-    measure("this format, fixed K (--top-p 1)", path, note="version 1 + tail_logp, with Blosc (zstd level 7, byte "
-            "shuffle; a core Zarr v3 codec), chunks split evenly: version 2's layout, version 3 without topk_count",
-            plain="yes", kl_of=kl_with_tail, chosen=True)
+    # 3. format 3 (version 2's codecs, version 3 without topk_count), then this format (written above)
+    p3 = os.path.join(workdir, "v3.zarr")
+    write_variant(p3, [arrays(i) for i in range(num_parts)])
+    measure("format 3, fixed K", p3, note="version 1 + tail_logp, with Blosc (zstd level 7, byte shuffle), chunks "
+            "split evenly; log-probs through numcodecs' fixedscaleoffset + delta (no other Zarr reads them)",
+            plain="zarr-python only", kl_of=kl_with_tail, version=3)
+    measure("this format (4), fixed K (--top-p 1)", path, note="format 3's values as uint16 (top-K as per-row steps "
+            "along K), Blosc, crc32c on every chunk: codecs of the Zarr v3 specification only",
+            plain="yes", kl_of=kl_with_tail, chosen=True, version=4)
     # 4. higher Blosc level
     p4 = os.path.join(workdir, "v2-blosc9.zarr")
     t_enc = time.perf_counter()
@@ -644,12 +666,19 @@ def main(argv=None) -> int:
             "tail_logp": kept_parts[part]["tail"].astype(np.float32), "topk_count": kept_parts[part]["count"],
             "target_logp": rows_of["target"].astype(np.float32), "logp_sum": rows_of["sums"]},
             settings={"top_p": top_p})
+        count_codecs = codecs_v2(spec["topk_count"], np.dtype("uint16"))
+        p10_3 = os.path.join(workdir, f"top-p-{top_p}-v3.zarr")
+        write_variant(p10_3, [arrays(i, ids=kept_parts[i]["ids"], top=kept_parts[i]["top"],
+                                     tail=[a["tail"] for a in kept_parts],
+                                     extra={"topk_count": (kept_parts[i]["count"].astype(np.uint16), count_codecs)})
+                              for i in range(num_parts)])
+        measure(f"top-p {top_p}, format 3", p10_3, note="the row below's values as format 3 encoded them",
+                plain="zarr-python only", kl_of=kl_adaptive(kept_parts), top_p_info=info, version=3)
         measure(f"top-p {top_p} (--top-p, the format)", p10, note="written by TeacherStore: topk_count (uint16, "
                 "Blosc), padding id 0 / log-prob -500 past it, tail outside the kept ids", plain="yes",
-                kl_of=kl_adaptive(kept_parts), top_p_info=info)
+                kl_of=kl_adaptive(kept_parts), top_p_info=info, version=4)
         # the same plus target_logp quantised like the other log-probs (not in the format: measured only)
         p11 = os.path.join(workdir, f"top-p-{top_p}-target-q.zarr")
-        count_codecs = codecs_v2(spec["topk_count"], np.dtype("uint16"))
         write_variant(p11, [arrays(i, ids=kept_parts[i]["ids"], top=kept_parts[i]["top"],
                                    tail=[a["tail"] for a in kept_parts], target_quantised=True,
                                    extra={"topk_count": (kept_parts[i]["count"].astype(np.uint16), count_codecs)})
@@ -661,6 +690,14 @@ def main(argv=None) -> int:
     today = read_variant(p1, num_parts)
     no_tail = int(sum((np.exp(r["topk_logp"].astype(np.float64)).sum(1) >= 1).sum() for r in today))
     all_bytes = store.nbytes_on_disk()
+    # the whole fixed-K store (base arrays, metadata) as format 3 wrote it: the same values, rewritten
+    from tests.store_helpers import as_version  # the tests' rewriter: names, codecs and chunking of a version
+
+    whole_v3 = os.path.join(workdir, "whole-v3.zarr")
+    shutil.rmtree(whole_v3, ignore_errors=True)
+    shutil.copytree(path, whole_v3)
+    as_version(whole_v3, 3)
+    all_bytes_v3 = TeacherStore.open(whole_v3).nbytes_on_disk()
     if args.out is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -699,7 +736,15 @@ def main(argv=None) -> int:
     print(f"  * chosen: {chosen['name']}: {chosen['total']:.1f} bytes/token against {today_row['total']:.1f} today "
           f"({chosen['total'] / today_row['total']:.2f}x), worst-row KL {chosen['max_kl']:.1e} against "
           f"{today_row['max_kl']:.1e} ({today_row['max_kl'] / max(chosen['max_kl'], 1e-30):,.0f}x smaller)")
-    print(f"  bytes/token, everything on disk (base arrays included): {all_bytes / total:.1f}")
+    print(f"  bytes/token, everything on disk (base arrays included): {all_bytes / total:.1f} (format 4), "
+          f"{all_bytes_v3 / total:.1f} (format 3)")
+    pairs = [(r3, r4) for r3 in results if r3["version"] == 3 for r4 in results
+             if r4["version"] == 4 and r4["top_p"] == r3["top_p"]]
+    print("  format 4 against format 3, the same values (same error, same KL): teacher arrays' bytes/token")
+    for r3, r4 in pairs:
+        print(f"    {r4['name']:<40} {r4['total']:6.1f} against {r3['total']:6.1f} ({r4['total'] - r3['total']:+.1f}, "
+              f"{100 * (r4['total'] / r3['total'] - 1):+.1f}%); max|err| {r4['max_err']:.5f} / {r3['max_err']:.5f}, "
+              f"worst KL {r4['max_kl']:.1e} / {r3['max_kl']:.1e}")
     print(f"  DistillKit, K={K} (lossy tail fit): ~{DISTILLKIT_BYTES} bytes/token; dense bf16 logits: "
           f"{2 * vocab:,} bytes/token")
     best = min((r for r in results if r["max_kl"] <= MAX_KL and r["plain"] == "yes" and not r["top_p"]),

@@ -13,6 +13,14 @@ the same way in the same run: it writes its own store of the same content (in
 its own format) and the reads alternate between the two, so a busy machine
 slows both alike and the ratio stays meaningful.
 
+``--checks`` measures instead what checking each chunk costs, this tree only,
+reads alternating the same way: the format 4 store as written (every chunk's
+crc32c checked), the same with the check turned off
+(``store.stream.CHECK_CRC32C``), the same content rewritten as format 3 (no
+check there), and format 3 with every array hashed and compared with the
+manifest's sha256 on read (what readers of format 1-3 stores would pay to
+check them; they do not).
+
 Reported per size and code: response tokens per second through to batch
 tensors, and memory as the growth of peak RSS (``ru_maxrss``) over the RSS just
 before streaming began, in a process that read only that store. Also the
@@ -21,7 +29,8 @@ not). Throughput is given against wall time and against the reader's CPU time
 (the two agree on an idle machine; on a shared one the CPU figure is the work
 done).
 
-    python benchmarks/store_stream.py [--sizes 200000,800000] [--baseline REV] [--repeat 3] [--workdir DIR]
+    python benchmarks/store_stream.py [--sizes 200000,800000] [--baseline REV | --checks] [--repeat 3]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -127,17 +136,56 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_store(path: str, traced: bool) -> dict:
-    """Stream the store to batch tensors once; runs in its own process."""
+def rewrite_as_version_3(source: str, target: str) -> dict:
+    """A copy of the store at ``source`` as format 3 wrote it (same decoded values and checksums)."""
+    from tests.store_helpers import as_version  # the tests' rewriter: names, codecs and chunking of a version
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    as_version(target, 3)
+    from store import TeacherStore
+
+    return {"bytes": TeacherStore.open(target).nbytes_on_disk(), "format_version": 3}
+
+
+def _check_manifest_on_read(store) -> None:
+    """Make the stream hash every array it reads and compare it with the store's manifest (format 1-3 readers
+    could check their stores this way; this measures what it would cost)."""
+    from store import StoreError, stream
+    from store.format import SectionRef, array_checksum
+
+    # the sections' checksums, as the manifest lists them (read before the timed loop, as a reader would keep them)
+    manifest = {ref.path: attrs["checksums"] for ref, attrs in store.complete_sections()}
+    read_part = stream._read_part
+
+    def checked(store_, requests, scratch=None):
+        out = read_part(store_, requests, scratch)
+        for request, arrays in zip(requests, out):
+            sums = manifest[SectionRef(*request[:4]).path]
+            for name, values in arrays.items():
+                if array_checksum(values) != sums[name]:
+                    raise StoreError(f"{name}: checksum differs")
+        return out
+
+    stream._read_part = checked
+
+
+def read_store(path: str, traced: bool, check: str = "default") -> dict:
+    """Stream the store to batch tensors once; runs in its own process. ``check``: "default" (what the reader
+    does), "no-crc" (format 4's crc32c not checked), "sha256" (every array checked against the manifest)."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     import torch
 
     torch.set_num_threads(1)
-    from store import ExampleStream, TeacherStore
+    from store import ExampleStream, TeacherStore, stream
     from train.batches import collate, token_budget_batches
 
     store = TeacherStore.open(path)
+    if check == "no-crc":
+        stream.CHECK_CRC32C = False
+    elif check == "sha256":
+        _check_manifest_on_read(store)
     stream = ExampleStream(store, "train", {"pairs": ["teacher"]}, shuffle=True, seed=0, buffer_examples=256)
     if traced:
         import tracemalloc
@@ -197,7 +245,12 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also measure the code of this git revision (e.g. the commit before a change), "
                              "reads alternating with this tree's")
+    parser.add_argument("--checks", action="store_true",
+                        help="measure the cost of checking chunks on read (crc32c on and off, format 3 with and "
+                             "without the manifest's sha256) instead of comparing code")
     parser.add_argument("--_read", help=argparse.SUPPRESS)
+    parser.add_argument("--_check", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--_v3", help=argparse.SUPPRESS)
     parser.add_argument("--_write", help=argparse.SUPPRESS)
     parser.add_argument("--_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_code", help=argparse.SUPPRESS)
@@ -206,7 +259,10 @@ def main(argv=None) -> int:
     if args._code:  # a child measuring another revision: its packages first
         sys.path.insert(0, args._code)
     if args._read:
-        print(json.dumps(read_store(args._read, args._traced)))
+        print(json.dumps(read_store(args._read, args._traced, args._check)))
+        return 0
+    if args._v3:
+        print(json.dumps(rewrite_as_version_3(args._v3, args._write)))
         return 0
     if args._write:
         t0 = time.perf_counter()
@@ -217,6 +273,12 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="store-stream-")
     os.makedirs(workdir, exist_ok=True)
+    if args.checks:
+        try:
+            return measure_checks(sizes, workdir, max(1, args.repeat))
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
     codes = [("this tree", None)]
     if args.baseline:
         codes.insert(0, (f"baseline {args.baseline}", _export(args.baseline, workdir)))
@@ -280,6 +342,49 @@ def main(argv=None) -> int:
           f"on {os.cpu_count()} CPUs")
     print(f"memory (this tree): store {mine[-1]['size'] / mine[0]['size']:.0f}x larger -> peak RSS growth "
           f"{growth:.2f}x")
+    return 0
+
+
+#: --checks: (label, store written as, what the reader checks)
+CHECK_VARIANTS = (
+    ("format 4, crc32c checked (default)", "v4", "default"),
+    ("format 4, crc32c not checked", "v4", "no-crc"),
+    ("format 3 (nothing to check)", "v3", "default"),
+    ("format 3, sha256 per array vs manifest", "v3", "sha256"),
+)
+
+
+def measure_checks(sizes: list[int], workdir: str, repeat: int) -> int:
+    """``--checks``: streaming speed of each of :data:`CHECK_VARIANTS`, reads alternating; one table."""
+    load_before = os.getloadavg()
+    results = []
+    for size in sizes:
+        paths = {"v4": os.path.join(workdir, f"k{K}-{size}-v4.zarr"), "v3": os.path.join(workdir, f"k{K}-{size}-v3.zarr")}
+        shutil.rmtree(paths["v4"], ignore_errors=True)
+        written = {"v4": _child(["--_write", paths["v4"], "--_size", str(size)], None)}
+        written["v3"] = {**written["v4"], **_child(["--_write", paths["v3"], "--_v3", paths["v4"]], None)}
+        runs = {label: [] for label, _, _ in CHECK_VARIANTS}
+        for _ in range(repeat):
+            for label, kind, check in CHECK_VARIANTS:
+                runs[label].append(_child(["--_read", paths[kind], "--_check", check], None))
+        for label, kind, _check in CHECK_VARIANTS:
+            best = min(runs[label], key=lambda r: r["seconds"])
+            results.append({"size": size, "label": label, **written[kind], **best,
+                            "cpu": min(r["cpu"] for r in runs[label])})
+            print(f"  {size:,} response tokens, {label}: read in "
+                  f"{', '.join('%.2f s' % r['seconds'] for r in runs[label])}", file=sys.stderr)
+    load_after = os.getloadavg()
+    print(f"store streaming with and without checking chunks, K={K}, vocab {VOCAB}, ExampleStream -> "
+          f"token_budget_batches -> collate, one core, best of {repeat} alternating reads")
+    print(f"  {'size':>9}  {'variant':<40} {'B/token':>8} {'tokens/s wall':>14} {'tokens/s CPU':>13} "
+          f"{'CPU vs first':>12}")
+    for size in sizes:
+        mine = [r for r in results if r["size"] == size]
+        first = mine[0]["cpu"]
+        for r in mine:
+            print(f"  {size:>9,}  {r['label']:<40} {r['bytes'] / r['response_tokens']:8.1f} "
+                  f"{r['tokens'] / r['seconds']:14,.0f} {r['tokens'] / r['cpu']:13,.0f} {r['cpu'] / first:11.2f}x")
+    print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
     return 0
 
 

@@ -4,13 +4,14 @@
     store info PATH [--json]
     store verify PATH
     store cp SRC DST
+    store upgrade SRC DST
     store export PATH --format hdf5 --out FILE
 
 PATH is a local directory or an fsspec URL (``s3://bucket/x.zarr``); pass
 filesystem options with ``--storage-option key=value`` (repeatable, e.g.
 ``endpoint_url=http://127.0.0.1:9000``); s3fs also reads the usual ``AWS_*``
 environment variables. None of these commands writes to a store it reads
-(``cp`` writes only its destination). Exit status: 0 fine, 1 verification
+(``cp`` and ``upgrade`` write only their destination). Exit status: 0 fine, 1 verification
 found damage, 2 the command could not run (not a store, unknown format, bad
 option), 3 an internal error, each said in one line naming the command
 (:func:`lm.cli.run_reported`); ``DISTILL_DEBUG=1`` shows tracebacks instead.
@@ -222,6 +223,31 @@ def cp(src, dst, storage_options, src_options, dst_options):
                             progress=lambda _path, _copied: bar.update(1))
     _echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
                f"{counts['skipped']} already there")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@storage_option
+@click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for SRC only (repeatable; overrides --storage-option).")
+@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for DST only (repeatable; overrides --storage-option).")
+@_reported
+def upgrade(src, dst, storage_options, src_options, dst_options):
+    """Copy a store into this version's format, every section re-encoded and verified; run it again to resume."""
+    from tqdm import tqdm
+
+    from .copy import copy_store
+
+    both = parse_storage_options(storage_options)
+    with tqdm(unit="section", desc="upgrade", file=sys.stderr, mininterval=0.5, leave=False) as bar:
+        counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
+                            dst_options={**both, **parse_storage_options(dst_options)},
+                            progress=lambda _path, _copied: bar.update(1), upgrade=True)
+    click.echo(f"upgraded {redact_url(src)} (format {counts['from_version']}) -> {redact_url(dst)} (format "
+               f"{counts['to_version']}): {counts['copied']} sections written and verified, {counts['skipped']} "
+               f"already there")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 The HDF5 file mirrors the store: groups ``<split>/part-NNNNN/<set>[/<section>]``
 with the same attributes and one dataset per array, every array decoded (token
 ids as integers, log-probs as float32), gzip-compressed. Only complete sections
-are exported (a set's sections only when its base arrays are complete).
+are exported (a set's sections only when its base arrays are complete), each
+array checked against its recorded checksum first (format 4 stores' chunks
+are checked on read too; this also catches a damaged format 1-3 chunk that
+still decodes, and a missing chunk file, which zarr reads as zeros).
 Attributes that are not scalars (mappings, lists) are stored as JSON strings;
 the root attribute ``json_attributes`` says so.
 """
@@ -17,6 +20,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import format as fmt
+from .errors import StoreError
+from .format import array_checksum
 from .locations import redact_url
 from .reader import StoreReader
 
@@ -96,7 +101,11 @@ def export_hdf5(store: StoreReader, out_path: str, *,
                     progress(ref.path)
                 target = h5.require_group(ref.path)
                 _put_attrs(target, attrs)
+                recorded = attrs.get("checksums") or {}
                 for name, array in store.read_section(ref.split, ref.part, ref.sequence_set, ref.section).items():
+                    if name in recorded and array_checksum(array) != recorded[name]:
+                        raise StoreError(f"{store.location}: {ref.path}/{name}: its values differ from their "
+                                         f"recorded checksum; `store verify` lists the damage")
                     _dataset(target, name, array)
                     arrays += 1
                 sections += 1

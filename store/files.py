@@ -29,14 +29,14 @@ __all__ = ["StoreFiles", "quiet_zarr", "READ_ONLY_PROTOCOLS", "refuse_read_only"
 #: protocols fsspec reads but cannot write (a plain web server answers PUT with 501)
 READ_ONLY_PROTOCOLS = ("http", "https")
 
-# Our log-prob codecs come from numcodecs; zarr warns on every open that other
-# zarr implementations may lack them. The format description says so once.
+# Format 1-3 stores' log-prob codecs come from numcodecs; zarr warns on every open that other
+# zarr implementations may lack them. The format description says so once. (Format 4 uses none.)
 warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr.*")
 
 
 @contextmanager
 def quiet_zarr():
-    """Silence zarr's warnings about the numcodecs codecs of this format (see above) inside the block."""
+    """Silence zarr's warnings about the numcodecs codecs of format 1-3 stores (see above) inside the block."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr.*")
         warnings.filterwarnings("ignore", message=".*numcodecs.zarr3.*")

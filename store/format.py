@@ -1,4 +1,4 @@
-"""The teacher-signal store format, version 3 (version 1 and 2 stores are still read).
+"""The teacher-signal store format, version 4 (version 1, 2 and 3 stores are still read).
 
 This module *is* the format: every group name, array name, axis, dtype and codec
 that a store may hold is declared here, and nothing else in the project spells
@@ -41,13 +41,26 @@ are compressed with Blosc (zstd inside, byte shuffle), a codec of the Zarr v3
 core, instead of numcodecs' shuffle followed by zstd. The values a reader gets
 back are the same kind in both versions.
 
-Version 3 (this writer) adds an adaptive K: a teacher section may hold
+Version 3 adds an adaptive K: a teacher section may hold
 ``topk_count``, the number of entries of each row's top-K that are kept (the
 fewest whose mass reaches the pass's ``top_p``, at most K); entries past it are
 padding (id 0, log-prob at :data:`LOGP_FLOOR`) and the tail carries the mass of
 every id outside the kept ones (:data:`DESCRIPTION` ``"adaptive_k"``). Without
 ``topk_count`` every entry is kept, as in versions 1 and 2. The version moved
-because a version 2 reader would take the padding for bins. Readers accept
+because a version 2 reader would take the padding for bins.
+
+Version 4 (this writer) changes only how the same values are encoded, so that
+any Zarr v3 implementation (zarr-python, TensorStore, zarrs, zarr.js) reads
+every array: each array's codecs are ``bytes``, then Blosc (zstd inside, byte
+shuffle) or, for one-byte items, the registered ``zstd``, then ``crc32c``, a
+checksum of every chunk that readers check on every read. No numcodecs codec
+remains. Quantised log-probs are stored as uint16 integers with their scale in
+the array's attributes (:func:`array_attributes`), and the teacher's sorted
+top-K log-probs as per-row steps along K under another name,
+``topk_logp_steps`` (:data:`ARRAY_TOPK_LOGP_STEPS`), so that a reader which
+does not know the rule finds no ``topk_logp`` rather than misreading one.
+:func:`decode_stored` is the rule; decoded values, hence checksums and content
+keys, are those of version 3, bit for bit. Readers accept
 :data:`READABLE_VERSIONS`; writers write only :data:`FORMAT_VERSION`.
 """
 
@@ -60,10 +73,10 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "distill-cache/teacher-signal-store"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: versions a reader of this module understands (a version 1 store has no ``tail_logp`` and other codecs,
-#: versions 1 and 2 no ``topk_count``)
-READABLE_VERSIONS = (1, 2, 3)
+#: versions 1 and 2 no ``topk_count``, versions 1 to 3 numcodecs codecs and no crc32c)
+READABLE_VERSIONS = (1, 2, 3, 4)
 VERSION_CHANGES = {
     2: "teacher sections may hold tail_logp (the exact log tail mass); token ids and log-probs use the "
        "core Blosc codec (zstd, byte shuffle) instead of numcodecs shuffle + zstd; sampled sets may hold "
@@ -71,6 +84,11 @@ VERSION_CHANGES = {
     3: "teacher sections may hold topk_count (an adaptive K, precompute teacher --top-p): row r keeps its first "
        "topk_count[r] top-K entries, the others are padding (id 0, log-prob at the floor) and its tail_logp is "
        "the mass outside the kept ids",
+    4: "every array is encoded with codecs of the Zarr v3 specification and its registered extensions only "
+       "(bytes, blosc or zstd, crc32c), readable by any Zarr v3 implementation, and every chunk ends with a "
+       "crc32c that readers check; quantised log-probs are uint16 integers whose scale is in the array's "
+       "attributes, and the teacher's topk_logp is stored as topk_logp_steps (per-row steps along K: readers "
+       "cumulate them, then scale); decoded values are version 3's, bit for bit",
 }
 
 SPLITS = ("train", "test")
@@ -201,6 +219,8 @@ ARRAY_GROUP_EXAMPLE_INDEX = "group_example_index"
 # teacher, reference and student_init sections
 ARRAY_TOPK_IDS = "topk_ids"
 ARRAY_TOPK_LOGP = "topk_logp"
+#: version 4's stored form of a teacher section's topk_logp (ENC_LOGP_SORTED): uint16 steps along K
+ARRAY_TOPK_LOGP_STEPS = "topk_logp_steps"
 ARRAY_TAIL_LOGP = "tail_logp"
 ARRAY_TOPK_COUNT = "topk_count"
 ARRAY_TARGET_LOGP = "target_logp"
@@ -411,23 +431,64 @@ class SectionRef:
 
 # Codecs ----------------------------------------------------------------------
 
+#: the namespaced block of a version 4 array's attributes that says how to decode it (:func:`array_attributes`)
+ATTRS_NAMESPACE = "distill_cache"
+#: version 4's stored value of a quantised log-prob: q = round(-logp * LOGP_SCALE) as uint16, and back
+#: logp = q * LOGP_STORED_SCALE + LOGP_STORED_OFFSET (exact in float32: q < 2**24, the scale a power of two)
+LOGP_STORED_DTYPE = np.dtype("uint16")
+LOGP_STORED_SCALE = -1.0 / LOGP_SCALE
+LOGP_STORED_OFFSET = 0.0
+#: format 4 encodes one-byte items with zstd at this level (registered codec), the others with Blosc
+ZSTD_LEVEL = 9
+
+
+def is_quantised(spec: ArraySpec) -> bool:
+    return spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP)
+
+
+def stored_name(spec: ArraySpec, version: int = FORMAT_VERSION) -> str:
+    """The name of ``spec``'s array in a store of ``version``: version 4 stores a teacher's sorted log-probs as
+    :data:`ARRAY_TOPK_LOGP_STEPS`; everything else under the spec's own name, which is also what readers
+    return and what checksums name."""
+    if version >= 4 and spec.encoding == ENC_LOGP_SORTED:
+        return ARRAY_TOPK_LOGP_STEPS
+    return spec.name
+
+
+def stored_dtype(spec: ArraySpec, dtype: np.dtype, version: int = FORMAT_VERSION) -> np.dtype:
+    """The zarr data type of ``spec``'s array in a store of ``version`` (``dtype``: the decoded values')."""
+    if version >= 4 and is_quantised(spec):
+        return LOGP_STORED_DTYPE
+    return np.dtype(dtype)
+
+
 def codecs_for(spec: ArraySpec, dtype: np.dtype, version: int = FORMAT_VERSION) -> dict:
     """Keyword arguments for ``zarr.create_array`` that encode ``spec`` as format ``version`` does.
 
-    Writers use the current version; ``version=1`` gives version 1's codecs (tests and
-    benchmarks build version 1 stores with it).
+    ``dtype`` is the decoded values' (float32 for log-probs). Writers use the current version;
+    ``version=1`` (or 2, 3) gives that version's codecs (tests and benchmarks build older stores with it).
+    Version 4: ``bytes``, then Blosc (zstd level :data:`BLOSC_CLEVEL`, byte shuffle) or, for one-byte items,
+    ``zstd`` level :data:`ZSTD_LEVEL` (smaller than Blosc on runs such as ``loss_mask``), then ``crc32c``,
+    on every array; the values are :func:`encode_stored`'s.
     """
-    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
     if version not in READABLE_VERSIONS:
         raise ValueError(f"no format version {version}; known: {READABLE_VERSIONS}")
+    if version >= 4:
+        itemsize = stored_dtype(spec, dtype, version).itemsize
+        if itemsize == 1:
+            first = ZstdCodec(level=ZSTD_LEVEL)
+        else:
+            first = BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, typesize=itemsize, shuffle="shuffle")
+        return dict(filters=None, serializer=BytesCodec(), compressors=[first, Crc32cCodec()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numcodecs codecs are outside the v3 core spec
         from zarr.codecs.numcodecs import Delta, FixedScaleOffset, Shuffle
 
         itemsize = dtype.itemsize
         filters = None
-        if spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP):
+        if is_quantised(spec):
             # value = -q / 128 with q = round(-logp * 128) stored as uint16
             filters = [FixedScaleOffset(offset=0, scale=-LOGP_SCALE, dtype="<f4", astype="<u2")]
             if spec.encoding == ENC_LOGP_SORTED:
@@ -447,10 +508,90 @@ def codecs_for(spec: ArraySpec, dtype: np.dtype, version: int = FORMAT_VERSION) 
 
 def prepare_values(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
     """Clamp log-probs into the quantiser's range (no wrap-around of uint16)."""
-    if spec.encoding in (ENC_LOGP_SORTED, ENC_LOGP):
+    if is_quantised(spec):
         values = np.asarray(values, dtype=np.float32)
         return np.clip(np.nan_to_num(values, nan=LOGP_FLOOR, neginf=LOGP_FLOOR), LOGP_FLOOR, 0.0)
     return values
+
+
+def encode_stored(spec: ArraySpec, values: np.ndarray, version: int = FORMAT_VERSION) -> np.ndarray:
+    """What a store of ``version`` holds for ``spec``'s (prepared, :func:`prepare_values`) values.
+
+    Versions 1-3 hold the values themselves (their numcodecs filters quantise). Version 4 holds quantised
+    log-probs as uint16 ``q = round(-logp * 128)`` (round half to even, as numcodecs' FixedScaleOffset did,
+    so the decoded values are version 3's bit for bit), and sorted ones as per-row steps along K:
+    ``s[:, 0] = q[:, 0]``, ``s[:, k] = q[:, k] - q[:, k-1]`` modulo 2**16 (non-negative and small for
+    descending log-probs; any values round-trip).
+    """
+    if version < 4 or not is_quantised(spec):
+        return values
+    q = np.around(np.asarray(values, dtype=np.float32) * np.float32(-LOGP_SCALE)).astype(LOGP_STORED_DTYPE)
+    if spec.encoding == ENC_LOGP_SORTED and q.ndim == 2 and q.shape[1] > 1:
+        steps = q.copy()
+        np.subtract(q[:, 1:], q[:, :-1], out=steps[:, 1:])  # uint16 arithmetic: modulo 2**16
+        return steps
+    return q
+
+
+def decode_stored(spec: ArraySpec, stored: np.ndarray, version: int = FORMAT_VERSION,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """The values of ``spec`` from what a store of ``version`` holds (zarr's decoded array): the rule that
+    :func:`array_attributes` writes beside every version 4 array, in numpy.
+
+    Quantised log-probs (version 4): ``q`` (steps cumulated along K in uint16 arithmetic, for a sorted
+    array), then ``q * -1/128 + 0.0`` in float32, exact, with ``+ 0.0`` turning -0.0 into 0.0 as numcodecs'
+    offset did. Anything else is returned as it is.
+    """
+    if version < 4 or not is_quantised(spec):
+        return stored
+    q = np.asarray(stored).astype(LOGP_STORED_DTYPE, copy=False)
+    if spec.encoding == ENC_LOGP_SORTED and q.ndim == 2:
+        q = np.cumsum(q, axis=1, dtype=LOGP_STORED_DTYPE)
+    out = np.multiply(q, np.float32(LOGP_STORED_SCALE), dtype=np.float32, out=out)
+    out += np.float32(LOGP_STORED_OFFSET)
+    return out
+
+
+def array_attributes(spec: ArraySpec, version: int = FORMAT_VERSION) -> dict:
+    """The attributes a version 4 writer puts on ``spec``'s array: its description and, for quantised
+    log-probs, how to decode them (nothing for older versions).
+
+    A quantised array that decodes by a scale alone (``tail_logp``, the reference's ``topk_logp``) carries
+    the CF conventions' ``scale_factor``/``add_offset``/``units``, which CF-aware readers (xarray) apply by
+    themselves. The steps (``topk_logp_steps``) carry the scale only inside the :data:`ATTRS_NAMESPACE` block:
+    a CF reader would scale the steps without cumulating them first, a silent misreading.
+    """
+    if version < 4:
+        return {}
+    attrs: dict = {"description": spec.description}
+    if not is_quantised(spec):
+        return attrs
+    rule = {
+        "encoding": "logp_sorted_steps" if spec.encoding == ENC_LOGP_SORTED else "logp_quantised",
+        "decodes_to": spec.name,
+        "decoded_dtype": "float32",
+        "scale": LOGP_STORED_SCALE,
+        "offset": LOGP_STORED_OFFSET,
+        "max_abs_error": LOGP_MAX_ABS_ERROR,
+        "floor": LOGP_FLOOR,
+        "encode": f"q = round_half_even(-clip(logp, {LOGP_FLOOR}, 0) * {LOGP_SCALE}) as uint16",
+    }
+    if spec.encoding == ENC_LOGP_SORTED:
+        rule.update(cumulative_axis=1, decode=(
+            "q = cumulative sum of the stored steps along axis 1 (K), in uint16 arithmetic (modulo 2**16); "
+            "value = float32(q) * scale + offset, in float32 (exact), + 0.0 (no -0.0)"))
+        return {**attrs, "units": "nat", ATTRS_NAMESPACE: rule}
+    rule["decode"] = "value = float32(stored) * scale + offset, in float32 (exact), + 0.0 (no -0.0)"
+    return {**attrs, "scale_factor": LOGP_STORED_SCALE, "add_offset": LOGP_STORED_OFFSET, "units": "nat",
+            ATTRS_NAMESPACE: rule}
+
+
+def key_format_version(version: int) -> int:
+    """The format version content keys (:mod:`store.keys`) record for a store of ``version``: the last
+    version that changed what the numbers are. Version 4 changed only their encoding (decoded values are
+    version 3's), so its keys are version 3's, and a section keyed in one is found from the other (copying
+    it re-encodes: :func:`store.copy.copy_section`)."""
+    return 3 if version == 4 else version
 
 
 # Content keys (:mod:`store.keys`) -----------------------------------------------
@@ -462,7 +603,9 @@ DESCRIPTIVE_SETTINGS = ("dataset", "reference_is", "template.source", "dynamic_d
 KEY_INPUTS = {
     "every key": (
         "sha256 hex of canonical JSON (sorted keys, no spaces) of {key_version, kind, layout: {format_version, "
-        "token_id_dtype, tokenizer_sha256}, example_range: [start, stop) of the part, inputs}; a pass record's "
+        "token_id_dtype, tokenizer_sha256}, example_range: [start, stop) of the part, inputs}; format_version is "
+        "3 in version 4 stores too (version 4 changed only the encoding: the same numbers have the same key); "
+        "a pass record's "
         "settings enter as written, without the model's name and without "
         + ", ".join(DESCRIPTIVE_SETTINGS) + " (names of where something came from)"
     ),
@@ -538,22 +681,47 @@ DESCRIPTION = {
         ENC_TOKEN_IDS: "lossless token ids (uint16 when the vocabulary fits); Blosc (zstd, byte shuffle)",
         ENC_LOGP_SORTED: (
             f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
-            f"(max abs error {LOGP_MAX_ABS_ERROR}), delta along K, Blosc (zstd, byte shuffle); zarr "
-            f"decodes to float32"
+            f"(max abs error {LOGP_MAX_ABS_ERROR}); version 4: stored as {ARRAY_TOPK_LOGP_STEPS}, uint16 steps "
+            f"along K, decoded as 'decoding' says; versions 1-3: delta along K inside numcodecs filters that "
+            f"zarr-python decodes to float32"
         ),
         ENC_LOGP: (
             f"log-probs clamped to [{LOGP_FLOOR}, 0] and quantised to 1/{LOGP_SCALE} nat "
-            f"(max abs error {LOGP_MAX_ABS_ERROR}), Blosc (zstd, byte shuffle); zarr decodes to float32"
+            f"(max abs error {LOGP_MAX_ABS_ERROR}); version 4: uint16, decoded as 'decoding' says; versions "
+            f"1-3: a numcodecs filter that zarr-python decodes to float32"
         ),
         ENC_COUNT: "lossless unsigned integers; Blosc (zstd, byte shuffle)",
     },
+    "decoding": (
+        "Version 4 stores only codecs of the Zarr v3 specification and its registered extensions: bytes "
+        "(little endian), then blosc (zstd, byte shuffle) or, for one-byte items, zstd, then crc32c; any Zarr v3 "
+        "reader (zarr-python, TensorStore, zarrs, zarr.js) decodes every array and checks each chunk's crc32c. "
+        "Integers are the values, except quantised log-probs, stored as uint16 q = round_half_even(-clip(logp, "
+        f"{LOGP_FLOOR}, 0) * {LOGP_SCALE}): their attributes hold the rule under '{ATTRS_NAMESPACE}' (scale "
+        f"{LOGP_STORED_SCALE}, offset {LOGP_STORED_OFFSET}, max_abs_error, floor), and, where a scale is the "
+        "whole rule (tail_logp, a reference section's topk_logp), CF's scale_factor / add_offset / units too: "
+        "value = float32(q) * scale + offset, computed in float32 (exact), plus 0.0 (no -0.0). A teacher "
+        f"section's topk_logp is stored as {ARRAY_TOPK_LOGP_STEPS}: per-row steps along K (step 0 = q of entry "
+        "0, step k = q_k - q_(k-1) modulo 2**16); cumulate them along K in uint16 arithmetic to get q, then "
+        "scale (no CF attributes there: scaling the steps alone would misread them). Versions 1-3 use numcodecs "
+        "filters (fixedscaleoffset, delta, shuffle) that zarr-python decodes by itself, and no crc32c."
+    ),
+    "checksums": (
+        "A section's attrs.checksums (and the root manifest) hold per array a sha256 of its decoded values "
+        "(dtype, shape, little-endian C-order bytes), named as readers return them: topk_logp for "
+        f"{ARRAY_TOPK_LOGP_STEPS}. Equal values have equal checksums in every version."
+    ),
     "versions": {str(v): change for v, change in VERSION_CHANGES.items()},
     "arrays": {
         "base": {s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}"
                  for s in BASE_ARRAYS + GROUP_ARRAYS},
         **{
-            section: {s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}"
-                      for s in specs}
+            section: {
+                **{s.name: f"[{s.axis}{', ' + s.width if s.width else ''}] {s.description}" for s in specs},
+                **{stored_name(s): f"[{s.axis}{', ' + s.width if s.width else ''}] version 4's stored form of "
+                                   f"{s.name}: uint16 steps along K (see 'decoding')"
+                   for s in specs if stored_name(s) != s.name},
+            }
             for section, specs in SECTION_ARRAYS.items()
         },
     },

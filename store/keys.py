@@ -24,8 +24,12 @@ nothing of the project.
 
 Canonical form: a key is the sha256 hex of the UTF-8 JSON (keys sorted, no
 spaces, no NaN) of ``{"key_version", "kind", "layout", "example_range",
-"inputs"}``. ``layout`` is what makes a section's bytes mean the same in two
-stores: the format version, the token id dtype and the tokenizer's hash.
+"inputs"}``. ``layout`` is what makes a section's numbers mean the same in two
+stores: the format version, the token id dtype and the tokenizer's hash. The
+format version is the last one that changed the numbers
+(:func:`store.format.key_format_version`): format 4 changed only their
+encoding, so its keys are format 3's, and a section found in a store of the
+other version is copied re-encoded (:func:`store.copy.copy_section`).
 ``example_range`` is the part's ``[start, stop)``. ``inputs`` depends on the kind.
 """
 
@@ -62,7 +66,8 @@ def digest(value: Any) -> str:
 
 
 def layout(format_version: int, token_id_dtype: str, tokenizer_sha256: str) -> dict:
-    """What makes a section's bytes mean the same thing in two stores."""
+    """What makes a section's numbers mean the same thing in two stores (``format_version`` as keys record it:
+    :func:`store.format.key_format_version`)."""
     return {"format_version": int(format_version), "token_id_dtype": str(token_id_dtype),
             "tokenizer_sha256": str(tokenizer_sha256)}
 

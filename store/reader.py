@@ -23,7 +23,7 @@ from .format import SectionRef
 from .keys import ATTR, layout
 from .provenance import DatasetRecord, PassRecord, TokenizerRecord, read_passes
 
-__all__ = ["StoreReader", "read_arrays"]
+__all__ = ["StoreReader", "read_arrays", "section_specs", "chunk_error", "failure_reason", "CRC_MISMATCH"]
 
 
 class StoreReader:
@@ -74,7 +74,8 @@ class StoreReader:
             raise FormatMismatch(
                 f"{self.location}: store format version {found.get('version')}; this writer writes version "
                 f"{fmt.FORMAT_VERSION} only ({fmt.VERSION_CHANGES.get(fmt.FORMAT_VERSION, '')}). It still "
-                f"reads; to add passes, write a new store (another --out)"
+                f"reads; to add passes, write a new store (another --out), or copy this one as version "
+                f"{fmt.FORMAT_VERSION} first (store upgrade {self.location} NEW) and add them there"
             )
         if tokenizer_hash is not None:
             stored = attrs.get("tokenizer", {}).get("hash")
@@ -194,11 +195,11 @@ class StoreReader:
         if not attrs or attrs.get("complete") or not attrs.get(fmt.ATTR_UNFINISHED):
             return None
         sums = attrs.get("checksums") or {}
-        path = SectionRef(split, part, sequence_set, section).path
+        ref = SectionRef(split, part, sequence_set, section)
         try:
-            arrays = read_arrays(self.files.zarr_store, [(path, list(sums))], require_complete=False,
-                                 location=self.location)[0]
-        except Exception:  # noqa: BLE001 - unreadable leftovers are work to redo, not a failed run
+            arrays = read_arrays(self.files.zarr_store, [(ref.path, section_specs(ref, sums, self.location))],
+                                 require_complete=False, location=self.location, version=self.format_version)[0]
+        except (StoreError, OSError, ValueError):  # unreadable leftovers are work to redo, not a failed run
             return None
         if any(fmt.array_checksum(arrays[name]) != expected for name, expected in sums.items()):
             return None
@@ -229,13 +230,9 @@ class StoreReader:
             split, part, sequence_set = request[:3]
             section = request[3] if len(request) > 3 else fmt.BASE
             names = request[4] if len(request) > 4 else None
-            jobs.append((SectionRef(split, part, sequence_set, section),
-                         list(names) if names is not None
-                         else [s.name for s in fmt.arrays_of(sequence_set, section)]))
-        # an optional array (store.format) that a section lacks is left out of what is returned
-        optional = {s.name for specs in fmt.SECTION_ARRAYS.values() for s in specs if s.optional}
-        return read_arrays(self.files.zarr_store, [(ref.path, names) for ref, names in jobs],
-                           location=self.location, optional=optional)
+            ref = SectionRef(split, part, sequence_set, section)
+            jobs.append((ref.path, section_specs(ref, names, self.location)))
+        return read_arrays(self.files.zarr_store, jobs, location=self.location, version=self.format_version)
 
     def walk_sections(self, splits: Iterable[str] | None = None,
                       sections: Iterable[str] = (fmt.BASE,) + fmt.SECTIONS,
@@ -266,8 +263,9 @@ class StoreReader:
     # -- content keys (see store.keys) -----------------------------------------
 
     def key_layout(self) -> dict:
-        """What every content key of this store shares: format version, token id dtype, tokenizer hash."""
-        return layout(self.format_version, self.attrs["token_id_dtype"], self.tokenizer.hash)
+        """What every content key of this store shares: format version (as keys record it:
+        :func:`store.format.key_format_version`), token id dtype, tokenizer hash."""
+        return layout(fmt.key_format_version(self.format_version), self.attrs["token_id_dtype"], self.tokenizer.hash)
 
     def content_keys(self, splits: Iterable[str] | None = None) -> dict[str, str]:
         """Section path -> content key of every complete section that records one."""
@@ -277,21 +275,36 @@ class StoreReader:
         return sum(self.files.sizes(prefix).values())
 
 
-def read_arrays(zarr_store, jobs: list[tuple[str, list[str]]], *, require_complete: bool = True,
-                location: str = "", optional: frozenset | set = frozenset()) -> list[dict[str, np.ndarray]]:
-    """Decode the named arrays of the groups at the given paths of ``zarr_store``, all in one trip through
-    zarr's event loop.
+def section_specs(ref: SectionRef, names: Iterable[str] | None = None, location: str = "") -> list[fmt.ArraySpec]:
+    """The format's specs of ``names`` (default: every array) of the section at ``ref``; StoreError for a name
+    the format does not give that section."""
+    specs = {spec.name: spec for spec in fmt.arrays_of(ref.sequence_set, ref.section)}
+    if names is None:
+        return list(specs.values())
+    unknown = [name for name in names if name not in specs]
+    if unknown:
+        raise StoreError(f"{location}: {ref.path} has no array {unknown[0]!r}")
+    return [specs[name] for name in names]
+
+
+def read_arrays(zarr_store, jobs: list[tuple[str, list[fmt.ArraySpec]]], *, require_complete: bool = True,
+                location: str = "", version: int = fmt.FORMAT_VERSION) -> list[dict[str, np.ndarray]]:
+    """Decode the arrays (given by their specs) of the groups at the given paths of ``zarr_store``, a store of
+    format ``version``, all in one trip through zarr's event loop: name -> values, as
+    :func:`store.format.decode_stored` gives them (named as the spec is, whatever the stored name).
 
     A group that is missing (or, with ``require_complete``, not marked complete)
-    raises IncompleteSection; a missing array StoreError, unless its name is in
-    ``optional`` (then it is left out of the result).
+    raises IncompleteSection; a missing array StoreError, unless its spec is
+    optional (then it is left out of the result). A chunk that cannot be read or
+    decoded (version 4: its crc32c differs) raises StoreError naming the chunk's
+    file, ``<location>/<path>/<array>/c/<i>/0``.
     """
     import asyncio
 
     import zarr.api.asynchronous as zasync
     from zarr.core.sync import sync
 
-    async def one_group(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    async def one_group(path: str, specs: list[fmt.ArraySpec]) -> dict[str, np.ndarray]:
         try:
             group = await zasync.open_group(store=zarr_store, path=path, mode="r", zarr_format=3)
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, json.JSONDecodeError):
@@ -299,20 +312,56 @@ def read_arrays(zarr_store, jobs: list[tuple[str, list[str]]], *, require_comple
         if group is None or (require_complete and not group.attrs.get("complete")):
             raise IncompleteSection(f"{location}: {path} is missing or not complete")
 
-        async def one_array(name: str) -> np.ndarray | None:
+        async def one_array(spec: fmt.ArraySpec) -> np.ndarray | None:
+            name = fmt.stored_name(spec, version)
             try:
                 arr = await group.getitem(name)
             except KeyError:
-                if name in optional:
+                if spec.optional:
                     return None
                 raise StoreError(f"{location}: {path} has no array {name!r}")
-            return np.asarray(await arr.getitem(Ellipsis))
+            try:
+                stored = np.asarray(await arr.getitem(Ellipsis))
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk: find it and name it
+                raise await _damaged_chunk(arr, "/".join(x for x in (location, path, name) if x), exc) from exc
+            return fmt.decode_stored(spec, stored, version)
 
-        values = await asyncio.gather(*(one_array(n) for n in names))
-        return {name: value for name, value in zip(names, values) if value is not None}
+        values = await asyncio.gather(*(one_array(spec) for spec in specs))
+        return {spec.name: value for spec, value in zip(specs, values) if value is not None}
 
     async def all_groups():
-        return await asyncio.gather(*(one_group(path, names) for path, names in jobs))
+        return await asyncio.gather(*(one_group(path, specs) for path, specs in jobs))
 
     with quiet_zarr():
         return list(sync(all_groups()))
+
+
+async def _damaged_chunk(arr, array_path: str, exc: BaseException) -> StoreError:
+    """The error for an array that failed to decode, naming its first chunk that fails alone (zarr's own
+    errors, a crc32c mismatch among them, name no chunk). Arrays here are chunked along rows only."""
+    rows = arr.chunks[0] if arr.shape else 1
+    for index in range(-(-arr.shape[0] // rows) if arr.shape and arr.shape[0] else 0):
+        try:
+            await arr.getitem(slice(index * rows, min((index + 1) * rows, arr.shape[0])))
+        except Exception as chunk_exc:  # noqa: BLE001 - this chunk is the damaged one
+            key = "/".join([str(index)] + ["0"] * (len(arr.shape) - 1))
+            return StoreError(chunk_error(f"{array_path}/c/{key}", chunk_exc))
+    return StoreError(f"{array_path}: cannot be read ({type(exc).__name__}: {exc}); `store verify` lists the damage")
+
+
+#: what every reader says of a chunk whose crc32c does not match (zarr's own words vary and name no chunk)
+CRC_MISMATCH = "its crc32c differs from its bytes"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a chunk failed to decode, in a few words: zarr's crc32c mismatch as :data:`CRC_MISMATCH`."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ValueError) and "checksum do not match" in text:
+        return CRC_MISMATCH
+    return f"{type(exc).__name__}: {text or 'no message'}"
+
+
+def chunk_error(chunk_path: str, exc: BaseException | str) -> str:
+    """The one-line message for a chunk file that cannot be read or decoded."""
+    reason = exc if isinstance(exc, str) else failure_reason(exc)
+    return f"{chunk_path}: damaged chunk, cannot be decoded ({reason}); `store verify` lists all the damage"

@@ -11,13 +11,17 @@ epoch and mixes examples through a fixed-size buffer, so memory is bounded by
 ``buffer_examples`` and the part size, never by the store's size.
 
 Parts are read by ``_read_part``: for the plain chunk layouts this project
-writes (regular chunks along rows, the codecs of :mod:`store.format`, either
+writes (regular chunks along rows, the codecs of :mod:`store.format`, any
 version) it fetches a part's chunk files at once (``store.files.read_many``) and decodes them
 with numcodecs, which takes much less CPU than zarr's asynchronous codec
 pipeline and gives the same bytes; the quantised log-probs' delta and scale
-filters are undone in one vectorised pass (:class:`_FastLogp`). Anything else
-(another layout or codec, a missing chunk file) is read through zarr. An
-optional array (:mod:`store.format`) that a section lacks is left out.
+filters (versions 1-3) or stored integers (version 4) are undone in one
+vectorised pass (:class:`_FastLogp`, :class:`_StoredLogp`). Every version 4
+chunk's crc32c is checked before it is decoded (:data:`CHECK_CRC32C`); a chunk
+that fails it, or fails to decode, or (version 4) is missing, is a StoreError
+naming its file. Anything else (another layout or codec, a missing chunk file
+of an older version) is read through zarr. An optional array
+(:mod:`store.format`) that a section lacks is left out.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from . import format as fmt
 from .errors import IncompleteSection, StoreError
 from .format import SectionRef
-from .reader import StoreReader
+from .reader import CRC_MISMATCH, StoreReader, chunk_error, failure_reason, section_specs
 
 Needs = Mapping[str, Seq[str]]  # sequence set -> sections wanted, e.g. {"pairs": ["teacher"]}
 
@@ -84,6 +88,29 @@ class Example:
 
 class _Unsupported(Exception):
     """A layout the direct chunk reader does not handle: read through zarr instead."""
+
+
+class _DamagedChunk(Exception):
+    """A chunk file that fails its crc32c or cannot be decoded: ``index`` along the rows, ``reason``."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+#: check every version 4 chunk's crc32c before decoding it. Only benchmarks/store_stream.py turns it off, to
+#: measure what the check costs; a reader that skips it may train on a damaged chunk without knowing.
+CHECK_CRC32C = True
+#: CRC-32C of any bytes followed by their own CRC-32C (little endian): a constant of the code (the
+#: reflected CRC's residue). Checking a chunk against it hashes the file as it is, without slicing off
+#: zarr's 4-byte trailer (a copy).
+_CRC32C_RESIDUE = 0x48674BC7
+
+
+def _crc32c_ok(blob: bytes) -> bool:
+    import google_crc32c
+
+    return len(blob) >= 4 and google_crc32c.value(blob) == _CRC32C_RESIDUE
 
 
 _PLAIN_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -140,10 +167,33 @@ class _FastScale:
         return out
 
 
-class _ArrayLayout:
-    """What decoding one array needs, from its ``zarr.json`` (Zarr v3)."""
+class _StoredLogp:
+    """Version 4's quantised log-probs (:func:`store.format.decode_stored`), chunk by chunk into float32: the
+    uint16 ``q`` (for sorted ones cumulated along K first, in uint16 arithmetic), times ``-1/128``, plus 0.0;
+    bit for bit what :func:`store.format.decode_stored` and version 3's codecs give."""
 
-    def __init__(self, meta: dict):
+    def __init__(self, spec: fmt.ArraySpec, width: int):
+        self.steps = spec.encoding == fmt.ENC_LOGP_SORTED
+        self.width = width
+        self.scale = np.float32(fmt.LOGP_STORED_SCALE)
+        self.offset = np.float32(fmt.LOGP_STORED_OFFSET)
+
+    def decode(self, values: np.ndarray, out: np.ndarray | None = None, work: np.ndarray | None = None) -> np.ndarray:
+        q = np.asarray(values).view(fmt.LOGP_STORED_DTYPE).reshape(-1)
+        if self.steps:
+            rows = q.shape[0] // self.width
+            q = np.cumsum(q.reshape(rows, self.width), axis=1, dtype=fmt.LOGP_STORED_DTYPE,
+                          out=None if work is None else work.reshape(rows, self.width)).reshape(-1)
+        out = np.multiply(q, self.scale, dtype=np.float32, out=out)
+        out += self.offset  # -0.0 -> 0.0
+        return out
+
+
+class _ArrayLayout:
+    """What decoding one array needs, from its ``zarr.json`` (Zarr v3); with ``spec`` of a version 4 store, also
+    its values' rule (:class:`_StoredLogp`)."""
+
+    def __init__(self, meta: dict, spec: fmt.ArraySpec | None = None, version: int = fmt.FORMAT_VERSION):
         import numcodecs
 
         if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
@@ -158,11 +208,16 @@ class _ArrayLayout:
             raise _Unsupported("chunked along more than the first axis")
         self.separator = keys.get("configuration", {}).get("separator", "/")
         self.filters, self.compressors = [], []
+        self.crc32c = False  # the last codec is crc32c (version 4: every array)
         encoded = self.dtype  # dtype that reaches the bytes codec
         seen_bytes = False
         for codec in meta["codecs"]:
             name, conf = codec["name"], dict(codec.get("configuration") or {})
-            if name == "bytes":
+            if self.crc32c:
+                raise _Unsupported("a codec after crc32c")
+            if name == "crc32c" and seen_bytes and self.compressors:
+                self.crc32c = True
+            elif name == "bytes":
                 if conf.get("endian", "little") != "little" and encoded.itemsize > 1:
                     raise _Unsupported("big-endian")
                 seen_bytes = True
@@ -189,6 +244,11 @@ class _ArrayLayout:
                 and np.dtype(self.filters[1].astype) == np.dtype("<u2")):
             self.filters = [_FastLogp(self.filters[0])]
         self.encoded = encoded.newbyteorder("<")
+        if spec is not None and version >= 4 and fmt.is_quantised(spec):
+            if self.filters or self.dtype != fmt.LOGP_STORED_DTYPE:
+                raise _Unsupported("quantised log-probs that are not uint16")
+            self.filters = [_StoredLogp(spec, int(np.prod(self.chunks[1:], dtype=np.int64)))]
+            self.dtype = np.dtype(np.float32)  # what the reader returns
         self.num_chunks = -(-self.shape[0] // self.chunks[0]) if self.shape[0] else 0
 
     def chunk_key(self, index: int) -> str:
@@ -205,13 +265,20 @@ class _ArrayLayout:
         for i, blob in enumerate(raw):
             start = i * rows
             stop = min(start + rows, self.shape[0])
-            if stop - start == rows:
-                self._decode_chunk(blob, out[start:stop].reshape(-1), scratch)
-            else:  # the last chunk, partly beyond the array: decode it whole, keep its rows
-                whole = scratch.array("temp/last", self.chunks, self.dtype) if scratch else np.empty(
-                    self.chunks, dtype=self.dtype)
-                self._decode_chunk(blob, whole.reshape(-1), scratch)
-                out[start:stop] = whole[:stop - start]
+            if self.crc32c:
+                if CHECK_CRC32C and not _crc32c_ok(blob):
+                    raise _DamagedChunk(i, CRC_MISMATCH)
+                blob = memoryview(blob)[:-4]
+            try:
+                if stop - start == rows:
+                    self._decode_chunk(blob, out[start:stop].reshape(-1), scratch)
+                else:  # the last chunk, partly beyond the array: decode it whole, keep its rows
+                    whole = scratch.array("temp/last", self.chunks, self.dtype) if scratch else np.empty(
+                        self.chunks, dtype=self.dtype)
+                    self._decode_chunk(blob, whole.reshape(-1), scratch)
+                    out[start:stop] = whole[:stop - start]
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk (no crc32c, or one that matches garbage)
+                raise _DamagedChunk(i, failure_reason(exc)) from exc
         return out
 
     def _decode_chunk(self, blob: bytes, dest: np.ndarray, scratch: "_Scratch | None") -> np.ndarray:
@@ -235,7 +302,7 @@ class _ArrayLayout:
             if values is not dest:
                 dest[...] = values
             return dest
-        if len(self.filters) == 1 and isinstance(self.filters[0], _FastLogp):
+        if len(self.filters) == 1 and isinstance(self.filters[0], (_FastLogp, _StoredLogp)):
             return self.filters[0].decode(values, out=dest, work=temp("work", np.uint16))
         if len(self.filters) == 1 and isinstance(self.filters[0], _FastScale):
             return self.filters[0].decode(values, out=dest)
@@ -279,8 +346,12 @@ def _read_direct(store: StoreReader, jobs: list[tuple[SectionRef, list[str]]],
     With ``scratch`` the arrays live in its buffers (see :meth:`_ArrayLayout.decode`)."""
     import json
 
+    version = store.format_version
+    # (ref, [(spec, the array's name in this store)]): version 4 stores sorted log-probs under another name
+    jobs = [(ref, [(spec, fmt.stored_name(spec, version)) for spec in section_specs(ref, names, store.location)])
+            for ref, names in jobs]
     group_paths = [f"{ref.path}/zarr.json" for ref, _ in jobs]
-    array_paths = [f"{ref.path}/{name}/zarr.json" for ref, names in jobs for name in names]
+    array_paths = [f"{ref.path}/{stored}/zarr.json" for ref, arrays in jobs for _spec, stored in arrays]
     meta = store.files.read_many(group_paths + array_paths)  # one request for every file
     for (ref, _), path in zip(jobs, group_paths):
         group = meta.get(path)
@@ -293,40 +364,39 @@ def _read_direct(store: StoreReader, jobs: list[tuple[SectionRef, list[str]]],
         if not complete:
             raise IncompleteSection(f"{store.location}: {ref} is missing or not complete")
     layouts = {}
-    jobs = [(ref, [name for name in names if name not in _OPTIONAL or _present(meta, f"{ref.path}/{name}")])
-            for ref, names in jobs]
-    for ref, names in jobs:
-        for name in names:
-            path = f"{ref.path}/{name}/zarr.json"
+    jobs = [(ref, [(spec, stored) for spec, stored in arrays
+                   if not spec.optional or _present(meta, f"{ref.path}/{stored}")]) for ref, arrays in jobs]
+    for ref, arrays in jobs:
+        for spec, stored in arrays:
+            path = f"{ref.path}/{stored}/zarr.json"
             blob = meta.get(path)
             if isinstance(blob, BaseException) or blob is None:
                 raise _Unsupported("array metadata missing: let zarr report it")
             try:
-                layouts[(ref.path, name)] = _ArrayLayout(json.loads(blob))
+                layouts[(ref.path, stored)] = _ArrayLayout(json.loads(blob), spec, version)
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise _Unsupported(f"unreadable metadata: {exc}")
     chunk_paths = {key: [f"{key[0]}/{key[1]}/{layout.chunk_key(i)}" for i in range(layout.num_chunks)]
                    for key, layout in layouts.items()}
     wanted = [path for paths in chunk_paths.values() for path in paths]
     blobs = store.files.read_many(wanted)
-    if any(isinstance(blobs.get(path), BaseException) or blobs.get(path) is None for path in wanted):
+    absent = [path for path in wanted if isinstance(blobs.get(path), BaseException) or blobs.get(path) is None]
+    if absent and version >= 4:  # every chunk of a version 4 array is written: a missing one is damage
+        raise StoreError(chunk_error(f"{store.location}/{absent[0]}", "the chunk file is missing or unreadable"))
+    if absent:
         raise _Unsupported("a chunk file is missing: let zarr decide (fill value)")
     out = []
-    for ref, names in jobs:
-        arrays = {}
-        for name in names:
+    for ref, arrays in jobs:
+        decoded = {}
+        for spec, stored in arrays:
+            layout, paths = layouts[(ref.path, stored)], chunk_paths[(ref.path, stored)]
             try:
-                arrays[name] = layouts[(ref.path, name)].decode([blobs[p] for p in chunk_paths[(ref.path, name)]],
-                                                                scratch, f"{ref.sequence_set}/{ref.section}/{name}")
-            except Exception as exc:  # a damaged chunk: name it, as zarr would fail too
-                raise StoreError(f"{store.location}: {ref}/{name} cannot be decoded ({type(exc).__name__}: "
-                                 f"{exc}); `store verify {store.location}` lists the damage") from exc
-        out.append(arrays)
+                decoded[spec.name] = layout.decode([blobs[p] for p in paths], scratch,
+                                                   f"{ref.sequence_set}/{ref.section}/{spec.name}")
+            except _DamagedChunk as exc:  # name the chunk's file
+                raise StoreError(chunk_error(f"{store.location}/{paths[exc.index]}", exc.reason)) from exc
+        out.append(decoded)
     return out
-
-
-#: arrays that a complete section may lack (store.format ArraySpec.optional)
-_OPTIONAL = frozenset(s.name for specs in fmt.SECTION_ARRAYS.values() for s in specs if s.optional)
 
 
 def _present(meta: dict, array_path: str) -> bool:

@@ -31,7 +31,7 @@ from .provenance import DATASET_IDENTITY
 from .reader import StoreReader, read_arrays
 from .verify import verify_store
 
-__all__ = ["TeacherStore", "STAGING_SUFFIX", "package_version"]
+__all__ = ["TeacherStore", "STAGING_SUFFIX", "package_version", "write_arrays"]
 
 #: a local writer builds sections in ``<store><STAGING_SUFFIX>/`` and renames them into place
 STAGING_SUFFIX = ".partial"
@@ -258,15 +258,13 @@ class TeacherStore(StoreReader):
         if self.is_complete(split, part, sequence_set, section):
             return None  # another writer finished it meanwhile: the same numbers are there already
         start, stop = self.part_range(split, part)
-        names = [spec.name for spec, *_rest in prepared]
         final_attrs = {**dict(attrs or {}), "rows": rows, "example_start": start, "example_stop": stop}
         self.ensure_part_group(split, part)
         if not self.is_local:
-            return self._write_in_place(ref, prepared, names, final_attrs, complete)
+            return self._write_in_place(ref, prepared, final_attrs, complete)
         staging = self._staging_dir() / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
-            checksums = _write_group(zarr.storage.LocalStore(str(staging)), "", prepared, names, final_attrs,
-                                     complete)
+            checksums = _write_group(zarr.storage.LocalStore(str(staging)), "", prepared, final_attrs, complete)
             _fsync_tree(str(staging))
             return checksums if self._move_into_place(ref, staging) else None
         finally:
@@ -281,12 +279,11 @@ class TeacherStore(StoreReader):
             if "example_start" not in group.attrs:
                 group.attrs.update({"example_start": start, "example_stop": stop})
 
-    def _write_in_place(self, ref: SectionRef, prepared: list, names: list[str], final_attrs: dict,
-                        complete: bool = True) -> dict:
+    def _write_in_place(self, ref: SectionRef, prepared: list, final_attrs: dict, complete: bool = True) -> dict:
         """Remote stores (no rename): write where the section belongs, marking it complete last."""
         if self.files.open_group(ref.path) is not None or self.files.exists(ref.path):
             self.files.remove(ref.path)  # a killed writer's leftover, or an unfinished section: whole
-        return _write_group(self.files.zarr_store, ref.path, prepared, names, final_attrs, complete)
+        return _write_group(self.files.zarr_store, ref.path, prepared, final_attrs, complete)
 
     def _staging_dir(self) -> Path:
         """Where a local writer builds a section before renaming it into place: beside the store, not in it.
@@ -379,25 +376,25 @@ def _open_or_create_group(zstore, path: str, tries: int = 5):
     raise AssertionError("unreachable")
 
 
-def _write_group(zstore, path: str, prepared: list, names: list[str], final_attrs: dict,
-                 complete: bool = True) -> dict:
+def _write_group(zstore, path: str, prepared: list, final_attrs: dict, complete: bool = True) -> dict:
     """Create a group at ``path`` of ``zstore``, write its arrays, read them back, hash them, then mark it
     complete (or, ``complete=False``, unfinished with its checksums: the attributes are the last write).
     Returns the checksums."""
     with quiet_zarr():
         group = zarr.open_group(zstore, path=path, mode="w", zarr_format=3)
         group.attrs.put({"complete": False})
-        _write_arrays(zstore, path, prepared)
+        write_arrays(zstore, path, prepared)
         if isinstance(zstore, zarr.storage.LocalStore):
             _fsync_tree(os.path.join(str(zstore.root), path))
-        reread = read_arrays(zstore, [(path, names)], require_complete=False)[0]
+        specs = [spec for spec, *_rest in prepared]
+        reread = read_arrays(zstore, [(path, specs)], require_complete=False)[0]  # decoded: checksums name values
         checksums = {name: array_checksum(values) for name, values in reread.items()}
         group.attrs.put({**final_attrs, "complete": complete, "checksums": checksums,
                          "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return checksums
 
 
-def _write_arrays(zstore, path: str, prepared: list) -> None:
+def write_arrays(zstore, path: str, prepared: list) -> None:
     """Create and fill a group's arrays concurrently (one trip through zarr's event loop)."""
     import asyncio
 
@@ -408,11 +405,12 @@ def _write_arrays(zstore, path: str, prepared: list) -> None:
         group = await zasync.open_group(store=zstore, path=path, mode="r+", zarr_format=3)
 
         async def one(spec, dtype, values, chunks):
-            arr = await group.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
-                                           fill_value=0, config={"write_empty_chunks": True},
-                                           **fmt.codecs_for(spec, dtype))
-            if values.size:
-                await arr.setitem(Ellipsis, values)
+            stored = fmt.encode_stored(spec, values)  # version 4: log-probs as uint16 (steps along K if sorted)
+            arr = await group.create_array(fmt.stored_name(spec), shape=stored.shape, chunks=chunks,
+                                           dtype=stored.dtype, fill_value=0, config={"write_empty_chunks": True},
+                                           attributes=fmt.array_attributes(spec), **fmt.codecs_for(spec, dtype))
+            if stored.size:
+                await arr.setitem(Ellipsis, stored)
 
         await asyncio.gather(*(one(*item) for item in prepared))
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 from . import format as fmt
 from .format import array_checksum
-from .reader import StoreReader
+from .reader import StoreReader, failure_reason
 
 __all__ = ["verify_store"]
 
@@ -142,14 +142,21 @@ def _verify_section(store: StoreReader, path: str, attrs: dict, manifest_sums: d
     if manifest_sums is not None and manifest_sums != recorded:
         problems.append(f"{path}: checksums differ between the section and the root manifest")
     group = store.files.open_group(path)
+    ref = fmt.SectionRef.from_path(path)
+    specs = {spec.name: spec for spec in fmt.arrays_of(ref.sequence_set, ref.section)}
+    version = store.format_version
     for name, expected in recorded.items():
-        array_path = f"{path}/{name}"
+        spec = specs.get(name)
+        if spec is None:
+            problems.append(f"{path}: checksum recorded for {name!r}, an array the format does not give this section")
+            continue
+        array_path = f"{path}/{fmt.stored_name(spec, version)}"  # checksums name the decoded values
         if array_path not in meta:
             if f"{array_path}/zarr.json" not in files:
                 problems.append(f"{array_path}: array missing")
             continue  # an unreadable zarr.json is already reported
         try:
-            arr = group[name]
+            arr = group[fmt.stored_name(spec, version)]
         except Exception as exc:  # noqa: BLE001 - any failure to open is damage to report, not to raise
             problems.append(f"{array_path}/zarr.json: cannot be opened ({type(exc).__name__}: {exc})")
             continue
@@ -158,11 +165,24 @@ def _verify_section(store: StoreReader, path: str, attrs: dict, manifest_sums: d
             problems.append(f"{array_path}: missing chunk file(s) {', '.join(missing)}")
             continue
         try:
-            actual = array_checksum(arr[...])
-        except Exception as exc:  # noqa: BLE001 - a corrupted chunk usually fails to decode
-            problems.append(f"{array_path}: cannot be decoded ({type(exc).__name__}: {exc})")
+            actual = array_checksum(fmt.decode_stored(spec, arr[...], version))
+        except Exception:  # noqa: BLE001 - a corrupted chunk fails to decode (version 4: its crc32c): name each
+            problems.extend(_damaged_chunks(arr, array_path))
             continue
         if actual != expected:
             problems.append(f"{array_path}: checksum differs (recorded {expected[:12]}, now {actual[:12]})")
     return problems
 
+
+
+def _damaged_chunks(arr, array_path: str) -> list[str]:
+    """One line per chunk of ``arr`` that fails to decode on its own (arrays are chunked along rows only)."""
+    rows = arr.chunks[0] if arr.shape else 1
+    lines = []
+    for index in range(-(-arr.shape[0] // rows) if arr.shape and arr.shape[0] else 0):
+        try:
+            arr[index * rows:(index + 1) * rows]
+        except Exception as exc:  # noqa: BLE001 - damage to report, not to raise
+            key = "/".join([str(index)] + ["0"] * (len(arr.shape) - 1))
+            lines.append(f"{array_path}/c/{key}: cannot be decoded ({failure_reason(exc)})")
+    return lines or [f"{array_path}: cannot be decoded"]

@@ -219,6 +219,54 @@ def write_synthetic_store(location: str, *, seed: int = 0, num_examples: Mapping
     return store
 
 
+def decode_by_attributes(stored: np.ndarray, attributes: Mapping) -> np.ndarray:
+    """An array's values from what any Zarr v3 reader returns for it and its attributes alone, as the format's
+    description tells a reader who has never seen this project (format version 4's rule; an array without
+    the rule is its values)."""
+    rule = attributes.get(fmt.ATTRS_NAMESPACE)
+    if not rule or "scale" not in rule:
+        return stored
+    q = np.asarray(stored)
+    if "cumulative_axis" in rule:
+        q = np.cumsum(q, axis=rule["cumulative_axis"], dtype=q.dtype)  # uint16 arithmetic: modulo 2**16
+    values = q.astype(rule["decoded_dtype"]) * np.dtype(rule["decoded_dtype"]).type(rule["scale"])
+    return values + np.dtype(rule["decoded_dtype"]).type(rule["offset"]) + np.dtype(rule["decoded_dtype"]).type(0.0)
+
+
+def as_version(location: str, version: int) -> None:
+    """Rewrite a store of this writer the way format ``version`` wrote it: every array of every complete section
+    under that version's name, codecs, chunking (version 1: ``min(CHUNK_ROWS, rows)``, the last chunk partly
+    past the end) and stored values, and ``version`` in the root. The decoded values, hence the recorded
+    checksums, stay the same (what that version's writer would have written)."""
+    import zarr
+
+    store = TeacherStore.open(location)
+    assert store.format_version == fmt.FORMAT_VERSION, "rewrites a store of this writer"
+    sections = list(store.complete_sections())
+    decoded = store.read_sections([(ref.split, ref.part, ref.sequence_set, ref.section, list(attrs["checksums"]))
+                                   for ref, attrs in sections])
+    root = zarr.open_group(location, mode="r+")
+    for (ref, _attrs), arrays in zip(sections, decoded):
+        group = root[ref.path]
+        for spec in fmt.arrays_of(ref.sequence_set, ref.section):
+            if spec.name not in arrays:
+                continue
+            assert spec.since <= version, f"a version {version} store cannot hold {spec.name}"
+            values = arrays[spec.name]
+            del group[fmt.stored_name(spec)]
+            stored = fmt.encode_stored(spec, values, version)
+            rows = values.shape[0]
+            first = min(fmt.CHUNK_ROWS[spec.axis], rows) if version == 1 else fmt.chunk_rows(spec.axis, rows)
+            new = group.create_array(fmt.stored_name(spec, version), shape=stored.shape,
+                                     chunks=(max(1, first),) + stored.shape[1:], dtype=stored.dtype, fill_value=0,
+                                     attributes=fmt.array_attributes(spec, version),
+                                     **fmt.codecs_for(spec, values.dtype, version=version))
+            new[...] = stored
+    attrs = root.attrs.asdict()
+    attrs["format"] = {"name": fmt.FORMAT_NAME, "version": version}
+    root.attrs.put(attrs)
+
+
 def expected_sections(store: TeacherStore, seed: int = 0, k: int = TOP_K, sets: Iterable[str] | None = None):
     """Yield (split, part, set, section, arrays as written) for the whole store."""
     sets = set(sets) if sets is not None else set(SECTIONS_OF)

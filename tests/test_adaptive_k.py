@@ -23,6 +23,7 @@ import zarr
 
 from store import ExampleStream, FormatMismatch, TeacherStore
 from store import format as fmt
+from tests import store_helpers as H
 from tests import tiny
 from train import losses, methods
 from train.batches import collate
@@ -82,7 +83,10 @@ def sections_by_sequence(location, sequence_set: str, section: str):
     out = []
     for part in range(len(list(root["train"].group_keys()))):
         base = root[f"train/{fmt.part_name(part)}/{sequence_set}"]
-        arrays = {name: array[...] for name, array in root[f"train/{fmt.part_name(part)}/{sequence_set}/{section}"].arrays()}
+        # log-probs decoded by the rule in their attributes (format 4), under the name of what they decode to
+        arrays = {(array.attrs.get(fmt.ATTRS_NAMESPACE) or {}).get("decodes_to", name):
+                  H.decode_by_attributes(array[...], array.attrs.asdict())
+                  for name, array in root[f"train/{fmt.part_name(part)}/{sequence_set}/{section}"].arrays()}
         tok, resp = base["token_offsets"][...], base["response_offsets"][...]
         ids, prompts = base["input_ids"][...], base["prompt_length"][...]
         for s in range(len(prompts)):
@@ -130,7 +134,7 @@ def test_top_p_store_counts_follow_the_cumulative_mass_rule(top_p_store, spread_
     from transformers import LlamaForCausalLM
 
     store = TeacherStore.open(str(top_p_store))
-    assert store.format_version == fmt.FORMAT_VERSION == 3 and store.verify() == []
+    assert store.format_version == fmt.FORMAT_VERSION == 4 and store.verify() == []
     for step in ("pairs/teacher", "generated/teacher"):
         assert store.pass_record(step).settings["top_p"] == TOP_P
         assert store.pass_record(step).settings["top_k"] == K
@@ -188,7 +192,7 @@ def test_plain_zarr_reads_counts_and_values(top_p_store):
     root = zarr.open_group(str(top_p_store), mode="r")
     description = root.attrs["format_description"]
     assert "topk_count" in description["arrays"]["teacher"] and "padding" in description["adaptive_k"]
-    assert root.attrs["format"]["version"] == 3
+    assert root.attrs["format"]["version"] == 4
     store = TeacherStore.open(str(top_p_store))
     for part in range(store.num_parts("train")):
         teacher = root[f"train/{fmt.part_name(part)}/pairs/teacher"]
@@ -198,7 +202,8 @@ def test_plain_zarr_reads_counts_and_values(top_p_store):
         assert values.min() >= 1 and values.max() <= K
         via_store = store.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
         for name in ("topk_ids", "topk_logp", "tail_logp", "topk_count"):  # the project reads what zarr reads
-            assert np.array_equal(via_store[name], teacher[name][...]), name
+            array = teacher[fmt.ARRAY_TOPK_LOGP_STEPS if name == "topk_logp" else name]  # (with the stored rule)
+            assert np.array_equal(via_store[name], H.decode_by_attributes(array[...], array.attrs.asdict())), name
 
 
 def _batch_and_model(store_path, student_dir, n_examples=3, needs=None):
@@ -278,7 +283,7 @@ def test_train_evaluate_kl_honours_the_counts(top_p_store, tiny_models):
 
 def test_fixed_k_and_version_2_stores_read_as_before(tmp_path, tiny_store):
     """top-p 1 (the default) writes no count and no top_p record; a version 2 store (no count) streams and trains
-    as before, every entry a bin; a writer refuses to add version 3 sections to it."""
+    as before, every entry a bin; a writer refuses to add sections of its version to it."""
     store = TeacherStore.open(str(tiny_store))
     assert "top_p" not in store.pass_record("pairs/teacher").settings
     root = zarr.open_group(str(tiny_store), mode="r")
@@ -288,10 +293,7 @@ def test_fixed_k_and_version_2_stores_read_as_before(tmp_path, tiny_store):
 
     v2 = tmp_path / "v2.zarr"
     shutil.copytree(tiny_store, v2)
-    group = zarr.open_group(str(v2), mode="r+")
-    attrs = group.attrs.asdict()
-    attrs["format"] = {"name": fmt.FORMAT_NAME, "version": 2}
-    group.attrs.put(attrs)
+    H.as_version(str(v2), 2)  # version 2's names and codecs, version 2 in the root
     old = TeacherStore.open(str(v2))
     assert old.format_version == 2 and old.verify() == []
     terms = methods.resolve_terms("dckd+adpa")
@@ -304,7 +306,7 @@ def test_fixed_k_and_version_2_stores_read_as_before(tmp_path, tiny_store):
     torch.testing.assert_close(methods.kd_teacher_rows(batch, rows, methods.Settings()),
                                losses.teacher_kd_bins(batch.response["teacher/topk_logp"],
                                                       batch.response["teacher/tail_logp"]), rtol=0, atol=0)
-    with pytest.raises(FormatMismatch, match="version 2.*writes version 3"):
+    with pytest.raises(FormatMismatch, match="version 2.*writes version 4"):
         TeacherStore.open(str(v2), mode="a")
 
 

@@ -20,7 +20,8 @@ PACKAGES = ("lm", "precompute", "store", "train", "recipes")
 FORMAT_MODULE = "store/format.py"
 
 ARRAYS = {spec.name for spec in fmt.BASE_ARRAYS + fmt.GROUP_ARRAYS} | {
-    spec.name for specs in fmt.SECTION_ARRAYS.values() for spec in specs}
+    fmt.stored_name(spec, version) for specs in fmt.SECTION_ARRAYS.values() for spec in specs
+    for version in fmt.READABLE_VERSIONS}  # a section's arrays under every version's name
 PASSES = {fmt.pass_name(s, section) for s in fmt.SEQUENCE_SETS for section in (fmt.BASE,) + fmt.SECTIONS}
 #: names that, as one part of a path-like literal, spell a store path or signal
 PATH_PARTS = ARRAYS | set(fmt.SEQUENCE_SETS) | set(fmt.SECTIONS)

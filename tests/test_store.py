@@ -218,7 +218,7 @@ def test_verify_finds_corrupted_and_missing_chunks(tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "OK" in ok.output
 
-    corrupted = fmt.group_path("train", 1, fmt.SET_PAIRS, fmt.SECTION_TEACHER) + "/topk_logp"
+    corrupted = fmt.group_path("train", 1, fmt.SET_PAIRS, fmt.SECTION_TEACHER) + "/" + fmt.ARRAY_TOPK_LOGP_STEPS
     chunk = os.path.join(location, corrupted, "c", "0", "0")
     data = bytearray(open(chunk, "rb").read())
     middle = len(data) // 2
@@ -281,25 +281,36 @@ def test_unknown_format_version_refused(tmp_path):
 # -- readable without this project ----------------------------------------------------------------
 
 PLAIN_READER = textwrap.dedent("""
-    import json, sys
+    import json, sys, warnings
     import numpy as np, zarr, dask.array as da
+    warnings.simplefilter("error")  # format 4: only codecs of the Zarr v3 specification, so no warning at all
     assert "store" not in sys.modules and not any("{repo}" == p.rstrip("/") for p in sys.path), sys.path
     root = zarr.open_group(sys.argv[1], mode="r")
     assert root.attrs["format"]["name"] == "distill-cache/teacher-signal-store"
     out = {{}}
-    for path in json.loads(sys.argv[2]):
-        a = root[path][...]
-        d = da.from_zarr(sys.argv[1], component=path).compute()
+    for path, stored in json.loads(sys.argv[2]).items():
+        array = root[stored]
+        a = array[...]
+        d = da.from_zarr(sys.argv[1], component=stored).compute()
         assert np.array_equal(a, d)
+        rule = array.attrs.get("distill_cache")  # the format description's "decoding", as written beside it
+        if rule:
+            f32 = np.float32
+            q = np.cumsum(a, axis=rule["cumulative_axis"], dtype=a.dtype) if "cumulative_axis" in rule else a
+            a = q.astype(f32) * f32(rule["scale"]) + f32(rule["offset"]) + f32(0.0)
         out[path] = a
     np.savez(sys.argv[3], **{{p.replace("/", "|"): v for p, v in out.items()}})
 """)
 
 
 def test_plain_zarr_and_dask_read_without_project(tmp_path, reference_store):
-    paths = [f"{fmt.group_path(split, part, sequence_set, section)}/{name}"
+    specs = {(sequence_set, section): {spec.name: spec for spec in fmt.arrays_of(sequence_set, section)}
+             for sequence_set in fmt.SEQUENCE_SETS for section in (fmt.BASE, *fmt.SECTIONS)}
+    paths = {f"{fmt.group_path(split, part, sequence_set, section)}/{name}":  # path of the values -> of the array
+             f"{fmt.group_path(split, part, sequence_set, section)}/"
+             f"{fmt.stored_name(specs[(sequence_set, section)][name])}"
              for split, part, sequence_set, section, written in H.expected_sections(reference_store)
-             for name in written if part == 1 or split == "test"]
+             for name in written if part == 1 or split == "test"}
     out = tmp_path / "plain.npz"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-I", "-c", PLAIN_READER.format(repo=REPO), reference_store.location,

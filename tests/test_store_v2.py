@@ -103,27 +103,7 @@ def as_version_1(location: str) -> None:
 
     The decoded values, hence the recorded checksums, stay the same (what version 1 would have written).
     """
-    root = zarr.open_group(location, mode="r+")
-    for path, group in root.groups():
-        for part_path, part in group.groups():
-            for set_name, seq_set in part.groups():
-                for section_name, section in [(fmt.BASE, seq_set), *seq_set.groups()]:
-                    specs = fmt.arrays_of(set_name, section_name)
-                    for spec in specs:
-                        if spec.name not in section or spec.encoding == fmt.ENC_PLAIN:
-                            continue
-                        assert spec.since == 1, "a version 1 store cannot hold " + spec.name
-                        old = section[spec.name]
-                        values, dtype = old[...], old.dtype
-                        # version 1's chunks: min(CHUNK_ROWS, rows), the last one partly past the end
-                        chunks = (max(1, min(fmt.CHUNK_ROWS[spec.axis], values.shape[0])),) + values.shape[1:]
-                        del section[spec.name]
-                        new = section.create_array(spec.name, shape=values.shape, chunks=chunks, dtype=dtype,
-                                                   fill_value=0, **fmt.codecs_for(spec, np.dtype(dtype), version=1))
-                        new[...] = values
-    attrs = root.attrs.asdict()
-    attrs["format"] = {"name": fmt.FORMAT_NAME, "version": 1}
-    root.attrs.put(attrs)
+    H.as_version(location, 1)
 
 
 # -- the teacher's tail -----------------------------------------------------------------------------
@@ -161,17 +141,21 @@ def test_plain_zarr_reads_the_real_values(tmp_path):
     store, exact = write_tail_store(str(tmp_path / "plain.zarr"))
     assert store_info(store)["teacher_tail"] == {"teacher_sections": 2, "with_tail_logp": 2}
     root = zarr.open_group(store.location, mode="r")
-    assert root.attrs["format"]["version"] == fmt.FORMAT_VERSION == 3  # version 3 (adaptive K) keeps all of this
+    assert root.attrs["format"]["version"] == fmt.FORMAT_VERSION == 4  # version 4 (portable codecs) keeps all of this
     description = root.attrs["format_description"]
     assert "tail_logp" in description["arrays"]["teacher"] and "renormalise" in description["tail"]
     for part, rows in exact.items():
         teacher = root[f"train/part-{part:05d}/pairs/teacher"]
         assert np.array_equal(teacher["topk_ids"][...], rows["ids"])  # the real ids, no table to apply
-        assert np.abs(teacher["topk_logp"][...] - rows["top"].clip(fmt.LOGP_FLOOR)).max() <= fmt.LOGP_MAX_ABS_ERROR + 1e-6
-        assert np.abs(teacher["tail_logp"][...] - rows["tail"].clip(fmt.LOGP_FLOOR)).max() <= fmt.LOGP_MAX_ABS_ERROR + 1e-6
-        # ids need only codecs of the Zarr v3 core (bytes, blosc)
+        # log-probs: integers, and the rule in their attributes (store.format "decoding")
+        steps, tail = teacher[fmt.ARRAY_TOPK_LOGP_STEPS], teacher["tail_logp"]
+        top = H.decode_by_attributes(steps[...], steps.attrs.asdict())
+        assert np.abs(top - rows["top"].clip(fmt.LOGP_FLOOR)).max() <= fmt.LOGP_MAX_ABS_ERROR + 1e-6
+        tail_values = H.decode_by_attributes(tail[...], tail.attrs.asdict())
+        assert np.abs(tail_values - rows["tail"].clip(fmt.LOGP_FLOOR)).max() <= fmt.LOGP_MAX_ABS_ERROR + 1e-6
+        # ids need only codecs of the Zarr v3 core (bytes, blosc, crc32c)
         meta = json.load(open(os.path.join(store.location, f"train/part-{part:05d}/pairs/teacher/topk_ids/zarr.json")))
-        assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+        assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
         assert meta["codecs"][1]["configuration"]["shuffle"] == "shuffle"
 
 
@@ -265,8 +249,8 @@ def test_version_1_store_still_streams_verifies_and_trains_kd(tmp_path):
     expected = torch.cat([top, tail[:, None]], 1)
     torch.testing.assert_close(bins.double(), expected - torch.logsumexp(expected, -1, keepdim=True),
                                rtol=0, atol=1e-5)
-    # a writer refuses to add sections of its version (3) to it; readers take it as it is
-    with pytest.raises(FormatMismatch, match="version 1.*writes version 3"):
+    # a writer refuses to add sections of its version (4) to it; readers take it as it is
+    with pytest.raises(FormatMismatch, match="version 1.*writes version 4"):
         TeacherStore.create(location, tokenizer=H.TOKENIZER, vocab_size=H.VOCAB_SIZE, examples_per_part=2)
 
 
@@ -289,8 +273,9 @@ def test_mixed_sets_tail_per_row(tmp_path):
     torch.testing.assert_close(bins[~has], losses.teacher_kd_bins(top[~has]))
 
 
-@pytest.mark.parametrize("version,counts", [(fmt.FORMAT_VERSION, False), (fmt.FORMAT_VERSION, True), (1, False)],
-                         ids=["this-writer", "this-writer-adaptive-k", "version-1"])
+@pytest.mark.parametrize("version,counts", [(fmt.FORMAT_VERSION, False), (fmt.FORMAT_VERSION, True), (3, True),
+                                            (1, False)],
+                         ids=["this-writer", "this-writer-adaptive-k", "version-3-adaptive-k", "version-1"])
 def test_streamed_values_equal_zarr_across_many_chunks(tmp_path, monkeypatch, version, counts):
     """Chunks of a few rows: the stream decodes full chunks straight into place and the last one partly;
     what it gives is, bit for bit, what zarr reads, for both versions' codecs and chunkings (and the
@@ -298,11 +283,13 @@ def test_streamed_values_equal_zarr_across_many_chunks(tmp_path, monkeypatch, ve
     monkeypatch.setattr(fmt, "CHUNK_ROWS", {axis: 5 for axis in fmt.CHUNK_ROWS})
     location = str(tmp_path / f"chunks-v{version}.zarr")
     store, _ = write_tail_store(location, with_tail=version >= 2, counts=counts)
-    if version == 1:
-        as_version_1(location)
+    if version != fmt.FORMAT_VERSION:
+        H.as_version(location, version)
     store = TeacherStore.open(location)
     assert store.format_version == version
-    meta = json.load(open(os.path.join(location, "train/part-00000/pairs/teacher/topk_logp/zarr.json")))
+    spec = fmt.SECTION_ARRAYS[fmt.SECTION_TEACHER][1]
+    meta = json.load(open(os.path.join(location, "train/part-00000/pairs/teacher", fmt.stored_name(spec, version),
+                                       "zarr.json")))
     rows = meta["shape"][0]
     chunk = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
     assert rows > 2 * chunk  # several chunks

@@ -61,11 +61,11 @@ def test_an_intact_store_verifies(intact):
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_an_arrays_metadata_damaged_is_named(store_copy, how):
-    meta = store_copy / SECTION / "topk_logp" / "zarr.json"
+    meta = store_copy / SECTION / fmt.ARRAY_TOPK_LOGP_STEPS / "zarr.json"
     meta.write_text(meta.read_text()[:25] if how == "truncated" else "not json at all")
     result = _verify(store_copy)
     assert result.exit_code == 1
-    assert f"{SECTION}/topk_logp/zarr.json" in result.output
+    assert f"{SECTION}/{fmt.ARRAY_TOPK_LOGP_STEPS}/zarr.json" in result.output
 
 
 def test_a_complete_flag_set_to_false_disagrees_with_the_manifest(store_copy):
