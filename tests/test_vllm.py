@@ -106,7 +106,7 @@ def test_greedy_answers_agree_with_transformers(engine_models):
 # --------------------------------------------------------------------------- the teacher's top-K
 
 def test_teacher_capture_matches_the_transformers_pass(engine_models, dataset, tmp_path):
-    """The vLLM top-K pass against the HF pass on the same float32 teacher, number by number.
+    """The vLLM passes (pairs, adpa) against the HF passes on the same float32 models, number by number.
 
     Raw (before the store), against the HF pass: the same top-K ids, log-probs
     within DELTA, worst-row KL over the K + 1 bins tiny, with an adaptive K the
@@ -114,12 +114,14 @@ def test_teacher_capture_matches_the_transformers_pass(engine_models, dataset, t
     tail of ~1e-5); against the exact distribution of the model's float32
     logits (log-softmax in float64): the tail within its stated bound
     |d tail| <= (1 - tail)(e^delta - 1), delta the row's largest top-K error.
-    In the stores: the same ids, log-probs within one quantisation step.
+    In the stores: the same ids, log-probs within one quantisation step; the
+    adpa pass's answers (greedy, on vLLM) identical, its reference (at the
+    teacher's ids, on transformers in both runs) within one step too.
     """
     teacher, student = engine_models
     hf_store, vllm_store = tmp_path / "hf.zarr", tmp_path / "vllm.zarr"
-    run_teacher(teacher_config(hf_store, teacher, student, dataset, passes=("pairs",)))
-    run_teacher(teacher_config(vllm_store, teacher, student, dataset, passes=("pairs",), engine="vllm"))
+    run_teacher(teacher_config(hf_store, teacher, student, dataset, passes=("pairs", "adpa")))
+    run_teacher(teacher_config(vllm_store, teacher, student, dataset, passes=("pairs", "adpa"), engine="vllm"))
 
     store = TeacherStore.open(str(hf_store))
     seqs, prompt_lengths = [], []
@@ -140,15 +142,26 @@ def test_teacher_capture_matches_the_transformers_pass(engine_models, dataset, t
             assert figures["tail_bound_violations"] == 0 and figures["worst_row_kl"] <= WORST_ROW_KL
 
     a, b = TeacherStore.open(str(hf_store)), TeacherStore.open(str(vllm_store))
-    for part in range(a.num_parts("train")):
-        x = a.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
-        y = b.read_section("train", part, fmt.SET_PAIRS, fmt.SECTION_TEACHER)
-        assert np.array_equal(x[fmt.ARRAY_TOPK_IDS], y[fmt.ARRAY_TOPK_IDS])
-        for name in (fmt.ARRAY_TOPK_LOGP, fmt.ARRAY_TARGET_LOGP):
-            assert np.max(np.abs(x[name] - y[name])) <= 1.0 / fmt.LOGP_SCALE
-    record = b.pass_record(fmt.PASS_PAIRS_TEACHER).settings["engine"]
-    assert record["name"] == "vllm" and record["version"] == engines.vllm_version()
-    assert a.pass_record(fmt.PASS_PAIRS_TEACHER).settings.get("engine") is None
+    for split in a.splits():
+        for part in range(a.num_parts(split)):
+            x = a.read_section(split, part, fmt.SET_GENERATED)
+            y = b.read_section(split, part, fmt.SET_GENERATED)
+            assert np.array_equal(x[fmt.ARRAY_INPUT_IDS], y[fmt.ARRAY_INPUT_IDS])  # the greedy answers
+            for sequence_set, section in ((fmt.SET_PAIRS, fmt.SECTION_TEACHER), (fmt.SET_GENERATED, fmt.SECTION_TEACHER),
+                                          (fmt.SET_GENERATED, fmt.SECTION_REFERENCE)):
+                x = a.read_section(split, part, sequence_set, section)
+                y = b.read_section(split, part, sequence_set, section)
+                if section == fmt.SECTION_TEACHER:
+                    assert np.array_equal(x[fmt.ARRAY_TOPK_IDS], y[fmt.ARRAY_TOPK_IDS])
+                for name in (fmt.ARRAY_TOPK_LOGP, fmt.ARRAY_TARGET_LOGP):
+                    assert np.max(np.abs(x[name] - y[name])) <= 1.0 / fmt.LOGP_SCALE, (sequence_set, section, name)
+    for step in (fmt.PASS_PAIRS_TEACHER, fmt.PASS_GENERATED_BASE, fmt.PASS_GENERATED_TEACHER):
+        record = b.pass_record(step).settings["engine"]
+        assert record["name"] == "vllm" and record["version"] == engines.vllm_version()
+        assert a.pass_record(step).settings.get("engine") is None
+    assert "engine" not in b.pass_record(fmt.PASS_GENERATED_REFERENCE).settings  # on transformers in both runs
+    result = CliRunner().invoke(store_cli, ["verify", str(vllm_store)])
+    assert result.exit_code == 0 and result.stdout.startswith("OK "), result.output
 
 
 @torch.no_grad()
