@@ -256,7 +256,8 @@ class VllmEngine:
     vLLM changes the calling process: environment variables, torch's thread
     count and ``torch.set_num_threads`` (a no-op while an in-process CPU engine
     lives), the global random generators (reseeded with the engine's seed).
-    The generators are restored at once, the rest by :meth:`close`.
+    The generators are restored at once, the rest by :meth:`close` (what
+    ``import vllm`` itself sets, once per process, stays).
     """
 
     name = VLLM

@@ -11,6 +11,7 @@ with one GPU-less engine the engine runs in the test's process (3 s to start).
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -88,8 +89,17 @@ def test_greedy_answers_agree_with_transformers(engine_models):
     ends = chat.end_of_turn_ids(tokenizer)
     hf = generate_greedy(model, prompts, max_new_tokens=16, eos_ids=ends, pad_id=chat.pad_id(tokenizer),
                          batch_size=4)
+    engines._import_vllm()  # importing vllm sets variables of its own, once per process: they stay
+    environ, set_threads, threads = dict(os.environ), torch.set_num_threads, torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(1).item()
+    torch.manual_seed(123)
     with engines.VllmEngine(student, device="cpu", dtype="float32", max_model_len=128) as engine:
+        assert torch.rand(1).item() == expected  # the engine reseeded the global generators: put back at once
         served = engine.greedy(prompts, max_new_tokens=16, eos_ids=ends)
+    # what the engine changed in this process is undone once it is shut down
+    assert dict(os.environ) == environ and torch.set_num_threads is set_threads
+    assert torch.get_num_threads() == threads
     same = sum(np.array_equal(a, b) for a, b in zip(hf, served))
     for prompt, a, b in zip(prompts, hf, served):
         if np.array_equal(a, b):
