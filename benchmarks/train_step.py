@@ -68,7 +68,8 @@ steps. The machine's load average is printed before and after.
 ``--processes 0`` leaves them out; ``--only-processes`` prints only them.
 
 Usage: ``python benchmarks/train_step.py [--cache STORE] [--pad-cache STORE] [--methods sft,dckd+adpa,pad]
-[--examples 1] [--repeats 3] [--no-live] [--processes 2] [--only-processes] [--per-group]``. ``--per-group``
+[--examples 1] [--repeats 3] [--no-live] [--processes 2] [--only-processes] [--per-group] [--dtype float32]``
+(``--dtype bfloat16``: every step autocast, as ``train student --dtype``). ``--per-group``
 adds a ``dckd+adpa`` step whose forward runs the output layer once per group of rows needing the same
 quantities (what :func:`train.methods.student_outputs` did before it went to one pass), side by side with the
 others. Without ``--cache`` a store is
@@ -305,9 +306,14 @@ def per_group_loss(model, batch, terms, settings):
     return sum(term.weight * term.loss(batch, out, settings) for term in terms)
 
 
+#: the autocast each timed step's loss runs in (--dtype; float32: none), as train student's --dtype
+STEP_DTYPE = {"device": "cpu", "dtype": torch.float32}
+
+
 def make_step(model, optimizer, loss_fn):
     def step():
-        loss = loss_fn()
+        with methods.autocast_for(STEP_DTYPE["device"], STEP_DTYPE["dtype"]):
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -575,6 +581,8 @@ def main() -> None:
                         help="examples in the batch (each: chosen, rejected, generated)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the steps' autocast over float32 weights (train student --dtype) [float32]")
     parser.add_argument("--no-live", dest="live", action="store_false",
                         help="measure the store steps only (no teacher run, no teacher loaded): much shorter")
     parser.add_argument("--per-group", action="store_true",
@@ -592,6 +600,7 @@ def main() -> None:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     device = models.resolve_device(args.device)
     cuda = device.startswith("cuda")
+    STEP_DTYPE.update(device=device, dtype=models.resolve_dtype(args.dtype, device))
 
     if args.dp_worker:
         data_parallel_worker(args)
@@ -612,7 +621,7 @@ def main() -> None:
     if any(uses_groups(m) for m in args.methods):
         args.pad_cache = bench_pad_store(args.pad_cache)
     steps, resident, about = build_steps(args, device)
-    print(about)
+    print(about + (f"; steps autocast to {args.dtype}" if args.dtype != "float32" else ""))
     memory_how = ("torch.cuda.max_memory_allocated, same process" if cuda else
                   f"RSS high-water (VmHWM reset before each step) in a second process started with "
                   f"{MMAP_ENV}=65536; times from this process")

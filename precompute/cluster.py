@@ -66,6 +66,17 @@ On the workers
     another, and at the end of the run. A model whose path is not on a worker's
     machine is resolved there by name and must have the same weights' sha256.
 
+Engines (``--engine vllm``, :mod:`lm.engines`)
+    Each worker holds one vLLM engine in the same one slot as a model
+    (:func:`worker_engine`), over the GPUs it owns (``--tensor-parallel N``
+    of them: ``local:1`` on a node of 8 GPUs gives one engine all 8). On a GPU
+    the engine runs in processes of its own, which a daemonic process may not
+    start, so ``local:N`` and ``cuda`` start non-daemonic workers for such a
+    run, and a run on workers started by hand refuses daemonic ones, naming
+    them (start them with ``DASK_DISTRIBUTED__WORKER__DAEMON=False``). On CPU
+    with one GPU-less engine per worker the engine runs inside the worker's
+    process, daemonic or not.
+
 Devices
     ``--device cuda`` on a worker means its own GPU (``cuda:i`` for ``local:N``,
     ``cuda:0`` under dask-cuda, the first visible one for ``tcp://``).
@@ -103,6 +114,7 @@ sections and fills ``outcome``; then :meth:`ClusterSession.run` and
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
 import socket
@@ -118,7 +130,7 @@ from distributed import Client, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm.auto import tqdm
 
-from lm import models
+from lm import engines, models
 
 #: dask's own retries of a unit that raised (a worker that dies is handled by allowed-failures)
 RETRIES = 2
@@ -357,8 +369,29 @@ def worker_model(info: models.ModelInfo, *, device: str, dtype: str, device_map:
     return _STATE.model
 
 
+def worker_engine(info: models.ModelInfo, *, device: str, dtype: str, spec: engines.EngineSpec,
+                  max_model_len: int, max_logprobs: int = 0) -> engines.VllmEngine:
+    """A vLLM engine over the model at ``info`` on this worker's GPUs (or its CPU), kept like
+    :func:`worker_model`'s model (one at a time, in the same slot) until a unit needs another one."""
+    key = (engines.VLLM, info.path, device, dtype, spec, int(max_model_len), int(max_logprobs))
+    if _STATE.model_key != key or _STATE.model is None:
+        release_model()
+        gpus = list(_STATE.gpus) if device.startswith("cuda") else None
+        if gpus is not None and spec.tensor_parallel > len(gpus):
+            raise ClusterError(f"--tensor-parallel {spec.tensor_parallel}: the worker on {socket.gethostname()} "
+                               f"(pid {os.getpid()}) owns {len(gpus)} GPU(s) {gpus}; give each worker that many "
+                               f"(--cluster local:N with N = GPUs / {spec.tensor_parallel})")
+        engine = engines.VllmEngine(models.model_dir(local_model(info)), device=placed_device(device), dtype=dtype,
+                                    tensor_parallel=spec.tensor_parallel, kv_cache_gib=spec.kv_cache_gib,
+                                    max_model_len=max_model_len, max_logprobs=max_logprobs, gpus=gpus)
+        _STATE.model, _STATE.model_key = engine, key
+        _STATE.loads.append(info.path)
+    return _STATE.model
+
+
 def release_model() -> None:
-    """Drop this worker's model and give its memory back."""
+    """Drop this worker's model (an engine is shut down) and give its memory back."""
+    engines.release(_STATE.model)
     _STATE.model = _STATE.model_key = None
     models.free_memory()
 
@@ -397,7 +430,8 @@ def worker_log() -> dict:
 def _probe() -> dict:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return {"host": socket.gethostname(), "pid": os.getpid(), "gpus": gpus,
-            "bf16": bool(gpus and torch.cuda.is_bf16_supported()), "torch_threads": torch.get_num_threads()}
+            "bf16": bool(gpus and torch.cuda.is_bf16_supported()), "torch_threads": torch.get_num_threads(),
+            "daemon": bool(multiprocessing.current_process().daemon)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -477,15 +511,20 @@ class ClusterSession:
 
     ``torch_threads`` overrides the per-worker torch threads of ``local:N``
     (``cores // N``) and ``cuda``; workers of an address keep their own.
+    ``engine``: the run's engine (``--engine vllm``: non-daemonic workers where
+    it needs them, see the module docstring).
     """
 
-    def __init__(self, spec: str, *, torch_threads: int | None = None, echo: Callable[[str], None] = _echo):
+    def __init__(self, spec: str, *, torch_threads: int | None = None, echo: Callable[[str], None] = _echo,
+                 engine: engines.EngineSpec | None = None):
         self.spec = parse_spec(spec)
         self.torch_threads = torch_threads
         self.echo = echo
+        self.engine = engine or engines.EngineSpec()
         self.cluster = None
         self.client: Client | None = None
         self._plugins: list[str] = []
+        self._dask_config = None
 
     # -- opening and closing ---------------------------------------------------
 
@@ -502,6 +541,12 @@ class ClusterSession:
 
     def _open(self) -> None:
         spec, cores = self.spec, os.cpu_count() or 1
+        if self.engine.is_vllm and spec.kind in ("local", "cuda"):
+            # vLLM on a GPU starts processes of its own: the workers (and any the nanny restarts) may not be
+            # daemonic; undone in close()
+            import dask
+
+            self._dask_config = dask.config.set({"distributed.worker.daemon": False})
         if spec.kind == "local":
             self.cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
                                         memory_limit=0)  # models, not dask, decide memory: no pausing or killing
@@ -549,6 +594,9 @@ class ClusterSession:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+        if self._dask_config is not None:
+            self._dask_config.__exit__(None, None, None)
+            self._dask_config = None
 
     @property
     def workers(self) -> int:
@@ -560,8 +608,17 @@ class ClusterSession:
         return self.client.run(_probe)
 
     def resolve(self, device: str, dtype: str) -> tuple[str, str]:
-        """``--device``/``--dtype`` for every worker alike (:func:`choose_device`)."""
-        return choose_device(self.probes(), device, dtype)
+        """``--device``/``--dtype`` for every worker alike (:func:`choose_device`); with a vLLM engine that
+        starts processes of its own (on a GPU, or over several), workers that may not start them are refused."""
+        probes = self.probes()
+        device, dtype = choose_device(probes, device, dtype)
+        if self.engine.is_vllm and (device == "cuda" or self.engine.tensor_parallel > 1):
+            daemonic = sorted(address for address, p in probes.items() if p.get("daemon"))
+            if daemonic:
+                raise ClusterError(f"--engine vllm on --cluster {self.spec.text}: workers {', '.join(daemonic)} are "
+                                   f"daemonic processes, which cannot start vLLM's engine processes; start them "
+                                   f"with DASK_DISTRIBUTED__WORKER__DAEMON=False in their environment")
+        return device, dtype
 
     def install(self, attach: Callable[[Any], Any], portable: Any) -> str:
         """Send a run's context to every worker, present and future; returns its fingerprint."""

@@ -5,7 +5,8 @@ responses drawn per prompt at temperature 1.0 and top-p 0.95, the 4 most
 diverse kept, prompts with duplicate responses dropped. What this module fixes:
 
 Drawing
-    Plain ancestral sampling with ``generate()``: temperature and top-p only
+    Plain ancestral sampling with ``generate()`` (``--engine hf``, the default)
+    or vLLM (``--engine vllm``, :mod:`lm.engines`): temperature and top-p only
     (top-k off, no repetition penalty or min-p, whatever the model's
     ``generation_config`` says). The prompt is the dataset row's prompt messages
     through the chat template with the generation prompt, cut from the left to
@@ -18,7 +19,12 @@ Seeds
     replay train's random numbers), then the part's prompts are drawn in a
     fixed order. A resumed run therefore draws a redone part exactly as before,
     given the same device, dtype and ``--generation-batch`` (which are written
-    in each part's attributes).
+    in each part's attributes). With ``--engine vllm`` each prompt's request
+    carries its own seed, from the part's seed and the prompt's position in the
+    part (:func:`lm.engines.request_seed`): a part then comes out the same
+    whatever the batching (``--generation-batch`` does not apply) or the worker,
+    on one device kind and dtype; the pass record names the engine, its version
+    and its tensor parallelism, each part's attributes all its settings.
 Duplicates
     Two responses are duplicates when their token ids are identical (after the
     end-of-turn cut). A prompt is dropped when any two of its n *drawn*
@@ -57,9 +63,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm import chat, models
-from lm.generate import generate_in_batches
-from lm.options import ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions, RunOptions, setting
+from lm import chat, engines, models
+from lm.generate import PLAIN_SAMPLING, generate_in_batches
+from lm.options import (ClusterOption, DataOptions, EngineOptions, LayoutOptions, ProgressOption, ReuseOptions,
+                        RunOptions, setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
@@ -165,9 +172,8 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
     """
     out: list[list[np.ndarray] | None] = [None] * len(prompts)
     for batch, drawn in generate_in_batches(model, prompts, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                            pad_id=pad_id, batch_size=batch_size, do_sample=True,
-                                            temperature=temperature, top_p=top_p, top_k=0, min_p=None,
-                                            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0):
+                                            pad_id=pad_id, batch_size=batch_size, temperature=temperature,
+                                            top_p=top_p, **PLAIN_SAMPLING):
         for i, responses in zip(batch, drawn):
             out[i] = responses
         if on_batch:
@@ -178,7 +184,8 @@ def sample_responses(model, prompts: Sequence[np.ndarray], *, n: int, temperatur
 # --------------------------------------------------------------------------- the run
 
 @dataclass(frozen=True, kw_only=True)
-class SampleConfig(DataOptions, LayoutOptions, RunOptions, ClusterOption, ReuseOptions, ProgressOption):
+class SampleConfig(DataOptions, LayoutOptions, RunOptions, EngineOptions, ClusterOption, ReuseOptions,
+                   ProgressOption):
     """Settings of ``precompute sample``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
@@ -190,7 +197,7 @@ class SampleConfig(DataOptions, LayoutOptions, RunOptions, ClusterOption, ReuseO
                         type=click.IntRange(min=2))
     max_new_tokens: int = setting(64, "Length limit of each response.", type=click.IntRange(min=1))
     seed: int = setting(0, "Part p of train draws with seed + p.", type=int)
-    generation_batch: int = setting(16, "Prompts per generate() call (each drawn n times).",
+    generation_batch: int = setting(16, "Prompts per generate() call (each drawn n times; --engine hf).",
                                     type=click.IntRange(min=1))
 
     def check(self) -> None:
@@ -204,6 +211,11 @@ class SampleConfig(DataOptions, LayoutOptions, RunOptions, ClusterOption, ReuseO
             raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
         if self.max_length <= chat.MIN_PROMPT_TOKENS:
             raise ValueError(f"--max-length {self.max_length}: must be greater than {chat.MIN_PROMPT_TOKENS}")
+        engines.EngineSpec.of(self).check()
+
+    def sequence_length(self) -> int:
+        """The longest prompt + response a part can hold (a vLLM engine's max_model_len)."""
+        return max(self.max_length, chat.MIN_PROMPT_TOKENS + self.max_new_tokens)
 
 
 @dataclass
@@ -238,14 +250,18 @@ def describe_counts(split: str, total: dict, keep: int | None = None) -> str:
 def sample_record(ctx: SampleContext) -> PassRecord:
     """What the sampled groups depend on: the model and every sampling setting."""
     config = ctx.config
-    return PassRecord(ModelRecord(ctx.model.name, ctx.model.weights_hash), {
+    settings = {
         "dataset": dataset_identity(config.dataset),
         "n": config.n, "temperature": config.temperature, "top_p": config.top_p, "top_k": "off", "keep": config.keep,
         "seed": config.seed, "seed_per_part": "seed + part (+ crc32(split) for splits other than train)",
         "max_new_tokens": config.max_new_tokens, "max_length": config.max_length, "dtype": ctx.dtype,
         "selection": "greedy max-min token edit distance from response 0, ties to the lowest index",
         "duplicates": "prompt dropped if two of the n drawn responses have identical token ids",
-    })
+    }
+    engine = engines.EngineSpec.of(config).record(seeds=engines.SEED_RULE)
+    if engine:  # absent: generate(), as before engines existed (the keys of existing stores stay valid)
+        settings["engine"] = engine
+    return PassRecord(ModelRecord(ctx.model.name, ctx.model.weights_hash), settings)
 
 
 def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list[_Part]]:
@@ -262,6 +278,7 @@ def prepare(config: SampleConfig, summary: Summary) -> tuple[SampleContext, list
     ctx = SampleContext(config=config, store=store, tokenizer=tokenizer, model=info, rows=rows, device=device,
                         dtype=dtype, eot_ids=chat.end_of_turn_ids(tokenizer, models.generation_eos_ids(info.path)),
                         pad_id=chat.pad_id(tokenizer))
+    engines.note_suggestion(config.engine, device)
     diff = store.pass_conflict(PASS_SAMPLES, sample_record(ctx).to_dict())
     if diff and any(store.complete_parts(split, fmt.SET_SAMPLES) for split in rows if split in store.splits()):
         raise ProvenanceMismatch(f"{store.location}: pass {PASS_SAMPLES!r} is already in this store with other "
@@ -308,15 +325,27 @@ def sample_key(ctx: SampleContext, todo: _Part) -> str:
         prompt_ids=[(r.index, p) for r, p in zip(todo.rows, prompts)])
 
 
+def open_engine(ctx: SampleContext):
+    """What draws: the model loaded for ``generate()`` (``--engine hf``), or a :class:`lm.engines.VllmEngine`."""
+    config = ctx.config
+    if config.engine == engines.VLLM:
+        return engines.VllmEngine(models.model_dir(ctx.model), device=ctx.device, dtype=ctx.dtype,
+                                  tensor_parallel=config.tensor_parallel, kv_cache_gib=config.kv_cache_gib,
+                                  max_model_len=config.sequence_length())
+    model, _, _ = models.load_model(ctx.model.path, device=ctx.device, dtype=ctx.dtype)
+    return model
+
+
 def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict, dict, int]:
-    """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn)."""
+    """Draw, de-duplicate and select one part's groups: (base arrays, section attributes, tokens drawn).
+
+    ``model``: a model for ``generate()``, or an engine (:mod:`lm.engines`)."""
     config = ctx.config
     prompts, truncated = _prompts(ctx, todo.rows)
     seed = part_seed(config.seed, todo.split, todo.part)
-    torch.manual_seed(seed)
-    drawn = sample_responses(model, prompts, n=config.n, temperature=config.temperature, top_p=config.top_p,
-                             max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids, pad_id=ctx.pad_id,
-                             batch_size=config.generation_batch, on_batch=progress)
+    engine = engines.as_engine(model, pad_id=ctx.pad_id, batch_size=config.generation_batch)
+    drawn = engine.sample(prompts, n=config.n, temperature=config.temperature, top_p=config.top_p,
+                          max_new_tokens=config.max_new_tokens, seed=seed, eos_ids=ctx.eot_ids, on_batch=progress)
     seqs, groups, dropped = [], [], {}
     for r, prompt, responses in zip(todo.rows, prompts, drawn):
         kept, reason = choose_group(responses, config.keep)
@@ -333,6 +362,8 @@ def sample_part(ctx: SampleContext, todo: _Part, model, progress) -> tuple[dict,
         "generation_batch": config.generation_batch, "device": ctx.device, "dtype": ctx.dtype,
         keys.ATTR: sample_key(ctx, todo),
     }
+    if engine.name == engines.VLLM:
+        attrs["engine"] = engine.settings()
     drawn_tokens = sum(len(resp) for responses in drawn for resp in responses)
     return base_arrays(seqs, groups=groups), attrs, drawn_tokens
 
@@ -346,22 +377,25 @@ def run_sample(config: SampleConfig) -> Summary:
     record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
     todo = _reuse_parts(ctx, todo, summary)
     if todo:
-        model, _, _ = models.load_model(ctx.model.path, device=ctx.device, dtype=ctx.dtype)
-        ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)  # what runs
-        t1 = time.perf_counter()
-        with tqdm(total=sum(len(p.rows) for p in todo), desc=PASS_SAMPLES, unit="prompt",
-                  disable=not config.progress, dynamic_ncols=True) as bar:
-            for part in todo:
-                if ctx.store.is_complete(part.split, part.part, fmt.SET_SAMPLES):
-                    record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
-                    continue
-                arrays, attrs, drawn_tokens = sample_part(ctx, part, model, bar.update)
-                ctx.store.write_section(part.split, part.part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
-                record["parts_done"] += 1
-                record["tokens"] += drawn_tokens
-        record["seconds"] = time.perf_counter() - t1
-        model = None
-        models.free_memory()
+        model = open_engine(ctx)
+        try:
+            ctx.store.register_pass(PASS_SAMPLES, sample_record(ctx).to_dict(), may_replace=True)  # what runs
+            t1 = time.perf_counter()
+            with tqdm(total=sum(len(p.rows) for p in todo), desc=PASS_SAMPLES, unit="prompt",
+                      disable=not config.progress, dynamic_ncols=True) as bar:
+                for part in todo:
+                    if ctx.store.is_complete(part.split, part.part, fmt.SET_SAMPLES):
+                        record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
+                        continue
+                    arrays, attrs, drawn_tokens = sample_part(ctx, part, model, bar.update)
+                    ctx.store.write_section(part.split, part.part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
+                    record["parts_done"] += 1
+                    record["tokens"] += drawn_tokens
+            record["seconds"] = time.perf_counter() - t1
+        finally:
+            engines.release(model)  # a vLLM engine's processes end here, whatever happened
+            model = None
+            models.free_memory()
     return _finish(ctx, summary, t0)
 
 
@@ -402,7 +436,7 @@ def _run_on_cluster(config: SampleConfig, summary: Summary) -> SampleContext:
     """
     from . import cluster
 
-    with cluster.ClusterSession(config.cluster) as session:
+    with cluster.ClusterSession(config.cluster, engine=engines.EngineSpec.of(config)) as session:
         device, dtype = session.resolve(config.device, config.dtype)
         ctx, todo = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
         record = summary.step_record(PASS_SAMPLES, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
@@ -434,7 +468,12 @@ def sample_part_on_worker(fingerprint: str, split: str, part: int, rows: list) -
     with cluster.part_task(PASS_SAMPLES, split, part) as outcome:
         if ctx.store.is_complete(split, part, fmt.SET_SAMPLES):
             return outcome
-        model = cluster.worker_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
+        if ctx.config.engine == engines.VLLM:
+            model = cluster.worker_engine(ctx.model, device=ctx.device, dtype=ctx.dtype,
+                                          spec=engines.EngineSpec.of(ctx.config),
+                                          max_model_len=ctx.config.sequence_length())
+        else:
+            model = cluster.worker_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
         arrays, attrs, drawn_tokens = sample_part(ctx, _Part(split, part, rows), model, None)
         written = ctx.store.write_section(split, part, fmt.SET_SAMPLES, fmt.BASE, arrays, attrs)
         outcome.update(computed=True, written=written is not None, tokens=drawn_tokens)

@@ -22,6 +22,11 @@ chunks, so a [tokens, vocabulary] tensor never exists for the prompt.
 own logits before a pass relies on it. :func:`scored_arrays` turns the results
 into a section's arrays.
 
+With ``--engine vllm`` a teacher's top-K comes from the engine's prompt
+log-probs instead (:func:`score_with_engine`, :meth:`lm.engines.VllmEngine.prompt_topk`),
+its tail from what they leave; the other passes (target log-probs and sums of the
+student's initial model, the reference at the teacher's ids) stay on this path.
+
 The greedy responses of ADPA's released recipe are generated elsewhere
 (:func:`lm.generate.generate_greedy`, shared with ``train evaluate``).
 """
@@ -209,6 +214,42 @@ def score_sequences(
         if on_batch:
             on_batch(int(sum(lengths[i] for i in batch)))
     return results  # type: ignore[return-value]
+
+
+def score_with_engine(engine, sequences: Sequence[np.ndarray], prompt_lengths: Sequence[int], *, top_k: int,
+                      top_p: float = 1.0, on_batch: Callable[[int], None] | None = None) -> list[Scored]:
+    """:func:`score_sequences`' top-K results from an engine's prompt log-probs (``--engine vllm``).
+
+    The top-K ids, their log-probs and the actual token's log-prob are the
+    engine's (float32). With ``top_p < 1`` the kept entries of each row are
+    :func:`kept_counts`' as in the HF pass. The tail is what the kept entries
+    leave, computed in float64 from those numbers: ``tail = 1 - sum exp(topk_logp)``,
+    clipped to [0, 1], ``tail_logp = log(tail)`` (-inf where it clips to 0). It
+    is not the HF pass's logsumexp over every other id: if each kept log-prob is
+    off by at most ``delta``, each kept probability is off by at most
+    ``p (e^delta - 1)``, so ``|d tail| <= (1 - tail) (e^delta - 1)``: an absolute
+    bound, loose where the tail is far below ``delta`` (its log is then inexact).
+    """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+    adaptive = top_p < 1
+    results = []
+    for captured in engine.prompt_topk(sequences, prompt_lengths, top_k=top_k, on_batch=on_batch):
+        ids, logp, target = captured.topk_ids, captured.topk_logp, captured.target_logp
+        probs = np.exp(logp.astype(np.float64))
+        counts = None
+        if adaptive:
+            counts = kept_counts(torch.from_numpy(logp), top_p).numpy()
+            probs = np.where(np.arange(top_k)[None, :] < counts[:, None], probs, 0.0)
+            ids, logp = pad_past_count(ids, counts, PAD_ID), pad_past_count(logp, counts, PAD_LOGP)
+        tail = np.clip(1.0 - probs.sum(axis=-1), 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            tail_logp = np.log(tail).astype(np.float32)
+        results.append(Scored(target_logp=target.astype(np.float32),
+                              logp_sum=float(np.sum(target, dtype=np.float64)),
+                              topk_ids=ids.astype(np.int64), topk_logp=logp.astype(np.float32), tail_logp=tail_logp,
+                              topk_count=counts.astype(np.int64) if adaptive else None))
+    return results
 
 
 def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = False,

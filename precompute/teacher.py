@@ -53,6 +53,16 @@ writes into the store itself; a part that reads another step's section of the
 same part (:data:`READS`) waits for that unit only. ``--device-map auto`` loads
 each model sharded over the process's (or worker's) GPUs with accelerate.
 
+``--engine vllm`` (:mod:`lm.engines`) runs the student's greedy answers
+(generated/base) and the teacher's top-K (``*/teacher``) on a vLLM engine
+(``--tensor-parallel N`` GPUs per engine for a teacher larger than one GPU):
+the top-K from its prompt log-probs, the tail from what they leave
+(:func:`precompute.scoring.score_with_engine`). The other steps stay on
+transformers: the student's initial sums, the MCQ calibration and the
+reference at the teacher's ids (vLLM 0.32 scores given ids only with its V2
+model runner, which needs Triton: not on CPU, untested here). Their pass
+records name the engine, so a store never mixes engines within a pass.
+
 Every section gets a content key when it is written (:func:`content_key`,
 :func:`pairs_base_key`; :mod:`store.keys` defines what goes into each).
 ``--reuse-from LOCATION`` (and ``$DISTILL_REUSE_FROM``): before a step runs,
@@ -75,11 +85,10 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from lm import chat, models
-from lm.generate import generate_greedy
+from lm import chat, engines, models
 from lm.head import check_split
-from lm.options import (BatchTokensOption, ClusterOption, DataOptions, LayoutOptions, ProgressOption, ReuseOptions,
-                        RunOptions, comma_list, setting)
+from lm.options import (BatchTokensOption, ClusterOption, DataOptions, EngineOptions, LayoutOptions, ProgressOption,
+                        ReuseOptions, RunOptions, comma_list, setting)
 from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
 from store import format as fmt
 from store import keys
@@ -111,8 +120,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, ClusterOption, ReuseOptions,
-                    ProgressOption):
+class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, EngineOptions, ClusterOption,
+                    ReuseOptions, ProgressOption):
     """Settings of ``precompute teacher``; each field is also its command-line option."""
 
     out: str = setting(help="Store path or fsspec URL (created, or completed if it exists).", required=True)
@@ -137,6 +146,10 @@ class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, C
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
+
+    def sequence_length(self) -> int:
+        """The longest sequence a pass reads or generates (a vLLM engine's max_model_len)."""
+        return max(self.max_length, chat.MIN_PROMPT_TOKENS + self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -184,10 +197,15 @@ class TeacherContext:
 def topk_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The teacher's top-K, target log-probs and sums over the set's responses."""
     seqs, prompts = split_sequences(ctx.store.read_section(split, part, step.sequence_set))
-    scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
-                                     batch_tokens=ctx.config.batch_tokens, pad_id=ctx.pad_id, on_batch=progress)
+    if isinstance(model, engines.VllmEngine):
+        scored = scoring.score_with_engine(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
+                                           on_batch=progress)
+    else:
+        scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
+                                         batch_tokens=ctx.config.batch_tokens, pad_id=ctx.pad_id, on_batch=progress)
     groups = _groups(ctx, split, part) if step.sequence_set == fmt.SET_SAMPLES else 0
-    return StepResult(scoring.scored_arrays(scored, topk=True), sum(map(len, seqs)), groups=groups)
+    return StepResult(scoring.scored_arrays(scored, topk=True), sum(map(len, seqs)), groups=groups,
+                      attrs=_engine_attrs(model))
 
 
 def sums_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
@@ -218,11 +236,21 @@ def generate_step(ctx: TeacherContext, step: Step, split: str, part: int, model,
     config = ctx.config
     rows = ctx.rows_of_part(split, part)
     prompts = _generation_prompts(ctx, rows)
-    answers = generate_greedy(model, prompts, max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids,
-                                      pad_id=ctx.pad_id, batch_size=config.generation_batch, on_batch=progress)
+    engine = engines.as_engine(model, pad_id=ctx.pad_id, batch_size=config.generation_batch)
+    answers = engine.greedy(prompts, max_new_tokens=config.max_new_tokens, eos_ids=ctx.eot_ids, on_batch=progress)
     seqs = [(r.index, fmt.ROLE_GENERATED, np.concatenate([p, a]).astype(np.int64), len(p))
             for r, p, a in zip(rows, prompts, answers) if len(a) > 0]
-    return StepResult(base_arrays(seqs), sum(len(s[2]) for s in seqs))
+    return StepResult(base_arrays(seqs), sum(len(s[2]) for s in seqs), attrs=_engine_attrs(model))
+
+
+def _engine_attrs(model) -> dict | None:
+    """A part's record of the vLLM engine that computed it (every setting); None for transformers."""
+    return {"engine": model.settings()} if isinstance(model, engines.VllmEngine) else None
+
+
+def on_engine(ctx: TeacherContext, step: Step) -> bool:
+    """Whether ``step`` runs on a vLLM engine: with --engine vllm, the generation and the teacher's top-K."""
+    return ctx.config.engine == engines.VLLM and step.run in (generate_step, topk_step)
 
 
 def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
@@ -298,6 +326,9 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
     if step.sequence_set == fmt.SET_GENERATED and step.section == fmt.BASE:
         settings.update({"decoding": "greedy", "responses_per_prompt": 1,
                          "max_new_tokens": ctx.config.max_new_tokens})
+    if on_engine(ctx, step):  # absent: transformers, as before engines existed (existing keys stay valid)
+        spec = engines.EngineSpec.of(ctx.config)
+        settings["engine"] = spec.record(tail=engines.TAIL_RULE) if step.run is topk_step else spec.record()
     return PassRecord(ModelRecord(info.name, info.weights_hash), settings)
 
 
@@ -361,8 +392,10 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     unknown = set(config.passes) - set(KNOWN_PASSES)
     if unknown:
         raise ValueError(f"unknown pass(es) {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_PASSES)}")
+    engines.EngineSpec.of(config).check(config.device_map)
     device = models.resolve_device(config.device)
     dtype = str(models.resolve_dtype(config.dtype, device)).replace("torch.", "")
+    engines.note_suggestion(config.engine, device)
     needs_pairs = any(p in config.passes for p in NEEDS_PAIRS)
     pad, mcq = _pad_passes(config.passes)
     prompt_rows: dict[str, LoadedSplit] = {}
@@ -517,48 +550,67 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[
     """Run each step over the parts whose section is not complete; returns groups covered per step.
 
     A step's settings are recorded once its model has loaded and passed its check,
-    just before its first part is computed: the store records only what ran.
+    just before its first part is computed: the store records only what ran. The
+    model (or vLLM engine) is released when the run ends, however it ends.
     """
     writer = _BackgroundWriter(ctx.store)
     groups_done: dict[str, int] = {}
-    model = loaded_path = None
-    for step in steps:
-        todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
-                if not ctx.store.is_complete(split, part, step.sequence_set, step.section)]
-        record = summary.step_record(step.name, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
-        todo = _reuse_parts(ctx, step, todo)
-        if not todo:
-            continue
-        info = ctx.models[step.model_role]
-        if info.path != loaded_path:  # the reference is often the student: same weights, no reload
-            model = None  # unload before the next model loads
-            models.free_memory()
-            model = _load_model(ctx, info)
-            loaded_path = info.path
-            if step.section != fmt.BASE:
-                _check_model(ctx, model, todo[0])
-        ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
-        total = sum(_part_tokens(ctx, s, p, step.sequence_set) for s, p in todo) or None
-        t0 = time.perf_counter()
-        with tqdm(total=total, desc=step.name, unit="tok", unit_scale=True, disable=not ctx.config.progress,
-                  dynamic_ncols=True) as bar:
-            for split, part in todo:
-                if ctx.store.is_complete(split, part, step.sequence_set, step.section):
-                    record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
-                    continue
-                result = step.run(ctx, step, split, part, model, bar.update)
-                writer.write(split, part, step, _with_key(result, content_key(ctx, step, split, part)))
-                record["parts_done"] += 1
-                record["tokens"] += result.tokens
-                groups_done[step.name] = groups_done.get(step.name, 0) + result.groups
-            writer.flush()
-        record["seconds"] = time.perf_counter() - t0
-    model = None
-    models.free_memory()
+    model = loaded = None
+    try:
+        for step in steps:
+            todo = [(split, part) for split in ctx.rows for part in range(ctx.store.num_parts(split))
+                    if not ctx.store.is_complete(split, part, step.sequence_set, step.section)]
+            record = summary.step_record(step.name, sum(ctx.store.num_parts(s) for s in ctx.rows) - len(todo))
+            todo = _reuse_parts(ctx, step, todo)
+            if not todo:
+                continue
+            info = ctx.models[step.model_role]
+            wanted = (info.path, _engine_limits(ctx, step))
+            if wanted != loaded:  # the reference is often the student: same weights, no reload
+                engines.release(model)  # unload before the next model loads
+                model = loaded = None
+                models.free_memory()
+                model = _load_model(ctx, info, step)
+                loaded = wanted
+                if step.section != fmt.BASE and not on_engine(ctx, step):
+                    _check_model(ctx, model, todo[0])
+            ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
+            total = sum(_part_tokens(ctx, s, p, step.sequence_set) for s, p in todo) or None
+            t0 = time.perf_counter()
+            with tqdm(total=total, desc=step.name, unit="tok", unit_scale=True, disable=not ctx.config.progress,
+                      dynamic_ncols=True) as bar:
+                for split, part in todo:
+                    if ctx.store.is_complete(split, part, step.sequence_set, step.section):
+                        record["parts_skipped"] += 1  # another writer of this store finished it meanwhile
+                        continue
+                    result = step.run(ctx, step, split, part, model, bar.update)
+                    writer.write(split, part, step, _with_key(result, content_key(ctx, step, split, part)))
+                    record["parts_done"] += 1
+                    record["tokens"] += result.tokens
+                    groups_done[step.name] = groups_done.get(step.name, 0) + result.groups
+                writer.flush()
+            record["seconds"] = time.perf_counter() - t0
+    finally:
+        engines.release(model)  # a vLLM engine's processes end here
+        model = None
+        models.free_memory()
     return groups_done
 
 
-def _load_model(ctx: TeacherContext, info: models.ModelInfo):
+def _engine_limits(ctx: TeacherContext, step: Step) -> tuple[int, int] | None:
+    """(max_model_len, max_logprobs) of the vLLM engine ``step`` runs on; None: it runs on transformers."""
+    if not on_engine(ctx, step):
+        return None
+    return ctx.config.sequence_length(), ctx.config.top_k if step.run is topk_step else 0
+
+
+def _load_model(ctx: TeacherContext, info: models.ModelInfo, step: Step):
+    limits = _engine_limits(ctx, step)
+    if limits is not None:
+        config = ctx.config
+        return engines.VllmEngine(models.model_dir(info), device=ctx.device, dtype=ctx.dtype,
+                                  tensor_parallel=config.tensor_parallel, kv_cache_gib=config.kv_cache_gib,
+                                  max_model_len=limits[0], max_logprobs=limits[1])
     if ctx.config.device_map:  # sharded by accelerate over this process's GPUs
         from .cluster import load_model
 
@@ -655,9 +707,15 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
         if rows is not None:
             ctx = dataclasses.replace(ctx, rows={split: rows}, prompt_rows={split: rows})
         where = (split, part)
-        check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where))
-        model = cluster.worker_model(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
-                                     device_map=ctx.config.device_map, on_load=check)
+        limits = _engine_limits(ctx, step)
+        if limits is not None:
+            model = cluster.worker_engine(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
+                                          spec=engines.EngineSpec.of(ctx.config), max_model_len=limits[0],
+                                          max_logprobs=limits[1])
+        else:
+            check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where))
+            model = cluster.worker_model(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
+                                         device_map=ctx.config.device_map, on_load=check)
         result = _with_key(step.run(ctx, step, split, part, model, lambda n: None),
                            content_key(ctx, step, split, part))
         written = ctx.store.write_section(split, part, step.sequence_set, step.section, result.arrays,
@@ -669,7 +727,7 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
 def _run_on_cluster(config: TeacherConfig, summary: Summary) -> tuple[TeacherContext, dict[str, int]]:
     from .cluster import ClusterSession
 
-    with ClusterSession(config.cluster) as session:
+    with ClusterSession(config.cluster, engine=engines.EngineSpec.of(config)) as session:
         device, dtype = session.resolve(config.device, config.dtype)
         ctx = prepare(dataclasses.replace(config, device=device, dtype=dtype), summary)
         if any(p in config.passes for p in NEEDS_PAIRS):

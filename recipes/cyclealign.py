@@ -29,7 +29,7 @@ from typing import Callable
 
 import click
 
-from lm.options import BatchTokensOption, DataOptions, ProgressOption, RunOptions, comma_list, setting
+from lm.options import BatchTokensOption, DataOptions, EngineOptions, ProgressOption, RunOptions, comma_list, setting
 from precompute.rank import JudgeOptions, RankConfig, run_rank
 from precompute.sample import SampleConfig, run_sample
 from train.config import TrainConfig
@@ -41,9 +41,10 @@ MODEL = "model"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CycleAlignConfig(JudgeOptions, DataOptions, RunOptions, BatchTokensOption, ProgressOption):
+class CycleAlignConfig(JudgeOptions, DataOptions, RunOptions, BatchTokensOption, EngineOptions, ProgressOption):
     """Settings of ``train cyclealign``; each field is also its command-line option (the judge's and the data's
-    are passed on to ``precompute rank`` and ``precompute sample``)."""
+    are passed on to ``precompute rank`` and ``precompute sample``; ``--engine`` to ``precompute sample``, whose
+    sampling is the rounds' generation)."""
 
     out: str = setting(help="Folder holding every round's store and model.", required=True)
     rounds: int = setting(3, "Rounds of sample -> rank -> train.", type=click.IntRange(min=1))
@@ -85,7 +86,8 @@ def round_steps(config: CycleAlignConfig, r: int, student: str | None) -> RoundS
     samples, model_dir = config.round_dir(r) / SAMPLES, config.round_dir(r) / MODEL
     data_and_run = _shared(config, DataOptions, RunOptions, ProgressOption)
     sample = SampleConfig(out=str(samples), model=student, n=config.n, keep=config.n, temperature=config.temperature,
-                          max_new_tokens=config.max_new_tokens, seed=config.seed + r - 1, **data_and_run)
+                          max_new_tokens=config.max_new_tokens, seed=config.seed + r - 1, **data_and_run,
+                          **_shared(config, EngineOptions))
     rank = RankConfig(out=str(samples), student=student, seed=config.seed,
                       demos_from=str(config.round_dir(r - 1) / SAMPLES) if r > 1 else None,
                       **_shared(config, JudgeOptions), **data_and_run)

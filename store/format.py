@@ -632,6 +632,14 @@ KEY_INPUTS = {
         "generated/teacher topk_ids, the judge samples/student_init logp_sum), and where they matter "
         "prompts_sha256 (teacher_mcq and judge show the rows' prompt text) and part_seed (judge)"
     ),
+    "engine": (
+        "a pass computed with vLLM (--engine vllm: samples base, generated base, teacher) has settings.engine = "
+        "{name, version, tensor_parallel, and seeds (samples: one seed per request) or tail (teacher: how the "
+        "tail is computed from the top-K)}, which enters its keys like any setting; without it, transformers "
+        "computed it (the keys of stores made before engines existed are unchanged). The engine's other "
+        "settings (KV cache, engine process, eager mode, chunked prefill) are each part's engine attribute, "
+        "not in the key"
+    ),
 }
 
 

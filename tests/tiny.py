@@ -68,6 +68,34 @@ def make_tiny_model(directory: Path, *, seed: int, layers: int = 2, hidden: int 
     return directory
 
 
+def make_engine_model(directory: Path, *, seed: int, layers: int = 2, hidden: int = 64, heads: int = 2,
+                      head_scale: float = 40.0) -> Path:
+    """A random Llama with the SmolLM2 tokenizer that vLLM runs and that samples (``--engine vllm`` tests).
+
+    vLLM's CPU attention needs head_dim = hidden / heads in {32, 64, 80, ...}
+    (:func:`make_tiny_model`'s is 16), and :func:`make_tiny_model`'s tied,
+    scaled output layer makes a model that repeats its last input token (every
+    sample alike). Here the output layer is untied and scaled by ``head_scale``:
+    at 40 the next-token entropies are 0.1 to 3.5 nats.
+    """
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(directory)
+    return directory
+
+
 # --------------------------------------------------------------------------- tokenizer families
 
 CHATML_TEMPLATE = (

@@ -32,7 +32,7 @@ import click
 import yaml
 
 from lm import options
-from lm.options import BatchTokensOption, ChunkSizeOption, ProgressOption, RunOptions, setting
+from lm.options import BatchTokensOption, ChunkSizeOption, EngineOptions, ProgressOption, RunOptions, setting
 from store.locations import REDACTED, redact_url, redact_values, without_redacted
 
 from . import methods
@@ -205,7 +205,7 @@ def _as_declared(field: dataclasses.Field, value):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption):
+class EvaluateConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption, EngineOptions):
     """``train evaluate``: the model, the store and split, how to run; of the loss settings, :data:`PAD_REWARD`."""
 
     model: str | None = setting(None, "Model to evaluate: a run's dir, embedded name, ... [embedded student].")

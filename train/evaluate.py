@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lm import chat
+from lm import chat, engines, models
 from store import ExampleStream, Sequence, TeacherStore, check_complete
 from store import format as fmt
 from store.locations import redact_url
@@ -155,6 +155,12 @@ def evaluate(config: EvaluateConfig) -> dict:
                          f"pairs with: {commands_for(store, missing_pairs)}; or groups with: "
                          f"{commands_for(store, missing_groups)}")
     precision = resolve_precision(config.device, config.dtype)
+    if config.engine != engines.HF and not config.generations:
+        raise TrainError(f"--engine {config.engine}: only --generations runs on an engine (the metrics are "
+                         f"computed with transformers); add --generations FILE or leave --engine out")
+    engines.EngineSpec.of(config).check()
+    if config.generations:
+        engines.note_suggestion(config.engine, precision[0])
     stored_init = not check_complete(store, config.split, {methods.PAIRS: [methods.STUDENT_INIT]})
     recorded = recorded_student(store)
     student = resolve_model(config.model)
@@ -185,14 +191,31 @@ def evaluate(config: EvaluateConfig) -> dict:
     if has_groups:
         result.update(_group_metrics(student_pass))
     if config.generations:
-        from .generations import write_generations
-
         result["generations"] = config.generations
-        result["generated_prompts"] = write_generations(
-            student_pass.model, student_pass.tokenizer, store, config.split, config.generations,
-            samples=config.samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed)
+        result["generated_prompts"] = _write_generations(config, student, student_pass, store)
     return result
+
+
+def _write_generations(config: EvaluateConfig, student, student_pass: ModelPass, store: TeacherStore) -> int:
+    """``--generations``: by ``generate()`` on the loaded model, or (``--engine vllm``) by a vLLM engine over
+    the model's directory, started once the metrics' model is freed."""
+    from .generations import split_prompts, write_generations
+
+    options = dict(samples=config.samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                   seed=config.seed)
+    if config.engine != engines.VLLM:
+        return write_generations(student_pass.model, student_pass.tokenizer, store, config.split, config.generations,
+                                 **options)
+    prompts = split_prompts(store, config.split)
+    tokenizer, device, dtype = student_pass.tokenizer, student_pass.device, student_pass.dtype
+    student_pass.model = None
+    models.free_memory()
+    longest = max((len(p) for _, p in prompts), default=1)
+    with engines.VllmEngine(models.model_dir(student), device=device, dtype=str(dtype).replace("torch.", ""),
+                            tensor_parallel=config.tensor_parallel, kv_cache_gib=config.kv_cache_gib,
+                            max_model_len=longest + config.max_new_tokens) as engine:
+        return write_generations(None, tokenizer, store, config.split, config.generations, engine=engine,
+                                 prompts=prompts, **options)
 
 
 def _mean(total, n):

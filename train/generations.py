@@ -5,7 +5,10 @@ sequence), so they are exactly what the model was trained and scored on. Each
 line holds the example index, the prompt as text, the greedy answer and, with
 ``--samples N``, N answers sampled at ``--temperature`` (top-p 1, seeded by
 ``--seed``); answers are cut at the first end-of-turn token (:mod:`lm.generate`)
-and decoded without special tokens. Scoring them (by a rule, a reward model, a
+and decoded without special tokens. With ``--engine vllm`` a vLLM engine
+(:mod:`lm.engines`) generates them: the same greedy answers (up to ties within
+its numerical error), samples from the same distribution with per-prompt seeds,
+none of the model's generation defaults applied. Scoring them (by a rule, a reward model, a
 person) is up to the reader: ``benchmarks/efficacy.py`` checks them by a rule.
 """
 
@@ -46,16 +49,25 @@ def split_prompts(store: TeacherStore, split: str) -> list[tuple[int, np.ndarray
 @torch.no_grad()
 def write_generations(model, tokenizer, store: TeacherStore, split: str, path: str, *, samples: int = 0,
                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                      batch_size: int = 16) -> int:
-    """Write the JSON lines of the module docstring to ``path`` (atomically); returns the number of prompts."""
-    prompts = split_prompts(store, split)
+                      batch_size: int = 16, engine=None, prompts: list | None = None) -> int:
+    """Write the JSON lines of the module docstring to ``path`` (atomically); returns the number of prompts.
+
+    ``engine``: a :class:`lm.engines.VllmEngine` that generates instead of ``model``'s ``generate()``;
+    ``prompts``: :func:`split_prompts`' result when the caller has it."""
+    prompts = split_prompts(store, split) if prompts is None else prompts
     ids = [p for _, p in prompts]
     ends = chat.end_of_turn_ids(tokenizer)
     pad = chat.pad_id(tokenizer)
-    greedy = generate_greedy(model, ids, max_new_tokens=max_new_tokens, eos_ids=ends, pad_id=pad,
-                             batch_size=batch_size)
     sampled: list[list[np.ndarray]] = [[] for _ in ids]
-    if samples:
+    if engine is not None:
+        greedy = engine.greedy(ids, max_new_tokens=max_new_tokens, eos_ids=ends)
+        if samples:
+            sampled = engine.sample(ids, n=samples, temperature=temperature, top_p=1.0,
+                                    max_new_tokens=max_new_tokens, seed=seed, eos_ids=ends)
+    else:
+        greedy = generate_greedy(model, ids, max_new_tokens=max_new_tokens, eos_ids=ends, pad_id=pad,
+                                 batch_size=batch_size)
+    if samples and engine is None:
         torch.manual_seed(seed)
         for batch, answers in generate_in_batches(model, ids, n=samples, max_new_tokens=max_new_tokens,
                                                   eos_ids=ends, pad_id=pad, batch_size=batch_size, do_sample=True,
