@@ -25,6 +25,7 @@ from .format import SectionRef, array_checksum
 from .locations import redact_url
 from .reader import StoreReader
 from .teacher_store import TeacherStore
+from .vocab_map import vocab_map_files
 
 __all__ = ["copy_store", "copy_section"]
 
@@ -49,6 +50,7 @@ def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_op
     relative = source.files.list()
     groups = [f for f in relative if f.endswith("/zarr.json") and f.count("/") in (1, 2)]  # splits and parts
     _copy_files(source, target, groups, threads)
+    _copy_files(source, target, vocab_map_files(relative), threads)  # a cross-tokenizer store's map, whole
 
     copied = skipped = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
