@@ -331,6 +331,14 @@ def check_tokenizer(store: TeacherStore, model: models.ModelInfo) -> None:
     except Exception:  # the store's tokenizer is not available here: only the hash can decide
         same = False
     if not same:
+        cross = store.attrs.get(fmt.ATTR_CROSS_TOKENIZER)
+        if isinstance(cross, dict):  # the teacher's tokenizer is another one, and not the one to train with either
+            teacher = cross.get("teacher_tokenizer") or {}
+            raise TrainError(f"{model.name}: its tokenizer (hash {chat.tokenizer_hash(tokenizer)[:12]}) is neither "
+                             f"the store's student tokenizer ({stored.name}, hash {stored.hash[:12]}), whose ids the "
+                             f"store holds and its teacher signals were aligned to, nor one that could read them; the "
+                             f"teacher's was {teacher.get('name')} (hash {str(teacher.get('hash'))[:12]}). Train a "
+                             f"student with {stored.name}'s tokenizer, or compute a store for this one")
         raise TrainError(f"{model.name}: its tokenizer differs from the store's ({stored.name}, hash "
                          f"{stored.hash[:12]}); token-level signals would be read with the wrong ids")
 
