@@ -356,6 +356,8 @@ def resolve_student(config: TrainConfig, store: TeacherStore,
     """The student to train (default: the one the store records) and notes on the reference sums it will meet."""
     recorded = recorded_student(store)
     spec = config.student or (recorded.name if recorded else None)
+    if spec is None and isinstance(store.attrs.get(fmt.ATTR_CROSS_TOKENIZER), dict):
+        spec = store.tokenizer.name  # across tokenizers the store's tokenizer is the student's (its model's name)
     info = resolve_model(spec, "" if config.student else " (the student the store records; pass --student)")
     notes = []
     for sequence_set, sections in methods.needs_of(terms).items():
