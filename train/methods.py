@@ -495,8 +495,8 @@ def kd_term(name: str, weight: float, sequence_set: str, role: int | None) -> Te
     def loss(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
         return token_mean(distillation_rows(batch, out, settings), response_rows(batch, sequence_set, role))
 
-    tokens = tuple(TokenRequest(quantity, sequence_set, role) for quantity in (KD, ULD, CHUNK))
-    return Term(name, weight, {sequence_set: (TEACHER,)}, tokens, loss, over_tokens(sequence_set, role))
+    return Term(name, weight, {sequence_set: (TEACHER,)}, (TokenRequest(KD, sequence_set, role),), loss,
+                over_tokens(sequence_set, role))
 
 
 SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term, over_tokens(PAIRS, CHOSEN))
@@ -744,10 +744,20 @@ def chunk_rows(batch: Batch, settings: Settings) -> torch.Tensor:
     return (step.cumsum(0)[:-1] > 0) & ~token_level_rows(batch, settings)
 
 
-#: which rows of a batch each per-token quantity may be computed on (a quantity not here: any row asked for)
-QUANTITY_ROWS: dict[str, Callable[[Batch, Settings], torch.Tensor]] = {
-    KD: token_level_rows, ADPA: token_level_rows, ULD: uld_rows, CHUNK: chunk_rows,
-}
+def route_across_tokenizers(wanted: dict[str, torch.Tensor], batch: Batch, settings: Settings) -> None:
+    """Where a batch holds rows aligned across tokenizers, the rows asked for (``wanted``: quantity -> [R] bool,
+    changed in place) go where their signal is: KD keeps the rows whose teacher top-K it reads
+    (:func:`token_level_rows`), the other KD rows go to ULD or CHUNK (``cross_tokenizer_loss``: :func:`uld_rows`,
+    :func:`chunk_rows`), ADPA keeps the token-level rows only. A batch of one tokenizer is left as it is."""
+    _, aligned = aligned_rows(batch)
+    if not bool(aligned.any()):
+        return
+    token_level = token_level_rows(batch, settings)
+    asked = wanted[KD]
+    wanted[KD] = asked & token_level
+    wanted[ULD] = wanted[ULD] | (asked & uld_rows(batch, settings))
+    wanted[CHUNK] = wanted[CHUNK] | (asked & chunk_rows(batch, settings))
+    wanted[ADPA] = wanted[ADPA] & token_level
 
 
 def chunk_losses(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
@@ -809,8 +819,10 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
                     chunk_size: int = 1024) -> StudentOutputs:
     """Run the student on ``batch`` and compute the requested per-token quantities.
 
-    1. rows: per quantity, the union of its requests' response rows; every such row
-       gets ``logp`` too (a gather of the same log-softmax: free);
+    1. rows: per quantity, the union of its requests' response rows (across tokenizers,
+       KD's rows without an exact teacher token go to ULD or CHUNK:
+       :func:`route_across_tokenizers`); every such row gets ``logp`` too (a gather of the
+       same log-softmax: free);
     2. the decoder (:func:`lm.head.split_model`) runs only over the sequences that own
        such rows, trimmed to their longest length;
     3. one output-layer pass over every such row, in chunks
@@ -829,9 +841,7 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     wanted = {name: torch.zeros(R, dtype=torch.bool, device=device) for name in losses.TOKEN_TERMS}
     for request in requests:
         wanted[request.quantity] |= response_rows(batch, request.sequence_set, request.role)
-    for name, allowed in QUANTITY_ROWS.items():
-        if bool(wanted[name].any()):
-            wanted[name] &= allowed(batch, settings)
+    route_across_tokenizers(wanted, batch, settings)
     wanted[LOGP] = torch.stack(list(wanted.values())).any(0)
     if not bool(wanted[LOGP].any()):
         zeros = torch.zeros(R, dtype=torch.float32, device=device)
