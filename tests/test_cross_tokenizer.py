@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 
 import numpy as np
@@ -22,7 +23,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from click.testing import CliRunner
+
 from lm import chat, models, xtok
+from precompute.cli import main as precompute_main
 from precompute import xtok as pxtok
 from precompute.sample import SampleConfig, run_sample
 from precompute.teacher import TeacherConfig, run_teacher
@@ -283,6 +287,10 @@ def test_the_store_keeps_the_students_ids_records_both_tokenizers_and_the_map(cr
     assert store.pass_record(fmt.PASS_PAIRS_TEACHER).settings[fmt.ATTR_CROSS_TOKENIZER]["vocab_map_sha256"] == \
         record["vocab_map"]["sha256"]
     assert store.verify() == []
+    from store.inspect import format_info, store_info
+
+    shown = format_info(store_info(store))
+    assert f"teacher tok  {record['teacher_tokenizer']['name']}" in shown and "vocabulary map" in shown
     # the summary: the share of exact tokens, what is suppressed, the mass the map keeps
     line = next(line for line in summary.notes if line.strip().startswith("pairs/teacher across tokenizers"))
     assert "with an exactly matching teacher token" in line and "of the teacher's top-K mass" in line
@@ -448,10 +456,14 @@ def test_pad_and_pad_dpo_on_groups_sampled_by_the_student(tmp_path, family_model
     store = TeacherStore.open(str(out))
     section = store.read_section("train", 0, fmt.SET_SAMPLES, fmt.SECTION_TEACHER)
     assert (section[fmt.ARRAY_TEACHER_LENGTH] > 0).any()
-    run_teacher(TeacherConfig(passes=("dpo_ref",), student=str(family_models["student"]), cross_tokenizer=True,
-                              **teacher))
-    for method in ("pad", "pad_dpo"):
-        _train(out, tmp_path / method, method)
+    _train(out, tmp_path / "pad", "pad")
+    # pad_dpo needs the student's reference sums: the refusal names the command, across tokenizers too
+    with pytest.raises(TrainError) as refused:
+        _train(out, tmp_path / "pad_dpo", "pad_dpo")
+    command = str(refused.value).partition("compute it first with: ")[2].split(" (where ")[0]
+    assert "--passes dpo_ref" in command and "--cross-tokenizer" in command
+    assert CliRunner().invoke(precompute_main, shlex.split(command)[1:]).exit_code == 0
+    _train(out, tmp_path / "pad_dpo", "pad_dpo")
 
 
 def _scripted_judge(directory):

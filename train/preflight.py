@@ -186,6 +186,9 @@ def teacher_option(store: TeacherStore) -> tuple[str, str | None]:
     teacher = recorded_teacher(store)
     if teacher is not None:
         return f"--teacher {_quoted(teacher.name)}", None
+    cross = store.attrs.get(fmt.ATTR_CROSS_TOKENIZER)
+    if isinstance(cross, dict) and (cross.get("teacher_tokenizer") or {}).get("name"):
+        return f"--teacher {_quoted(cross['teacher_tokenizer']['name'])}", None  # the model its tokenizer came from
     if store.tokenizer.name in (models.EMBEDDED_TEACHER, models.EMBEDDED_STUDENT):
         return "", None
     return (f"--teacher {TEACHER_PLACEHOLDER}",
@@ -201,6 +204,9 @@ def precompute_command(store: TeacherStore, passes: list[str], student: str | No
     teacher, note = teacher_option(store)
     recorded = recorded_student(store)
     student = recorded.name if recorded is not None else student
+    if isinstance(store.attrs.get(fmt.ATTR_CROSS_TOKENIZER), dict):  # aligned across tokenizers: so is what is added
+        parts.append("--cross-tokenizer")
+        student = student or store.tokenizer.name
     reference = recorded_model(store, f"{methods.GENERATED}/{methods.REFERENCE}")
     parts += [option for option in (teacher, f"--student {_quoted(student)}" if student else "") if option]
     if reference is not None and reference != recorded:  # else the reference defaulted to the student
