@@ -34,7 +34,7 @@ it back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,7 +67,6 @@ class CrossTokenizer:
     student_end_ids: list[int]
     teacher_pad_id: int
     hashes: tuple[str, str] = ("", "")  # (teacher, student) tokenizer hashes
-    _examples: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, teacher, student, *, teacher_name: str, student_name: str, teacher_size: int,

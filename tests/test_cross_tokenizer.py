@@ -562,3 +562,29 @@ def test_a_student_of_neither_tokenizer_is_refused_naming_both(cross_store, fami
     message = str(refused.value)
     record = StoreReader.open(str(out)).attrs[fmt.ATTR_CROSS_TOKENIZER]
     assert record["student_tokenizer"]["hash"][:12] in message and record["teacher_tokenizer"]["hash"][:12] in message
+
+
+@pytest.mark.slow
+def test_on_a_cluster_the_cross_tokenizer_store_is_the_same(tmp_path, cross_store, family_models, number_rows):
+    """``--cluster``: each part a unit on a worker process (the rows each step reads as text shipped with it): the
+    same sections, checksum for checksum, as the run in one process."""
+    from distributed import LocalCluster
+
+    from tests import store_helpers
+
+    out = tmp_path / "cluster.zarr"
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address=":0")
+    try:
+        run_teacher(TeacherConfig(
+            out=str(out), teacher=str(family_models["teacher"]), student=str(family_models["student"]),
+            reference=str(family_models["reference"]), dataset=str(number_rows), passes=("pairs", "dpo_ref", "adpa"),
+            top_k=6, max_length=64, max_new_tokens=8, examples_per_part=4, cross_tokenizer=True,
+            cluster=cluster.scheduler_address, **COMMON))
+    finally:
+        cluster.close()
+
+    def sections(path):
+        return {p: (a.get("complete"), a.get("checksums"))
+                for p, a in store_helpers.section_attrs(TeacherStore.open(str(path))).items()}
+
+    assert sections(out) == sections(cross_store[0])
