@@ -132,6 +132,15 @@ def test_the_teachers_spans_are_moved_onto_the_content(teacher):
     assert (alignment.code[1:-1] == xtok.EXACT).all()  # the same BPE merges: every inner token matches
 
 
+def test_the_format_spells_the_alignment_codes_lm_xtok_computes():
+    assert (fmt.ALIGN_EXACT, fmt.ALIGN_STARTS, fmt.ALIGN_NONE) == (xtok.EXACT, xtok.STARTS, xtok.NONE)
+    assert fmt.ATTR_CROSS_TOKENIZER in fmt.DESCRIPTION
+    described = fmt.DESCRIPTION["arrays"][fmt.SECTION_TEACHER]
+    for name in (fmt.ARRAY_ALIGNMENT, fmt.ARRAY_TEACHER_TOPK_IDS, fmt.ARRAY_TEACHER_LENGTH, fmt.ARRAY_TEACHER_SPAN):
+        assert name in described
+        assert next(s for s in fmt.SECTION_ARRAYS[fmt.SECTION_TEACHER] if s.name == name).optional
+
+
 def test_alignment_codes_and_chunks_of_spans_worked_out_by_hand():
     # text "12 345" + end: student "1","2"," ","34","5",<end>; teacher "12"," 3","45",<end>
     student = np.array([[0, 1], [1, 2], [2, 3], [3, 5], [5, 6], [6, 7]])
