@@ -24,7 +24,14 @@ points (``precompute.cli.main``, ``train.cli.main``: exactly the command lines i
    loopback, ``efficacy_task.RuleJudge``);
 6. ``train evaluate --split test --generations F --samples K`` on every model: the rule's rates of valid and
    preferred answers (greedy and sampled at temperature 1), the held-out token KL to the teacher, preference
-   accuracy (log-ratio to the initial student; mean log-prob) and agreement with the teacher's preference.
+   accuracy (log-ratio to the initial student; mean log-prob) and agreement with the teacher's preference;
+7. the cross-tokenizer column (unless ``--no-cross``): a student of another family
+   (``efficacy_task.build_cross_tokenizer``: Llama-3 headers, a token per space-and-digit) made as the student was
+   (SFT on its own tokens), the same teacher through ``precompute teacher --cross-tokenizer`` (stores of the
+   student's ids, the teacher reading their text), and every method that reads a teacher (CycleAlign's black box
+   reads text anyway: left out) trained at the rate and seeds of its same-tokenizer row, those that train KD
+   also with ``--cross-tokenizer-loss chunk``; the table sets each method's rates beside its same-tokenizer ones,
+   and the passes' alignment shares are printed.
 
 It prints the settings, every step's wall time, the learning-rate sweep, the table (mean +- sample standard
 deviation over the seeds) with the teacher, the reference and the initial student beside it, CycleAlign's rates
@@ -36,6 +43,7 @@ again with the same settings.
     python benchmarks/efficacy.py                       # everything: 15 rows, 5 rates, 3 seeds
     python benchmarks/efficacy.py --quick               # one rate per method (the sweep's middle), 2 seeds
     python benchmarks/efficacy.py --methods sft,dpo --steps 4 --seeds 1 --lrs 1e-3 --smoke   # plumbing only
+    python benchmarks/efficacy.py --no-cross            # the same-tokenizer table only
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ class Method:
     label: str  # the table's
     kind: str  # "main" (the pairs store), "pad" (the sampled groups), "staged" (ADPA+), "cyclealign"
     args: tuple[str, ...] = ()
+    chunks: bool = False  # staged, across tokenizers: both of its runs with --cross-tokenizer-loss chunk
 
 
 METHODS = (
@@ -136,6 +145,7 @@ class Options:
     setup: Setup
     png: Path | None
     task_seed: int = 0
+    cross: bool = True  # the cross-tokenizer column
 
 
 # --------------------------------------------------------------------------- running the commands
@@ -233,6 +243,10 @@ class Benchmark:
         self.prefs = self.data / "prefs.json"
         self.main_store = self.stores / "main.zarr"
         self.pad_store = self.stores / "pad.zarr"
+        # the cross-tokenizer column: a student of another family, stores of its ids aligned to the teacher
+        self.cross_main_store = self.stores / "cross-main.zarr"
+        self.cross_pad_store = self.stores / "cross-pad.zarr"
+        self.alignment: list[str] = []  # the cross-tokenizer passes' summary lines (shares of exact tokens, mass)
 
     # ---- building the task, the models and the stores
 
@@ -281,6 +295,39 @@ class Benchmark:
                       s.max_length, *COMMON], what="build")
         say(f"models and stores built in {time.perf_counter() - t0:.0f} s")
 
+    def build_cross(self) -> None:
+        """The cross-tokenizer column's student (SFT on its own tokens, as the student) and stores (module docstring)."""
+        s = self.s
+        t0 = time.perf_counter()
+        tokenizer = task.build_cross_tokenizer()
+        init = self.models / "init-cross-student"
+        if not trained(init):
+            task.build_model(init, tokenizer, seed=2, layers=s.student_layers, hidden=s.student_hidden, heads=s.heads)
+        sft_store = self.stores / "cross-sft.zarr"
+        self.run(["precompute", "teacher", "--out", sft_store, "--teacher", init, "--student", init,
+                  "--dataset", self.sft_data, "--split", "train", "--passes", "dpo_ref", "--max-length",
+                  s.max_length, *COMMON], what="build cross")
+        student = self.train(["--cache", sft_store, "--method", "sft", "--student", init, "--lr", s.sft_lr,
+                              "--max-steps", s.student_steps, "--batch-tokens", s.batch_tokens, "--seed", 0],
+                             self.models / "cross-student", what="build cross")
+        teacher, reference = self.models / "teacher", self.models / "reference"
+        printed = self.run(["precompute", "teacher", "--out", self.cross_main_store, "--teacher", teacher,
+                            "--student", student, "--reference", reference, "--dataset", self.prefs,
+                            "--split", "train,dev,test", "--passes", "pairs,dpo_ref,adpa", "--cross-tokenizer",
+                            "--max-length", s.max_length, "--max-new-tokens", s.max_new_tokens, *COMMON],
+                           what="build cross")
+        self.alignment = [line.strip() for line in printed.splitlines() if "across tokenizers" in line]
+        if any(BY_NAME[m].kind == "pad" for m in self.o.methods):
+            self.run(["precompute", "sample", "--out", self.cross_pad_store, "--model", student, "--dataset",
+                      self.prefs, "--split", "train", "--max-new-tokens", s.max_new_tokens, "--max-length",
+                      s.max_length, *COMMON], what="build cross")
+            printed = self.run(["precompute", "teacher", "--out", self.cross_pad_store, "--teacher", teacher,
+                                "--student", student, "--dataset", self.prefs, "--split", "train", "--passes",
+                                "pad,dpo_ref", "--cross-tokenizer", "--max-length", s.max_length, *COMMON],
+                               what="build cross")
+            self.alignment += [line.strip() for line in printed.splitlines() if "across tokenizers" in line]
+        say(f"cross-tokenizer student and stores built in {time.perf_counter() - t0:.0f} s")
+
     def train(self, args: list, out: Path, *, what: str) -> Path:
         if not trained(out):
             if out.exists():
@@ -288,13 +335,15 @@ class Benchmark:
             self.run(["train", "student", *args, "--out", out, *COMMON], what=what)
         return out
 
-    def evaluate(self, model: Path, split: str, result: Path, *, what: str) -> dict:
-        """``train evaluate`` on ``split`` of the main store, with the rule's rates of the model's answers."""
+    def evaluate(self, model: Path, split: str, result: Path, *, what: str, cross: bool = False) -> dict:
+        """``train evaluate`` on ``split`` of the main store (``cross``: the cross-tokenizer one), with the rule's
+        rates of the model's answers."""
         if result.is_file():
             return json.loads(result.read_text())
         result.parent.mkdir(parents=True, exist_ok=True)
         answers = result.with_suffix(".answers.jsonl")
-        printed = self.run(["train", "evaluate", "--model", model, "--cache", self.main_store, "--split", split,
+        cache = self.cross_main_store if cross else self.main_store
+        printed = self.run(["train", "evaluate", "--model", model, "--cache", cache, "--split", split,
                             "--generations", answers, "--samples", self.o.samples, "--max-new-tokens",
                             self.s.max_new_tokens, "--seed", 0, "--json", "--device", "cpu", "--dtype", "float32"],
                            what=what)
@@ -306,29 +355,33 @@ class Benchmark:
 
     # ---- one method at one rate and seed
 
-    def train_method(self, method: Method, lr: float, seed: int) -> list[Path]:
-        """Train ``method``'s student; the model directories to evaluate (CycleAlign: one per round)."""
+    def train_method(self, method: Method, lr: float, seed: int, cross: bool = False) -> list[Path]:
+        """Train ``method``'s student; the model directories to evaluate (CycleAlign: one per round). ``cross``:
+        the cross-tokenizer column's student and stores."""
         n, s = self.o.steps, self.s
-        folder = self.runs / method.name / f"lr{lr_tag(lr)}-s{seed}-n{n}"
+        folder = (self.runs / "cross" if cross else self.runs) / method.name / f"lr{lr_tag(lr)}-s{seed}-n{n}"
         common = ["--lr", lr, "--seed", seed, "--batch-tokens", s.batch_tokens]
-        student = self.models / "student"
+        student = self.models / ("cross-student" if cross else "student")
+        main_store = self.cross_main_store if cross else self.main_store
         if method.kind in ("main", "pad"):
-            cache = self.main_store if method.kind == "main" else self.pad_store
+            cache = main_store if method.kind == "main" else (self.cross_pad_store if cross else self.pad_store)
             return [self.train(["--cache", cache, *method.args, "--student", student, "--max-steps", n, *common],
                                folder / "model", what=method.name)]
         if method.kind == "staged":
             half = max(1, n // 2)
-            first = self.train(["--cache", self.main_store, "--method", "dckd", "--student", student,
-                                "--max-steps", half, *common], folder / "dckd", what=method.name)
+            loss = ["--cross-tokenizer-loss", "chunk"] if method.chunks else []
+            first = self.train(["--cache", main_store, "--method", "dckd", "--student", student,
+                                "--max-steps", half, *loss, *common], folder / "dckd", what=method.name)
             store = folder / "own-answers.zarr"
             final = folder / "model"
             if not trained(final):
                 self.run(["precompute", "teacher", "--out", store, "--teacher", self.models / "teacher",
                           "--student", first, "--reference", self.models / "reference", "--dataset", self.prefs,
                           "--split", "train", "--passes", "adpa", "--max-length", s.max_length,
-                          "--max-new-tokens", s.max_new_tokens, *COMMON], what=method.name)
+                          "--max-new-tokens", s.max_new_tokens, *(["--cross-tokenizer"] if cross else []), *COMMON],
+                         what=method.name)
             return [self.train(["--cache", store, "--method", "adpa", "--student", first, "--max-steps", n - half,
-                                *common], final, what=method.name)]
+                                *loss, *common], final, what=method.name)]
         if method.kind == "cyclealign":
             rounds = 3
             per_round = max(1, n // rounds)
@@ -342,10 +395,10 @@ class Benchmark:
             return models
         raise ValueError(method.kind)
 
-    def result_path(self, method: Method, lr: float, seed: int, split: str, model: Path) -> Path:
+    def result_path(self, method: Method, lr: float, seed: int, split: str, model: Path, cross: bool = False) -> Path:
         tag = f"lr{lr_tag(lr)}-s{seed}-n{self.o.steps}"
         suffix = f"-{model.parent.name}" if model.parent.name.startswith("round-") else ""
-        return self.results / method.name / f"{tag}{suffix}-{split}.json"
+        return (self.results / "cross" if cross else self.results) / method.name / f"{tag}{suffix}-{split}.json"
 
     # ---- the whole benchmark
 
@@ -366,6 +419,15 @@ class Benchmark:
             scores[lr] = (dev["preferred_greedy"] + dev["preferred_sampled"]) / 2
         best = max(self.o.lrs, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
         return best, scores
+
+    def cross_seeds(self, method: Method, lr: float) -> list[dict]:
+        """The cross-tokenizer column: test results of each seed at ``lr`` (the same-tokenizer row's rate)."""
+        finals = []
+        for seed in range(self.o.seeds):
+            model = self.train_method(method, lr, seed, cross=True)[-1]
+            finals.append(self.evaluate(model, "test", self.result_path(method, lr, seed, "test", model, cross=True),
+                                        what="evaluate cross", cross=True))
+        return finals
 
     def seeds(self, method: Method, lr: float) -> tuple[list[dict], list[list[dict]]]:
         """Test results of each seed at ``lr`` (the final model), and per seed every round's (CycleAlign)."""
@@ -392,6 +454,34 @@ def table(rows: list[tuple[str, str, list[dict]]]) -> str:
     lines = [head, "|" + "---|" * (len(HEADERS) + 2)]
     for label, lr, results in rows:
         cells = [cell([r[m] for r in results]) for m in METRICS]
+        lines.append(f"| {label} | {lr} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reads_kd(method: Method) -> bool:
+    """Whether ``method`` trains KD (its rows without an exact teacher token differ between ULD and chunks)."""
+    return method.kind == "staged" or any(a.split("+")[0] in ("kd", "dckd") or "+dckd" in a for a in method.args)
+
+
+def with_chunks(method: Method) -> Method:
+    """``method`` across tokenizers with ``--cross-tokenizer-loss chunk`` (the cross-tokenizer column's extra row)."""
+    return Method(f"{method.name}_chunk", f"{method.label}, --cross-tokenizer-loss chunk", method.kind,
+                  (*method.args, "--cross-tokenizer-loss", "chunk"), chunks=True)
+
+
+#: the columns set side by side in the cross-tokenizer table: (metric, header)
+CROSS_COLUMNS = (("preferred_greedy", "preferred (greedy)"), ("preferred_sampled", "preferred (sampled)"),
+                 ("valid_greedy", "valid (greedy)"), ("teacher_agreement", "agrees w/ teacher"))
+
+
+def cross_table(rows: list[tuple[str, str, list[dict], list[dict]]]) -> str:
+    """Markdown: per method, each of :data:`CROSS_COLUMNS` with one tokenizer and across tokenizers (mean ± sd)."""
+    head = "| method | lr | " + " | ".join(f"{h}: same | {h}: cross" for _, h in CROSS_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (2 * len(CROSS_COLUMNS) + 2)]
+    for label, lr, same, cross in rows:
+        cells = []
+        for metric, _ in CROSS_COLUMNS:
+            cells += [cell([r[metric] for r in same]) if same else "", cell([r[metric] for r in cross])]
         lines.append(f"| {label} | {lr} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -446,6 +536,8 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--quick", action="store_true", help="One rate per method (the middle of --lrs), 2 seeds.")
     p.add_argument("--smoke", action="store_true", help="A tiny task and tiny models: checks the plumbing only.")
     p.add_argument("--png", default=None, help="Where to write the plot [OUT/efficacy.png].")
+    p.add_argument("--no-cross", action="store_true", help="Leave out the cross-tokenizer column (a student of "
+                   "another tokenizer family, the same teacher through precompute teacher --cross-tokenizer).")
     a = p.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in BY_NAME]
@@ -459,7 +551,7 @@ def parse(argv: list[str] | None = None) -> Options:
     out = Path(a.out).resolve()
     return Options(out=out, methods=methods, lrs=lrs, seeds=seeds, steps=a.steps, samples=a.samples,
                    threads=a.threads, setup=SMOKE if a.smoke else Setup(),
-                   png=Path(a.png).resolve() if a.png else out / "efficacy.png")
+                   png=Path(a.png).resolve() if a.png else out / "efficacy.png", cross=not a.no_cross)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; out {o.out}")
     bench = Benchmark(o)
     bench.build()
+    if o.cross:
+        bench.build_cross()
     refs = bench.references()
     say("teacher/reference/initial student evaluated")
 
@@ -525,6 +619,27 @@ def main(argv: list[str] | None = None) -> int:
             cells = [cell([seed[r][k] for seed in rounds]) for k in
                      ("valid_greedy", "preferred_greedy", "valid_sampled", "preferred_sampled")]
             say(f"| {r + 1} | " + " | ".join(cells) + " |")
+    cross_rows, cross_refs = [], {}
+    if o.cross:
+        cross_refs["student"] = bench.evaluate(bench.models / "cross-student", "test",
+                                               bench.results / "cross" / "initial" / "student-test.json",
+                                               what="evaluate cross", cross=True)
+        for name, (label, lr, finals) in zip(o.methods, rows):
+            method = BY_NAME[name]
+            if method.kind == "cyclealign":  # a black box that reads text: no teacher signal to align
+                continue
+            cross_rows.append((label, lr, finals, bench.cross_seeds(method, sweeps[name][0])))
+            if reads_kd(method):  # KD's rows without an exact teacher token: ULD (the default) or the chunks
+                chunked = with_chunks(method)
+                cross_rows.append((chunked.label, lr, [], bench.cross_seeds(chunked, sweeps[name][0])))
+        say(f"\nCross-tokenizer column (test split; the same teacher, a student of another tokenizer family: "
+            f"{task.build_cross_tokenizer().name_or_path}, {len(task.build_cross_tokenizer())} tokens; each method "
+            f"at its same-tokenizer rate, {o.seeds} seed(s)):\n")
+        student_same, student_cross = refs["student"], cross_refs["student"]
+        say(cross_table([("initial student", "", [student_same], [student_cross])] + cross_rows))
+        say("\nAlignment of the cross-tokenizer stores (precompute teacher --cross-tokenizer):")
+        for line in bench.alignment:
+            say(f"  {line}")
     if o.png:
         plot(o.png, rows, refs)
         say(f"\nplot: {o.png}")
@@ -536,7 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"rows": [{"method": label, "lr": lr, "results": results} for label, lr, results in rows],
                "references": refs, "sweeps": {k: [v[0], {lr_tag(lr): s for lr, s in v[1].items()}]
                                               for k, v in sweeps.items()},
-               "cyclealign_rounds": rounds_of}
+               "cyclealign_rounds": rounds_of,
+               "cross_rows": [{"method": label, "lr": lr, "results": cross} for label, lr, _, cross in cross_rows],
+               "cross_references": cross_refs, "cross_alignment": bench.alignment}
     (o.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 

@@ -40,6 +40,15 @@ Tokenizer and models (:func:`build_tokenizer`, :func:`build_model`)
     ``LlamaForCausalLM`` saved with that tokenizer and a generation config that
     stops at ``<|im_end|>``: real Hugging Face model directories.
 
+The other family (:func:`build_cross_tokenizer`: the cross-tokenizer column)
+    The same characters, plus one token for a space followed by a digit (`` 7``),
+    Llama-3's header template and its specials (``<|begin_of_text|>``,
+    ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``,
+    ``<|end_of_text|>``): the teacher's ``9 2 7`` is 5 tokens, this student's 3
+    (``9``, `` 2``, `` 7``). The first digit of an answer, the one the preference
+    is about, matches a teacher token exactly; every later digit starts together
+    with the teacher's space and ends elsewhere.
+
 The black box (:class:`RuleJudge`)
     An OpenAI-compatible chat-completions server on loopback for ``precompute
     rank`` / ``train cyclealign``: it reads the question and the labelled answers
@@ -257,6 +266,30 @@ def build_tokenizer():
     return tokenizer
 
 
+CROSS_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+          " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def build_cross_tokenizer():
+    """The other family's tokenizer (module docstring): characters, a token per space-and-digit, Llama-3 headers."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    spaced = [f" {d}" for d in "0123456789"]
+    vocab = {token: i for i, token in enumerate(list(CROSS_SPECIALS) + ALPHABET + spaced)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(" ", d) for d in "0123456789"]))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(CROSS_SPECIALS))
+    backend.add_tokens(list(ROLE_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path="efficacy-llama3-spaced-digits",
+                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|end_of_text|>")
+    tokenizer.chat_template = LLAMA3
+    return tokenizer
+
+
 def build_model(directory: Path, tokenizer, *, seed: int, layers: int, hidden: int, heads: int = 4) -> Path:
     """A randomly initialised ``LlamaForCausalLM`` saved with ``tokenizer`` and a generation config."""
     import torch
@@ -265,8 +298,7 @@ def build_model(directory: Path, tokenizer, *, seed: int, layers: int, hidden: i
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # <|im_end|> and <|endoftext|> for the task's own
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,

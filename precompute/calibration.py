@@ -312,8 +312,13 @@ class McqSetup:
 
 
 def mcq_step(ctx, step, split: str, part: int, model, progress):
-    """PAD's calibration for one part: every pair of every group asked in both orders (module docstring)."""
+    """PAD's calibration for one part: every pair of every group asked in both orders (module docstring).
+
+    The options are decoded, and the question cut, by the store's tokenizer (the one that sampled them); the
+    prompt is encoded by the teacher's (``setup.tokenizer``: the same one, unless the run is across tokenizers).
+    """
     setup, tokenizer = ctx.mcq, ctx.tokenizer
+    pad_id = ctx.xtok.teacher_pad_id if getattr(ctx, "xtok", None) is not None else ctx.pad_id
     base = ctx.store.read_section(split, part, fmt.SET_SAMPLES)
     seqs, prompt_lengths = split_sequences(base)
     group_offsets = base[fmt.ARRAY_GROUP_OFFSETS]
@@ -328,7 +333,7 @@ def mcq_step(ctx, step, split: str, part: int, model, progress):
         for i, j in unordered_pairs(stop - first):
             for a, b in ((i, j), (j, i)):
                 text = setup.template.render(question, options[a], options[b])
-                asks.append(chat.encode_prompt(tokenizer, [{"role": "user", "content": text}]))
+                asks.append(chat.encode_prompt(setup.tokenizer, [{"role": "user", "content": text}]))
         sizes.append(stop - first)
     part_tokens = int(base[fmt.ARRAY_TOKEN_OFFSETS][-1])
     done = [0, 0]  # asks done, progress reported (in the sample set's tokens, the bar's unit)
@@ -340,7 +345,7 @@ def mcq_step(ctx, step, split: str, part: int, model, progress):
         done[1] = now
 
     letter_logp = option_logprobs(model, asks, setup.letter_ids, batch_tokens=ctx.config.batch_tokens,
-                                  pad_id=ctx.pad_id, on_batch=on_batch)
+                                  pad_id=pad_id, on_batch=on_batch)
     p_first = prob_first_option(letter_logp)
     pair_index, pair_prob, pair_offsets, scores = [], [], [0], []
     stats, at = {}, 0

@@ -89,19 +89,20 @@ from lm import chat, engines, models
 from lm.head import check_split
 from lm.options import (BatchTokensOption, ClusterOption, DataOptions, EngineOptions, LayoutOptions, ProgressOption,
                         ReuseOptions, RunOptions, comma_list, setting)
-from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore
+from store import ModelRecord, PassRecord, ProvenanceMismatch, TeacherStore, TokenizerMismatchError
 from store import format as fmt
 from store import keys
 from store.format import SectionRef
 from store.provenance import PASS_ENCODE
 from store.sequences import base_arrays, split_sequences
 
-from . import calibration, scoring
+from . import calibration, scoring, xtok
 from .dataset import LoadedSplit, Row, dataset_identity, load_data
 from .provenance import prompts_fingerprint
 from .reuse import Reuse
 from .stores import check_samples_match, open_store, record_sample_counts, require_samples, vocab_size_of
 from .summary import StepResult, Summary, finish_summary
+from .xtok import CrossTokenizer
 
 PASS_PAIRS = "pairs"
 PASS_DPO_REF = "dpo_ref"
@@ -146,6 +147,10 @@ class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, E
     mcq_template: str | None = setting(None, "PAD: multiple-choice prompt with {question}, {option_a}, {option_b} "
                                              "[precompute/templates/mcq.txt].",
                                        type=click.Path(dir_okay=False))
+    cross_tokenizer: bool = setting(False, "Allow a teacher whose tokenizer differs from the student's: it scores each "
+                                           "response's text in its own template and tokens, the store keeps the "
+                                           "student's ids (docs/precompute.md, 'Teacher and student from different "
+                                           "families').", is_flag=True)
 
     def sequence_length(self) -> int:
         """The longest sequence a pass reads or generates (a vLLM engine's max_model_len)."""
@@ -178,6 +183,7 @@ class TeacherContext:
     mcq: calibration.McqSetup | None = None  # pad: template, letter tokens, question budget
     reuse: Reuse | None = None  # --reuse-from: sections of other stores with the same content key
     vocab: int | None = None  # ids the teacher's output holds (None: not known, --top-k as given)
+    xtok: CrossTokenizer | None = None  # --cross-tokenizer with another tokenizer: the teacher reads text (precompute.xtok)
 
     def top_k_of(self, step: "Step") -> int:
         """The K a teacher step keeps: ``--top-k``, at most the vocabulary for the samples' (module docstring)."""
@@ -196,6 +202,8 @@ class TeacherContext:
 
 def topk_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The teacher's top-K, target log-probs and sums over the set's responses."""
+    if ctx.xtok is not None:  # another tokenizer: the responses' text (precompute.xtok)
+        return xtok.topk_step(ctx, step, split, part, model, progress)
     seqs, prompts = split_sequences(ctx.store.read_section(split, part, step.sequence_set))
     if isinstance(model, engines.VllmEngine):
         scored = scoring.score_with_engine(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
@@ -218,6 +226,8 @@ def sums_step(ctx: TeacherContext, step: Step, split: str, part: int, model, pro
 
 def reference_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
     """The reference model's log-probs at the teacher's top-K ids of the same rows (ADPA)."""
+    if ctx.xtok is not None:  # the reference shares the teacher's tokenizer (precompute.xtok)
+        return xtok.reference_step(ctx, step, split, part, model, progress)
     base = ctx.store.read_section(split, part, fmt.SET_GENERATED)
     teacher = ctx.store.read_section(split, part, fmt.SET_GENERATED, fmt.SECTION_TEACHER,
                                      [fmt.ARRAY_TOPK_IDS, fmt.ARRAY_TOPK_COUNT])  # the count: only where K adapts
@@ -249,8 +259,11 @@ def _engine_attrs(model) -> dict | None:
 
 
 def on_engine(ctx: TeacherContext, step: Step) -> bool:
-    """Whether ``step`` runs on a vLLM engine: with --engine vllm, the generation and the teacher's top-K."""
-    return ctx.config.engine == engines.VLLM and step.run in (generate_step, topk_step)
+    """Whether ``step`` runs on a vLLM engine: with --engine vllm, the generation and the teacher's top-K (across
+    tokenizers the teacher scores text in its own tokens and spans (:mod:`precompute.xtok`): transformers)."""
+    if ctx.config.engine != engines.VLLM:
+        return False
+    return step.run is generate_step or (step.run is topk_step and ctx.xtok is None)
 
 
 def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
@@ -278,7 +291,8 @@ STEPS = {step.name: step for step in (
 #: what a step reads of the same part besides its set's base: the step that writes it
 READS = {fmt.PASS_GENERATED_TEACHER: fmt.PASS_GENERATED_BASE, fmt.PASS_GENERATED_REFERENCE: fmt.PASS_GENERATED_TEACHER}
 #: the arrays of another section of the same part a step reads, whose checksums enter its content key
-KEY_READS = {fmt.PASS_GENERATED_REFERENCE: (fmt.PASS_GENERATED_TEACHER, (fmt.ARRAY_TOPK_IDS, fmt.ARRAY_TOPK_COUNT))}
+KEY_READS = {fmt.PASS_GENERATED_REFERENCE: (fmt.PASS_GENERATED_TEACHER, (fmt.ARRAY_TOPK_IDS, fmt.ARRAY_TOPK_COUNT,
+                                                                        fmt.ARRAY_TEACHER_TOPK_IDS))}
 
 
 def plan_steps(ctx: TeacherContext) -> list[Step]:
@@ -329,6 +343,8 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
     if on_engine(ctx, step):  # absent: transformers, as before engines existed (existing keys stay valid)
         spec = engines.EngineSpec.of(ctx.config)
         settings["engine"] = spec.record(tail=engines.TAIL_RULE) if step.run is topk_step else spec.record()
+    if ctx.xtok is not None and step.model_role in (ROLE_TEACHER, ROLE_REFERENCE):
+        settings[fmt.ATTR_CROSS_TOKENIZER] = ctx.xtok.provenance()
     return PassRecord(ModelRecord(info.name, info.weights_hash), settings)
 
 
@@ -421,10 +437,12 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
                                  else infos[ROLE_STUDENT])
     tokenizer = models.load_tokenizer(infos[ROLE_TEACHER].path)
     samples = [(r.prompt, r.chosen) for split in rows.values() for r in split.rows[:8] if r.chosen is not None]
+    cross, store_model = (_cross_tokenizer(config, infos, tokenizer, samples) if config.cross_tokenizer
+                          else (None, infos[ROLE_TEACHER]))
     for role, info in infos.items():
-        if role != ROLE_TEACHER:
-            chat.check_same_tokenization(tokenizer, models.load_tokenizer(info.path), samples or chat.DEFAULT_SAMPLES,
-                                         names=(f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"))
+        if role != ROLE_TEACHER and (cross is None or role == ROLE_REFERENCE):
+            _same_tokenization(tokenizer, models.load_tokenizer(info.path), samples or chat.DEFAULT_SAMPLES,
+                               (f"teacher {infos[ROLE_TEACHER].name}", f"{role} {info.name}"), config, role)
 
     vocab = vocab_size_of(infos[ROLE_TEACHER], tokenizer)
     if config.top_k > vocab and any(p in config.passes for p in READS_TOP_K):
@@ -433,14 +451,21 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
     if config.top_p < 1 and config.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
         raise ValueError(f"--top-p {config.top_p} with --top-k {config.top_k}: an adaptive K is capped at 65535")
 
-    store = open_store(config.out, model=infos[ROLE_TEACHER], tokenizer=tokenizer, dataset=config.dataset,
-                            max_length=config.max_length, examples_per_part=config.examples_per_part,
-                            storage_options=config.storage_options)
+    teacher_tokenizer, tokenizer = tokenizer, (cross.student if cross else tokenizer)  # the store's: of its ids
+    try:
+        store = open_store(config.out, model=store_model, tokenizer=tokenizer, dataset=config.dataset,
+                           max_length=config.max_length, examples_per_part=config.examples_per_part,
+                           storage_options=config.storage_options)
+    except TokenizerMismatchError as exc:
+        raise TokenizerMismatchError(f"{exc}{_CROSS_HINT if not config.cross_tokenizer else ''}") from exc
+    eot_ids = cross.student_end_ids if cross else _end_of_turn_ids(tokenizer, infos)
     ctx = TeacherContext(config=config, store=store, tokenizer=tokenizer, models=infos, rows=rows, device=device,
-                         dtype=dtype, eot_ids=_end_of_turn_ids(tokenizer, infos), pad_id=chat.pad_id(tokenizer),
-                         prompt_rows=prompt_rows, vocab=vocab)
+                         dtype=dtype, eot_ids=eot_ids, pad_id=chat.pad_id(tokenizer),
+                         prompt_rows=prompt_rows, vocab=vocab, xtok=cross)
+    if cross is not None:
+        cross.keep_in(store)
     if mcq:
-        ctx.mcq = calibration.McqSetup.build(tokenizer, mcq_template, samples_record, config)
+        ctx.mcq = calibration.McqSetup.build(teacher_tokenizer, mcq_template, samples_record, config)
     for split, loaded in rows.items():
         summary.examples[split] = len(loaded.rows)
         summary.skipped[split] = dict(loaded.skipped)
@@ -453,6 +478,58 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
         _check_calibration_answerable(ctx)
     ctx.reuse = Reuse.for_run(store, config, summary)
     return ctx
+
+
+#: what a refusal for two tokenizers adds when --cross-tokenizer was not given
+_CROSS_HINT = (". To distil across tokenizers (the teacher scores each response's text in its own template and "
+               "tokens; the store keeps the student's ids), add --cross-tokenizer")
+
+
+def _same_tokenization(teacher, other, samples, names, config: TeacherConfig, role: str) -> None:
+    """:func:`lm.chat.check_same_tokenization`, whose refusal says how to run across tokenizers where that applies."""
+    try:
+        chat.check_same_tokenization(teacher, other, samples, names=names)
+    except chat.TokenizerMismatch as exc:
+        if role == ROLE_REFERENCE and config.cross_tokenizer:
+            raise chat.TokenizerMismatch(f"{exc}. Across tokenizers ADPA's reference is read at the teacher's "
+                                         f"top-K ids: give --reference a model with the teacher's tokenizer (e.g. "
+                                         f"the teacher's SFT checkpoint)") from exc
+        raise chat.TokenizerMismatch(f"{exc}{'' if config.cross_tokenizer else _CROSS_HINT}") from exc
+
+
+def _cross_tokenizer(config: TeacherConfig, infos: dict[str, models.ModelInfo], teacher_tokenizer,
+                     samples) -> tuple[CrossTokenizer | None, models.ModelInfo]:
+    """``--cross-tokenizer``: (the run's two tokenizers, or None where the student's is the teacher's; the model
+    whose tokenizer writes the store's ids). The student's tokenizer is the store's (a store that exists keeps its
+    own: ``--student`` must have it); ADPA's reference must have the teacher's (``--reference``, no default)."""
+    existing = TeacherStore(config.out, mode="r", storage_options=config.storage_options)
+    recorded = existing.tokenizer if existing.exists() else None
+    try:
+        student = infos.get(ROLE_STUDENT) or xtok.student_model_info(config, recorded.name if recorded else None)
+    except models.ModelNotFoundError as exc:
+        raise ValueError(f"--cross-tokenizer: {exc}; pass --student, the model whose tokenizer wrote "
+                         f"{config.out}'s token ids") from exc
+    student_tokenizer = models.load_tokenizer(student.path)
+    teacher = infos[ROLE_TEACHER]
+    student_hash = chat.tokenizer_hash(student_tokenizer)
+    if recorded is not None and recorded.hash != student_hash:
+        raise TokenizerMismatchError(
+            f"{config.out}: its token ids are tokenizer {recorded.name!r}'s (hash {recorded.hash}); the student "
+            f"{student.name} has tokenizer hash {student_hash}, the teacher {teacher.name} "
+            f"{chat.tokenizer_hash(teacher_tokenizer)}: pass --student the model whose tokenizer wrote the store")
+    if student_hash == chat.tokenizer_hash(teacher_tokenizer):
+        return None, teacher
+    if ROLE_REFERENCE in infos and not config.reference:
+        raise ValueError(f"--passes {PASS_ADPA} --cross-tokenizer: ADPA's reference is read at the teacher's top-K "
+                         f"ids, so it needs the teacher's tokenizer: give --reference (e.g. the teacher's SFT "
+                         f"checkpoint); the default, the student's initial model {student.name}, has another")
+    student_info = infos.get(ROLE_STUDENT, student)
+    cross = CrossTokenizer.build(
+        teacher_tokenizer, student_tokenizer, teacher_name=teacher.name, student_name=student.name,
+        teacher_size=vocab_size_of(teacher, teacher_tokenizer),
+        teacher_end_ids=chat.end_of_turn_ids(teacher_tokenizer, models.generation_eos_ids(teacher.path)),
+        student_end_ids=chat.end_of_turn_ids(student_tokenizer, models.generation_eos_ids(student_info.path)))
+    return cross, student
 
 
 def _pad_passes(passes) -> tuple[bool, bool]:
@@ -573,7 +650,7 @@ def run_steps(ctx: TeacherContext, steps: list[Step], summary: Summary) -> dict[
                 model = _load_model(ctx, info, step)
                 loaded = wanted
                 if step.section != fmt.BASE and not on_engine(ctx, step):
-                    _check_model(ctx, model, todo[0])
+                    _check_model(ctx, model, todo[0], step.model_role)
             ctx.store.register_pass(step.name, step_record(ctx, step).to_dict(), may_replace=True)
             total = sum(_part_tokens(ctx, s, p, step.sequence_set) for s, p in todo) or None
             t0 = time.perf_counter()
@@ -624,11 +701,14 @@ def _part_tokens(ctx: TeacherContext, split: str, part: int, sequence_set: str) 
     return int(attrs["rows"]["token"]) if attrs and attrs.get("complete") else 0
 
 
-def _check_model(ctx: TeacherContext, model, where: tuple[str, int]) -> None:
+def _check_model(ctx: TeacherContext, model, where: tuple[str, int], role: str | None = None) -> None:
     """Prove on the first sequence of the first part that the decoder/output-layer split is exact."""
     split, part = where
     for sequence_set in (fmt.SET_PAIRS, fmt.SET_GENERATED, fmt.SET_SAMPLES):
         if ctx.store.is_complete(split, part, sequence_set):
+            if ctx.xtok is not None and role in (ROLE_TEACHER, ROLE_REFERENCE):  # its own tokens of the text
+                xtok.check_model(ctx, model, split, part, sequence_set)
+                return
             seqs, prompts = split_sequences(ctx.store.read_section(split, part, sequence_set))
             if seqs:
                 check_split(model, seqs[0], prompts[0])
@@ -687,8 +767,8 @@ def _rows_for(ctx: TeacherContext, step: Step, split: str, part: int) -> LoadedS
     """The rows a step reads, of this part only (most steps read the store alone)."""
     if step.run is generate_step:
         rows = ctx.rows_of_part(split, part)
-    elif step.run is calibration.mcq_step:
-        rows = ctx.rows_of_part(split, part, prompts=True)
+    elif step.run is calibration.mcq_step or (ctx.xtok is not None and step.model_role != ROLE_STUDENT):
+        rows = ctx.rows_of_part(split, part, prompts=step.sequence_set == fmt.SET_SAMPLES)  # prompts read as text
     else:
         return None
     return LoadedSplit(split, rows, {}, len(rows), "")
@@ -713,7 +793,8 @@ def compute_part(fingerprint: str, step_name: str, split: str, part: int, rows: 
                                           spec=engines.EngineSpec.of(ctx.config), max_model_len=limits[0],
                                           max_logprobs=limits[1])
         else:
-            check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where))
+            check = None if step.section == fmt.BASE else (lambda model: _check_model(ctx, model, where,
+                                                                                       step.model_role))
             model = cluster.worker_model(ctx.models[step.model_role], device=ctx.device, dtype=ctx.dtype,
                                          device_map=ctx.config.device_map, on_load=check)
         result = _with_key(step.run(ctx, step, split, part, model, lambda n: None),
@@ -750,4 +831,8 @@ def run_teacher(config: TeacherConfig) -> Summary:
     summary.seconds = time.perf_counter() - t0
     if _pad_passes(config.passes)[0]:
         summary.notes.extend(calibration.summary_lines(ctx.store, list(ctx.rows), summary, groups_done))
+    if ctx.xtok is not None:
+        summary.notes.extend(xtok.summary_lines(ctx.store, list(ctx.rows), plan_steps(ctx)))
+    elif config.cross_tokenizer:
+        summary.notes.append("  --cross-tokenizer: the student's tokenizer is the teacher's; nothing to align")
     return finish_summary(ctx.store, ctx.rows, summary)

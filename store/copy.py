@@ -35,6 +35,7 @@ from .format import SectionRef, array_checksum
 from .locations import redact_url
 from .reader import StoreReader, section_specs
 from .teacher_store import TeacherStore, write_arrays, package_version
+from .vocab_map import vocab_map_files
 
 __all__ = ["copy_store", "copy_section"]
 
@@ -69,6 +70,7 @@ def copy_store(src: str, dst: str, *, src_options: Mapping | None = None, dst_op
     relative = source.files.list()
     groups = [f for f in relative if f.endswith("/zarr.json") and f.count("/") in (1, 2)]  # splits and parts
     _copy_files(source, target, groups, threads)
+    _copy_files(source, target, vocab_map_files(relative), threads)  # a cross-tokenizer store's map, whole
 
     copied = skipped = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -88,7 +88,10 @@ VERSION_CHANGES = {
        "(bytes, blosc or zstd, crc32c), readable by any Zarr v3 implementation, and every chunk ends with a "
        "crc32c that readers check; quantised log-probs are uint16 integers whose scale is in the array's "
        "attributes, and the teacher's topk_logp is stored as topk_logp_steps (per-row steps along K: readers "
-       "cumulate them, then scale); decoded values are version 3's, bit for bit",
+       "cumulate them, then scale; every sorted log-prob array NAME is stored as NAME_steps); decoded values are "
+       "version 3's, bit for bit; optional arrays: a teacher section across tokenizers (precompute teacher "
+       "--cross-tokenizer: alignment, spans, the teacher's own top-K beside the mapped one, teacher_length, "
+       "chunks) with the root group vocab_map, and tail samples (tail_sample_ids, tail_sample_logp)",
 }
 
 SPLITS = ("train", "test")
@@ -156,6 +159,8 @@ AXIS_GROUP = "group"
 AXIS_GROUP_OFFSETS = "group+1"
 AXIS_PAIR = "pair"
 AXIS_AUDIT = "audit_byte"  # UTF-8 bytes of per-group JSON records
+AXIS_TEACHER_TOKEN = "teacher_token"  # a cross-tokenizer section's teacher response tokens (version 4)
+AXIS_TEACHER_VOCAB = "teacher_vocab"  # the teacher's token ids (the vocabulary map, version 4)
 
 # Rows per chunk along each axis: chunks of the order of megabytes.
 CHUNK_ROWS = {
@@ -167,6 +172,8 @@ CHUNK_ROWS = {
     AXIS_GROUP_OFFSETS: 1 << 16,
     AXIS_PAIR: 1 << 16,
     AXIS_AUDIT: 1 << 22,
+    AXIS_TEACHER_TOKEN: 1 << 18,
+    AXIS_TEACHER_VOCAB: 1 << 20,
 }
 
 
@@ -220,6 +227,8 @@ ARRAY_GROUP_EXAMPLE_INDEX = "group_example_index"
 ARRAY_TOPK_IDS = "topk_ids"
 ARRAY_TOPK_LOGP = "topk_logp"
 #: version 4's stored form of a teacher section's topk_logp (ENC_LOGP_SORTED): uint16 steps along K
+#: version 4 stores a sorted log-prob array ``name`` as ``name + STEPS_SUFFIX`` (per-row steps along K)
+STEPS_SUFFIX = "_steps"
 ARRAY_TOPK_LOGP_STEPS = "topk_logp_steps"
 ARRAY_TAIL_LOGP = "tail_logp"
 ARRAY_TOPK_COUNT = "topk_count"
@@ -238,6 +247,25 @@ ARRAY_GROUP_STATUS = "group_status"
 ARRAY_GROUP_TRIES = "group_tries"
 ARRAY_GROUP_AUDIT_OFFSETS = "group_audit_offsets"
 ARRAY_AUDIT_JSON = "audit_json"
+# teacher sections aligned across tokenizers (precompute teacher --cross-tokenizer; DESCRIPTION "cross_tokenizer")
+ARRAY_ALIGNMENT = "alignment"
+ARRAY_TEACHER_TOPK_IDS = "teacher_topk_ids"
+ARRAY_TEACHER_TOPK_LOGP = "teacher_topk_logp"
+ARRAY_TEACHER_TOPK_LOGP_STEPS = ARRAY_TEACHER_TOPK_LOGP + STEPS_SUFFIX  # its name in a version 4 store
+ARRAY_CHUNK_LENGTH = "chunk_length"
+ARRAY_CHUNK_LOGP = "chunk_logp"
+ARRAY_STUDENT_SPAN = "student_span"
+ARRAY_TEACHER_LENGTH = "teacher_length"
+ARRAY_TEACHER_SPAN = "teacher_span"
+ARRAY_TEACHER_TOKEN_OFFSETS = "teacher_token_offsets"
+# the store's vocabulary map (one per store, at the root: DESCRIPTION "cross_tokenizer")
+GROUP_VOCAB_MAP = "vocab_map"
+VOCAB_MAP_TEACHER_TO_STUDENT = "teacher_to_student"
+#: the root attribute that records both tokenizers of a cross-tokenizer store and its vocabulary map
+ATTR_CROSS_TOKENIZER = "cross_tokenizer"
+
+#: ``alignment`` codes of a student response row (DESCRIPTION "cross_tokenizer"; :mod:`lm.xtok` computes them)
+ALIGN_EXACT, ALIGN_STARTS, ALIGN_NONE = 0, 1, 2
 
 #: ``group_status`` of a judge section's group that carries a pseudo-label (ranked, and agreed on 2 or more)
 GROUP_STATUS_AGREED = 0
@@ -308,6 +336,35 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "teacher log-prob of the response token actually there"),
         _spec(ARRAY_LOGP_SUM, AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
               "sum of target_logp over the sequence's response"),
+        # across tokenizers only (DESCRIPTION "cross_tokenizer")
+        _spec(ARRAY_ALIGNMENT, AXIS_RESPONSE, "int8", None, ENC_PLAIN,
+              "across tokenizers: 0 exact (one teacher token spans the student token's characters), 1 starts "
+              "together (a teacher token starts where it starts, ends elsewhere), 2 none (no teacher token "
+              "starts there)", optional=True, since=4),
+        _spec(ARRAY_TEACHER_TOPK_IDS, AXIS_RESPONSE, "int32", "K", ENC_TOKEN_IDS,
+              "across tokenizers: the teacher's K most likely ids in its own vocabulary at the aligned teacher "
+              "row, most likely first (0 where alignment is none, and past an adaptive K)",
+              optional=True, since=4),
+        _spec(ARRAY_TEACHER_TOPK_LOGP, AXIS_RESPONSE, "float32", "K", ENC_LOGP_SORTED,
+              "across tokenizers: the teacher's log-probs of teacher_topk_ids (the floor where alignment is none, "
+              "and past an adaptive K)", optional=True, since=4),
+        _spec(ARRAY_CHUNK_LENGTH, AXIS_RESPONSE, "int32", None, ENC_PLAIN,
+              "across tokenizers: on the last student row of an aligned chunk, its number of student rows; 0 "
+              "elsewhere", optional=True, since=4),
+        _spec(ARRAY_CHUNK_LOGP, AXIS_RESPONSE, "float32", None, ENC_PLAIN,
+              "across tokenizers: on the last student row of an aligned chunk, the teacher's log-prob of the "
+              "chunk's text (sum over its teacher tokens); 0 elsewhere", optional=True, since=4),
+        _spec(ARRAY_STUDENT_SPAN, AXIS_RESPONSE, "int32", "2", ENC_PLAIN,
+              "across tokenizers: [start, end) of the student token's characters in the response text",
+              optional=True, since=4),
+        _spec(ARRAY_TEACHER_LENGTH, AXIS_SEQUENCE, "int32", None, ENC_PLAIN,
+              "across tokenizers: the teacher's response tokens (end of turn included), over which logp_sum "
+              "runs: its mean token log-prob is logp_sum / teacher_length", optional=True, since=4),
+        _spec(ARRAY_TEACHER_TOKEN_OFFSETS, AXIS_SEQUENCE_OFFSETS, "int64", None, ENC_PLAIN,
+              "across tokenizers: CSR offsets of each sequence into teacher_span", optional=True, since=4),
+        _spec(ARRAY_TEACHER_SPAN, AXIS_TEACHER_TOKEN, "int32", "2", ENC_PLAIN,
+              "across tokenizers: [start, end) of each teacher response token's characters in the response text "
+              "([-1, -1]: outside it)", optional=True, since=4),
     ),
     SECTION_REFERENCE: (
         _spec(ARRAY_TOPK_LOGP, AXIS_RESPONSE, "float32", "K", ENC_LOGP,
@@ -352,6 +409,12 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "UTF-8 JSON per group: every try's exact messages, raw reply, parsed order and error", since=2),
     ),
 }
+
+
+#: the root group ``vocab_map``'s one array (DESCRIPTION "cross_tokenizer"); written once per store
+VOCAB_MAP_ARRAY = _spec(VOCAB_MAP_TEACHER_TO_STUDENT, AXIS_TEACHER_VOCAB, "int32", None, ENC_PLAIN,
+                        "teacher id -> the student id whose decoded string equals it; -1 where none does",
+                        since=4)
 
 
 def signal_name(section: str, array: str) -> str:
@@ -447,11 +510,11 @@ def is_quantised(spec: ArraySpec) -> bool:
 
 
 def stored_name(spec: ArraySpec, version: int = FORMAT_VERSION) -> str:
-    """The name of ``spec``'s array in a store of ``version``: version 4 stores a teacher's sorted log-probs as
-    :data:`ARRAY_TOPK_LOGP_STEPS`; everything else under the spec's own name, which is also what readers
-    return and what checksums name."""
+    """The name of ``spec``'s array in a store of ``version``: version 4 stores a teacher's sorted log-probs
+    under their name and :data:`STEPS_SUFFIX` (``topk_logp`` as :data:`ARRAY_TOPK_LOGP_STEPS`); everything
+    else under the spec's own name, which is also what readers return and what checksums name."""
     if version >= 4 and spec.encoding == ENC_LOGP_SORTED:
-        return ARRAY_TOPK_LOGP_STEPS
+        return spec.name + STEPS_SUFFIX
     return spec.name
 
 
@@ -743,6 +806,31 @@ DESCRIPTION = {
         "(version 1 stores, or writers that lacked the full distribution) the tail bin is "
         "1 - sum(exp(topk_logp[row])), which quantisation can make 0 or negative: clamp it at a tiny "
         "positive mass."
+    ),
+    ATTR_CROSS_TOKENIZER: (
+        "A store whose root has attrs.cross_tokenizer holds teacher sections computed by a teacher with another "
+        "tokenizer than the store's own (format version 4; precompute teacher --cross-tokenizer): "
+        "{teacher_tokenizer: {name, hash}, student_tokenizer: {name, hash} (the store's 'tokenizer', that of "
+        "input_ids), rule, vocab_map: {path, sha256, teacher_ids, mapped}}. The teacher scored each response's "
+        "text: the student's response ids decoded by the student's tokenizer (end of turn left out, whitespace "
+        "stripped), with the row's prompt, through the teacher's chat template and tokenizer. Characters: "
+        "student_span and teacher_span are [start, end) in that text; both end-of-turn tokens get [n, n+1) (n "
+        "the text's length). alignment per student response row: 0 exact, 1 starts together, 2 none (the "
+        "array's description). The group vocab_map at the root holds teacher_to_student[teacher id] = the "
+        "student id whose decoded string (read after a one-character anchor token) equals the teacher id's, "
+        "-1 where none; the teacher's end-of-turn ids map to the student's end of turn. Per student row, at "
+        "the aligned teacher row: teacher_topk_ids and teacher_topk_logp are the teacher's own top-K; "
+        "topk_ids, topk_logp, tail_logp and topk_count are that top-K mapped into the student's vocabulary: "
+        "its kept entries whose map is not -1, entries mapping to one student id merged (log of the summed "
+        "probability), sorted most likely first, topk_count of them (0..K here: 0 where none maps), the rest "
+        "padding as in 'adaptive_k'; tail_logp is the log mass of every teacher id outside the mapped ones "
+        "(the stored tail plus every unmapped entry). target_logp is the teacher's log-prob of its own token "
+        "at the aligned row (0 where alignment is none); logp_sum sums the teacher's log-probs over its own "
+        "response tokens, teacher_length of them. A reference section of such a set holds the reference "
+        "model's log-probs at the same mapped and merged entries (the reference shares the teacher's "
+        "tokenizer). Chunks: chunk_length and chunk_logp on the last student row of each run of student and "
+        "teacher tokens covering the same characters. Rows whose alignment is none have no teacher row: "
+        "their top-K is padding."
     ),
     "adaptive_k": (
         "Where a teacher section has topk_count (format version 3, precompute teacher --top-p P), row r keeps "

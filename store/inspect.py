@@ -44,6 +44,7 @@ def store_info(store: StoreReader) -> dict:
         "created_with": attrs.get("created_with"),
         "created_at": attrs.get("created_at"),
         "tokenizer": attrs.get("tokenizer", {}),
+        fmt.ATTR_CROSS_TOKENIZER: attrs.get(fmt.ATTR_CROSS_TOKENIZER),  # None: one tokenizer
         "vocab_size": attrs.get("vocab_size"),
         "token_id_dtype": attrs.get("token_id_dtype"),
         "examples_per_part": store.examples_per_part,
@@ -175,6 +176,12 @@ def format_info(info: Mapping) -> str:
                   f"{', ' + info['created_at'] if info.get('created_at') else ''})" if created else ""))
     tok = info.get("tokenizer") or {}
     out.append(f"tokenizer    {tok.get('name')}  hash {tok.get('hash')}")
+    cross = info.get(fmt.ATTR_CROSS_TOKENIZER) or {}
+    if cross:  # the teacher had another tokenizer: its signals were aligned by text to the store's
+        teacher, mapped = cross.get("teacher_tokenizer") or {}, cross.get("vocab_map") or {}
+        out.append(f"teacher tok  {teacher.get('name')}  hash {teacher.get('hash')} (aligned by text; vocabulary map "
+                   f"{mapped.get('mapped')} of {mapped.get('teacher_ids')} teacher ids, sha256 "
+                   f"{str(mapped.get('sha256'))[:12]})")
     out.append(f"vocabulary   {info.get('vocab_size')} (token ids {info.get('token_id_dtype')})")
     out.append(f"top-K        {info.get('top_k') if info.get('top_k') is not None else '-'}"
                f"  (from {info.get('top_k_from')})")

@@ -26,6 +26,7 @@ from typing import Callable
 from . import format as fmt
 from .format import array_checksum
 from .reader import StoreReader, failure_reason
+from .vocab_map import verify_vocab_map
 
 __all__ = ["verify_store"]
 
@@ -96,6 +97,7 @@ def verify_store(store: StoreReader, progress: Callable[[str], None] | None = No
         if progress:
             progress(path)
         problems.extend(_verify_section(store, path, section_meta, manifest.get(path), files, meta))
+    problems.extend(verify_vocab_map(store))  # a cross-tokenizer store's map against its record
     return problems
 
 

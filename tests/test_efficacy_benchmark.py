@@ -75,3 +75,27 @@ def test_a_reduced_benchmark_runs_every_command_end_to_end(tmp_path, capsys):
     # the same command again: every store, model and evaluation is kept, nothing is trained twice
     assert efficacy.main(argv) == 0
     assert (out / "commands.txt").read_text().count("train student") == trained
+
+
+@pytest.mark.slow
+def test_the_cross_tokenizer_column_runs_every_method_that_reads_a_teacher(tmp_path, capsys):
+    """A student of another family (efficacy_task.build_cross_tokenizer) beside the same-tokenizer rows: the
+    cross-tokenizer stores are made with --cross-tokenizer, KD's methods also run with the chunk likelihood,
+    CycleAlign (a black box reading text) is left out, and the alignment shares are printed."""
+    out = tmp_path / "eff"
+    argv = ["--smoke", "--methods", "kd,adpa_plus,pad,cyclealign", "--lrs", "1e-3", "--seeds", "1", "--steps", "2",
+            "--samples", "2", "--out", str(out)]
+    assert efficacy.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    labels = [row["method"] for row in summary["rows"]]
+    cross = [row["method"] for row in summary["cross_rows"]]
+    assert cross == ["kd", "kd, --cross-tokenizer-loss chunk", labels[1], f"{labels[1]}, --cross-tokenizer-loss chunk",
+                     "pad"]
+    for row in summary["cross_rows"]:
+        for result in row["results"]:
+            assert 0 <= result["preferred_greedy"] <= result["valid_greedy"] <= 1 and result["prompts"] == 16
+    assert any(line.startswith("pairs/teacher across tokenizers") for line in summary["cross_alignment"])
+    assert "Cross-tokenizer column" in printed and "preferred (greedy): cross" in printed
+    commands = (out / "commands.txt").read_text()
+    assert commands.count("--cross-tokenizer ") >= 3 and "--cross-tokenizer-loss chunk" in commands

@@ -1063,3 +1063,61 @@ def test_chunked_token_terms_on_each_terms_own_rows(chunk_size):
     (coef[0] * out["logp"]).sum().add((coef[1] * out["kd"]).sum()).add((coef[2] * out["adpa"]).sum()).backward()
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-12, atol=1e-13)
+
+
+# --------------------------------------------------------------------------
+# across tokenizers: ULD and the chunk likelihood
+# --------------------------------------------------------------------------
+
+
+def ref_uld(student_row, teacher_probs_row):
+    """ULD literally: the student's full softmax sorted, the teacher's kept probabilities, the L1 over the first."""
+    q = sorted(ref_softmax(student_row), reverse=True)
+    return sum(abs(p - qk) for p, qk in zip(teacher_probs_row, q) if p > 0)
+
+
+def test_uld_loss_matches_literal_at_ordinary_and_extreme_rows():
+    logits = rand(R, V, seed=90, scale=3)
+    logits[0] = rand(V, seed=91, scale=1e4)  # saturated: the student certain of one id
+    logits[1] = rand(V, seed=92, scale=1e-6)  # flat
+    teacher = torch.softmax(rand(R, V, seed=93, scale=2), -1).sort(-1, descending=True).values[:, :K]
+    teacher[2] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # a one-hot teacher: one kept entry
+    teacher[3, 1:] = 0.0  # an adaptive K's padding: only the first entry counts
+    teacher[4] = 0.0  # no teacher row: nothing
+    got = L.uld_loss(logits, teacher)
+    for r in range(R):
+        assert got[r].item() == pytest.approx(ref_uld(logits[r].tolist(), teacher[r].tolist()), rel=1e-10, abs=1e-12)
+    assert got[4].item() == 0.0
+    # the same sorted distribution on other ids: ULD needs no shared vocabulary, it is 0
+    student = torch.log(torch.tensor([[0.1, 0.6, 0.3] + [0.0] * (V - 3)], dtype=torch.float64).clamp(min=1e-300))
+    assert L.uld_loss(student, torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)).item() == pytest.approx(0, abs=1e-12)
+    x = logits.clone().requires_grad_(True)
+    L.uld_loss(x, teacher).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def ref_bernoulli_kl(student_logp, teacher_logp):
+    p, q = math.exp(teacher_logp), math.exp(student_logp)
+    out = p * math.log(p / q) if p > 0 else 0.0
+    if p < 1:
+        out += (1 - p) * math.log((1 - p) / (1 - q))
+    return out
+
+
+def test_chunk_likelihood_loss_is_the_kl_of_the_chunks_bernoullis():
+    student = torch.tensor([-0.1, -2.0, -30.0, -0.5, -1e-3, -5.0], dtype=torch.float64)
+    teacher = torch.tensor([-0.7, -2.0, -1.0, -40.0, -2.0, -1e-4], dtype=torch.float64)
+    got = L.chunk_likelihood_loss(student, teacher)
+    for c in range(student.shape[0]):
+        assert got[c].item() == pytest.approx(ref_bernoulli_kl(student[c].item(), teacher[c].item()), rel=1e-9,
+                                              abs=1e-12)
+    assert got[1].item() == 0.0 and (got >= 0).all()
+    # a certain chunk (log-prob 0) on either side stays finite, its log(1 - p) clamped at the smallest normal
+    edge = L.chunk_likelihood_loss(torch.tensor([0.0, -3.0], requires_grad=True), torch.tensor([-3.0, 0.0]))
+    assert torch.isfinite(edge).all()
+    x = student.clone().requires_grad_(True)
+    L.chunk_likelihood_loss(x, teacher).sum().backward()
+    # d/dl_S of the Bernoulli KL: -p_T + (1 - p_T) q_S / (1 - q_S)
+    for c in range(student.shape[0]):
+        p, q = math.exp(teacher[c].item()), math.exp(student[c].item())
+        assert x.grad[c].item() == pytest.approx(-p + (1 - p) * q / (1 - q), rel=1e-8, abs=1e-12)

@@ -379,3 +379,17 @@ def test_reuse_from_a_format_3_store_reencodes_every_section(v3_store, cli_store
     assert H.all_checksums(store) == H.all_checksums(TeacherStore.open(str(cli_store)))
     assert (out / "train/part-00000/pairs/teacher" / fmt.ARRAY_TOPK_LOGP_STEPS).is_dir()
     assert all(attrs.get("reused_from") for _ref, attrs in store.complete_sections())
+
+
+def test_every_array_of_a_section_has_a_stored_name_of_its_own():
+    """Two specs of one section stored under one name would overwrite each other (the raw and the mapped
+    teacher log-probs of a cross-tokenizer section once did): names are distinct in every version."""
+    for version in fmt.READABLE_VERSIONS:
+        for sequence_set in fmt.SEQUENCE_SETS:
+            for section in (fmt.BASE,) + fmt.SECTIONS:
+                try:
+                    specs = fmt.arrays_of(sequence_set, section)
+                except ValueError:
+                    continue
+                names = [fmt.stored_name(spec, version) for spec in specs]
+                assert len(names) == len(set(names)), (version, sequence_set, section, names)

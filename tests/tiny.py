@@ -120,6 +120,10 @@ CHAR_TEMPLATE = (
 CHAR_ALPHABET = list("0123456789") + [" ", "+", "=", "?", ":", "Q", "A", "\n"]
 # character-level families smaller than --top-k's default: "letterless" without the letter A (19 tokens; no token
 # answers PAD's multiple-choice question), "lettered" with A and B (21 tokens; one answers it)
+NUMBERS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A= ' + m['content'] + eos_token }}"
+    "{% else %}{{ 'Q= ' + m['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A= ' }}"
+    "{% endif %}")
 LETTERLESS_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '=' + m['content'] + eos_token + '\n' }}"
     "{% else %}{{ 'Q:' + m['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '=' }}"
@@ -142,6 +146,7 @@ class Family:
     generation_eos: tuple[str, ...] = ()
     char_level: bool = False
     alphabet: tuple[str, ...] = tuple(CHAR_ALPHABET)  # a character-level family's characters
+    merged: tuple[str, ...] = ()  # a character-level family's two-character tokens (BPE merges of their halves)
 
 
 FAMILIES = {f.name: f for f in [
@@ -164,6 +169,10 @@ OTHER_FAMILIES = {f.name: f for f in [
            generation_eos=("</s>",), char_level=True, alphabet=tuple(c for c in CHAR_ALPHABET if c != "A")),
     Family("lettered", ("<unk>", "</s>"), "</s>", CHAR_TEMPLATE, eos="</s>", unk="<unk>", generation_eos=("</s>",),
            char_level=True, alphabet=(*CHAR_ALPHABET, "B")),
+    # the character-level alphabet with every two-digit number one token ("12"), its own template and end token: a
+    # teacher that does not split the numbers the character-level student splits (cross-tokenizer tests)
+    Family("numbers", ("<unk>", "<eot>"), "<eot>", NUMBERS_TEMPLATE, eos="<eot>", unk="<unk>",
+           generation_eos=("<eot>",), char_level=True, merged=tuple(f"{a}{b}" for a in range(10) for b in range(10))),
 ]}
 
 
@@ -184,12 +193,13 @@ def _byte_level_backend(specials: tuple[str, ...]):
     return backend
 
 
-def _char_level_backend(specials: tuple[str, ...], unk: str, alphabet: tuple[str, ...]):
-    """One token per character of ``alphabet``; anything else is ``unk``."""
+def _char_level_backend(specials: tuple[str, ...], unk: str, alphabet: tuple[str, ...], merged: tuple[str, ...] = ()):
+    """One token per character of ``alphabet``, and one per two-character string of ``merged``; anything else is
+    ``unk``."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {t: i for i, t in enumerate(list(specials) + list(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk, fuse_unk=True))
+    vocab = {t: i for i, t in enumerate(list(specials) + list(alphabet) + list(merged))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(t[0], t[1]) for t in merged], unk_token=unk, fuse_unk=True))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(specials))
     return backend
@@ -201,7 +211,8 @@ def _family_tokenizer(name: str):
     from transformers import PreTrainedTokenizerFast
 
     f = _family(name)
-    backend = _char_level_backend(f.specials, f.unk, f.alphabet) if f.char_level else _byte_level_backend(f.specials)
+    backend = (_char_level_backend(f.specials, f.unk, f.alphabet, f.merged) if f.char_level
+               else _byte_level_backend(f.specials))
     if f.template is None and f.bos:  # template-less: the tokenizer adds its BOS, like Llama-2's
         backend.post_processor = processors.TemplateProcessing(
             single=f"{f.bos} $A", pair=f"{f.bos} $A {f.bos} $B", special_tokens=[(f.bos, backend.token_to_id(f.bos))])

@@ -6,7 +6,10 @@ store's ``pairs`` when it has ``pairs/teacher``:
 
 - ``kl_chosen`` / ``kl_rejected``: held-out token KL(teacher || model), the
   (K+1)-bin tail-bucket KL that KD trains (:func:`train.losses.kd_tail_kl`),
-  averaged over every chosen (rejected) response token of the split;
+  averaged over every chosen (rejected) response token of the split (of a store
+  aligned across tokenizers: over the tokens with an exactly matching teacher
+  token whose top-K the vocabulary map keeps some of, the bins in the student's
+  vocabulary);
 - ``mean_logp_chosen`` / ``mean_logp_rejected``: the model's mean log-prob per
   response token;
 - ``accuracy_logratio``: fraction of pairs the model ranks chosen above rejected
@@ -19,7 +22,8 @@ store's ``pairs`` when it has ``pairs/teacher``:
 - ``teacher_agreement``: fraction of pairs the model orders as the *teacher*
   does, whatever the dataset's label: the sign of the model's length-normalised
   log-prob margin ``avg log pi(y_w) - avg log pi(y_l)`` equals the sign of the
-  teacher's (``pairs/teacher/logp_sum`` over the response length). Dataset
+  teacher's (``pairs/teacher/logp_sum`` over the response length; across
+  tokenizers over the teacher's own response tokens, ``teacher_length``). Dataset
   labels are noisy relative to a given teacher; this is the figure that shows a
   preference was distilled. ``teacher_prefers_chosen`` is how often the teacher
   itself ranks the labelled choice first (the ceiling of label accuracy one can
@@ -228,12 +232,15 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
     kl = {"chosen": 0.0, "rejected": 0.0}
     logp = {"chosen": 0.0, "rejected": 0.0}
     tokens = {"chosen": 0, "rejected": 0}
+    kl_tokens = {"chosen": 0, "rejected": 0}
     pairs = 0
     wins_logratio = wins_avg = agree_teacher = teacher_chosen = 0.0
     for batch, outputs in student.outputs(needs, _PAIR_KD):
         for role_name, role in (("chosen", methods.CHOSEN), ("rejected", methods.REJECTED)):
             rows = methods.response_rows(batch, methods.PAIRS, role)
-            kl[role_name] += float(outputs.kd[rows].double().sum())
+            kl_rows = rows & outputs.computed[methods.KD]  # across tokenizers: the rows with an exact teacher token
+            kl[role_name] += float(outputs.kd[kl_rows].double().sum())
+            kl_tokens[role_name] += int(kl_rows.sum())
             logp[role_name] += float(outputs.logp[rows].double().sum())
             tokens[role_name] += int(rows.sum())
         examples, sum_c, sum_r, n_c, n_r = _pair_sums(batch, outputs)
@@ -250,7 +257,9 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         wins_avg += float(torch.where(avg_margin == 0, 0.5, (avg_margin > 0).double()).sum())
         chosen, rejected = methods.pair_sequences(batch)
         teacher_sums = batch.scalars[fmt.signal_name(methods.TEACHER, fmt.ARRAY_LOGP_SUM)].double().cpu()
-        teacher_margin = teacher_sums[chosen.cpu()] / n_c.clamp(min=1) - teacher_sums[rejected.cpu()] / n_r.clamp(min=1)
+        t_c = methods.teacher_lengths(batch, chosen).cpu().clamp(min=1)  # the teacher's own tokens, across tokenizers
+        t_r = methods.teacher_lengths(batch, rejected).cpu().clamp(min=1)
+        teacher_margin = teacher_sums[chosen.cpu()] / t_c - teacher_sums[rejected.cpu()] / t_r
         same_sign = torch.sign(avg_margin) == torch.sign(teacher_margin)
         agree_teacher += float(torch.where((avg_margin == 0) | (teacher_margin == 0), 0.5, same_sign.double()).sum())
         teacher_chosen += float((teacher_margin > 0).double().sum())
@@ -259,7 +268,8 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         raise TrainError(f"{student.store.location}: split {student.config.split!r} has no preference pairs")
     return {
         "pairs": pairs,
-        "kl_chosen": _mean(kl["chosen"], tokens["chosen"]), "kl_rejected": _mean(kl["rejected"], tokens["rejected"]),
+        "kl_chosen": _mean(kl["chosen"], kl_tokens["chosen"]),
+        "kl_rejected": _mean(kl["rejected"], kl_tokens["rejected"]),
         "mean_logp_chosen": _mean(logp["chosen"], tokens["chosen"]),
         "mean_logp_rejected": _mean(logp["rejected"], tokens["rejected"]),
         "accuracy_logratio": wins_logratio / pairs, "accuracy_avg_logp": wins_avg / pairs,

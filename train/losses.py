@@ -24,6 +24,10 @@ Formulas and their sources (the project's account of each: ``docs/methods.md``):
   Reference-Free Reward".
 - PAD: Gu et al., "Preference-Aligned Distillation" (code: EganGu/PAD),
   Plackett-Luce distributions over orderings of n responses per prompt.
+- Across tokenizers: Universal Logit Distillation (Boizard et al. 2024, arXiv
+  2402.12030: L1 between sorted probability vectors) and a chunk likelihood
+  match after ALM (Minixhofer et al. 2025, arXiv 2503.20083: a binarised
+  f-divergence between chunk probabilities, here the KL).
 
 All code below is written for this project; only the equations are taken
 from the sources named.
@@ -53,6 +57,8 @@ __all__ = [
     "student_tail_logmass",
     "adpa_advantage",
     "adpa_token_loss",
+    "uld_loss",
+    "chunk_likelihood_loss",
     "dpo_loss",
     "simpo_loss",
     "sequence_sums",
@@ -444,6 +450,62 @@ def adpa_token_loss(
     return _adpa_from_logsoftmax(torch.log_softmax(_upcast(student_logits), dim=-1), topk_ids.long(), advantage)
 
 
+def _uld_from_logsoftmax(student_logsoftmax: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """ULD from a precomputed student log-softmax [R, V] and the teacher's sorted top-K probabilities; see uld_loss."""
+    teacher = _upcast(teacher_probs).to(student_logsoftmax.dtype).detach()
+    k = min(teacher.shape[-1], student_logsoftmax.shape[-1])
+    student_sorted = student_logsoftmax.topk(k, dim=-1).values.exp()
+    teacher = teacher[..., :k]
+    return torch.where(teacher > 0, (teacher - student_sorted).abs(), torch.zeros_like(teacher)).sum(-1)
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation at rows whose teacher token is not the student's (Boizard et al. 2024,
+    "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs", arXiv 2402.12030).
+
+    Equation, per row r, with the teacher's top-K probabilities sorted in decreasing order
+    ``p_(1) >= ... >= p_(K)`` (the store's ``teacher/teacher_topk_logp``, exponentiated) and the student's
+    ``q_(1) >= q_(2) >= ...`` (its full softmax sorted)::
+
+        ULD[r] = sum_{k <= n_r} | p_(k) - q_(k) |,     n_r = the teacher's kept entries (p_(k) > 0)
+
+    The paper's loss is the L1 distance between the two whole sorted vectors (the shorter padded with zeros);
+    a store keeps the teacher's top K, so the sum stops at the teacher's kept entries (an adaptive K's padding
+    and rows without a teacher row are 0 and drop out). It needs no shared vocabulary: only the
+    probabilities' order statistics are compared, not which token holds them.
+
+    Shapes: ``student_logits`` [R, V]; ``teacher_probs`` [R, K] (0 past the kept entries). Returns [R];
+    gradient to ``student_logits`` only.
+    """
+    return _uld_from_logsoftmax(torch.log_softmax(_upcast(student_logits), dim=-1), teacher_probs)
+
+
+def chunk_likelihood_loss(student_chunk_logp: torch.Tensor, teacher_chunk_logp: torch.Tensor) -> torch.Tensor:
+    """The likelihood of aligned chunks matched between student and teacher, after ALM's binarised
+    f-divergence (Minixhofer et al. 2025, "Universal Cross-Tokenizer Distillation via Approximate Likelihood
+    Matching", arXiv 2503.20083), with the KL.
+
+    A chunk is a run of student tokens and of teacher tokens covering the same characters; ``l_S`` is the
+    student's log-prob of the chunk (the sum of its target log-probs over the chunk's rows), ``l_T`` the
+    teacher's (stored: ``teacher/chunk_logp``). With ``p = exp(l)``, the KL between the two Bernoulli
+    distributions "the chunk is generated" / "it is not"::
+
+        L[c] = p_T (l_T - l_S) + (1 - p_T) (log(1 - p_T) - log(1 - p_S))
+
+    computed in log space (:func:`log1mexp`), both log-probs clamped to ``<= -tiny`` (the smallest
+    positive normal of the dtype: a certain chunk keeps a finite ``log(1 - p)``). 0 where they are equal,
+    >= 0 otherwise.
+
+    Shapes: both [C]. Returns [C]; gradient to ``student_chunk_logp`` only.
+    """
+    student = _upcast(student_chunk_logp)
+    teacher = _upcast(teacher_chunk_logp).to(student.dtype).detach()
+    tiny = torch.finfo(student.dtype).tiny
+    student, teacher = student.clamp(max=-tiny), teacher.clamp(max=-tiny)
+    p = teacher.exp()
+    return p * (teacher - student) + (1 - p) * (log1mexp(teacher) - log1mexp(student))
+
+
 # --------------------------------------------------------------------------
 # sequence-level losses
 # --------------------------------------------------------------------------
@@ -823,8 +885,10 @@ def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 # per-token terms of the student's log-softmax, and their chunked computation
 # --------------------------------------------------------------------------
 
-#: per-token quantities (the keys of :data:`TOKEN_TERMS`)
-LOGP, KD, ADPA = "logp", "kd", "adpa"
+#: per-token quantities (the keys of :data:`TOKEN_TERMS`); ULD and CHUNK serve stores aligned across tokenizers:
+#: ULD at rows whose teacher token is not the student's, CHUNK the target log-prob on rows of aligned chunks
+#: (:func:`chunk_likelihood_loss` sums it per chunk)
+LOGP, KD, ADPA, ULD, CHUNK = "logp", "kd", "adpa", "uld", "chunk"
 
 #: row signals the terms read: the row's own target token, the teacher's top-K from the
 #: store, and ADPA's advantage ``A`` [R, K], which depends on settings (beta, clip) and is
@@ -841,6 +905,9 @@ TAIL_LOGP = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TAIL_LOGP)
 TOPK_COUNT = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TOPK_COUNT)
 ADVANTAGE = "adpa/advantage"
 KD_TEACHER = "kd/teacher_bins"
+#: ULD's teacher side [R, K]: the teacher's own top-K probabilities at the aligned teacher row, 0 past its kept
+#: entries (derived from the store's ``teacher/teacher_topk_logp``: ``train.methods.DERIVED_SIGNALS``)
+ULD_TEACHER = "uld/teacher_probs"
 
 @dataclass(frozen=True)
 class LogSoftmaxGradient:
@@ -915,6 +982,8 @@ TOKEN_TERMS: dict[str, TokenTerm] = {
     LOGP: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs
     KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax, _kd_with_gradient),  # kd_tail_kl
     ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax, _adpa_with_gradient),  # adpa_token_loss
+    ULD: TokenTerm((ULD_TEACHER,), _uld_from_logsoftmax),  # uld_loss (autograd's gradient)
+    CHUNK: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs, on chunk rows
 }
 
 

@@ -94,13 +94,17 @@ from store import format as fmt
 
 from . import losses
 from .batches import Batch
-from .losses import ADPA, KD, LOGP
+from .losses import ADPA, CHUNK, KD, LOGP, ULD
 
 PAIRS, GENERATED, SAMPLES = fmt.SET_PAIRS, fmt.SET_GENERATED, fmt.SET_SAMPLES
 TEACHER, REFERENCE, STUDENT_INIT = fmt.SECTION_TEACHER, fmt.SECTION_REFERENCE, fmt.SECTION_STUDENT_INIT
 TEACHER_MCQ = fmt.SECTION_TEACHER_MCQ
 JUDGE = fmt.SECTION_JUDGE
 CHOSEN, REJECTED, GENERATED_ROLE = fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED, fmt.ROLE_GENERATED
+
+
+#: ``--cross-tokenizer-loss``: what KD computes on a cross-tokenizer store's rows without an exact teacher token
+CROSS_TOKENIZER_LOSSES = ("uld", "chunk")
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,11 @@ class Settings:
                                  type=click.IntRange(2, losses.MAX_EXACT_PL_GROUP))
     pro_temperature: float = setting(1.0, "PRO: the scores (mean log-probs) are divided by this before the "
                                      "listwise loss.", type=click.FloatRange(min=0, min_open=True))
+    cross_tokenizer_loss: str = setting(CROSS_TOKENIZER_LOSSES[0], "KD across tokenizers, on student tokens without "
+                                        "an exactly matching teacher token: uld (Universal Logit Distillation where "
+                                        "a teacher token starts together) or chunk (the likelihood of aligned "
+                                        "chunks, which also covers tokens no teacher token starts at).",
+                                        type=click.Choice(CROSS_TOKENIZER_LOSSES))
 
     def __post_init__(self):
         check_option_values(self)
@@ -261,16 +270,26 @@ def sequence_lengths(batch: Batch) -> torch.Tensor:
     return torch.bincount(batch.resp_seq, minlength=batch.num_sequences)
 
 
+def teacher_lengths(batch: Batch, index: torch.Tensor) -> torch.Tensor:
+    """The number of response tokens the teacher's ``logp_sum`` of the sequences ``index`` runs over: the teacher's
+    own (``teacher/teacher_length``) where the store aligned across tokenizers, else the response length."""
+    lengths = sequence_lengths(batch)[index]
+    name = fmt.signal_name(TEACHER, fmt.ARRAY_TEACHER_LENGTH)
+    if name not in batch.scalars:
+        return lengths
+    return torch.where(batch.has[name][index], batch.scalars[name][index].round().long(), lengths)
+
+
 def teacher_rewards(batch: Batch, index: torch.Tensor, settings: Settings) -> torch.Tensor:
     """[G, n] PAD's teacher reward of the sequences ``index`` [G, n] (module docstring), float64.
 
-    ``beta * (alpha * teacher/logp_sum / length + (1 - alpha) * teacher_mcq/mcq_score)``;
-    a part whose weight is 0 is not read.
+    ``beta * (alpha * teacher/logp_sum / length + (1 - alpha) * teacher_mcq/mcq_score)``, length the teacher's
+    response tokens (:func:`teacher_lengths`); a part whose weight is 0 is not read.
     """
     mean_logp = mcq = torch.zeros(index.shape, dtype=torch.float64, device=index.device)
     if settings.pad_alpha != 0:
         logp_sum = _scalar(batch, fmt.signal_name(TEACHER, fmt.ARRAY_LOGP_SUM), index).double()
-        mean_logp = logp_sum / sequence_lengths(batch)[index].clamp(min=1).double()
+        mean_logp = logp_sum / teacher_lengths(batch, index).clamp(min=1).double()
     if settings.pad_alpha != 1:
         mcq = _scalar(batch, fmt.signal_name(TEACHER_MCQ, fmt.ARRAY_MCQ_SCORE), index).double()
     return losses.pad_teacher_rewards(mean_logp, mcq, settings.pad_alpha, settings.pad_beta)
@@ -467,12 +486,26 @@ def token_mean_term(name: str, weight: float, quantity: str, sequence_set: str, 
                 over_tokens(sequence_set, role))
 
 
+def kd_term(name: str, weight: float, sequence_set: str, role: int | None) -> Term:
+    """KD's term: the mean over every response token of the sequences of ``sequence_set`` with ``role`` of the
+    row's distillation loss (:func:`distillation_rows`): the tail-bucket KL on rows whose teacher token is the
+    student's (every row of a store of one tokenizer), and across tokenizers ULD or the chunk likelihood on the
+    others (``cross_tokenizer_loss``)."""
+
+    def loss(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+        return token_mean(distillation_rows(batch, out, settings), response_rows(batch, sequence_set, role))
+
+    return Term(name, weight, {sequence_set: (TEACHER,)}, (TokenRequest(KD, sequence_set, role),), loss,
+                over_tokens(sequence_set, role))
+
+
 SFT = Term("sft", 1.0, {PAIRS: ()}, (TokenRequest(LOGP, PAIRS, CHOSEN),), sft_term, over_tokens(PAIRS, CHOSEN))
 # KD(y_w), KD(y_l): the tail-bucket KL(p_T || q_theta) over the teacher's top-K and a tail bin
 # (:func:`train.losses.kd_tail_kl`; the ADPA repository's ``get_kl_loss`` with TRL's tail bucket), on the
-# chosen and the rejected response: DCKD's two KL constraints (ADPA paper; ``docs/methods.md``)
-KD_CHOSEN = token_mean_term("kd_chosen", 1.0, KD, PAIRS, CHOSEN, {PAIRS: (TEACHER,)})
-KD_REJECTED = token_mean_term("kd_rejected", 1.0, KD, PAIRS, REJECTED, {PAIRS: (TEACHER,)})
+# chosen and the rejected response: DCKD's two KL constraints (ADPA paper; ``docs/methods.md``); across
+# tokenizers ULD or chunks on the rows without an exact teacher token (:func:`distillation_rows`)
+KD_CHOSEN = kd_term("kd_chosen", 1.0, PAIRS, CHOSEN)
+KD_REJECTED = kd_term("kd_rejected", 1.0, PAIRS, REJECTED)
 # L_ADPA = - mean_t sum_k pi_theta(topk_ids[t,k] | s_t) A[t,k] over the student's generated answers, with
 # A = adpa_beta * (teacher/topk_logp - reference/topk_logp) clipped into [1e-8, 1 - 1e-8] unless adpa_unclipped
 # (ADPA paper, "Advantage-Guided Distillation for Preference Alignment in Small Language Models"; clip from the
@@ -631,6 +664,13 @@ def kd_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> tor
                                   batch.has[losses.TAIL_LOGP][rows], kept=kept)
 
 
+def uld_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[n, K] ULD's teacher side on response rows ``rows``: the teacher's own top-K probabilities at the aligned
+    teacher row (``teacher/teacher_topk_logp``), 0 at padding (the floor: past an adaptive K, rows without one)."""
+    logp = _signal(batch, TEACHER_TOPK_LOGP, rows)
+    return torch.where(logp > fmt.LOGP_FLOOR + 1, logp.exp(), torch.zeros_like(logp))
+
+
 #: row signals that are not store arrays as stored, computed before the chunk loop:
 #: name -> (batch, rows, settings) -> [n, ...]
 DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tensor]] = {
@@ -638,7 +678,116 @@ DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tenso
     losses.TOPK_IDS: topk_ids_rows,
     losses.ADVANTAGE: adpa_advantage_rows,
     losses.KD_TEACHER: kd_teacher_rows,
+    losses.ULD_TEACHER: uld_teacher_rows,
 }
+
+
+# --------------------------------------------------------------------------- across tokenizers
+
+#: a cross-tokenizer store's per-row signals (store.format DESCRIPTION "cross_tokenizer")
+ALIGNMENT = fmt.signal_name(TEACHER, fmt.ARRAY_ALIGNMENT)
+TEACHER_TOPK_LOGP = fmt.signal_name(TEACHER, fmt.ARRAY_TEACHER_TOPK_LOGP)
+CHUNK_LENGTH = fmt.signal_name(TEACHER, fmt.ARRAY_CHUNK_LENGTH)
+CHUNK_LOGP = fmt.signal_name(TEACHER, fmt.ARRAY_CHUNK_LOGP)
+
+
+def aligned_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(code [R], aligned [R] bool)``: each response row's alignment code and whether its section was aligned
+    across tokenizers (rows of a store of one tokenizer: not aligned, code meaningless)."""
+    if ALIGNMENT not in batch.response:
+        zeros = torch.zeros(batch.num_response_tokens, dtype=torch.long, device=batch.resp_seq.device)
+        return zeros, zeros.bool()
+    return batch.response[ALIGNMENT].long(), batch.has[ALIGNMENT]
+
+
+def token_level_rows(batch: Batch, settings: Settings) -> torch.Tensor:
+    """[R] bool: rows where KD and ADPA read the teacher's top-K: every row of a store of one tokenizer; across
+    tokenizers, the rows with an exactly matching teacher token whose top-K the map sends at least one id of."""
+    code, aligned = aligned_rows(batch)
+    if not bool(aligned.any()):
+        return ~aligned
+    mapped = batch.response[losses.TOPK_COUNT] > 0 if losses.TOPK_COUNT in batch.response else torch.ones_like(aligned)
+    return ~aligned | ((code == fmt.ALIGN_EXACT) & mapped)
+
+
+def uld_rows(batch: Batch, settings: Settings) -> torch.Tensor:
+    """[R] bool: ULD's rows (``cross_tokenizer_loss`` uld): aligned rows that start together with a teacher token,
+    or match one exactly but keep nothing of its top-K in the student's vocabulary."""
+    code, aligned = aligned_rows(batch)
+    if settings.cross_tokenizer_loss != "uld" or not bool(aligned.any()):
+        return torch.zeros_like(aligned)
+    return aligned & ~token_level_rows(batch, settings) & (code != fmt.ALIGN_NONE)
+
+
+def chunk_spans(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ends [C], lengths [C])``: the last response row of every aligned chunk of the batch and its number of rows
+    (``teacher/chunk_length``; a chunk's rows are consecutive rows of one sequence)."""
+    _, aligned = aligned_rows(batch)
+    if CHUNK_LENGTH not in batch.response:
+        empty = torch.zeros(0, dtype=torch.long, device=aligned.device)
+        return empty, empty
+    lengths = torch.where(aligned, batch.response[CHUNK_LENGTH].long(), torch.zeros_like(aligned, dtype=torch.long))
+    ends = lengths.nonzero().squeeze(1)
+    return ends, lengths[ends]
+
+
+def chunk_rows(batch: Batch, settings: Settings) -> torch.Tensor:
+    """[R] bool: the rows of chunks the chunk likelihood covers (``cross_tokenizer_loss`` chunk): every row of an
+    aligned chunk, except a chunk of one row whose KD reads the teacher's top-K (:func:`token_level_rows`)."""
+    _, aligned = aligned_rows(batch)
+    if settings.cross_tokenizer_loss != "chunk" or not bool(aligned.any()):
+        return torch.zeros_like(aligned)
+    ends, lengths = chunk_spans(batch)
+    step = torch.zeros(aligned.shape[0] + 1, dtype=torch.long, device=aligned.device)
+    step.index_add_(0, ends - lengths + 1, torch.ones_like(ends))
+    step.index_add_(0, ends + 1, -torch.ones_like(ends))
+    return (step.cumsum(0)[:-1] > 0) & ~token_level_rows(batch, settings)
+
+
+def route_across_tokenizers(wanted: dict[str, torch.Tensor], batch: Batch, settings: Settings) -> None:
+    """Where a batch holds rows aligned across tokenizers, the rows asked for (``wanted``: quantity -> [R] bool,
+    changed in place) go where their signal is: KD keeps the rows whose teacher top-K it reads
+    (:func:`token_level_rows`), the other KD rows go to ULD or CHUNK (``cross_tokenizer_loss``: :func:`uld_rows`,
+    :func:`chunk_rows`), ADPA keeps the token-level rows only. A batch of one tokenizer is left as it is."""
+    _, aligned = aligned_rows(batch)
+    if not bool(aligned.any()):
+        return
+    token_level = token_level_rows(batch, settings)
+    asked = wanted[KD]
+    wanted[KD] = asked & token_level
+    wanted[ULD] = wanted[ULD] | (asked & uld_rows(batch, settings))
+    wanted[CHUNK] = wanted[CHUNK] | (asked & chunk_rows(batch, settings))
+    wanted[ADPA] = wanted[ADPA] & token_level
+
+
+def chunk_losses(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """[R]: on the last row of each chunk :func:`chunk_rows` covers, :func:`train.losses.chunk_likelihood_loss` of
+    the student's chunk log-prob (the sum of ``out.chunk`` over its rows) and the teacher's
+    (``teacher/chunk_logp``); 0 elsewhere."""
+    values = out.values[CHUNK]
+    covered = out.computed[CHUNK]
+    if not bool(covered.any()):
+        return torch.zeros_like(values)
+    ends, lengths = chunk_spans(batch)
+    keep = covered[ends]
+    ends, lengths = ends[keep], lengths[keep]
+    running = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    student = running[ends + 1] - running[ends + 1 - lengths]
+    teacher = batch.response[CHUNK_LOGP][ends].to(student.dtype)
+    return values.new_zeros(values.shape).index_put((ends,), losses.chunk_likelihood_loss(student, teacher)
+                                                   .to(values.dtype))
+
+
+def distillation_rows(batch: Batch, out: StudentOutputs, settings: Settings) -> torch.Tensor:
+    """[R] KD's value per response row: the tail-bucket KL (``out.kd``) where the teacher's top-K is read, ULD
+    (``out.uld``) or the chunk likelihood (on a chunk's last row) elsewhere across tokenizers, 0 on rows none of
+    them covers. On a store of one tokenizer this is ``out.kd`` exactly."""
+    values = out.values[KD]
+    if bool(out.computed[ULD].any()):
+        values = values + out.values[ULD]
+    if bool(out.computed[CHUNK].any()):
+        values = values + chunk_losses(batch, out, settings)
+    return values
 
 
 def row_signals(batch: Batch, names, rows: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
@@ -670,8 +819,10 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
                     chunk_size: int = 1024) -> StudentOutputs:
     """Run the student on ``batch`` and compute the requested per-token quantities.
 
-    1. rows: per quantity, the union of its requests' response rows; every such row
-       gets ``logp`` too (a gather of the same log-softmax: free);
+    1. rows: per quantity, the union of its requests' response rows (across tokenizers,
+       KD's rows without an exact teacher token go to ULD or CHUNK:
+       :func:`route_across_tokenizers`); every such row gets ``logp`` too (a gather of the
+       same log-softmax: free);
     2. the decoder (:func:`lm.head.split_model`) runs only over the sequences that own
        such rows, trimmed to their longest length;
     3. one output-layer pass over every such row, in chunks
@@ -690,6 +841,7 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     wanted = {name: torch.zeros(R, dtype=torch.bool, device=device) for name in losses.TOKEN_TERMS}
     for request in requests:
         wanted[request.quantity] |= response_rows(batch, request.sequence_set, request.role)
+    route_across_tokenizers(wanted, batch, settings)
     wanted[LOGP] = torch.stack(list(wanted.values())).any(0)
     if not bool(wanted[LOGP].any()):
         zeros = torch.zeros(R, dtype=torch.float32, device=device)

@@ -186,6 +186,9 @@ def teacher_option(store: TeacherStore) -> tuple[str, str | None]:
     teacher = recorded_teacher(store)
     if teacher is not None:
         return f"--teacher {_quoted(teacher.name)}", None
+    cross = store.attrs.get(fmt.ATTR_CROSS_TOKENIZER)
+    if isinstance(cross, dict) and (cross.get("teacher_tokenizer") or {}).get("name"):
+        return f"--teacher {_quoted(cross['teacher_tokenizer']['name'])}", None  # the model its tokenizer came from
     if store.tokenizer.name in (models.EMBEDDED_TEACHER, models.EMBEDDED_STUDENT):
         return "", None
     return (f"--teacher {TEACHER_PLACEHOLDER}",
@@ -201,6 +204,9 @@ def precompute_command(store: TeacherStore, passes: list[str], student: str | No
     teacher, note = teacher_option(store)
     recorded = recorded_student(store)
     student = recorded.name if recorded is not None else student
+    if isinstance(store.attrs.get(fmt.ATTR_CROSS_TOKENIZER), dict):  # aligned across tokenizers: so is what is added
+        parts.append("--cross-tokenizer")
+        student = student or store.tokenizer.name
     reference = recorded_model(store, f"{methods.GENERATED}/{methods.REFERENCE}")
     parts += [option for option in (teacher, f"--student {_quoted(student)}" if student else "") if option]
     if reference is not None and reference != recorded:  # else the reference defaulted to the student
@@ -331,6 +337,14 @@ def check_tokenizer(store: TeacherStore, model: models.ModelInfo) -> None:
     except Exception:  # the store's tokenizer is not available here: only the hash can decide
         same = False
     if not same:
+        cross = store.attrs.get(fmt.ATTR_CROSS_TOKENIZER)
+        if isinstance(cross, dict):  # the teacher's tokenizer is another one, and not the one to train with either
+            teacher = cross.get("teacher_tokenizer") or {}
+            raise TrainError(f"{model.name}: its tokenizer (hash {chat.tokenizer_hash(tokenizer)[:12]}) is neither "
+                             f"the store's student tokenizer ({stored.name}, hash {stored.hash[:12]}), whose ids the "
+                             f"store holds and its teacher signals were aligned to, nor one that could read them; the "
+                             f"teacher's was {teacher.get('name')} (hash {str(teacher.get('hash'))[:12]}). Train a "
+                             f"student with {stored.name}'s tokenizer, or compute a store for this one")
         raise TrainError(f"{model.name}: its tokenizer differs from the store's ({stored.name}, hash "
                          f"{stored.hash[:12]}); token-level signals would be read with the wrong ids")
 
@@ -348,6 +362,8 @@ def resolve_student(config: TrainConfig, store: TeacherStore,
     """The student to train (default: the one the store records) and notes on the reference sums it will meet."""
     recorded = recorded_student(store)
     spec = config.student or (recorded.name if recorded else None)
+    if spec is None and isinstance(store.attrs.get(fmt.ATTR_CROSS_TOKENIZER), dict):
+        spec = store.tokenizer.name  # across tokenizers the store's tokenizer is the student's (its model's name)
     info = resolve_model(spec, "" if config.student else " (the student the store records; pass --student)")
     notes = []
     for sequence_set, sections in methods.needs_of(terms).items():
