@@ -418,14 +418,14 @@ def _batch(location, n_examples=3):
     return terms, batch
 
 
-@pytest.mark.parametrize("which", ["sampled_tail_store", "pure_sampled_store"])
-@pytest.mark.parametrize("kd_tail", ["auto", "samples", "bin"])
+# (the pure sampled store with "bin" is refused before training: test_train_refuses_a_tail_setting_...)
+@pytest.mark.parametrize("which,kd_tail", [("sampled_tail_store", "auto"), ("sampled_tail_store", "samples"),
+                                          ("sampled_tail_store", "bin"), ("pure_sampled_store", "auto"),
+                                          ("pure_sampled_store", "samples")])
 def test_student_outputs_use_the_samples_as_kd_tail_says(request, tiny_models, which, kd_tail):
     from transformers import LlamaForCausalLM
 
     location = request.getfixturevalue(which)
-    if which == "pure_sampled_store" and kd_tail == "bin":
-        pytest.skip("refused before training (test_train_refuses_a_tail_setting_the_store_cannot_serve)")
     terms, batch = _batch(location)
     model = LlamaForCausalLM.from_pretrained(tiny_models[1]).double()
     settings = methods.Settings(kd_tail=kd_tail)
@@ -505,3 +505,33 @@ def test_train_and_evaluate_on_a_pure_sampled_store(tmp_path, pure_sampled_store
     table = CliRunner().invoke(main, ["evaluate", "--cache", str(pure_sampled_store), "--model", str(run),
                                       "--split", "train", "--device", "cpu", "--dtype", "float32"])
     assert "tail sampled" in table.output
+
+
+def test_a_cluster_draws_what_one_process_draws(tmp_path, tiny_models, tiny_dataset, sampled_tail_store):
+    """Two dask workers, each computing parts in its own order: every part's samples (and the rest) are the
+    one-process store's, bit for bit (the seed is the part's, the uniforms the row's)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=0, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        out = _run(tmp_path / "cluster.zarr", tiny_models, tiny_dataset, tail_samples=S, tail_seed=7,
+                   passes=("pairs",), cluster=cluster.scheduler_address)
+    one, two = TeacherStore.open(str(sampled_tail_store)), TeacherStore.open(str(out))
+    compared = 0
+    for split in one.splits():
+        for part in range(one.num_parts(split)):
+            a = one.section_attrs(split, part, "pairs", "teacher")
+            b = two.section_attrs(split, part, "pairs", "teacher")
+            assert a["checksums"] == b["checksums"] and a["content_key"] == b["content_key"], (split, part)
+            compared += 1
+    assert compared == 4
+
+
+def test_store_info_names_the_tail_samples(sampled_tail_store, tiny_store):
+    from click.testing import CliRunner
+
+    from store.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(sampled_tail_store)])
+    assert shown.exit_code == 0 and f"tail samples {S} per response token in pairs/teacher (seed 7)" in shown.output
+    assert "tail samples" not in CliRunner().invoke(main, ["info", str(tiny_store)]).output
