@@ -104,30 +104,35 @@ def draw_tail_samples(logp: torch.Tensor, excluded_ids: torch.Tensor,
     """S draws per row from the distribution of normalised log-probs ``logp`` [c, V] restricted to the ids outside
     ``excluded_ids`` [c, K] (repeated ids count once; K may be 0), at ``uniforms`` [c, S] in [0, 1).
 
-    Inverse CDF, exact up to float64 rounding: with ``q = exp(logp - logsumexp(logp outside))`` outside the
-    excluded ids and 0 at them (float64, summing to 1), draw ``i`` of row ``r`` is the first id ``j`` (in id
-    order) whose cumulative sum of ``q`` exceeds ``uniforms[r, i]`` times the row's total: id ``j`` comes out with
-    probability ``q_j`` for uniform draws, and never an excluded id (its ``q`` is 0). The draws depend on the
-    uniforms alone, not on how rows are batched. Returns (ids [c, S] int64, their ``logp`` [c, S] in
-    ``logp``'s dtype); a row with no id outside (K = V) gets :data:`PAD_ID` and :data:`PAD_LOGP`
-    (``store.format.DESCRIPTION["tail_samples"]``).
+    Inverse CDF, exact up to float64 rounding: with weights ``w = exp(logp - max of logp outside)`` outside the
+    excluded ids and 0 at them (float64; proportional to ``q = p / m``, the largest 1, so none underflows as a
+    whole), draw ``i`` of row ``r`` is the first id ``j`` (in id order) whose cumulative sum of ``w`` exceeds
+    ``uniforms[r, i]`` times the row's total: id ``j`` comes out with probability ``q_j`` for uniform draws, and
+    never an excluded id (its weight is 0). The draws depend on the uniforms alone, not on how rows are batched.
+    Returns (ids [c, S] int64, their ``logp`` [c, S] in ``logp``'s dtype); a row with no id outside (K = V) gets
+    :data:`PAD_ID` and :data:`PAD_LOGP` (``store.format.DESCRIPTION["tail_samples"]``). Two float64 buffers of
+    :data:`SAMPLE_BLOCK_ROWS` rows are reused from block to block (a fresh one per block costs more than the
+    arithmetic: page faults).
     """
     rows, samples = uniforms.shape
     ids = torch.empty((rows, samples), dtype=torch.long, device=logp.device)
     values = torch.empty((rows, samples), dtype=logp.dtype, device=logp.device)
+    size = (min(rows, SAMPLE_BLOCK_ROWS), logp.shape[-1])
+    weights = torch.empty(size, dtype=torch.float64, device=logp.device)
+    cumulative = torch.empty(size, dtype=torch.float64, device=logp.device)
     for lo in range(0, rows, SAMPLE_BLOCK_ROWS):
         block = slice(lo, lo + SAMPLE_BLOCK_ROWS)
-        weights = logp[block].to(torch.float64, copy=True).scatter_(-1, excluded_ids[block].long(), float("-inf"))
-        total = torch.logsumexp(weights, dim=-1, keepdim=True)
-        empty = ~torch.isfinite(total[:, 0])
-        cumulative = weights.sub_(torch.where(torch.isfinite(total), total, torch.zeros_like(total))).exp_()
-        cumulative = cumulative.cumsum_(dim=-1)
-        targets = uniforms[block].to(device=logp.device, dtype=torch.float64) * cumulative[:, -1:]
-        drawn = torch.searchsorted(cumulative, targets, right=True).clamp_(max=logp.shape[-1] - 1)
-        drawn = torch.where(empty.unsqueeze(-1), torch.full_like(drawn, PAD_ID), drawn)
-        ids[block] = drawn
-        values[block] = torch.where(empty.unsqueeze(-1), torch.full_like(values[block], PAD_LOGP),
-                                    logp[block].gather(-1, drawn))
+        n = min(SAMPLE_BLOCK_ROWS, rows - lo)
+        w, c = weights[:n], cumulative[:n]
+        w.copy_(logp[block]).scatter_(-1, excluded_ids[block].long(), float("-inf"))
+        top = w.amax(dim=-1, keepdim=True)
+        w.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
+        torch.cumsum(w, dim=-1, out=c)
+        targets = uniforms[block].to(device=logp.device, dtype=torch.float64) * c[:, -1:]
+        drawn = torch.searchsorted(c, targets, right=True).clamp_(max=logp.shape[-1] - 1)
+        empty = (c[:, -1] == 0).unsqueeze(-1)  # no id outside the excluded ones
+        ids[block] = torch.where(empty, torch.full_like(drawn, PAD_ID), drawn)
+        values[block] = torch.where(empty, torch.full_like(values[block], PAD_LOGP), logp[block].gather(-1, drawn))
     return ids, values
 
 

@@ -352,7 +352,7 @@ def test_store_holds_the_documented_draws(request, which, tiny_models):
                 tail = arrays["tail_logp"][rows]
                 if not k:
                     np.testing.assert_allclose(tail, 0.0, atol=fmt.LOGP_MAX_ABS_ERROR)  # the whole mass
-    assert total and matched >= 0.99 * total
+    assert total and matched >= 0.99 * total, (matched, total)
     description = root.attrs["format_description"]
     assert "tail_sample_ids" in description["arrays"]["teacher"] and "default_rng" in description["tail_samples"]
 
