@@ -467,6 +467,9 @@ def test_train_refuses_a_tail_setting_the_store_cannot_serve(tmp_path, tiny_stor
     with pytest.raises(TrainError, match="--kd-tail bin: .* keeps no top-K .* KD would be 0"):
         prepare(TrainConfig(cache=str(pure_sampled_store), method="kd", kd_tail="bin", out=str(tmp_path / "b")))
     prepare(TrainConfig(cache=str(tiny_store), method="dpo", kd_tail="samples", out=str(tmp_path / "c")))  # no KD
+    # ADPA on a pure sampled store: not the suggestion of a command that --top-k 0 refuses
+    with pytest.raises(TrainError, match="needs ADPA's generated answers .* keeps no top-K"):
+        prepare(TrainConfig(cache=str(pure_sampled_store), method="dckd+adpa", out=str(tmp_path / "d")))
 
 
 def test_train_and_evaluate_on_a_pure_sampled_store(tmp_path, pure_sampled_store, tiny_models):

@@ -319,6 +319,20 @@ def check_kd_tail(store: TeacherStore, kd_tail: str, what: str) -> None:
                          f"--kd-tail {methods.KD_TAIL_AUTO} (its tail samples)")
 
 
+def refuse_adpa_without_top_k(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
+    """A store written with ``--top-k 0`` (a pure sampled store) cannot get ADPA's sections: its ``precompute
+    teacher`` settings refuse the ``adpa`` pass (the advantage lives at the teacher's top-K ids), so the command
+    :func:`require_signals` would suggest cannot run; say what can instead."""
+    record = store.pass_record(fmt.PASS_PAIRS_TEACHER)
+    if (record is None or record.settings.get("top_k") != 0 or methods.GENERATED not in needs
+            or not missing_signals(store, split, {methods.GENERATED: needs[methods.GENERATED]})):
+        return
+    raise TrainError(f"{what} needs ADPA's generated answers and the teacher's top-K on them, which "
+                     f"{store.location} cannot hold: it keeps no top-K (--top-k 0, a pure sampled store) and ADPA's "
+                     f"advantage is taken at the teacher's top-K ids; write a store with a --top-k of 1 or more "
+                     f"(--tail-samples keeps KD's samples beside it), or train a method without adpa")
+
+
 def require_agreed_groups(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
     """Refuse (TrainError) rankings without one agreed group: every ranking term would be 0, and the student
     would not move. Reads the complete judge sections' ``group_status`` only (before any model loads)."""
@@ -497,6 +511,7 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
 
     store = open_store(config.cache, config.storage_options)
     needs = methods.needs_of(terms, config)  # what the terms read with these settings (PAD's alpha)
+    refuse_adpa_without_top_k(store, config.split, needs, f"method {config.method}")
     require_signals(store, config.split, needs, f"method {config.method}", config.student)
     require_agreed_groups(store, config.split, needs, f"method {config.method}")
     if uses_kd(terms):
