@@ -11,6 +11,11 @@ sequence and per response token, any of:
   K per row (:func:`kept_counts`: the fewest ids whose mass reaches ``top_p``,
   K the cap), the entries past it padded (:func:`pad_past_count`) and the tail
   taken outside the kept ids only;
+- with ``tail_uniforms``, S ids per row drawn from its distribution outside the
+  kept top-K (:func:`draw_tail_samples`: inverse CDF in float64 at uniforms the
+  caller draws per part and row, so the draws do not depend on batching, chunks
+  or device), and their log-probs; ``top_k = 0`` keeps no top-K, the tail then
+  being the whole vocabulary (a pure sampled store);
 - its log-probs at ids given per row (the reference model at the teacher's top-K);
 - the log-prob of the token actually there, and its sum over the response.
 
@@ -56,6 +61,8 @@ class Scored:
     at_ids_logp: np.ndarray | None = None  # [r, K'] float32
     tail_logp: np.ndarray | None = None  # [r] float32: log of the mass outside the kept topk_ids (with top-K)
     topk_count: np.ndarray | None = None  # [r] int64: kept entries of each row (top_p < 1 only)
+    tail_sample_ids: np.ndarray | None = None  # [r, S] int64: draws outside the kept ids (with tail_uniforms)
+    tail_sample_logp: np.ndarray | None = None  # [r, S] float32: their log-probs
 
 
 #: what entries past a row's kept count hold (``store.format.DESCRIPTION["adaptive_k"]``)
@@ -90,6 +97,48 @@ def tail_logmass_(logp: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     top = logp.amax(dim=-1)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return top + logp.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log()
+
+
+#: rows of a chunk whose tail samples are drawn at a time: the float64 [rows, V] weights and their cumulative
+#: sums stay near 25 MB each at V = 49152
+SAMPLE_BLOCK_ROWS = 64
+
+
+def draw_tail_samples(logp: torch.Tensor, excluded_ids: torch.Tensor,
+                      uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S draws per row from the distribution of normalised log-probs ``logp`` [c, V] restricted to the ids outside
+    ``excluded_ids`` [c, K] (repeated ids count once; K may be 0), at ``uniforms`` [c, S] in [0, 1).
+
+    Inverse CDF, exact up to float64 rounding: with weights ``w = exp(logp - max of logp outside)`` outside the
+    excluded ids and 0 at them (float64; proportional to ``q = p / m``, the largest 1, so none underflows as a
+    whole), draw ``i`` of row ``r`` is the first id ``j`` (in id order) whose cumulative sum of ``w`` exceeds
+    ``uniforms[r, i]`` times the row's total: id ``j`` comes out with probability ``q_j`` for uniform draws, and
+    never an excluded id (its weight is 0). The draws depend on the uniforms alone, not on how rows are batched.
+    Returns (ids [c, S] int64, their ``logp`` [c, S] in ``logp``'s dtype); a row with no id outside (K = V) gets
+    :data:`PAD_ID` and :data:`PAD_LOGP` (``store.format.DESCRIPTION["tail_samples"]``). Two float64 buffers of
+    :data:`SAMPLE_BLOCK_ROWS` rows are reused from block to block (a fresh one per block costs more than the
+    arithmetic: page faults).
+    """
+    rows, samples = uniforms.shape
+    ids = torch.empty((rows, samples), dtype=torch.long, device=logp.device)
+    values = torch.empty((rows, samples), dtype=logp.dtype, device=logp.device)
+    size = (min(rows, SAMPLE_BLOCK_ROWS), logp.shape[-1])
+    weights = torch.empty(size, dtype=torch.float64, device=logp.device)
+    cumulative = torch.empty(size, dtype=torch.float64, device=logp.device)
+    for lo in range(0, rows, SAMPLE_BLOCK_ROWS):
+        block = slice(lo, lo + SAMPLE_BLOCK_ROWS)
+        n = min(SAMPLE_BLOCK_ROWS, rows - lo)
+        w, c = weights[:n], cumulative[:n]
+        w.copy_(logp[block]).scatter_(-1, excluded_ids[block].long(), float("-inf"))
+        top = w.amax(dim=-1, keepdim=True)
+        w.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
+        torch.cumsum(w, dim=-1, out=c)
+        targets = uniforms[block].to(device=logp.device, dtype=torch.float64) * c[:, -1:]
+        drawn = torch.searchsorted(c, targets, right=True).clamp_(max=logp.shape[-1] - 1)
+        empty = (c[:, -1] == 0).unsqueeze(-1)  # no id outside the excluded ones
+        ids[block] = torch.where(empty, torch.full_like(drawn, PAD_ID), drawn)
+        values[block] = torch.where(empty, torch.full_like(values[block], PAD_LOGP), logp[block].gather(-1, drawn))
+    return ids, values
 
 
 def token_budget_order(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -128,6 +177,7 @@ def score_sequences(
     top_k: int | None = None,
     top_p: float = 1.0,
     at_ids: Sequence[np.ndarray] | None = None,
+    tail_uniforms: Sequence[np.ndarray] | None = None,
     batch_tokens: int = BATCH_TOKENS,
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
@@ -138,11 +188,17 @@ def score_sequences(
     entries of each row (:func:`kept_counts`), the others padded with :data:`PAD_ID`
     and :data:`PAD_LOGP`, the tail the log mass outside the kept ids. ``top_p >= 1``:
     all K kept, no count. ``at_ids[s]`` is ``[r_s, K']``: ids at which to read the
-    log-probs of each response row of sequence ``s``. ``on_batch(tokens)`` reports
-    progress.
+    log-probs of each response row of sequence ``s``. ``tail_uniforms[s]`` is
+    ``[r_s, S]`` (with ``top_k``): uniforms in [0, 1) at which each response row's S
+    tail samples are drawn (:func:`draw_tail_samples`, outside the kept ids).
+    ``top_k = 0``: no top-K, the tail the whole vocabulary. ``on_batch(tokens)``
+    reports progress.
     """
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+    with_topk = top_k is not None  # 0: no id kept, the tail is the whole vocabulary
+    if tail_uniforms is not None and not with_topk:
+        raise ValueError("tail samples are drawn outside a top-K: give top_k (0 for the whole vocabulary)")
     adaptive = bool(top_k) and top_p < 1
     device = next(model.parameters()).device
     base, head = split_model(model)
@@ -171,12 +227,16 @@ def score_sequences(
         picked = hidden[row_sequence, row_position]
         if at_ids is not None:
             given = torch.from_numpy(np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for i in batch]))
+        if tail_uniforms is not None:
+            uniforms = torch.from_numpy(np.concatenate([np.asarray(tail_uniforms[i], dtype=np.float64)
+                                                        for i in batch]))
         target_logp, topk_ids, topk_logp, at_ids_logp, tails, counts = [], [], [], [], [], []
+        sample_ids, sample_logp = [], []
         for first in range(0, picked.shape[0], HEAD_CHUNK_ROWS):
             chunk = slice(first, first + HEAD_CHUNK_ROWS)
             logp = torch.log_softmax(head.logits(picked[chunk]), dim=-1)
             target_logp.append(logp.gather(-1, targets[chunk, None].to(logp.device))[:, 0])
-            if top_k:
+            if with_topk:
                 top_logp, top_ids = logp.topk(top_k, dim=-1)
                 topk_ids.append(top_ids)
                 topk_logp.append(top_logp)
@@ -187,14 +247,23 @@ def score_sequences(
                 kept = kept_counts(top_logp, top_p)
                 counts.append(kept)
                 is_kept = torch.arange(top_k, device=top_ids.device) < kept.to(top_ids.device).unsqueeze(-1)
-                tails.append(tail_logmass_(logp, torch.where(is_kept, top_ids, top_ids[:, :1])))
-            elif top_k:
-                tails.append(tail_logmass_(logp, top_ids))
+                outside_of = torch.where(is_kept, top_ids, top_ids[:, :1])
+            elif with_topk:
+                outside_of = top_ids
+            if tail_uniforms is not None:  # before tail_logmass_ overwrites logp
+                drawn = draw_tail_samples(logp, outside_of, uniforms[chunk])
+                sample_ids.append(drawn[0])
+                sample_logp.append(drawn[1])
+            if with_topk:
+                tails.append(tail_logmass_(logp, outside_of))
         target_logp = torch.cat(target_logp).cpu().numpy()
-        if top_k:
+        if with_topk:
             topk_ids = torch.cat(topk_ids).cpu().numpy()
             topk_logp = torch.cat(topk_logp).cpu().numpy()
             tails = torch.cat(tails).cpu().numpy()
+        if tail_uniforms is not None:
+            sample_ids = torch.cat(sample_ids).cpu().numpy()
+            sample_logp = torch.cat(sample_logp).float().cpu().numpy()
         if adaptive:
             counts = torch.cat(counts).cpu().numpy()
             topk_ids = pad_past_count(topk_ids, counts, PAD_ID)
@@ -205,11 +274,13 @@ def score_sequences(
             results[i] = Scored(
                 target_logp=target_logp[rows],
                 logp_sum=float(np.sum(target_logp[rows], dtype=np.float64)),
-                topk_ids=topk_ids[rows] if top_k else None,
-                topk_logp=topk_logp[rows] if top_k else None,
+                topk_ids=topk_ids[rows] if with_topk else None,
+                topk_logp=topk_logp[rows] if with_topk else None,
                 at_ids_logp=at_ids_logp[rows] if at_ids is not None else None,
-                tail_logp=tails[rows] if top_k else None,
+                tail_logp=tails[rows] if with_topk else None,
                 topk_count=counts[rows] if adaptive else None,
+                tail_sample_ids=sample_ids[rows] if tail_uniforms is not None else None,
+                tail_sample_logp=sample_logp[rows] if tail_uniforms is not None else None,
             )
         if on_batch:
             on_batch(int(sum(lengths[i] for i in batch)))
@@ -269,14 +340,22 @@ def scored_arrays(scored: list[Scored], *, topk: bool = False, at_ids: bool = Fa
         fmt.ARRAY_LOGP_SUM: np.array([s.logp_sum for s in scored], dtype=np.float32),
     }
     if topk:
-        arrays[fmt.ARRAY_TOPK_IDS] = cat([s.topk_ids for s in scored], 1).astype(np.int64)
-        arrays[fmt.ARRAY_TOPK_LOGP] = cat([s.topk_logp for s in scored], 1).astype(np.float32)
+        width = scored[0].topk_ids.shape[1] if scored else 1  # 0: a pure sampled store
+        arrays[fmt.ARRAY_TOPK_IDS] = cat([s.topk_ids for s in scored], width).astype(np.int64)
+        arrays[fmt.ARRAY_TOPK_LOGP] = cat([s.topk_logp for s in scored], width).astype(np.float32)
         arrays[fmt.ARRAY_TAIL_LOGP] = cat([s.tail_logp for s in scored]).astype(np.float32)
         adaptive = [s.topk_count is not None for s in scored]
         if any(adaptive):
             if not all(adaptive):
                 raise ValueError("scored sequences mix an adaptive and a fixed top-K")
             arrays[fmt.ARRAY_TOPK_COUNT] = cat([s.topk_count for s in scored]).astype(np.uint16)
+        sampled = [s.tail_sample_ids is not None for s in scored]
+        if any(sampled):
+            if not all(sampled):
+                raise ValueError("scored sequences mix rows with and without tail samples")
+            width = scored[0].tail_sample_ids.shape[1]
+            arrays[fmt.ARRAY_TAIL_SAMPLE_IDS] = cat([s.tail_sample_ids for s in scored], width).astype(np.int64)
+            arrays[fmt.ARRAY_TAIL_SAMPLE_LOGP] = cat([s.tail_sample_logp for s in scored], width).astype(np.float32)
     if at_ids:
         arrays[fmt.ARRAY_TOPK_LOGP] = cat([s.at_ids_logp for s in scored], 1).astype(np.float32)
         if at_counts is not None:

@@ -117,6 +117,10 @@ DEFAULT_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA)
 KNOWN_PASSES = (PASS_PAIRS, PASS_DPO_REF, PASS_ADPA, PASS_PAD, PASS_PAD_LOGP, PASS_PAD_MCQ)
 
 ROLE_TEACHER, ROLE_STUDENT, ROLE_REFERENCE = "teacher", "student", "reference"
+#: the teacher step that draws --tail-samples: the pairs' top-K is what KD reads (ADPA reads the generated
+#: answers' top-K ids alone, PAD the samples' sums)
+TAIL_SAMPLED_STEPS = (fmt.PASS_PAIRS_TEACHER,)
+TAIL_SAMPLES_MAX = 4096  # a bound on the [rows, S] arrays, far above the 12 or so the method wants
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for --device-map
 
 
@@ -134,10 +138,16 @@ class TeacherConfig(DataOptions, LayoutOptions, RunOptions, BatchTokensOption, E
                                           "[the student's initial model].")
     passes: tuple[str, ...] = setting(DEFAULT_PASSES, f"Comma list of {', '.join(KNOWN_PASSES)} (pad: pad_logp and "
                                                        "pad_mcq, the calibration).", parse=comma_list)
-    top_k: int = setting(50, "Teacher log-probs kept per response token.", type=click.IntRange(min=1))
+    top_k: int = setting(50, "Teacher log-probs kept per response token (0: none, a pure sampled store, with "
+                             "--tail-samples).", type=click.IntRange(min=0))
     top_p: float = setting(1.0, "Adaptive K: keep per token the fewest of the top-K ids whose teacher mass reaches "
                                 "P (--top-k the cap), the rest in the exact tail; 1.0: always K.",
                            type=click.FloatRange(min=0, max=1, min_open=True))
+    tail_samples: int = setting(0, "KD's tail samples: ids per response token drawn from the teacher's "
+                                   "distribution outside the kept top-K, with their log-probs (pairs/teacher); "
+                                   "0: none.", type=click.IntRange(min=0, max=TAIL_SAMPLES_MAX))
+    tail_seed: int = setting(0, "Seed of the tail samples: part p of train draws with seed + p.",
+                             type=click.IntRange(min=0))
     max_new_tokens: int = setting(64, "Length limit of generated answers (ADPA); raise it for real teachers.",
                                   type=click.IntRange(min=1))
     generation_batch: int = setting(64, "Prompts per generate() call.", type=click.IntRange(min=1))
@@ -210,10 +220,39 @@ def topk_step(ctx: TeacherContext, step: Step, split: str, part: int, model, pro
                                            on_batch=progress)
     else:
         scored = scoring.score_sequences(model, seqs, prompts, top_k=ctx.top_k_of(step), top_p=ctx.config.top_p,
+                                         tail_uniforms=tail_uniforms(ctx, step, split, part, seqs, prompts),
                                          batch_tokens=ctx.config.batch_tokens, pad_id=ctx.pad_id, on_batch=progress)
     groups = _groups(ctx, split, part) if step.sequence_set == fmt.SET_SAMPLES else 0
     return StepResult(scoring.scored_arrays(scored, topk=True), sum(map(len, seqs)), groups=groups,
                       attrs=_engine_attrs(model))
+
+
+def tail_samples_of(ctx: TeacherContext, step: Step) -> int:
+    """The tail samples per row that ``step`` draws: ``--tail-samples`` for :data:`TAIL_SAMPLED_STEPS`, else 0."""
+    return ctx.config.tail_samples if step.name in TAIL_SAMPLED_STEPS else 0
+
+
+def tail_part_seed(ctx: TeacherContext, split: str, part: int) -> int:
+    """The seed ``part`` of ``split`` draws its tail samples with: ``--tail-seed`` + part (+ crc32 of the split's name
+    for splits other than train, as ``precompute sample`` seeds its parts), modulo 2**63."""
+    from .sample import part_seed
+
+    return part_seed(ctx.config.tail_seed, split, part)
+
+
+def tail_uniforms(ctx: TeacherContext, step: Step, split: str, part: int, seqs, prompts) -> list[np.ndarray] | None:
+    """Per sequence, [r, S] uniforms in [0, 1) at which its response rows' tail samples are drawn, or None.
+
+    One float64 draw per (response row of the part, sample), in the section's row order, from the part's seed
+    (:func:`tail_part_seed`): a part draws the same ids however its rows are batched, resumed or spread over a
+    cluster (``store.format.DESCRIPTION["tail_samples"]`` states the rule).
+    """
+    samples = tail_samples_of(ctx, step)
+    if not samples:
+        return None
+    lengths = [len(seq) - int(prompt) for seq, prompt in zip(seqs, prompts)]
+    drawn = np.random.default_rng(tail_part_seed(ctx, split, part)).random((sum(lengths), samples))
+    return np.split(drawn, np.cumsum(lengths)[:-1]) if lengths else []
 
 
 def sums_step(ctx: TeacherContext, step: Step, split: str, part: int, model, progress) -> StepResult:
@@ -260,10 +299,12 @@ def _engine_attrs(model) -> dict | None:
 
 def on_engine(ctx: TeacherContext, step: Step) -> bool:
     """Whether ``step`` runs on a vLLM engine: with --engine vllm, the generation and the teacher's top-K (across
-    tokenizers the teacher scores text in its own tokens and spans (:mod:`precompute.xtok`): transformers)."""
+    tokenizers the teacher scores text in its own tokens and spans (:mod:`precompute.xtok`), and with tail samples:
+    transformers)."""
     if ctx.config.engine != engines.VLLM:
         return False
-    return step.run is generate_step or (step.run is topk_step and ctx.xtok is None)
+    # tail samples are drawn from the full distribution, which the engine does not return: transformers
+    return step.run is generate_step or (step.run is topk_step and ctx.xtok is None and not ctx.config.tail_samples)
 
 
 def _generation_prompts(ctx: TeacherContext, rows: list[Row]) -> list[np.ndarray]:
@@ -331,6 +372,9 @@ def step_record(ctx: TeacherContext, step: Step) -> PassRecord:
         settings["top_k"] = ctx.top_k_of(step)
         if ctx.config.top_p < 1:  # absent: 1.0, every row keeps K (the records of fixed-K passes stay as they were)
             settings["top_p"] = ctx.config.top_p
+        if tail_samples_of(ctx, step):  # absent: none (the records of passes without samples stay as they were)
+            settings["tail_samples"] = tail_samples_of(ctx, step)
+            settings["tail_seed"] = ctx.config.tail_seed
     if step.section == fmt.SECTION_REFERENCE:
         settings["reference_is"] = ("the student's initial model" if not ctx.config.reference
                                     else "given (--reference)")
@@ -373,8 +417,9 @@ def content_key(ctx: TeacherContext, step: Step, split: str, part: int) -> str |
         reads[other] = {n: attrs["checksums"][n] for n in names if n in attrs["checksums"]}
     prompts = (prompts_fingerprint(ctx.rows_of_part(split, part, prompts=True))
                if step.section == fmt.SECTION_TEACHER_MCQ else None)  # the question is the row's text
+    seed = tail_part_seed(ctx, split, part) if tail_samples_of(ctx, step) else None  # the draws of this part
     return keys.section_key(step.name, **where, base_checksums=base["checksums"], reads=reads,
-                            prompts_sha256=prompts)
+                            prompts_sha256=prompts, part_seed=seed)
 
 
 def pairs_base_key(ctx: TeacherContext, split: str, part: int) -> str:
@@ -450,6 +495,7 @@ def prepare(config: TeacherConfig, summary: Summary) -> TeacherContext:
                          f"use --top-k {vocab} or less")
     if config.top_p < 1 and config.top_k > np.iinfo(np.uint16).max:  # the store's topk_count is uint16
         raise ValueError(f"--top-p {config.top_p} with --top-k {config.top_k}: an adaptive K is capped at 65535")
+    _check_tail_samples(config)
 
     teacher_tokenizer, tokenizer = tokenizer, (cross.student if cross else tokenizer)  # the store's: of its ids
     try:
@@ -530,6 +576,23 @@ def _cross_tokenizer(config: TeacherConfig, infos: dict[str, models.ModelInfo], 
         teacher_end_ids=chat.end_of_turn_ids(teacher_tokenizer, models.generation_eos_ids(teacher.path)),
         student_end_ids=chat.end_of_turn_ids(student_tokenizer, models.generation_eos_ids(student_info.path)))
     return cross, student
+
+
+def _check_tail_samples(config: TeacherConfig) -> None:
+    """Before any model loads: a top-K of 0 (a pure sampled store) needs tail samples, an adaptive K needs a
+    top-K, and ADPA, whose advantage lives at the teacher's top-K ids, needs one."""
+    if config.top_k > 0:
+        return
+    if not config.tail_samples:
+        raise ValueError("--top-k 0 keeps no teacher log-prob: give --tail-samples S (a pure sampled store, e.g. "
+                         "--top-k 0 --tail-samples 12) or a --top-k of 1 or more")
+    if config.top_p < 1:
+        raise ValueError(f"--top-p {config.top_p} with --top-k 0: an adaptive K chooses among the top-K; "
+                         f"drop --top-p or give a --top-k")
+    if PASS_ADPA in config.passes:
+        raise ValueError(f"--top-k 0 with --passes {','.join(config.passes)}: ADPA's advantage is taken at the "
+                         f"teacher's top-K ids, which --top-k 0 does not keep; leave {PASS_ADPA} out (--passes "
+                         f"{PASS_PAIRS},{PASS_DPO_REF}) or give a --top-k")
 
 
 def _pad_passes(passes) -> tuple[bool, bool]:

@@ -91,7 +91,9 @@ VERSION_CHANGES = {
        "cumulate them, then scale; every sorted log-prob array NAME is stored as NAME_steps); decoded values are "
        "version 3's, bit for bit; optional arrays: a teacher section across tokenizers (precompute teacher "
        "--cross-tokenizer: alignment, spans, the teacher's own top-K beside the mapped one, teacher_length, "
-       "chunks) with the root group vocab_map, and tail samples (tail_sample_ids, tail_sample_logp)",
+       "chunks) with the root group vocab_map, and tail samples (tail_sample_ids, tail_sample_logp: precompute "
+       "teacher --tail-samples S, S draws from the teacher's distribution outside the kept top-K, see "
+       "'tail_samples'), with a K that may be 0 (a pure sampled store)",
 }
 
 SPLITS = ("train", "test")
@@ -232,6 +234,10 @@ STEPS_SUFFIX = "_steps"
 ARRAY_TOPK_LOGP_STEPS = "topk_logp_steps"
 ARRAY_TAIL_LOGP = "tail_logp"
 ARRAY_TOPK_COUNT = "topk_count"
+#: tail samples (precompute teacher --tail-samples S): S ids drawn from the teacher's distribution outside the
+#: kept top-K, and their teacher log-probs (:data:`DESCRIPTION` ``"tail_samples"``)
+ARRAY_TAIL_SAMPLE_IDS = "tail_sample_ids"
+ARRAY_TAIL_SAMPLE_LOGP = "tail_sample_logp"
 ARRAY_TARGET_LOGP = "target_logp"
 ARRAY_LOGP_SUM = "logp_sum"
 # teacher_mcq sections
@@ -279,7 +285,7 @@ class ArraySpec:
     name: str
     axis: str
     dtype: str  # numpy dtype of what a reader gets back; "token_id" resolves per store
-    width: str | None  # None for 1-D, "K" for [rows, K], "2" for [rows, 2]
+    width: str | None  # None for 1-D, "K" for [rows, K] (K may be 0), "S" for [rows, S] (tail samples), "2"
     encoding: str
     description: str
     #: an optional array may be absent from a complete section (the description says what then)
@@ -332,6 +338,13 @@ SECTION_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
               "entries of the row's topk_ids / topk_logp that are kept, 1..K: the fewest whose teacher mass "
               "reaches the pass's top_p (provenance), at most K (optional: absent, all K are kept; see "
               "'adaptive_k')", optional=True, since=3),
+        _spec(ARRAY_TAIL_SAMPLE_IDS, AXIS_RESPONSE, "token_id", "S", ENC_TOKEN_IDS,
+              "S ids drawn independently, with replacement, from the teacher's distribution restricted to the ids "
+              "outside the kept topk_ids (probability p_j / exp(tail_logp)), seeded per part (optional: see "
+              "'tail_samples')", optional=True, since=4),
+        _spec(ARRAY_TAIL_SAMPLE_LOGP, AXIS_RESPONSE, "float32", "S", ENC_LOGP,
+              "teacher log-probs of tail_sample_ids, normalised over the full vocabulary (optional: with "
+              "tail_sample_ids)", optional=True, since=4),
         _spec(ARRAY_TARGET_LOGP, AXIS_RESPONSE, "float32", None, ENC_PLAIN,
               "teacher log-prob of the response token actually there"),
         _spec(ARRAY_LOGP_SUM, AXIS_SEQUENCE, "float32", None, ENC_PLAIN,
@@ -693,7 +706,8 @@ KEY_INPUTS = {
         "identity and prompts, ...), base_checksums (every array checksum of the set's base: the token ids "
         "it was computed on), reads (checksums of other sections it reads: the reference reads "
         "generated/teacher topk_ids, the judge samples/student_init logp_sum), and where they matter "
-        "prompts_sha256 (teacher_mcq and judge show the rows' prompt text) and part_seed (judge)"
+        "prompts_sha256 (teacher_mcq and judge show the rows' prompt text) and part_seed (judge; a teacher "
+        "section with tail samples: the seed its part draws with, see 'tail_samples')"
     ),
     "engine": (
         "a pass computed with vLLM (--engine vllm: samples base, generated base, teacher) has settings.engine = "
@@ -841,5 +855,24 @@ DESCRIPTION = {
         "outside the n kept ones, so the row's distribution has n + 1 bins: the kept ones and the tail (the "
         "mass of the dropped entries is in the tail, exactly), renormalised as 'tail' says. A section "
         "without topk_count keeps all K entries of every row."
+    ),
+    "tail_samples": (
+        "Where a teacher section has tail_sample_ids and tail_sample_logp [R, S] (precompute teacher "
+        "--tail-samples S; the pass record holds tail_samples and tail_seed), row r holds S ids drawn "
+        "independently, with replacement, from the teacher's distribution restricted to the ids outside its "
+        "kept top-K: id j with probability q_j = p_j / m, m = exp(tail_logp[r]) the tail's exact mass, and "
+        "tail_sample_logp[r, i] = log p_j of the draw (normalised over the full vocabulary, quantised like "
+        "the other log-probs). With them the tail's part of KL(teacher || student), sum over the tail of "
+        "p_j log(p_j / s_j), is estimated without bias by (m / S) sum_i (tail_sample_logp[r, i] - "
+        "log s[tail_sample_ids[r, i]]) (docs/methods.md, 'KD with tail samples'); the top-K part stays exact. "
+        "How they were drawn (to reproduce them): part p of split 'train' uses seed tail_seed + p (other "
+        "splits add crc32 of the split's name), modulo 2**63; u = numpy.random.default_rng(seed).random((R, "
+        "S)) in float64, one row per response row of the part in order; draw i of row r is the first id j, in "
+        "id order, whose cumulative weight exp(log p_j - the largest log p outside the kept ids) (float64, kept "
+        "ids 0; proportional to q) exceeds u[r, i] times the row's total weight. A row "
+        f"with no id outside its kept ones (K = V) holds padding: id 0, log-prob at the floor {LOGP_FLOOR}, "
+        "and its tail has no mass. A top_k of 0 (a pure sampled store: topk_ids and topk_logp [R, 0], "
+        "tail_logp the log of the whole mass, 0 up to rounding) samples the whole vocabulary (Anshumann et al., "
+        "ACL 2025, 'Sparse Logit Sampling')."
     ),
 }

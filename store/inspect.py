@@ -122,6 +122,10 @@ def store_info(store: StoreReader) -> dict:
     info["unfinished"] = unfinished
     info["top_k"], info["top_k_from"] = _top_k(store, teacher_parts)
     info["teacher_tail"] = {"teacher_sections": len(teacher_parts), "with_tail_logp": with_tail}
+    sampled = store.pass_record(fmt.PASS_PAIRS_TEACHER)  # --tail-samples: recorded on the pairs' teacher only
+    if sampled is not None and sampled.settings.get("tail_samples"):
+        info["tail_samples"] = {"per_token": sampled.settings["tail_samples"],
+                                "seed": sampled.settings.get("tail_seed"), "pass": fmt.PASS_PAIRS_TEACHER}
     nbytes = sum(sizes.values())
     info["bytes_on_disk"] = nbytes
     info["response_tokens"] = total_response
@@ -189,6 +193,10 @@ def format_info(info: Mapping) -> str:
     if tail.get("teacher_sections"):
         out.append(f"tail bin     exact (tail_logp) in {tail['with_tail_logp']} of {tail['teacher_sections']} teacher "
                    f"sections; elsewhere 1 - sum(top-K)")
+    samples = info.get("tail_samples")
+    if samples:
+        out.append(f"tail samples {samples['per_token']} per response token in {samples['pass']} (seed "
+                   f"{samples['seed']}): KD estimates the tail's part of the full KL from them")
     out.append(f"part size    {info.get('examples_per_part')} examples")
     nbytes = info.get("bytes_on_disk", 0)
     bpt = info.get("bytes_per_response_token")

@@ -204,7 +204,8 @@ class _ArrayLayout:
             raise _Unsupported("data type or chunk grid")
         self.shape = tuple(meta["shape"])
         self.chunks = tuple(grid["configuration"]["chunk_shape"])
-        if len(self.shape) not in (1, 2) or self.chunks[1:] != self.shape[1:]:
+        empty_rows = len(self.shape) == 2 and self.shape[1] == 0  # width 0 (a pure sampled store): no chunk file
+        if len(self.shape) not in (1, 2) or (self.chunks[1:] != self.shape[1:] and not empty_rows):
             raise _Unsupported("chunked along more than the first axis")
         self.separator = keys.get("configuration", {}).get("separator", "/")
         self.filters, self.compressors = [], []
@@ -249,7 +250,7 @@ class _ArrayLayout:
                 raise _Unsupported("quantised log-probs that are not uint16")
             self.filters = [_StoredLogp(spec, int(np.prod(self.chunks[1:], dtype=np.int64)))]
             self.dtype = np.dtype(np.float32)  # what the reader returns
-        self.num_chunks = -(-self.shape[0] // self.chunks[0]) if self.shape[0] else 0
+        self.num_chunks = -(-self.shape[0] // self.chunks[0]) if self.shape[0] and not empty_rows else 0
 
     def chunk_key(self, index: int) -> str:
         return "c" + self.separator + self.separator.join([str(index)] + ["0"] * (len(self.shape) - 1))

@@ -253,7 +253,8 @@ class TeacherStore(StoreReader):
                 raise StoreError(f"{ref}/{spec.name}: token ids outside the vocabulary "
                                  f"[0, {self.attrs['vocab_size']})")
             values = values.astype(dtype, copy=False)
-            chunks = (fmt.chunk_rows(spec.axis, values.shape[0]),) + values.shape[1:]
+            # a width of 0 (a pure sampled store's top-K) is chunked 1 wide: the v3 grid takes positive sizes only
+            chunks = (fmt.chunk_rows(spec.axis, values.shape[0]),) + tuple(max(1, n) for n in values.shape[1:])
             prepared.append((spec, dtype, values, chunks))
         if self.is_complete(split, part, sequence_set, section):
             return None  # another writer finished it meanwhile: the same numbers are there already

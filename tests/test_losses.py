@@ -894,6 +894,11 @@ def test_each_analytic_gradient_equals_autograds_of_its_value(name, dtype):
     signals = {L.TARGET_IDS: torch.where(torch.arange(R) % 2 == 0, ids[:, 0], (ids[:, 0] + 1) % V),
                L.TOPK_IDS: ids, L.KD_TEACHER: L.teacher_kd_bins(tlp, tail),
                L.ADVANTAGE: L.adpa_advantage(tlp, rand(R, K, seed=85), clip=False)}
+    # kd_sampled's tail samples: ids outside the row's top-K (one repeated), their log-probs under a stand-in teacher
+    samples = torch.stack([torch.tensor([v for v in range(V) if v not in ids[r].tolist()][:4]) for r in range(R)])
+    samples[:, 3] = samples[:, 0]
+    signals[L.TAIL_SAMPLE_IDS] = samples
+    signals[L.KD_SAMPLE_TEACHER] = L.teacher_kd_sample_logp(tlp, tail, rand(R, 4, seed=87) - 6.0)
     rows = {name: torch.tensor([True, True, False, True, True, False, True])}
     coef = rand(R, seed=86)
 

@@ -23,7 +23,7 @@ from click.core import ParameterSource
 
 from lm import options
 
-from .config import LOSS_SETTINGS, PAD_REWARD, EvaluateConfig, TrainConfig
+from .config import EVALUATE_LOSS_SETTINGS, LOSS_SETTINGS, EvaluateConfig, TrainConfig
 from .methods import Settings
 
 
@@ -95,7 +95,7 @@ def student(ctx, config_file, **values):
 
 @main.command()
 @options.click_options(EvaluateConfig, exclude=LOSS_SETTINGS, overrides={"cache": {"required": True}})
-@options.click_options(Settings, only=PAD_REWARD)
+@options.click_options(Settings, only=EVALUATE_LOSS_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(as_json, **values):
     """On held-out pairs: token KL to the teacher, preference accuracy, log-probs; on groups: ranking agreement."""

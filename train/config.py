@@ -6,7 +6,7 @@
   plus the run's own fields, so it stays flat: a run's ``config.yaml`` holds one
   key per option, and a TrainConfig is the ``settings`` argument of the losses;
 - :class:`EvaluateConfig`: ``train evaluate``'s, also a ``Settings``, of which only
-  the PAD reward's two (:data:`PAD_REWARD`) are options there.
+  the PAD reward's two and KD's tail (:data:`EVALUATE_LOSS_SETTINGS`) are options there.
 
 Both also inherit the run options every command shares (``--device``, ``--dtype``,
 ``--storage-option``, ``--batch-tokens``, ...), declared once in :mod:`lm.options`.
@@ -44,6 +44,8 @@ LOSS_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
 REPORT_TO = ("none", "tensorboard")
 #: what ``train evaluate`` takes of them: the teacher reward a group's ranking is compared with
 PAD_REWARD = ("pad_alpha", "pad_beta")
+#: the loss settings that are options of ``train evaluate``: PAD's reward, and how the KL counts the tail
+EVALUATE_LOSS_SETTINGS = (*PAD_REWARD, "kd_tail")
 
 
 class TrainError(ValueError):
@@ -206,7 +208,7 @@ def _as_declared(field: dataclasses.Field, value):
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption, EngineOptions):
-    """``train evaluate``: the model, the store and split, how to run; of the loss settings, :data:`PAD_REWARD`."""
+    """``train evaluate``: the model, the store and split, how to run; of the loss settings, :data:`EVALUATE_LOSS_SETTINGS`."""
 
     model: str | None = setting(None, "Model to evaluate: a run's dir, embedded name, ... [embedded student].")
     cache: str = setting(help="Teacher-signal store with pairs/teacher and/or samples/teacher + teacher_mcq "

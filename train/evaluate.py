@@ -9,7 +9,10 @@ store's ``pairs`` when it has ``pairs/teacher``:
   averaged over every chosen (rejected) response token of the split (of a store
   aligned across tokenizers: over the tokens with an exactly matching teacher
   token whose top-K the vocabulary map keeps some of, the bins in the student's
-  vocabulary);
+  vocabulary); on a store
+  with tail samples (``--kd-tail``, default ``auto``), their unbiased estimate of
+  the full-vocabulary KL instead (:func:`train.losses.kd_sampled_kl`), as KD
+  trains there; ``kl_tail`` says which (``bin``, ``samples``);
 - ``mean_logp_chosen`` / ``mean_logp_rejected``: the model's mean log-prob per
   response token;
 - ``accuracy_logratio``: fraction of pairs the model ranks chosen above rejected
@@ -66,8 +69,8 @@ from store.locations import redact_url
 from . import losses, methods
 from .batches import collate, token_budget_batches
 from .config import EvaluateConfig, TrainError
-from .preflight import (check_tokenizer, commands_for, first_sequence, load_student, missing_signals, open_store,
-                        recorded_student, require_signals, resolve_model, resolve_precision)
+from .preflight import (check_kd_tail, check_tokenizer, commands_for, first_sequence, load_student, missing_signals,
+                        open_store, recorded_student, require_signals, resolve_model, resolve_precision)
 
 TIE_NATS = 1e-3
 
@@ -187,6 +190,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     else:
         initial_from = "store pairs/student_init" + (f" ({recorded.name})" if recorded else "")
 
+    if has_pairs:
+        check_kd_tail(store, config.kd_tail, "evaluate")
     student_pass = ModelPass.load(student.path, probe, store, config, precision)
     result = {"model": student.name, "store": redact_url(store.location), "split": config.split}
     if has_pairs:
@@ -233,9 +238,11 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
     logp = {"chosen": 0.0, "rejected": 0.0}
     tokens = {"chosen": 0, "rejected": 0}
     kl_tokens = {"chosen": 0, "rejected": 0}
-    pairs = 0
+    sampled_rows = kd_rows = pairs = 0
     wins_logratio = wins_avg = agree_teacher = teacher_chosen = 0.0
     for batch, outputs in student.outputs(needs, _PAIR_KD):
+        sampled_rows += int(outputs.computed[losses.KD_SAMPLED].sum())
+        kd_rows += int(outputs.computed[methods.KD].sum())
         for role_name, role in (("chosen", methods.CHOSEN), ("rejected", methods.REJECTED)):
             rows = methods.response_rows(batch, methods.PAIRS, role)
             kl_rows = rows & outputs.computed[methods.KD]  # across tokenizers: the rows with an exact teacher token
@@ -270,6 +277,8 @@ def _pair_metrics(student: ModelPass, init_sums: dict | None) -> dict:
         "pairs": pairs,
         "kl_chosen": _mean(kl["chosen"], kl_tokens["chosen"]),
         "kl_rejected": _mean(kl["rejected"], kl_tokens["rejected"]),
+        "kl_tail": (methods.KD_TAIL_BIN if sampled_rows == 0 else methods.KD_TAIL_SAMPLES if sampled_rows == kd_rows
+                    else f"{methods.KD_TAIL_SAMPLES} on {sampled_rows} of {kd_rows} tokens"),
         "mean_logp_chosen": _mean(logp["chosen"], tokens["chosen"]),
         "mean_logp_rejected": _mean(logp["rejected"], tokens["rejected"]),
         "accuracy_logratio": wins_logratio / pairs, "accuracy_avg_logp": wins_avg / pairs,
@@ -324,7 +333,8 @@ def format_table(result: dict) -> str:
 def _pair_lines(result: dict, width: int) -> list[str]:
     lines = [f"{'initial model sums':<{width}}{result['initial']}"]
     lines.append(f"{'':<{width}}{'chosen':>10}  {'rejected':>10}")
-    lines.append(f"{'token KL(teacher || model), tail bucket':<{width}}{result['kl_chosen']:>10.4f}  "
+    tail = "tail bucket" if result.get("kl_tail", methods.KD_TAIL_BIN) == methods.KD_TAIL_BIN else "tail sampled"
+    lines.append(f"{f'token KL(teacher || model), {tail}':<{width}}{result['kl_chosen']:>10.4f}  "
                  f"{result['kl_rejected']:>10.4f}")
     lines.append(f"{'mean log-prob per token':<{width}}{result['mean_logp_chosen']:>10.4f}  "
                  f"{result['mean_logp_rejected']:>10.4f}")

@@ -16,6 +16,9 @@ Formulas and their sources (the project's account of each: ``docs/methods.md``):
 
 - KD with a tail bucket: forward KL over K+1 bins (the ADPA repository's
   ``get_kl_loss``; TRL's ``_add_tail_bucket``).
+- KD with tail samples: the top-K exact, the tail's part of the full-vocabulary KL
+  estimated without bias from ids sampled from the teacher (Anshumann et al., ACL
+  2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs").
 - DCKD and ADPA: "Advantage-Guided Distillation for Preference Alignment in
   Small Language Models" (ADPA paper; DCKD is its "dual-constrained" KD
   baseline/stage).
@@ -51,6 +54,8 @@ __all__ = [
     "log1mexp",
     "token_logprobs",
     "kd_tail_kl",
+    "kd_sampled_kl",
+    "teacher_kd_sample_logp",
     "teacher_kd_bins",
     "kept_entries",
     "kept_ids",
@@ -401,6 +406,98 @@ def kd_tail_kl(
         kept = kept_entries(topk_count, ids.shape[-1])
         ids = kept_ids(ids, kept)
     return _kd_from_logsoftmax(student_logsoftmax, ids, teacher_kd_bins(topk_logp, tail_logp, kept=kept))
+
+
+def teacher_kd_sample_logp(
+    topk_logp: torch.Tensor, tail_logp: torch.Tensor, sample_logp: torch.Tensor,
+    kept: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The teacher's log-probs of the tail samples on the scale of :func:`teacher_kd_bins`, [R, S], detached.
+
+    The stored top-K, tail and sample log-probs are quantised; KD renormalises the K+1 bins by their
+    ``logsumexp`` (``store.format.DESCRIPTION["tail"]``), and the samples, which split the tail bin, are
+    divided by the same total: ``sample_logp - logsumexp(bins)``. ``kept`` as in :func:`teacher_kd_bins`.
+
+    Shapes: ``topk_logp`` [R, K] (K may be 0); ``tail_logp`` [R]; ``sample_logp`` [R, S]; ``kept`` [R, K] bool.
+    """
+    teacher_topk = _upcast(topk_logp).detach()
+    if kept is not None:
+        teacher_topk = torch.where(kept.bool(), teacher_topk, torch.full_like(teacher_topk, float("-inf")))
+    tail = _upcast(tail_logp).to(teacher_topk.dtype).detach()
+    bins = torch.cat([teacher_topk, tail.unsqueeze(-1)], dim=-1)
+    return _upcast(sample_logp).to(teacher_topk.dtype).detach() - torch.logsumexp(bins, dim=-1, keepdim=True)
+
+
+def _kd_sampled_parts(
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor,
+    sample_ids: torch.Tensor, sample_teacher: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(value [R], the teacher's top-K probabilities [R, K], each sample's weight m / S [R, 1]) of
+    :func:`kd_sampled_kl` from the student's log-softmax; terms of teacher probability (or weight) 0 are 0."""
+    teacher = _without_empty_tail(teacher_bins.to(student_logsoftmax.dtype), topk_ids,
+                                  student_logsoftmax.shape[-1]).detach()
+    top_probs = teacher[:, :-1].exp()
+    top = torch.where(top_probs > 0, top_probs * (teacher[:, :-1] - student_logsoftmax.gather(-1, topk_ids)),
+                      torch.zeros_like(top_probs)).sum(-1)
+    weight = teacher[:, -1:].exp() / max(1, sample_ids.shape[-1])
+    estimate = weight * (sample_teacher.to(student_logsoftmax.dtype) - student_logsoftmax.gather(-1, sample_ids))
+    tail = torch.where(weight > 0, estimate, torch.zeros_like(estimate)).sum(-1)
+    return top + tail, top_probs, weight
+
+
+def _kd_sampled_from_logsoftmax(
+    student_logsoftmax: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor,
+    sample_ids: torch.Tensor, sample_teacher: torch.Tensor,
+) -> torch.Tensor:
+    """KD with tail samples from a precomputed student log-softmax [R, V]; see kd_sampled_kl."""
+    return _kd_sampled_parts(student_logsoftmax, topk_ids, teacher_bins, sample_ids, sample_teacher)[0]
+
+
+def kd_sampled_kl(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    tail_logp: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_logp: torch.Tensor,
+    topk_count: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward KL(teacher || student) over the full vocabulary: exact on the teacher's top-K, the tail's part
+    estimated without bias from S ids sampled from the teacher's distribution outside the top-K.
+
+    Source: random-sampling KD, Anshumann et al., ACL 2025, "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs" (arXiv 2503.16870), with the teacher itself as the proposal; here only the tail is
+    sampled (``precompute teacher --tail-samples S``), and ``--top-k 0`` is the paper's pure sampled store.
+
+    Equation, per token, with ``p`` the teacher's distribution (the K+1 stored bins renormalised as in
+    :func:`teacher_kd_bins`; the samples divided by the same total, :func:`teacher_kd_sample_logp`),
+    ``m = p(tail)``, ``s`` the student's softmax and ``j_1..j_S`` the stored ids, drawn from ``p_j / m`` on
+    the tail::
+
+        KL_hat = sum_{k in top-K} p_k (log p_k - log s_k)  +  (m / S) sum_i (log p_{j_i} - log s_{j_i})
+
+    Unbiased: ``E[log p_j - log s_j] = sum_{j in tail} (p_j / m)(log p_j - log s_j)``, so ``E[KL_hat]`` is
+    the full-vocabulary KL, and (the estimate being linear in ``log s``) its expected gradient with respect to
+    the student's logits is the full-vocabulary KD gradient ``s - p``: the top-K part gives
+    ``P_K s - p_K`` (``P_K`` the top-K's mass), each sample ``(m / S)(s - e_j)``, whose expectation over
+    ``S`` draws is ``m s - p_tail`` (``docs/methods.md``, "KD with tail samples"). One estimate can be
+    negative (a sample the student makes likelier than the teacher); its mean cannot. Where the teacher's
+    tail has no mass (K = V: padding samples), the estimate is the KL over the K ids. An adaptive K
+    (``topk_count``) keeps its kept entries, as in :func:`kd_tail_kl`.
+
+    Shapes: ``student_logits`` [R, V]; ``topk_ids`` [R, K] (K may be 0); ``topk_logp`` [R, K];
+    ``tail_logp`` [R]; ``sample_ids`` [R, S]; ``sample_logp`` [R, S] (the teacher's log-probs of the
+    samples, normalised over the full vocabulary); ``topk_count`` [R] or None.
+    Returns [R]; gradient flows to ``student_logits`` only.
+    """
+    student_logsoftmax = torch.log_softmax(_upcast(student_logits), dim=-1)
+    ids, kept = topk_ids.long(), None
+    if topk_count is not None:
+        kept = kept_entries(topk_count, ids.shape[-1])
+        ids = kept_ids(ids, kept)
+    bins = teacher_kd_bins(topk_logp, tail_logp, kept=kept)
+    samples = teacher_kd_sample_logp(topk_logp, tail_logp, sample_logp, kept=kept)
+    return _kd_sampled_from_logsoftmax(student_logsoftmax, ids, bins, sample_ids.long(), samples)
 
 
 def adpa_advantage(
@@ -889,6 +986,9 @@ def mcq_score(pair_probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 #: ULD at rows whose teacher token is not the student's, CHUNK the target log-prob on rows of aligned chunks
 #: (:func:`chunk_likelihood_loss` sums it per chunk)
 LOGP, KD, ADPA, ULD, CHUNK = "logp", "kd", "adpa", "uld", "chunk"
+#: KD with tail samples (:func:`kd_sampled_kl`): what ``train.methods.student_outputs`` computes instead of ``kd``
+#: on rows whose store has tail samples (``--kd-tail``)
+KD_SAMPLED = "kd_sampled"
 
 #: row signals the terms read: the row's own target token, the teacher's top-K from the
 #: store, and ADPA's advantage ``A`` [R, K], which depends on settings (beta, clip) and is
@@ -908,6 +1008,11 @@ KD_TEACHER = "kd/teacher_bins"
 #: ULD's teacher side [R, K]: the teacher's own top-K probabilities at the aligned teacher row, 0 past its kept
 #: entries (derived from the store's ``teacher/teacher_topk_logp``: ``train.methods.DERIVED_SIGNALS``)
 ULD_TEACHER = "uld/teacher_probs"
+#: the tail samples (``precompute teacher --tail-samples S``): ids [R, S] as stored, and the teacher's log-probs
+#: of them [R, S] on KD's bins' scale (:func:`teacher_kd_sample_logp`), derived before the chunk loop
+TAIL_SAMPLE_IDS = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TAIL_SAMPLE_IDS)
+TAIL_SAMPLE_LOGP = fmt.signal_name(fmt.SECTION_TEACHER, fmt.ARRAY_TAIL_SAMPLE_LOGP)
+KD_SAMPLE_TEACHER = "kd/sampled_teacher_logp"
 
 @dataclass(frozen=True)
 class LogSoftmaxGradient:
@@ -970,6 +1075,20 @@ def _kd_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, teacher_b
     return value, gradient
 
 
+def _kd_sampled_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, teacher_bins: torch.Tensor,
+                              sample_ids: torch.Tensor, sample_teacher: torch.Tensor):
+    """:func:`_kd_sampled_from_logsoftmax` and its gradient: ``-p_k`` at the K ids, ``-m / S`` at each sample
+    (repeated draws add up); no pass over the vocabulary."""
+    value, top_probs, weight = _kd_sampled_parts(log_probs, topk_ids, teacher_bins, sample_ids, sample_teacher)
+
+    def gradient(grad: torch.Tensor) -> LogSoftmaxGradient:
+        scale = -grad.unsqueeze(-1)
+        return LogSoftmaxGradient(at=((topk_ids, top_probs * scale), (sample_ids, (weight * scale).expand_as(
+            sample_ids).to(log_probs.dtype))))
+
+    return value, gradient
+
+
 def _adpa_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, advantage: torch.Tensor):
     """:func:`_adpa_from_logsoftmax` and its gradient: ``-q_k A_k`` at the K ids."""
     weighted = log_probs.gather(-1, topk_ids).exp() * advantage.to(log_probs.dtype)
@@ -977,10 +1096,12 @@ def _adpa_with_gradient(log_probs: torch.Tensor, topk_ids: torch.Tensor, advanta
 
 
 #: what :func:`chunked_token_terms` can compute. A per-token loss is a function of (log-softmax rows, row signals)
-#: and an entry here; the three below also have their gradient written out (``with_gradient``), for speed
+#: and an entry here; the four below also have their gradient written out (``with_gradient``), for speed
 TOKEN_TERMS: dict[str, TokenTerm] = {
     LOGP: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs
     KD: TokenTerm((TOPK_IDS, KD_TEACHER), _kd_from_logsoftmax, _kd_with_gradient),  # kd_tail_kl
+    KD_SAMPLED: TokenTerm((TOPK_IDS, KD_TEACHER, TAIL_SAMPLE_IDS, KD_SAMPLE_TEACHER), _kd_sampled_from_logsoftmax,
+                          _kd_sampled_with_gradient),  # kd_sampled_kl
     ADPA: TokenTerm((TOPK_IDS, ADVANTAGE), _adpa_from_logsoftmax, _adpa_with_gradient),  # adpa_token_loss
     ULD: TokenTerm((ULD_TEACHER,), _uld_from_logsoftmax),  # uld_loss (autograd's gradient)
     CHUNK: TokenTerm((TARGET_IDS,), _target_logp, _logp_with_gradient),  # token_logprobs, on chunk rows

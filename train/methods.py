@@ -106,6 +106,10 @@ CHOSEN, REJECTED, GENERATED_ROLE = fmt.ROLE_CHOSEN, fmt.ROLE_REJECTED, fmt.ROLE_
 #: ``--cross-tokenizer-loss``: what KD computes on a cross-tokenizer store's rows without an exact teacher token
 CROSS_TOKENIZER_LOSSES = ("uld", "chunk")
 
+#: ``--kd-tail``: how KD counts the teacher's mass outside its top-K (:func:`kd_rows_by_tail`)
+KD_TAIL_AUTO, KD_TAIL_BIN, KD_TAIL_SAMPLES = "auto", "bin", "samples"
+KD_TAILS = (KD_TAIL_AUTO, KD_TAIL_BIN, KD_TAIL_SAMPLES)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -140,6 +144,9 @@ class Settings:
                                         "a teacher token starts together) or chunk (the likelihood of aligned "
                                         "chunks, which also covers tokens no teacher token starts at).",
                                         type=click.Choice(CROSS_TOKENIZER_LOSSES))
+    kd_tail: str = setting(KD_TAIL_AUTO, "KD's tail: samples (the store's tail samples, an unbiased estimate of the "
+                           "full-vocabulary KL), bin (one tail bin), or auto (samples where the store has them).",
+                           type=click.Choice(KD_TAILS))
 
     def __post_init__(self):
         check_option_values(self)
@@ -671,6 +678,34 @@ def uld_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> to
     return torch.where(logp > fmt.LOGP_FLOOR + 1, logp.exp(), torch.zeros_like(logp))
 
 
+def kd_sample_teacher_rows(batch: Batch, rows: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[n, S] the teacher's log-probs of the tail samples on response rows ``rows``, on the scale of
+    :func:`kd_teacher_rows` (:func:`train.losses.teacher_kd_sample_logp`: divided by the same total)."""
+    return losses.teacher_kd_sample_logp(_signal(batch, losses.TOPK_LOGP, rows), _signal(batch, losses.TAIL_LOGP, rows),
+                                         _signal(batch, losses.TAIL_SAMPLE_LOGP, rows), kept=kept_rows(batch, rows))
+
+
+def kd_rows_by_tail(batch: Batch, kd_rows: torch.Tensor, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R] bool, [R] bool): of the response rows ``kd_rows`` that KD is asked on, those whose tail is one bin
+    (:func:`train.losses.kd_tail_kl`, quantity ``kd``) and those whose tail is estimated from the store's tail
+    samples (:func:`train.losses.kd_sampled_kl`, quantity ``kd_sampled``).
+
+    ``settings.kd_tail``: ``auto`` (the default) uses the samples on every row whose store has them, ``bin``
+    never, ``samples`` on every row (a row without them is an error; ``train student`` refuses such a store
+    before a model loads). The estimate replaces the bin: the bin is its coarse-grained form (the tail's
+    total alone), and the two together would count the tail twice.
+    """
+    has = batch.has.get(losses.TAIL_SAMPLE_IDS)
+    if settings.kd_tail == KD_TAIL_BIN or has is None:
+        sampled = torch.zeros_like(kd_rows)
+    else:
+        sampled = kd_rows & has.to(kd_rows.device)
+    if settings.kd_tail == KD_TAIL_SAMPLES and bool((kd_rows & ~sampled).any()):
+        raise ValueError(f"--kd-tail {KD_TAIL_SAMPLES}: the batch has KD rows without tail samples (precompute "
+                         f"teacher --tail-samples S writes them)")
+    return kd_rows & ~sampled, sampled
+
+
 #: row signals that are not store arrays as stored, computed before the chunk loop:
 #: name -> (batch, rows, settings) -> [n, ...]
 DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tensor]] = {
@@ -679,6 +714,7 @@ DERIVED_SIGNALS: dict[str, Callable[[Batch, torch.Tensor, Settings], torch.Tenso
     losses.ADVANTAGE: adpa_advantage_rows,
     losses.KD_TEACHER: kd_teacher_rows,
     losses.ULD_TEACHER: uld_teacher_rows,
+    losses.KD_SAMPLE_TEACHER: kd_sample_teacher_rows,
 }
 
 
@@ -842,6 +878,9 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     for request in requests:
         wanted[request.quantity] |= response_rows(batch, request.sequence_set, request.role)
     route_across_tokenizers(wanted, batch, settings)
+    # KD on rows with tail samples is their estimate (--kd-tail): ``kd`` reports both kinds of rows (below)
+    wanted[KD], sampled = kd_rows_by_tail(batch, wanted[KD], settings)
+    wanted[losses.KD_SAMPLED] |= sampled
     wanted[LOGP] = torch.stack(list(wanted.values())).any(0)
     if not bool(wanted[LOGP].any()):
         zeros = torch.zeros(R, dtype=torch.float32, device=device)
@@ -875,7 +914,18 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     got = losses.chunked_token_terms(picked, output_layer.logits, names, signals, chunk_size, rows=rows_of)
     for name, value in got.items():
         values[name] = zeros.index_put((order,), value.to(zeros.dtype))
-    return StudentOutputs(values, wanted)
+    return _with_sampled_kd(StudentOutputs(values, wanted))
+
+
+def _with_sampled_kd(out: StudentOutputs) -> StudentOutputs:
+    """``out`` with ``kd`` holding, on rows computed as ``kd_sampled`` (:func:`kd_rows_by_tail`), their value: KD's
+    terms (and ``train evaluate``'s KL) read ``kd`` whichever way the tail was counted; ``computed["kd_sampled"]``
+    still says which rows were estimated."""
+    sampled = out.computed[losses.KD_SAMPLED]
+    if bool(sampled.any()):
+        out.values[KD] = torch.where(sampled, out.values[losses.KD_SAMPLED], out.values[KD])
+        out.computed[KD] = out.computed[KD] | sampled
+    return out
 
 
 def _signal(batch: Batch, name: str, index: torch.Tensor) -> torch.Tensor:

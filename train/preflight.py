@@ -138,7 +138,7 @@ def recorded_teacher(store: TeacherStore) -> ModelRecord | None:
 
 
 #: pass settings that are options of the command writing the pass, under the same name (``top_k``: ``--top-k``)
-TEACHER_OPTIONS = ("max_length", "max_new_tokens", "top_k", "dtype")
+TEACHER_OPTIONS = ("max_length", "max_new_tokens", "top_k", "tail_samples", "tail_seed", "dtype")
 SAMPLE_OPTIONS = ("max_length", "max_new_tokens", "n", "keep", "temperature", "top_p", "seed", "dtype")
 
 #: what a suggested command cannot take from the store, written in its place, and what to put there
@@ -301,6 +301,42 @@ def require_signals(store: TeacherStore, split: str, needs: dict[str, list[str]]
     if signals:
         raise TrainError(f"{what} needs {', '.join(signals)} (split {split}), which {store.location} lacks or has "
                          f"incomplete; compute it first with: {commands_for(store, signals, student)}")
+
+
+def uses_kd(terms: list[methods.Term]) -> bool:
+    """Whether a term of ``terms`` reads KD (whose tail ``--kd-tail`` chooses)."""
+    return any(request.quantity == methods.KD for term in terms for request in term.tokens)
+
+
+def check_kd_tail(store: TeacherStore, kd_tail: str, what: str) -> None:
+    """Refuse, before a model loads, a ``--kd-tail`` that the store's ``pairs/teacher`` cannot serve: ``samples``
+    without tail samples (``precompute teacher --tail-samples S`` writes them), and ``bin`` on a store without a
+    top-K (``--top-k 0``: one bin holds the whole mass, so KD would be 0 whatever the student)."""
+    record = store.pass_record(fmt.PASS_PAIRS_TEACHER)
+    settings = record.settings if record is not None else {}
+    if kd_tail == methods.KD_TAIL_SAMPLES and not settings.get("tail_samples"):
+        raise TrainError(f"{what} with --kd-tail {methods.KD_TAIL_SAMPLES}: {store.location} has no tail samples "
+                         f"(its pairs/teacher was written without --tail-samples); write a store with them to another "
+                         f"--out, e.g. `precompute teacher --out NEW_STORE --tail-samples 12` with this store's teacher "
+                         f"and data, or train with --kd-tail {methods.KD_TAIL_AUTO}")
+    if kd_tail == methods.KD_TAIL_BIN and settings.get("top_k") == 0:
+        raise TrainError(f"{what} with --kd-tail {methods.KD_TAIL_BIN}: {store.location} keeps no top-K (--top-k 0, "
+                         f"a pure sampled store), so its one tail bin holds all the mass and KD would be 0; use "
+                         f"--kd-tail {methods.KD_TAIL_AUTO} (its tail samples)")
+
+
+def refuse_adpa_without_top_k(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
+    """A store written with ``--top-k 0`` (a pure sampled store) cannot get ADPA's sections: its ``precompute
+    teacher`` settings refuse the ``adpa`` pass (the advantage lives at the teacher's top-K ids), so the command
+    :func:`require_signals` would suggest cannot run; say what can instead."""
+    record = store.pass_record(fmt.PASS_PAIRS_TEACHER)
+    if (record is None or record.settings.get("top_k") != 0 or methods.GENERATED not in needs
+            or not missing_signals(store, split, {methods.GENERATED: needs[methods.GENERATED]})):
+        return
+    raise TrainError(f"{what} needs ADPA's generated answers and the teacher's top-K on them, which "
+                     f"{store.location} cannot hold: it keeps no top-K (--top-k 0, a pure sampled store) and ADPA's "
+                     f"advantage is taken at the teacher's top-K ids; write a store with a --top-k of 1 or more "
+                     f"(--tail-samples keeps KD's samples beside it), or train a method without adpa")
 
 
 def require_agreed_groups(store: TeacherStore, split: str, needs: dict[str, list[str]], what: str) -> None:
@@ -491,8 +527,11 @@ def prepare(config: TrainConfig, context: "distributed.Context | None" = None) -
 
     store = open_store(config.cache, config.storage_options)
     needs = methods.needs_of(terms, config)  # what the terms read with these settings (PAD's alpha)
+    refuse_adpa_without_top_k(store, config.split, needs, f"method {config.method}")
     require_signals(store, config.split, needs, f"method {config.method}", config.student)
     require_agreed_groups(store, config.split, needs, f"method {config.method}")
+    if uses_kd(terms):
+        check_kd_tail(store, config.kd_tail, f"method {config.method}")
 
     notes = check_run_directory(out, config.resume)
     if config.resume:
