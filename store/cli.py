@@ -201,50 +201,47 @@ def ls(location, as_json, max_depth, storage_options):
               f"not list from a missing one); a store it serves is reached by its own URL", err=True)
 
 
+def _src_dst_options(command):
+    """SRC and DST, with the storage options both share and those of either alone."""
+    for option in reversed([
+        click.argument("src"), click.argument("dst"), storage_option,
+        click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
+                     help="fsspec option for SRC only (repeatable; overrides --storage-option)."),
+        click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
+                     help="fsspec option for DST only (repeatable; overrides --storage-option).")]):
+        command = option(command)
+    return command
+
+
+def _copy_with_progress(src, dst, storage_options, src_options, dst_options, upgrade: bool) -> dict:
+    from tqdm import tqdm
+
+    from .copy import copy_store
+
+    both = parse_storage_options(storage_options)
+    with tqdm(unit="section", desc="upgrade" if upgrade else "copy", file=sys.stderr, mininterval=0.5,
+              leave=False) as bar:
+        return copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
+                          dst_options={**both, **parse_storage_options(dst_options)},
+                          progress=lambda _path, _copied: bar.update(1), upgrade=upgrade)
+
+
 @main.command()
-@click.argument("src")
-@click.argument("dst")
-@storage_option
-@click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for SRC only (repeatable; overrides --storage-option).")
-@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for DST only (repeatable; overrides --storage-option).")
+@_src_dst_options
 @_reported
 def cp(src, dst, storage_options, src_options, dst_options):
     """Copy a store to another location; run it again to resume. Every section is verified on arrival."""
-    from tqdm import tqdm
-
-    from .copy import copy_store
-
-    both = parse_storage_options(storage_options)
-    with tqdm(unit="section", desc="copy", file=sys.stderr, mininterval=0.5, leave=False) as bar:
-        counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
-                            dst_options={**both, **parse_storage_options(dst_options)},
-                            progress=lambda _path, _copied: bar.update(1))
+    counts = _copy_with_progress(src, dst, storage_options, src_options, dst_options, upgrade=False)
     _echo(f"copied {redact_url(src)} -> {redact_url(dst)}: {counts['copied']} sections copied and verified, "
-               f"{counts['skipped']} already there")
+          f"{counts['skipped']} already there")
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst")
-@storage_option
-@click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for SRC only (repeatable; overrides --storage-option).")
-@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for DST only (repeatable; overrides --storage-option).")
+@_src_dst_options
 @_reported
 def upgrade(src, dst, storage_options, src_options, dst_options):
     """Copy a store into this version's format, every section re-encoded and verified; run it again to resume."""
-    from tqdm import tqdm
-
-    from .copy import copy_store
-
-    both = parse_storage_options(storage_options)
-    with tqdm(unit="section", desc="upgrade", file=sys.stderr, mininterval=0.5, leave=False) as bar:
-        counts = copy_store(src, dst, src_options={**both, **parse_storage_options(src_options)},
-                            dst_options={**both, **parse_storage_options(dst_options)},
-                            progress=lambda _path, _copied: bar.update(1), upgrade=True)
+    counts = _copy_with_progress(src, dst, storage_options, src_options, dst_options, upgrade=True)
     click.echo(f"upgraded {redact_url(src)} (format {counts['from_version']}) -> {redact_url(dst)} (format "
                f"{counts['to_version']}): {counts['copied']} sections written and verified, {counts['skipped']} "
                f"already there")
