@@ -109,7 +109,8 @@ def _train(config: TrainConfig, context: distributed.Context, stop_after: int | 
     model.train()
     pad_id = chat.pad_id(tokenizer)
     student = distributed.ParallelStudent(context, model, plan.terms, config, config.chunk_size,
-                                          distributed.filler_source(plan.store, config.split, plan.needs, pad_id))
+                                          distributed.filler_source(plan.store, config.split, plan.needs, pad_id),
+                                          gradient_checkpointing=config.gradient_checkpointing)
     for note in student.notes:
         output.note(note)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
