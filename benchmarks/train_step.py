@@ -64,16 +64,18 @@ frozen reference/initial model it must hold.
 
 The same token budget. A step's activation memory grows with the tokens the decoder
 runs over (sequences x the longest of them, padding included) and with the rows the
-output layer runs on; the memory table prints both for each configuration. The
-baseline a method is held to is the ``sft step``: the SFT term on every response of the
-batch, so the decoder runs over the same sequences as a method that reads every set
-(``dckd+adpa``: chosen, rejected and generated) and the output layer on the same rows.
-Method ``sft`` (the ``sft`` row, and ``train student --method sft`` at the same
-``--batch-tokens``) runs the decoder over the chosen responses only, a third of the
-sequences here: its memory is not the same token budget, and a method's ratio to it
-measures the data as much as the method. Target: every method's step peak <= 1.15x the
-sft step's (group methods: the sft step on the same groups), with checkpointing and
-without.
+output layer runs on; the memory table prints both for each configuration. A method is
+held to its own SFT step at the same token budget: the SFT term's formula on exactly the
+response rows the method reads (:func:`sft_on_rows_of`), so the decoder runs over the same
+sequences and the output layer on the same rows; what is left is what the method's own
+terms cost. For a method that reads every response of the batch (``dckd+adpa``: chosen,
+rejected and generated; ``pad``: every sample of its groups) that is the ``sft step``
+itself; ``dpo`` is held to ``sft step on pairs/chosen+rejected``, ``adpa`` to
+``sft step on pairs/chosen, generated/generated``. Method ``sft`` (and ``train student
+--method sft`` at the same ``--batch-tokens``) runs the decoder over the chosen responses
+only, a third of the sequences of a dckd+adpa batch: a method's ratio to it measures the
+data as much as the method. Target: every method's step peak <= 1.15x its SFT step's, with
+checkpointing and without.
 
 Activation checkpointing (``train student --gradient-checkpointing``,
 :func:`train.distributed.checkpoint_layers`): every store step and the sft steps are also
@@ -348,6 +350,27 @@ def sft_every_response(batch) -> list[methods.Term]:
     return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll, every_token)]
 
 
+def sft_on_rows_of(terms) -> tuple[str, list[methods.Term]]:
+    """A method's own SFT step: the SFT term's formula on exactly the response rows ``terms`` read, so the decoder
+    runs over the same sequences and the output layer on the same rows (the same token budget); and its name,
+    ``sft step on`` the rows (``pairs/chosen+rejected``)."""
+    requests = tuple(dict.fromkeys(methods.TokenRequest(methods.LOGP, r.sequence_set, r.role)
+                                   for r in methods.token_requests(terms)))
+    sets: dict[str, list[str]] = {}
+    for request in requests:
+        sets.setdefault(request.sequence_set, []).append(
+            "all" if request.role is None else store_format.role_name(request.role))
+    label = ", ".join(f"{s}/{'+'.join(roles)}" for s, roles in sets.items())
+
+    def nll_on_rows(batch, out, settings):
+        return methods.token_mean(-out.logp, out.computed[methods.LOGP])
+
+    rows = methods.Unit("response tokens read", lambda batch: int(sum(
+        methods.response_rows(batch, r.sequence_set, r.role).sum() for r in requests)))
+    return f"sft step on {label}", [methods.Term("sft_same_rows", 1.0, {s: () for s in sets}, requests, nll_on_rows,
+                                                 rows)]
+
+
 def outputs_per_group(model, batch, requests, settings, chunk_size=1024):
     """The student's forward as :func:`train.methods.student_outputs` made it before it went to one pass: one
     chunked output-layer pass per group of rows needing the same quantities (:func:`train.methods.rows_by_need`),
@@ -447,6 +470,7 @@ class Bench:
     steps: dict  # name -> step function (forward, backward, AdamW step)
     resident: dict  # name -> bytes resident between steps, from parameter sizes
     budgets: dict  # name -> (decoder tokens, output-layer rows) of the step
+    baselines: dict  # name of a method's store step -> name of its SFT step at the same token budget
     about: str
     prime: object  # makes AdamW's state without a step (prime_optimizer)
 
@@ -472,7 +496,7 @@ def build_steps(args, device) -> Bench:
                                          default=models.EMBEDDED_STUDENT)  # reference / initial model
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-7)
     settings = methods.Settings()
-    steps, resident, budgets = {}, {}, {}
+    steps, resident, budgets, baselines = {}, {}, {}, {}
     weights_and_adamw = 3 * param_bytes(student)  # weights + AdamW's two moments
 
     def add(name, loss_fn, step_batch, terms=None, extra_resident=0, checkpointing=False):
@@ -482,6 +506,22 @@ def build_steps(args, device) -> Bench:
         if checkpointing and switch is not None:
             steps[name + CKPT] = checkpointed(steps[name], switch)
             resident[name + CKPT], budgets[name + CKPT] = resident[name], budgets[name]
+
+    def add_store_step(method, step_batch, tight_base):
+        """The method's step from the store, and its SFT step at the same token budget (the tight baseline where the
+        method reads every response of the batch)."""
+        terms = methods.resolve_terms(method)
+        name = f"{method}/store"
+        add(name, lambda: methods.method_loss(student, step_batch, terms, settings)[0], step_batch, terms,
+            checkpointing=True)
+        base, same_rows = sft_on_rows_of(terms)
+        if budgets[name] == budgets[tight_base]:  # every response row of the batch: the tight baseline itself
+            base = tight_base
+        if base not in steps:
+            add(base, lambda: methods.method_loss(student, step_batch, same_rows, settings)[0], step_batch, same_rows,
+                checkpointing=True)
+        baselines[name] = base
+        return terms
 
     add("plain sft", lambda: plain_sft_loss(student, batch), batch)
     tight = sft_every_response(batch)
@@ -496,9 +536,7 @@ def build_steps(args, device) -> Bench:
         add(GROUP_TIGHT_BASE, lambda: methods.method_loss(student, group_batch, group_tight, settings)[0],
             group_batch, group_tight, checkpointing=True)
     for method in group_methods:
-        terms = methods.resolve_terms(method)
-        add(f"{method}/store", lambda t=terms: methods.method_loss(student, group_batch, t, settings)[0],
-            group_batch, terms, checkpointing=True)
+        terms = add_store_step(method, group_batch, GROUP_TIGHT_BASE)
         if not args.live:
             continue
 
@@ -508,10 +546,8 @@ def build_steps(args, device) -> Bench:
             return methods.method_loss(student, fresh, t, settings)[0]
         add(f"{method}/live", live_group_loss, group_batch, terms, extra_resident=param_bytes(teacher))
     for method in [m for m in args.methods if m not in group_methods]:
-        terms = methods.resolve_terms(method)
+        terms = add_store_step(method, batch, TIGHT_BASE)
         needs = {s: [x for x in sec if x in ALL_NEEDS[s]] for s, sec in methods.needs_of(terms).items()}
-        add(f"{method}/store", lambda t=terms: methods.method_loss(student, batch, t, settings)[0], batch, terms,
-            checkpointing=True)
         if method == PER_GROUP_METHOD and args.per_group:
             add(PER_GROUP, lambda t=terms: per_group_loss(student, batch, t, settings), batch, terms)
         if args.live and any(needs.values()):
@@ -535,7 +571,7 @@ def build_steps(args, device) -> Bench:
         about += (f"\ngroups batch ({', '.join(group_methods)}; against {GROUP_BASE}): {len(sizes)} group(s) of "
                   f"{'/'.join(map(str, sizes))} sampled responses from {args.pad_cache} = "
                   f"{int(group_batch.attention_mask.sum())} tokens, {group_batch.num_response_tokens} response tokens")
-    return Bench(steps, resident, budgets, about, lambda: prime_optimizer(student, optimizer))
+    return Bench(steps, resident, budgets, baselines, about, lambda: prime_optimizer(student, optimizer))
 
 
 def run_rounds(steps, repeats, device):
@@ -678,7 +714,7 @@ def data_parallel_rows(args, device: str) -> None:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
-def memory_table(names, timings, rounds, peaks, budgets) -> None:
+def memory_table(names, timings, rounds, peaks, budgets, baselines) -> None:
     """Each configuration's step and process peaks, without and with checkpointing, and its ratio to the sft step on
     the same batch; the 1.15x target and dckd+adpa's cost of checkpointing (module docstring)."""
     def mib(value):
@@ -692,9 +728,8 @@ def memory_table(names, timings, rounds, peaks, budgets) -> None:
     print("-" * len(header))
     over = {"": [], CKPT: []}
     for name in names:
-        grouped = name in (GROUP_BASE, GROUP_TIGHT_BASE) or (name != "plain sft" and "/" in name
-                                                             and uses_groups(name.split("/")[0]))
-        base = GROUP_TIGHT_BASE if grouped else TIGHT_BASE
+        base = baselines.get(name, GROUP_TIGHT_BASE if name == GROUP_BASE else TIGHT_BASE)
+        base = name if name.startswith(TIGHT_BASE) else base  # an sft step is its own baseline
         tokens, rows = budgets[name]
         cells = []
         for variant in ("", CKPT):
@@ -714,8 +749,8 @@ def memory_table(names, timings, rounds, peaks, budgets) -> None:
               f"{cells[1][0]:>9} {cells[1][1]:>5} {cells[1][2]:>7} {cost[0]:>8} {cost[1]:>6}")
     for variant, label in (("", "without checkpointing"), (CKPT, "with checkpointing")):
         if any(n + variant in peaks for n in names if n.endswith("/store")):
-            print(f"target: every method's step peak <= {MEMORY_TARGET}x the sft step's, {label}: "
-                  + ("met" if not over[variant] else "NOT met (" + ", ".join(over[variant]) + ")"))
+            print(f"target: every method's step peak <= {MEMORY_TARGET}x its SFT step's at the same token budget, "
+                  f"{label}: " + ("met" if not over[variant] else "NOT met (" + ", ".join(over[variant]) + ")"))
     method = "dckd+adpa/store"
     if method + CKPT in peaks:
         fall = 1 - peaks[method + CKPT]["process"] / peaks[method]["process"]
@@ -781,7 +816,7 @@ def main() -> None:
     if any(uses_groups(m) for m in args.methods):
         args.pad_cache = bench_pad_store(args.pad_cache)
     bench = build_steps(args, device)
-    resident, budgets = bench.resident, bench.budgets
+    resident, budgets, baselines = bench.resident, bench.budgets, bench.baselines
     print(bench.about)
     memory_how = ("torch.cuda.max_memory_allocated, same process" if cuda else
                   f"RSS high-water mark (VmHWM, reset before the step) minus the RSS before it, each configuration "
@@ -843,12 +878,13 @@ def main() -> None:
               f"{peaks[PER_GROUP] / max(peaks['plain sft'], 1):.2f} x plain")
     print(f"\npeak memory per step at the same token budget. dec tok: tokens the decoder runs over (sequences x "
           f"their longest, padding included); rows: rows through the output layer; step: the step's peak growth; "
-          f"/sft step: over the sft step's on the same batch ({GROUP_TIGHT_BASE}'s for group methods); process: the "
+          f"/sft step: over its SFT step's at the same token budget (the SFT term on the rows it reads, same batch); "
+          f"process: the "
           f"process's peak (weights, AdamW state, runtime, step); ckpt: with the decoder layers checkpointed; "
           f"process /no ckpt: the process peak with checkpointing over without; time /no: the step time with "
           f"checkpointing over without, paired within rounds")
     memory_table([n for n in names if not n.endswith(CKPT) and not n.endswith("/live") and n != PER_GROUP],
-                 timings, rounds, memory, budgets)
+                 timings, rounds, memory, budgets, baselines)
     print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
         f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings if n in peaks))
     if args.processes > 1:
