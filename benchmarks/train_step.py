@@ -742,9 +742,10 @@ def memory_table(names, timings, rounds, peaks, budgets, baselines) -> None:
                 over[variant].append(f"{name.split('/')[0]} {ratio:.2f}")
             cells.append([mib(got["step"]), f"{ratio:.2f}", mib(got["process"])])
         cost = ["", ""]
-        if name + CKPT in peaks:
-            paired, _, _ = paired_ratio(rounds, name + CKPT, name)
-            cost = [f"{peaks[name + CKPT]['process'] / peaks[name]['process']:.2f}", f"{paired:.2f}"]
+        if name + CKPT in peaks and name in peaks:
+            cost[0] = f"{peaks[name + CKPT]['process'] / peaks[name]['process']:.2f}"
+        if name + CKPT in rounds:  # not timed with --memory-only
+            cost[1] = f"{paired_ratio(rounds, name + CKPT, name)[0]:.2f}"
         print(f"{name:<22} {tokens:>7} {rows:>6} | {cells[0][0]:>6} {cells[0][1]:>5} {cells[0][2]:>7} | "
               f"{cells[1][0]:>9} {cells[1][1]:>5} {cells[1][2]:>7} {cost[0]:>8} {cost[1]:>6}")
     for variant, label in (("", "without checkpointing"), (CKPT, "with checkpointing")):
@@ -755,12 +756,14 @@ def memory_table(names, timings, rounds, peaks, budgets, baselines) -> None:
     if method + CKPT in peaks:
         fall = 1 - peaks[method + CKPT]["process"] / peaks[method]["process"]
         step_fall = 1 - peaks[method + CKPT]["step"] / peaks[method]["step"]
-        paired, lo, hi = paired_ratio(rounds, method + CKPT, method)
+        timed = "step time not measured (--memory-only)"
+        if method + CKPT in rounds:
+            paired, lo, hi = paired_ratio(rounds, method + CKPT, method)
+            timed = (f"step time {paired:.3f} x without, paired within rounds (quartiles {lo:.3f}-{hi:.3f}; target "
+                     f"<= 1.35: {'met' if paired <= 1.35 else 'NOT met'})")
         print(f"dckd+adpa with checkpointing: process peak {mib(peaks[method]['process'])} -> "
               f"{mib(peaks[method + CKPT]['process'])} MiB, {fall:.0%} less (target >= 40%: "
-              f"{'met' if fall >= 0.40 else 'NOT met'}); step peak {step_fall:.0%} less; step time "
-              f"{paired:.3f} x without, paired within rounds (quartiles {lo:.3f}-{hi:.3f}; target <= 1.35: "
-              f"{'met' if paired <= 1.35 else 'NOT met'})")
+              f"{'met' if fall >= 0.40 else 'NOT met'}); step peak {step_fall:.0%} less; {timed}")
 
 
 def main() -> None:
@@ -777,6 +780,9 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="leave out the steps with checkpointed decoder layers (--gradient-checkpointing)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="CPU: only the memory table (each configuration's peaks in a process of its own), no "
+                             "timed rounds")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-live", dest="live", action="store_false",
                         help="measure the store steps only (no teacher run, no teacher loaded): much shorter")
@@ -795,6 +801,8 @@ def main() -> None:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     device = models.resolve_device(args.device)
     cuda = device.startswith("cuda")
+    if args.memory_only and cuda:
+        parser.error("--memory-only: on CUDA the memory is measured in the timed rounds; leave it out")
 
     if args.dp_worker:
         data_parallel_worker(args)
@@ -823,7 +831,10 @@ def main() -> None:
                   f"in a fresh process of its own started with {MMAP_ENV}=65536, after AdamW's state is made; "
                   f"times from this process")
     print(f"peak memory: {memory_how}; {args.repeats} interleaved repeats, medians", flush=True)
-    timings, memory, rounds = run_rounds(bench.steps, args.repeats, device)
+    if args.memory_only:
+        timings, memory, rounds = {}, {}, {}
+    else:
+        timings, memory, rounds = run_rounds(bench.steps, args.repeats, device)
     names = [n for n in bench.steps if n != CONTROL]
     del bench
     if not cuda:
@@ -832,6 +843,10 @@ def main() -> None:
                                                                        if args.pad_cache else []),
                                     names, [n for n in names if n.endswith("/live")])
     peaks = {name: got["step"] for name, got in memory.items()}
+    if args.memory_only:
+        print_memory_table(names, timings, rounds, memory, budgets, baselines)
+        print(f"measured in {time.perf_counter() - t0:.0f} s")
+        return
 
     base_time, base_peak = timings["plain sft"], peaks["plain sft"]
     base_total = base_peak + resident["plain sft"]
@@ -876,6 +891,15 @@ def main() -> None:
         print(f"{PER_GROUP_METHOD} with one output-layer pass per group of rows (the code before; same batch, same "
               f"run): {timings[PER_GROUP] / timings[TIGHT_BASE]:.2f} x the sft step, step peak "
               f"{peaks[PER_GROUP] / max(peaks['plain sft'], 1):.2f} x plain")
+    print_memory_table(names, timings, rounds, memory, budgets, baselines)
+    print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
+        f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings if n in peaks))
+    if args.processes > 1:
+        data_parallel_rows(args, device)
+    print(f"measured in {time.perf_counter() - t0:.0f} s")
+
+
+def print_memory_table(names, timings, rounds, memory, budgets, baselines) -> None:
     print(f"\npeak memory per step at the same token budget. dec tok: tokens the decoder runs over (sequences x "
           f"their longest, padding included); rows: rows through the output layer; step: the step's peak growth; "
           f"/sft step: over its SFT step's at the same token budget (the SFT term on the rows it reads, same batch); "
@@ -885,11 +909,6 @@ def main() -> None:
           f"checkpointing over without, paired within rounds")
     memory_table([n for n in names if not n.endswith(CKPT) and not n.endswith("/live") and n != PER_GROUP],
                  timings, rounds, memory, budgets, baselines)
-    print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
-        f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings if n in peaks))
-    if args.processes > 1:
-        data_parallel_rows(args, device)
-    print(f"measured in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
