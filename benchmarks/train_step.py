@@ -102,7 +102,8 @@ steps. The machine's load average is printed before and after.
 
 Usage: ``python benchmarks/train_step.py [--cache STORE] [--pad-cache STORE] [--methods sft,dckd+adpa,pad]
 [--examples 1 | --batch-tokens N] [--repeats 3] [--no-live] [--no-checkpointing] [--processes 2] [--only-processes]
-[--per-group]``. ``--per-group``
+[--per-group] [--memory-only]``. ``--memory-only`` (CPU) prints the memory table alone: one step per configuration, each
+in its own process, no timed rounds. ``--per-group``
 adds a ``dckd+adpa`` step whose forward runs the output layer once per group of rows needing the same
 quantities (what :func:`train.methods.student_outputs` did before it went to one pass), side by side with the
 others. Without ``--cache`` a store is
