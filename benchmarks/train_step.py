@@ -45,15 +45,48 @@ repeated; figures are medians. Judge the target on 9 or more repeats: a run of 2
 printed 1.27 once where runs of 9 and 15 print 1.00.
 
 Peak memory of a step. CUDA: ``torch.cuda.max_memory_allocated`` during the step
-minus what was allocated before it. CPU: the resident-set high-water mark (Linux
-``VmHWM``, reset before each step by writing 5 to ``/proc/self/clear_refs``)
-minus the resident set before the step, measured once per configuration by a
-second, fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
-tensors leave the resident set at once (the times come from the first process,
-with the ordinary allocator: that setting slows allocation down). ``total`` adds the memory
-that stays resident between steps, counted from parameter sizes: the student's
-weights and AdamW state (12 bytes per parameter in float32) plus, for ``live``,
-the teacher and the frozen reference/initial model it must hold.
+minus what was allocated before it (``process``: the maximum itself, weights and AdamW
+state included). CPU: each configuration in a fresh process of its own, started with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set at once;
+it loads the student, makes AdamW's state (one update from zero gradients, so the
+measured step is a steady one, not the first), then ``malloc_trim``, resets the
+resident-set high-water mark (Linux ``VmHWM``, by writing 5 to
+``/proc/self/clear_refs``), reads the resident set, runs one step and reads the
+high-water mark: ``step`` is the growth (the high-water mark minus the resident set
+before the step), ``process`` the high-water mark itself (what ``/usr/bin/time -v``
+reports for a process that ran that step: weights, AdamW state, the Python and torch
+runtime, the step). Not a sampling thread: the kernel's high-water mark misses no
+short peak. The times come from the first process, with the ordinary allocator (that
+setting slows allocation down). ``total`` in the time table adds the memory that stays
+resident between steps, counted from parameter sizes: the student's weights and AdamW
+state (12 bytes per parameter in float32) plus, for ``live``, the teacher and the
+frozen reference/initial model it must hold.
+
+The same token budget. A step's activation memory grows with the tokens the decoder
+runs over (sequences x the longest of them, padding included) and with the rows the
+output layer runs on; the memory table prints both for each configuration. A method is
+held to its own SFT step at the same token budget: the SFT term's formula on exactly the
+response rows the method reads (:func:`sft_on_rows_of`), so the decoder runs over the same
+sequences and the output layer on the same rows; what is left is what the method's own
+terms cost. For a method that reads every response of the batch (``dckd+adpa``: chosen,
+rejected and generated; ``pad``: every sample of its groups) that is the ``sft step``
+itself; ``dpo`` is held to ``sft step on pairs/chosen+rejected``, ``adpa`` to
+``sft step on pairs/chosen, generated/generated``. Method ``sft`` (and ``train student
+--method sft`` at the same ``--batch-tokens``) runs the decoder over the chosen responses
+only, a third of the sequences of a dckd+adpa batch: a method's ratio to it measures the
+data as much as the method. Target: every method's step peak <= 1.15x its SFT step's, with
+checkpointing and without.
+
+Activation checkpointing (``train student --gradient-checkpointing``,
+:func:`train.distributed.checkpoint_layers`): every store step and the sft steps are also
+measured with each decoder layer checkpointed (``+ckpt`` configurations; switched on and
+off around the step on the same student), side by side; the memory table prints each
+method's step and process peaks with and without it, its ratio to the sft step with it,
+and the step-time cost of checkpointing (the median over rounds of the time with over the
+time without, in the same round). ``--no-checkpointing`` leaves those out.
+``--batch-tokens N`` measures the first batch the trainer would make with that budget
+(store order) instead of ``--examples`` examples: ``--batch-tokens 4096`` on the demo store
+is a default ``train student`` step.
 
 Several processes (``train student`` under ``torchrun`` / ``accelerate launch``,
 :mod:`train.distributed`): the last rows give the time per example of a
@@ -68,18 +101,21 @@ steps. The machine's load average is printed before and after.
 ``--processes 0`` leaves them out; ``--only-processes`` prints only them.
 
 Usage: ``python benchmarks/train_step.py [--cache STORE] [--pad-cache STORE] [--methods sft,dckd+adpa,pad]
-[--examples 1] [--repeats 3] [--no-live] [--processes 2] [--only-processes] [--per-group] [--dtype float32]``
-(``--dtype bfloat16``: every step autocast, as ``train student --dtype``). ``--per-group``
+[--examples 1 | --batch-tokens N] [--repeats 3] [--no-live] [--no-checkpointing] [--processes 2] [--only-processes]
+[--per-group] [--memory-only] [--dtype float32]``. ``--memory-only`` (CPU) prints the memory table alone: one step per
+configuration, each in its own process, no timed rounds. ``--dtype bfloat16``: every step autocast, as
+``train student --dtype``. ``--per-group``
 adds a ``dckd+adpa`` step whose forward runs the output layer once per group of rows needing the same
 quantities (what :func:`train.methods.student_outputs` did before it went to one pass), side by side with the
 others. Without ``--cache`` a store is
 built once from the bundled demo data (8 rows, the embedded models) under the model cache and reused
 (about 2 minutes on 2 CPU cores the first time); likewise the groups store without
 ``--pad-cache`` (``precompute sample`` then ``--passes pad``, several minutes). The
-measurement itself is (repeats + 1) x 18 + 4 steps of a 120M-parameter student:
-about 4 minutes on an idle 2-core CPU, several times that on a loaded one;
-``--no-live`` (no teacher run, so neither it nor the reference is loaded) and
-fewer ``--methods`` make it much shorter.
+measurement itself is (repeats + 1) x 18 + 4 steps of a 120M-parameter student
+without checkpointing, about twice that with it (each configuration's memory then takes one
+more step in a process of its own): about 10 minutes on an idle 2-core CPU at one example,
+several times that on a loaded one or a larger batch; ``--no-live`` (no teacher run, so
+neither it nor the reference is loaded) and fewer ``--methods`` make it much shorter.
 """
 
 from __future__ import annotations
@@ -108,8 +144,8 @@ from precompute import dataset as data  # noqa: E402
 from precompute import scoring as passes  # noqa: E402
 from store import ExampleStream, TeacherStore  # noqa: E402
 from store import format as store_format  # noqa: E402
-from train import methods  # noqa: E402
-from train.batches import collate  # noqa: E402
+from train import distributed, methods  # noqa: E402
+from train.batches import collate, token_budget_batches  # noqa: E402
 
 METHODS = ["sft", "kd", "dckd", "dpo", "simpo", "adpa", "dckd+adpa", "pad"]
 ALL_NEEDS = {"pairs": ["teacher", "student_init"], "generated": ["teacher", "reference"]}
@@ -124,6 +160,8 @@ DP_METHOD = "dckd+adpa"  # the method of the several-process rows
 PER_GROUP_METHOD = "dckd+adpa"  # measured also with one output-layer pass per group of rows (the code before)
 PER_GROUP = f"{PER_GROUP_METHOD}/per-group"
 DP_ROUNDS = 2  # each configuration is started this many times, in turn (the second round in reverse order)
+CKPT = "+ckpt"  # a configuration's name with its decoder layers checkpointed
+MEMORY_TARGET = 1.15  # every method's step peak over the sft step's at the same token budget
 
 
 # --------------------------------------------------------------------------- the store and the batch
@@ -168,14 +206,59 @@ def uses_groups(method: str) -> bool:
     return "samples" in methods.needs_of(methods.resolve_terms(method))
 
 
-def first_batch(store_path: str, n_examples: int, device: str, needs=ALL_NEEDS):
+def first_batch(store_path: str, n_examples: int, device: str, needs=ALL_NEEDS, batch_tokens: int | None = None):
+    """The store's first ``n_examples`` examples (store order) as a batch; with ``batch_tokens``, the first batch the
+    trainer's batching makes with that budget (:func:`train.batches.token_budget_batches`) instead."""
     stream = ExampleStream(TeacherStore.open(store_path), "train", needs, shuffle=False)
-    examples = []
-    for example in stream:
-        examples.append(example)
-        if len(examples) == n_examples:
-            break
+    if batch_tokens:
+        examples = next(token_budget_batches(stream, batch_tokens))
+    else:
+        examples = list(itertools.islice(stream, n_examples))
     return collate(examples, pad_id=0).to(device)
+
+
+def step_budget(batch, terms) -> tuple[int, int]:
+    """(tokens the decoder runs over, padding included; rows the output layer runs on) of a step of ``terms``:
+    the sequences that own a row some term reads, at their longest length, as
+    :func:`train.methods.student_outputs` chooses them."""
+    rows = torch.zeros(batch.num_response_tokens, dtype=torch.bool, device=batch.input_ids.device)
+    for request in methods.token_requests(terms):
+        rows |= methods.response_rows(batch, request.sequence_set, request.role)
+    run = torch.zeros(batch.num_sequences, dtype=torch.bool, device=rows.device)
+    run[batch.resp_seq[rows]] = True
+    if not bool(run.any()):
+        return 0, 0
+    return int(run.sum()) * int(batch.attention_mask[run].sum(1).max()), int(rows.sum())
+
+
+def plain_budget(batch) -> tuple[int, int]:
+    """The plain SFT step's: the decoder and the output layer on every position of every sequence."""
+    return int(batch.input_ids.numel()), int(batch.input_ids.numel())
+
+
+def checkpointing_switch(student):
+    """Checkpoint the student's decoder layers as ``train student --gradient-checkpointing`` does
+    (:func:`train.distributed.checkpoint_layers`), switched off; a function switching them on (True) and off."""
+    distributed.checkpoint_layers(student)
+    flagged = [m for m in student.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+    def switch(on: bool) -> None:
+        for module in flagged:
+            module.gradient_checkpointing = on
+
+    switch(False)
+    return switch
+
+
+def checkpointed(step, switch):
+    """``step`` with the decoder layers checkpointed while it runs."""
+    def run():
+        switch(True)
+        try:
+            step()
+        finally:
+            switch(False)
+    return run
 
 
 def live_signals(batch, needs, teacher, frozen, top_k: int, top_p: float = 1.0):
@@ -269,6 +352,27 @@ def sft_every_response(batch) -> list[methods.Term]:
     return [methods.Term("sft_every_response", 1.0, {s: () for s in sets}, requests, every_response_nll, every_token)]
 
 
+def sft_on_rows_of(terms) -> tuple[str, list[methods.Term]]:
+    """A method's own SFT step: the SFT term's formula on exactly the response rows ``terms`` read, so the decoder
+    runs over the same sequences and the output layer on the same rows (the same token budget); and its name,
+    ``sft step on`` the rows (``pairs/chosen+rejected``)."""
+    requests = tuple(dict.fromkeys(methods.TokenRequest(methods.LOGP, r.sequence_set, r.role)
+                                   for r in methods.token_requests(terms)))
+    sets: dict[str, list[str]] = {}
+    for request in requests:
+        sets.setdefault(request.sequence_set, []).append(
+            "all" if request.role is None else store_format.role_name(request.role))
+    label = ", ".join(f"{s}/{'+'.join(roles)}" for s, roles in sets.items())
+
+    def nll_on_rows(batch, out, settings):
+        return methods.token_mean(-out.logp, out.computed[methods.LOGP])
+
+    rows = methods.Unit("response tokens read", lambda batch: int(sum(
+        methods.response_rows(batch, r.sequence_set, r.role).sum() for r in requests)))
+    return f"sft step on {label}", [methods.Term("sft_same_rows", 1.0, {s: () for s in sets}, requests, nll_on_rows,
+                                                 rows)]
+
+
 def outputs_per_group(model, batch, requests, settings, chunk_size=1024):
     """The student's forward as :func:`train.methods.student_outputs` made it before it went to one pass: one
     chunked output-layer pass per group of rows needing the same quantities (:func:`train.methods.rows_by_need`),
@@ -328,8 +432,9 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(step, device: str) -> tuple[float, int]:
-    """(seconds, peak bytes above the memory in use before the step)."""
+def measure(step, device: str) -> tuple[float, int, int]:
+    """(seconds, peak bytes above the memory in use before the step, the peak itself): CUDA, allocated; CPU,
+    resident (module docstring)."""
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -346,7 +451,16 @@ def measure(step, device: str) -> tuple[float, int]:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_kb("VmHWM")
-    return seconds, max(0, peak - before)
+    return seconds, max(0, peak - before), peak
+
+
+def prime_optimizer(model, optimizer) -> None:
+    """AdamW's state, made by one update from zero gradients (no step of any configuration): the measured step is
+    then a steady one, whose peak does not include making the state."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def param_bytes(model) -> int:
@@ -356,10 +470,22 @@ def param_bytes(model) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def build_steps(args, device):
+@dataclasses.dataclass
+class Bench:
+    """What :func:`build_steps` sets up: one step function per configuration and what the tables print of them."""
+
+    steps: dict  # name -> step function (forward, backward, AdamW step)
+    resident: dict  # name -> bytes resident between steps, from parameter sizes
+    budgets: dict  # name -> (decoder tokens, output-layer rows) of the step
+    baselines: dict  # name of a method's store step -> name of its SFT step at the same token budget
+    about: str
+    prime: object  # makes AdamW's state without a step (prime_optimizer)
+
+
+def build_steps(args, device) -> Bench:
     """The store, the batch, the models, and one step function per measured configuration."""
     store_path = args.cache
-    batch = first_batch(store_path, args.examples, device)
+    batch = first_batch(store_path, args.examples, device, batch_tokens=args.batch_tokens)
     top_k = int(batch.response["teacher/topk_ids"].shape[1])
     record = TeacherStore.open(store_path).pass_record("pairs/teacher")
     top_p = float(record.settings.get("top_p", 1.0)) if record else 1.0  # the store's adaptive K, if any
@@ -367,6 +493,7 @@ def build_steps(args, device):
     student, _, student_info = models.load_model(models.EMBEDDED_STUDENT, device=device, dtype="float32",
                                                  default=models.EMBEDDED_STUDENT)
     student.train()
+    switch = checkpointing_switch(student) if args.checkpointing else None
     live_dtype = "bfloat16" if device.startswith("cuda") else "float32"
     teacher = frozen = None
     if args.live:
@@ -376,27 +503,47 @@ def build_steps(args, device):
                                          default=models.EMBEDDED_STUDENT)  # reference / initial model
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-7)
     settings = methods.Settings()
+    steps, resident, budgets, baselines = {}, {}, {}, {}
+    weights_and_adamw = 3 * param_bytes(student)  # weights + AdamW's two moments
 
-    steps = {"plain sft": make_step(student, optimizer, lambda: plain_sft_loss(student, batch))}
-    resident = {"plain sft": 3 * param_bytes(student)}  # weights + AdamW's two moments
-    tight = sft_every_response(batch)
-    steps[TIGHT_BASE] = make_step(student, optimizer, lambda: methods.method_loss(student, batch, tight, settings)[0])
-    steps[CONTROL] = steps[TIGHT_BASE]  # the same step under a second name, timed in its own slot of each round
-    resident[TIGHT_BASE] = resident[CONTROL] = resident["plain sft"]
-    if group_methods:
-        group_batch = first_batch(args.pad_cache, args.examples, device, GROUP_NEEDS)
-        live_groups = LiveGroupTeacher(args.pad_cache, teacher, teacher_tokenizer) if args.live else None
-        steps[GROUP_BASE] = make_step(student, optimizer, lambda: plain_sft_loss(student, group_batch))
-        resident[GROUP_BASE] = resident["plain sft"]
-        group_tight = sft_every_response(group_batch)
-        steps[GROUP_TIGHT_BASE] = make_step(student, optimizer, lambda: methods.method_loss(
-            student, group_batch, group_tight, settings)[0])
-        resident[GROUP_TIGHT_BASE] = resident["plain sft"]
-    for method in group_methods:
+    def add(name, loss_fn, step_batch, terms=None, extra_resident=0, checkpointing=False):
+        steps[name] = make_step(student, optimizer, loss_fn)
+        resident[name] = weights_and_adamw + extra_resident
+        budgets[name] = plain_budget(step_batch) if terms is None else step_budget(step_batch, terms)
+        if checkpointing and switch is not None:
+            steps[name + CKPT] = checkpointed(steps[name], switch)
+            resident[name + CKPT], budgets[name + CKPT] = resident[name], budgets[name]
+
+    def add_store_step(method, step_batch, tight_base):
+        """The method's step from the store, and its SFT step at the same token budget (the tight baseline where the
+        method reads every response of the batch)."""
         terms = methods.resolve_terms(method)
-        steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
-            student, group_batch, t, settings)[0])
-        resident[f"{method}/store"] = resident["plain sft"]
+        name = f"{method}/store"
+        add(name, lambda: methods.method_loss(student, step_batch, terms, settings)[0], step_batch, terms,
+            checkpointing=True)
+        base, same_rows = sft_on_rows_of(terms)
+        if budgets[name] == budgets[tight_base]:  # every response row of the batch: the tight baseline itself
+            base = tight_base
+        if base not in steps:
+            add(base, lambda: methods.method_loss(student, step_batch, same_rows, settings)[0], step_batch, same_rows,
+                checkpointing=True)
+        baselines[name] = base
+        return terms
+
+    add("plain sft", lambda: plain_sft_loss(student, batch), batch)
+    tight = sft_every_response(batch)
+    add(TIGHT_BASE, lambda: methods.method_loss(student, batch, tight, settings)[0], batch, tight, checkpointing=True)
+    steps[CONTROL] = steps[TIGHT_BASE]  # the same step under a second name, timed in its own slot of each round
+    resident[CONTROL], budgets[CONTROL] = resident[TIGHT_BASE], budgets[TIGHT_BASE]
+    if group_methods:
+        group_batch = first_batch(args.pad_cache, args.examples, device, GROUP_NEEDS, batch_tokens=args.batch_tokens)
+        live_groups = LiveGroupTeacher(args.pad_cache, teacher, teacher_tokenizer) if args.live else None
+        add(GROUP_BASE, lambda: plain_sft_loss(student, group_batch), group_batch)
+        group_tight = sft_every_response(group_batch)
+        add(GROUP_TIGHT_BASE, lambda: methods.method_loss(student, group_batch, group_tight, settings)[0],
+            group_batch, group_tight, checkpointing=True)
+    for method in group_methods:
+        terms = add_store_step(method, group_batch, GROUP_TIGHT_BASE)
         if not args.live:
             continue
 
@@ -404,39 +551,34 @@ def build_steps(args, device):
             with torch.no_grad():
                 fresh = live_groups.signals(group_batch)
             return methods.method_loss(student, fresh, t, settings)[0]
-        steps[f"{method}/live"] = make_step(student, optimizer, live_group_loss)
-        resident[f"{method}/live"] = resident["plain sft"] + param_bytes(teacher)
+        add(f"{method}/live", live_group_loss, group_batch, terms, extra_resident=param_bytes(teacher))
     for method in [m for m in args.methods if m not in group_methods]:
-        terms = methods.resolve_terms(method)
+        terms = add_store_step(method, batch, TIGHT_BASE)
         needs = {s: [x for x in sec if x in ALL_NEEDS[s]] for s, sec in methods.needs_of(terms).items()}
-        steps[f"{method}/store"] = make_step(student, optimizer, lambda t=terms: methods.method_loss(
-            student, batch, t, settings)[0])
-        resident[f"{method}/store"] = resident["plain sft"]
         if method == PER_GROUP_METHOD and args.per_group:
-            steps[PER_GROUP] = make_step(student, optimizer, lambda t=terms: per_group_loss(student, batch, t,
-                                                                                             settings))
-            resident[PER_GROUP] = resident["plain sft"]
+            add(PER_GROUP, lambda t=terms: per_group_loss(student, batch, t, settings), batch, terms)
         if args.live and any(needs.values()):
             def live_loss(t=terms, n=needs):
                 with torch.no_grad():
                     fresh = live_signals(batch, n, teacher, frozen, top_k, top_p)
                 return methods.method_loss(student, fresh, t, settings)[0]
-            steps[f"{method}/live"] = make_step(student, optimizer, live_loss)
             uses_frozen = bool({"reference", "student_init"} & {x for sec in needs.values() for x in sec})
-            resident[f"{method}/live"] = (resident["plain sft"] + param_bytes(teacher)
-                                          + (param_bytes(frozen) if uses_frozen else 0))
+            add(f"{method}/live", live_loss, batch, terms,
+                extra_resident=param_bytes(teacher) + (param_bytes(frozen) if uses_frozen else 0))
     teacher_about = (f"teacher {teacher_info.name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M, "
                      f"{live_dtype} when live)" if args.live else "no live teacher (--no-live)")
+    chosen = f"the first {args.batch_tokens}-token batch" if args.batch_tokens else f"{args.examples} example(s)"
     about = (f"device {device}; student {student_info.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M"
              f" params), {teacher_about}; store {store_path}\n"
-             f"batch: {args.examples} example(s) = {batch.num_sequences} sequences, "
-             f"{int(batch.attention_mask.sum())} tokens, {batch.num_response_tokens} response tokens, top-K {top_k}")
+             f"batch: {chosen} = {len(batch.examples)} example(s), {batch.num_sequences} sequences, "
+             f"{int(batch.attention_mask.sum())} tokens ({int(batch.input_ids.numel())} padded), "
+             f"{batch.num_response_tokens} response tokens, top-K {top_k}")
     if group_methods:
         sizes = [len(ex.of("samples")) for ex in group_batch.examples]
-        about += (f"\ngroups batch ({', '.join(group_methods)}; against {GROUP_BASE}): {args.examples} group(s) of "
+        about += (f"\ngroups batch ({', '.join(group_methods)}; against {GROUP_BASE}): {len(sizes)} group(s) of "
                   f"{'/'.join(map(str, sizes))} sampled responses from {args.pad_cache} = "
                   f"{int(group_batch.attention_mask.sum())} tokens, {group_batch.num_response_tokens} response tokens")
-    return steps, resident, about
+    return Bench(steps, resident, budgets, baselines, about, lambda: prime_optimizer(student, optimizer))
 
 
 def run_rounds(steps, repeats, device):
@@ -449,12 +591,13 @@ def run_rounds(steps, repeats, device):
     peaks = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            seconds, peak = measure(steps[name], device)
+            seconds, peak, whole = measure(steps[name], device)
             timings[name].append(seconds)
-            peaks[name].append(peak)
+            peaks[name].append((peak, whole))
     # the medians, and every round's time of every step (for the paired ratios)
-    return ({n: statistics.median(v) for n, v in timings.items()}, {n: statistics.median(v) for n, v in peaks.items()},
-            timings)
+    return ({n: statistics.median(v) for n, v in timings.items()},
+            {n: {"step": statistics.median(p for p, _ in v), "process": statistics.median(w for _, w in v)}
+             for n, v in peaks.items()}, timings)
 
 
 def paired_ratio(rounds: dict, name: str, base: str) -> tuple[float, float, float]:
@@ -465,12 +608,19 @@ def paired_ratio(rounds: dict, name: str, base: str) -> tuple[float, float, floa
     return statistics.median(ratios), q[0], q[-1]
 
 
-def memory_in_child(argv) -> dict[str, float]:
-    """CPU: peaks measured by a fresh process whose malloc returns freed tensors to the system."""
+def memory_in_children(argv, names, live_names) -> dict[str, dict[str, int]]:
+    """CPU: each configuration's peaks measured by a fresh process of its own whose malloc returns freed tensors to
+    the system (module docstring); a configuration without the live teacher loads none."""
     env = {**os.environ, MMAP_ENV: "65536"}
-    done = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], env=env, check=True,
-                          stdout=subprocess.PIPE, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    peaks = {}
+    for name in names:
+        extra = [] if name in live_names else ["--no-live"]
+        done = subprocess.run([sys.executable, __file__, *argv, *extra, "--memory-of", name], env=env, check=True,
+                              stdout=subprocess.PIPE, text=True)
+        peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  memory of {name}: step {peaks[name]['step'] / 2**20:.0f} MiB, process "
+              f"{peaks[name]['process'] / 2**20:.0f} MiB", flush=True)
+    return peaks
 
 
 # --------------------------------------------------------------------------- several processes
@@ -571,6 +721,58 @@ def data_parallel_rows(args, device: str) -> None:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
+def memory_table(names, timings, rounds, peaks, budgets, baselines) -> None:
+    """Each configuration's step and process peaks, without and with checkpointing, and its ratio to the sft step on
+    the same batch; the 1.15x target and dckd+adpa's cost of checkpointing (module docstring)."""
+    def mib(value):
+        return f"{value / 2**20:.0f}"
+
+    header = (f"{'configuration':<22} {'dec tok':>7} {'rows':>6} | {'step':>6} {'/sft':>5} {'process':>7} | "
+              f"{'ckpt step':>9} {'/sft':>5} {'process':>7} {'process':>8} {'time':>6}")
+    print(header)
+    print(f"{'':<22} {'':>7} {'':>6} | {'MiB':>6} {'step':>5} {'MiB':>7} | {'MiB':>9} {'step':>5} {'MiB':>7} "
+          f"{'/no ckpt':>8} {'/no':>6}")
+    print("-" * len(header))
+    over = {"": [], CKPT: []}
+    for name in names:
+        base = baselines.get(name, GROUP_TIGHT_BASE if name == GROUP_BASE else TIGHT_BASE)
+        base = name if name.startswith(TIGHT_BASE) else base  # an sft step is its own baseline
+        tokens, rows = budgets[name]
+        cells = []
+        for variant in ("", CKPT):
+            got, sft = peaks.get(name + variant), peaks.get(base + variant)
+            if got is None or sft is None:
+                cells.append(["", "", ""])
+                continue
+            ratio = got["step"] / max(sft["step"], 1)
+            if name.endswith("/store") and ratio > MEMORY_TARGET:
+                over[variant].append(f"{name.split('/')[0]} {ratio:.2f}")
+            cells.append([mib(got["step"]), f"{ratio:.2f}", mib(got["process"])])
+        cost = ["", ""]
+        if name + CKPT in peaks and name in peaks:
+            cost[0] = f"{peaks[name + CKPT]['process'] / peaks[name]['process']:.2f}"
+        if name + CKPT in rounds:  # not timed with --memory-only
+            cost[1] = f"{paired_ratio(rounds, name + CKPT, name)[0]:.2f}"
+        print(f"{name:<22} {tokens:>7} {rows:>6} | {cells[0][0]:>6} {cells[0][1]:>5} {cells[0][2]:>7} | "
+              f"{cells[1][0]:>9} {cells[1][1]:>5} {cells[1][2]:>7} {cost[0]:>8} {cost[1]:>6}")
+    for variant, label in (("", "without checkpointing"), (CKPT, "with checkpointing")):
+        if any(n + variant in peaks for n in names if n.endswith("/store")):
+            print(f"target: every method's step peak <= {MEMORY_TARGET}x its SFT step's at the same token budget, "
+                  f"{label}: " + ("met" if not over[variant] else "NOT met (" + ", ".join(over[variant]) + ")"))
+    method = "dckd+adpa/store"
+    if method + CKPT in peaks:
+        fall = 1 - peaks[method + CKPT]["process"] / peaks[method]["process"]
+        step_fall = 1 - peaks[method + CKPT]["step"] / peaks[method]["step"]
+        timed = "step time not measured (--memory-only)"
+        if method + CKPT in rounds:
+            paired, lo, hi = paired_ratio(rounds, method + CKPT, method)
+            timed = (f"step time {paired:.3f} x without, paired within rounds (quartiles {lo:.3f}-{hi:.3f}; target "
+                     f"<= 1.35: {'met' if paired <= 1.35 else 'NOT met'})")
+        print(f"dckd+adpa with checkpointing: process peak {mib(peaks[method]['process'])} -> "
+              f"{mib(peaks[method + CKPT]['process'])} MiB, {fall:.0%} less (target >= 40%: "
+              f"{'met' if fall >= 0.40 else 'NOT met'}); step peak {step_fall:.0%} less; {timed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", help="store to read (default: build a small one from the demo data)")
@@ -579,7 +781,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--examples", type=int, default=1,
                         help="examples in the batch (each: chosen, rejected, generated)")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="instead of --examples: the first batch train student makes with this budget of padded "
+                             "tokens (4096: its default)")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="leave out the steps with checkpointed decoder layers (--gradient-checkpointing)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="CPU: only the memory table (each configuration's peaks in a process of its own), no "
+                             "timed rounds")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the steps' autocast over float32 weights (train student --dtype) [float32]")
@@ -588,7 +798,7 @@ def main() -> None:
     parser.add_argument("--per-group", action="store_true",
                         help=f"also time {PER_GROUP_METHOD} with one output-layer pass per group of rows (the code "
                              f"before the one-pass forward), side by side")
-    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=2,
                         help=f"the several-process rows: {DP_METHOD} on N processes against 1 (0: leave them out)")
     parser.add_argument("--only-processes", action="store_true", help="print only the several-process rows")
@@ -601,6 +811,8 @@ def main() -> None:
     device = models.resolve_device(args.device)
     cuda = device.startswith("cuda")
     STEP_DTYPE.update(device=device, dtype=models.resolve_dtype(args.dtype, device))
+    if args.memory_only and cuda:
+        parser.error("--memory-only: on CUDA the memory is measured in the timed rounds; leave it out")
 
     if args.dp_worker:
         data_parallel_worker(args)
@@ -610,28 +822,41 @@ def main() -> None:
         data_parallel_rows(args, device)
         return
 
-    if args.memory_only:  # the child of memory_in_child: one measurement per step, JSON on the last line
-        steps, _, _ = build_steps(args, device)
-        _, peaks, _ = run_rounds(steps, 1, device)
-        print(json.dumps(peaks))
+    if args.memory_of:  # a child of memory_in_children: one configuration's peaks, JSON on the last line
+        bench = build_steps(args, device)
+        bench.prime()
+        _, step, whole = measure(bench.steps[args.memory_of], device)
+        print(json.dumps({"step": step, "process": whole}))
         return
 
     t0 = time.perf_counter()
     args.cache = bench_store(args.cache)
     if any(uses_groups(m) for m in args.methods):
         args.pad_cache = bench_pad_store(args.pad_cache)
-    steps, resident, about = build_steps(args, device)
-    print(about + (f"; steps autocast to {args.dtype}" if args.dtype != "float32" else ""))
+    bench = build_steps(args, device)
+    resident, budgets, baselines = bench.resident, bench.budgets, bench.baselines
+    print(bench.about + (f"; steps autocast to {args.dtype}" if args.dtype != "float32" else ""))
     memory_how = ("torch.cuda.max_memory_allocated, same process" if cuda else
-                  f"RSS high-water (VmHWM reset before each step) in a second process started with "
-                  f"{MMAP_ENV}=65536; times from this process")
+                  f"RSS high-water mark (VmHWM, reset before the step) minus the RSS before it, each configuration "
+                  f"in a fresh process of its own started with {MMAP_ENV}=65536, after AdamW's state is made; "
+                  f"times from this process")
     print(f"peak memory: {memory_how}; {args.repeats} interleaved repeats, medians", flush=True)
-    timings, peaks, rounds = run_rounds(steps, args.repeats, device)
+    if args.memory_only:
+        timings, memory, rounds = {}, {}, {}
+    else:
+        timings, memory, rounds = run_rounds(bench.steps, args.repeats, device)
+    names = [n for n in bench.steps if n != CONTROL]
+    del bench
     if not cuda:
-        del steps
         gc.collect()
-        peaks = memory_in_child([*argv, "--cache", args.cache] + (["--pad-cache", args.pad_cache]
-                                                                   if args.pad_cache else []))
+        memory = memory_in_children([*argv, "--cache", args.cache] + (["--pad-cache", args.pad_cache]
+                                                                       if args.pad_cache else []),
+                                    names, [n for n in names if n.endswith("/live")])
+    peaks = {name: got["step"] for name, got in memory.items()}
+    if args.memory_only:
+        print_memory_table(names, timings, rounds, memory, budgets, baselines)
+        print(f"measured in {time.perf_counter() - t0:.0f} s")
+        return
 
     base_time, base_peak = timings["plain sft"], peaks["plain sft"]
     base_total = base_peak + resident["plain sft"]
@@ -676,11 +901,24 @@ def main() -> None:
         print(f"{PER_GROUP_METHOD} with one output-layer pass per group of rows (the code before; same batch, same "
               f"run): {timings[PER_GROUP] / timings[TIGHT_BASE]:.2f} x the sft step, step peak "
               f"{peaks[PER_GROUP] / max(peaks['plain sft'], 1):.2f} x plain")
+    print_memory_table(names, timings, rounds, memory, budgets, baselines)
     print("\nabsolute medians (ms / step-peak MiB): " + ", ".join(
-        f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings))
+        f"{n} {timings[n] * 1e3:.0f}/{peaks[n] / 2**20:.0f}" for n in timings if n in peaks))
     if args.processes > 1:
         data_parallel_rows(args, device)
     print(f"measured in {time.perf_counter() - t0:.0f} s")
+
+
+def print_memory_table(names, timings, rounds, memory, budgets, baselines) -> None:
+    print(f"\npeak memory per step at the same token budget. dec tok: tokens the decoder runs over (sequences x "
+          f"their longest, padding included); rows: rows through the output layer; step: the step's peak growth; "
+          f"/sft step: over its SFT step's at the same token budget (the SFT term on the rows it reads, same batch); "
+          f"process: the "
+          f"process's peak (weights, AdamW state, runtime, step); ckpt: with the decoder layers checkpointed; "
+          f"process /no ckpt: the process peak with checkpointing over without; time /no: the step time with "
+          f"checkpointing over without, paired within rounds")
+    memory_table([n for n in names if not n.endswith(CKPT) and not n.endswith("/live") and n != PER_GROUP],
+                 timings, rounds, memory, budgets, baselines)
 
 
 if __name__ == "__main__":

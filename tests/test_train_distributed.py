@@ -428,6 +428,18 @@ def test_fsdp_from_an_accelerate_config_equals_one_process(tiny_store, tiny_mode
     assert state["processes"]["world_size"] == 2 and len(state["optimizer"]["state"]) > 0
 
 
+def test_fsdp_with_gradient_checkpointing_equals_one_process_without(tiny_store, one_process, tmp_path):
+    """FSDP2 over decoder layers that recompute their activations in backward (the checkpoint inside each unit's
+    gather hooks): the weights and records of the one-process run without checkpointing."""
+    out = tmp_path / "fsdp-checkpointed"
+    launch([*TORCHRUN, "-m", "train.cli", *student_args(tiny_store, out, "--fsdp", "--gradient-checkpointing",
+                                                        method="dckd+adpa+dpo+simpo", **WHOLE)])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["gradient_checkpointing"] is True and config["resolved"]["processes"]["parallel"] == "fsdp"
+    assert_same_weights(one_process, out)
+    assert_same_records(metrics(out), metrics(one_process), rel=1e-6, grad_rel=1e-4)
+
+
 UNEVEN = dict(batch_tokens=200, grad_accum=2, max_steps=6, save_every=2)  # shares of 3 and 5 batches per epoch
 
 

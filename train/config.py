@@ -101,6 +101,10 @@ class TrainConfig(Settings, RunOptions, BatchTokensOption, ChunkSizeOption, Prog
                          "gradients and optimizer state across them (FSDP2) instead of a whole copy in each (DDP), "
                          "for students that do not fit one device; an accelerate FSDP configuration turns it on.",
                          is_flag=True)
+    gradient_checkpointing: bool = setting(False, "Recompute each decoder layer's activations in backward instead of "
+                                           "keeping them (transformers' activation checkpointing, non-reentrant): "
+                                           "less memory per token for one more decoder forward per step; with DDP, "
+                                           "FSDP and one process alike (docs/memory.md).", is_flag=True)
     report_to: str = setting("none", "Also write metrics.jsonl's scalars to tensorboard (OUT/tensorboard), as TRL "
                              "and accelerate's --report_to do; none: metrics.jsonl only.", type=click.Choice(REPORT_TO))
 

@@ -470,6 +470,34 @@ def _layer_classes(student: torch.nn.Module, named: tuple[str, ...]) -> set[type
     return {type(m) for m in student.modules() if type(m).__name__ in names}
 
 
+def checkpoint_layers(student: torch.nn.Module) -> int:
+    """Activation checkpointing on each decoder layer of ``student`` (transformers' own, ``use_reentrant=False``);
+    the number of modules it checkpoints. TrainError for a model that has none.
+
+    transformers wraps each layer's ``forward`` (not ``__call__``): DDP's and FSDP2's hooks stay outside the
+    checkpoint, so an FSDP unit's weights are gathered once for the forward and once for the backward, its
+    recomputation included. A layer checkpoints only in train mode with gradients on, and then drops any KV
+    cache (:func:`train.methods.student_outputs` asks for none). ``activation_checkpointing_enable`` is what
+    transformers 5 names ``gradient_checkpointing_enable`` (kept there as a deprecated alias); older versions
+    have only the latter.
+    """
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise TrainError(f"--gradient-checkpointing: {type(student).__name__} does not support activation "
+                         f"checkpointing (transformers' supports_gradient_checkpointing is False): train without it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    flagged = {id(m): m for m in student.modules() if getattr(m, "gradient_checkpointing", False) is True}
+    # the layers: flagged modules with no flagged module inside (the decoder that holds them is flagged too)
+    layers = sum(1 for m in flagged.values() if not any(id(inner) in flagged for inner in list(m.modules())[1:]))
+    if layers == 0:
+        raise TrainError(f"--gradient-checkpointing: {type(student).__name__} has no layer that transformers "
+                         f"checkpoints: train without it")
+    return layers
+
+
 def fully_shard_student(loss: StudentLoss, context: Context) -> list[str]:
     """FSDP2 over ``loss`` (module docstring); notes on what it did not find."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -511,13 +539,18 @@ class ParallelStudent:
       communicated on the step's last batch only;
     - :meth:`clip`; :meth:`state` and :meth:`load_state`, the full states a checkpoint holds;
       :meth:`weights`, the model's weights to save.
+
+    ``gradient_checkpointing``: each decoder layer recomputes its activations in backward
+    (:func:`checkpoint_layers`), set before the wrapping.
     """
 
     def __init__(self, context: Context, student: torch.nn.Module, terms: list[methods.Term], settings,
-                 chunk_size: int, filler: Callable[[], Batch]):
+                 chunk_size: int, filler: Callable[[], Batch], gradient_checkpointing: bool = False):
         self.context, self.student, self.terms = context, student, terms
         self._filler_source, self._filler = filler, None
         self.notes: list[str] = []
+        if gradient_checkpointing:  # on the layers before DDP or FSDP wraps them (checkpoint_layers)
+            checkpoint_layers(student)
         # names under which a parameter is seen a second time (a tied output layer): a gathered state dict holds
         # them as copies, which the saved model leaves out as the one-process save does
         first: dict[int, str] = {}
@@ -639,4 +672,4 @@ def filler_source(store: TeacherStore, split: str, needs, pad_id: int) -> Callab
 
 __all__ = ["Shard", "Context", "LaunchSettings", "RankStream", "StudentLoss", "ParallelStudent", "setup",
            "shard_from_env", "is_main_process", "launch_settings", "rank_parts", "shared_parts", "term_counts",
-           "filler_source"]
+           "filler_source", "checkpoint_layers"]

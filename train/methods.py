@@ -892,8 +892,9 @@ def student_outputs(model, batch: Batch, requests: tuple[TokenRequest, ...], set
     position_in_run = torch.cumsum(run.long(), 0) - 1  # sequence -> its row in the decoder batch
     length = int(batch.attention_mask[run_index].sum(1).max())
     decoder, output_layer = head.split_model(model)
+    # no KV cache: a training forward has no later token to serve (a cache would copy every layer's keys and values)
     hidden = decoder(input_ids=batch.input_ids[run_index, :length],
-                     attention_mask=batch.attention_mask[run_index, :length]).last_hidden_state
+                     attention_mask=batch.attention_mask[run_index, :length], use_cache=False).last_hidden_state
     zeros = torch.zeros(R, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32, device=device)
     values = dict.fromkeys(wanted, zeros)
 
