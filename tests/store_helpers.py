@@ -376,3 +376,19 @@ class FolderServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def float64_batch(store_path, method: str, n_examples: int = 3):
+    """(the method's terms, a batch of the store's first ``n_examples`` train examples as it reads them, its float
+    arrays in float64): for comparing a method's losses with a direct computation."""
+    import itertools
+
+    from store import ExampleStream
+    from train import methods
+    from train.batches import collate
+
+    terms = methods.resolve_terms(method)
+    stream = ExampleStream(TeacherStore.open(str(store_path)), "train", methods.needs_of(terms), shuffle=False)
+    batch = collate(list(itertools.islice(stream, n_examples)), pad_id=0)
+    batch.response = {k: v.double() if v.is_floating_point() else v for k, v in batch.response.items()}
+    return terms, batch

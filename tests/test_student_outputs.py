@@ -10,24 +10,17 @@ the trainer did before), and both equal the model's own full logits.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from lm import head
-from store import ExampleStream, TeacherStore
+from tests import store_helpers as H
 from tests.test_adaptive_k import spread_teacher, top_p_store  # noqa: F401 (fixtures: a store with counts)
 from train import losses, methods
-from train.batches import collate
 
 
 def dckd_adpa_batch(store_path, n_examples=3):
-    terms = methods.resolve_terms("dckd+adpa")
-    stream = ExampleStream(TeacherStore.open(str(store_path)), "train", methods.needs_of(terms), shuffle=False)
-    batch = collate(list(itertools.islice(stream, n_examples)), pad_id=0)
-    batch.response = {k: v.double() if v.is_floating_point() else v for k, v in batch.response.items()}
-    return terms, batch
+    return H.float64_batch(store_path, "dckd+adpa", n_examples)
 
 
 def student(path):

@@ -22,12 +22,11 @@ import pytest
 import torch
 import zarr
 
-from store import ExampleStream, TeacherStore
+from store import TeacherStore
 from store import format as fmt
 from tests import store_helpers as H
 from train import losses as L
 from train import methods
-from train.batches import collate
 
 S = 5
 K = 8
@@ -420,11 +419,7 @@ def test_refusals_before_any_model_loads(tmp_path, tiny_models, tiny_dataset, fo
 
 
 def _batch(location, n_examples=3):
-    terms = methods.resolve_terms("dckd")
-    stream = ExampleStream(TeacherStore.open(str(location)), "train", methods.needs_of(terms), shuffle=False)
-    batch = collate(list(itertools.islice(stream, n_examples)), pad_id=0)
-    batch.response = {k: v.double() if v.is_floating_point() else v for k, v in batch.response.items()}
-    return terms, batch
+    return H.float64_batch(location, "dckd", n_examples)
 
 
 # (the pure sampled store with "bin" is refused before training: test_train_refuses_a_tail_setting_...)
